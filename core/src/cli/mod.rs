@@ -1,0 +1,52 @@
+//! The `dtopp` command-line program: one module per subcommand.
+
+mod route;
+mod simulate;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::error::Result;
+
+/// Sparsity-controllable dynamic Top-p MoE routing (DTop-p).
+#[derive(Debug, Parser)]
+#[command(name = "dtopp", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the PI controller in closed loop on synthetic router logits (no model).
+    Simulate(simulate::SimulateArgs),
+    /// Route a matrix of router logits from a .npy file and write the routing to .npz.
+    Route(route::RouteArgs),
+}
+
+/// Where routing ops run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum Backend {
+    /// The CPU reference (plain loops; the spec).
+    Cpu,
+}
+
+/// Parses the command line, runs it, and turns an error into a message and exit code 1.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Simulate(args) => simulate::run(args),
+        Command::Route(args) => route::run(args),
+    }
+}

@@ -1,0 +1,101 @@
+//! The CPU reference backend: the routing spec as plain, commented loops. Every other
+//! backend is tested against it. It is written to be read, not to be fast.
+
+mod combine;
+mod dispatch;
+mod drn;
+mod gather;
+mod rank;
+mod top_k;
+mod top_p;
+
+pub use combine::combine;
+pub use dispatch::{check_selection, dispatch_plan};
+pub use drn::{drn_backward, drn_forward};
+pub use gather::gather;
+pub use top_k::top_k;
+pub use top_p::{check_k_max, check_threshold, top_p, top_p_count};
+
+pub(crate) use drn::check_finite;
+pub use rank::rank_experts;
+
+use crate::error::Result;
+use crate::ops::{
+    DispatchPlan, DrnGrads, HostDispatchPlan, HostSelection, Normalization, RouteShape,
+    RoutingOps, Selection, check_len,
+};
+
+/// The CPU reference implementation of [`RoutingOps`]; buffers are host vectors.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuReference;
+
+impl RoutingOps for CpuReference {
+    type Floats = Vec<f32>;
+    type Ints = Vec<i32>;
+
+    fn backend_name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn upload_floats(&self, data: &[f32]) -> Result<Vec<f32>> {
+        Ok(data.to_vec())
+    }
+
+    fn upload_ints(&self, data: &[i32]) -> Result<Vec<i32>> {
+        Ok(data.to_vec())
+    }
+
+    fn read_floats(&self, buffer: &Vec<f32>) -> Result<Vec<f32>> {
+        Ok(buffer.clone())
+    }
+
+    fn read_ints(&self, buffer: &Vec<i32>) -> Result<Vec<i32>> {
+        Ok(buffer.clone())
+    }
+
+    fn drn_forward(&self, logits: &Vec<f32>, shape: RouteShape, norm: Normalization) -> Result<Vec<f32>> {
+        drn_forward(logits, shape, norm)
+    }
+
+    fn drn_backward(
+        &self,
+        logits: &Vec<f32>,
+        probs: &Vec<f32>,
+        grad_probs: &Vec<f32>,
+        shape: RouteShape,
+        norm: Normalization,
+    ) -> Result<DrnGrads<Vec<f32>>> {
+        let (logits, theta) = drn_backward(logits, probs, grad_probs, shape, norm)?;
+        Ok(DrnGrads {
+            logits,
+            theta: vec![theta],
+        })
+    }
+
+    fn top_p(
+        &self,
+        probs: &Vec<f32>,
+        shape: RouteShape,
+        threshold: &Vec<f32>,
+        k_max: Option<usize>,
+    ) -> Result<HostSelection> {
+        check_len("top_p", "threshold", threshold.len(), 1)?;
+        top_p(probs, shape, threshold[0], k_max)
+    }
+
+    fn top_k(&self, probs: &Vec<f32>, shape: RouteShape, k: usize) -> Result<HostSelection> {
+        top_k(probs, shape, k)
+    }
+
+    fn dispatch_plan(&self, selection: &Selection<Vec<f32>, Vec<i32>>) -> Result<HostDispatchPlan> {
+        dispatch_plan(selection)
+    }
+
+    fn gather(&self, x: &Vec<f32>, hidden: usize, plan: &DispatchPlan<Vec<f32>, Vec<i32>>) -> Result<Vec<f32>> {
+        gather(x, hidden, plan)
+    }
+
+    fn combine(&self, y: &Vec<f32>, hidden: usize, plan: &DispatchPlan<Vec<f32>, Vec<i32>>) -> Result<Vec<f32>> {
+        combine(y, hidden, plan)
+    }
+}

@@ -1,0 +1,22 @@
+//! dtopp: sparsity-controllable dynamic Top-p routing for Mixture-of-Experts models
+//! (DTop-p; Jin et al., ICML 2026, arXiv 2512.13996).
+//!
+//! - [`ops`]: the routing-ops contract ([`ops::RoutingOps`]) every backend implements;
+//! - [`cpu`]: the CPU reference, the spec in plain loops;
+//! - [`controller`]: the PI controller on the Top-p threshold;
+//! - [`sim`]: the closed-loop simulator (controller on synthetic router logits);
+//! - [`io`]: `.npy` / `.npz` arrays and atomic writes;
+//! - `cli` (feature `cli`): the `dtopp` command-line program.
+
+pub mod controller;
+pub mod cpu;
+pub mod error;
+pub mod io;
+pub mod ops;
+pub mod rng;
+pub mod sim;
+
+#[cfg(feature = "cli")]
+pub mod cli;
+
+pub use error::{Error, Result};

@@ -1,0 +1,5 @@
+//! The `dtopp` command-line program.
+
+fn main() -> std::process::ExitCode {
+    dtopp::cli::main()
+}

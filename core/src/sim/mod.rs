@@ -1,0 +1,9 @@
+//! The closed-loop simulator: the controller on synthetic router logits, no model.
+
+mod run;
+mod stream;
+mod summary;
+
+pub use run::{SimConfig, SimMode, SimOutcome, StepRecord, run_simulation};
+pub use stream::StreamConfig;
+pub use summary::{SETTLE_BAND, SETTLE_WINDOW, TrackingSummary};

@@ -1,0 +1,335 @@
+//! The cross-backend conformance suite: one body of checks, generic over
+//! [`RoutingOps`], run against the CPU reference on random inputs. Each backend's test
+//! file calls [`assert_conforms`]; a backend that cannot start (no device) skips with a
+//! printed reason unless `DTOPP_REQUIRE_GPU=1`.
+//!
+//! Rules of comparison (DESIGN.md, DEVELOPERS.md):
+//! - index outputs (selected experts, counts, dispatch plan) must be equal, except tokens
+//!   whose selection is decided within [`THRESHOLD_SLACK`] of the threshold, which are
+//!   counted and reported, not failed;
+//! - floats within `atol + rtol * |ref|` ([`Tolerance`]);
+//! - a failure lists the first mismatching positions.
+
+use dtopp::cpu::{CpuReference, rank_experts as rank};
+use dtopp::ops::{DrnGrads, HostSelection, Normalization, RouteShape, RoutingOps};
+use dtopp::rng::SplitMix64;
+use dtopp::{Error, Result};
+
+/// Tokens whose prefix mass lies within this distance of `p` may legitimately select a
+/// different count on a backend that sums in another order.
+pub const THRESHOLD_SLACK: f32 = 1e-5;
+
+/// `|x - ref| <= atol + rtol * |ref|`.
+#[derive(Clone, Copy, Debug)]
+pub struct Tolerance {
+    /// Absolute part.
+    pub atol: f32,
+    /// Relative part.
+    pub rtol: f32,
+}
+
+/// Probabilities and combine weights: f32 reductions in another order.
+pub const PROBS_TOL: Tolerance = Tolerance {
+    atol: 1e-6,
+    rtol: 1e-4,
+};
+/// Gradients: longer chains of f32 arithmetic.
+pub const GRAD_TOL: Tolerance = Tolerance {
+    atol: 1e-5,
+    rtol: 1e-3,
+};
+
+/// One routing problem of the suite.
+#[derive(Clone, Debug)]
+pub struct Case {
+    /// A name for messages.
+    pub name: String,
+    /// `[N, E]`.
+    pub shape: RouteShape,
+    /// `[N, E]` router logits.
+    pub logits: Vec<f32>,
+}
+
+/// The suite's problems: several shapes including the awkward ones (N = 1, E = 1, E not a
+/// power of two, E = 256), ties (quantised logits), and wide and narrow logit scales.
+pub fn cases(seed: u64) -> Vec<Case> {
+    let shapes = [
+        (1, 1),
+        (1, 64),
+        (5, 1),
+        (7, 3),
+        (33, 5),
+        (64, 8),
+        (128, 64),
+        (17, 100),
+        (9, 256),
+    ];
+    let mut out = Vec::new();
+    for (i, &(n, e)) in shapes.iter().enumerate() {
+        for (variant, scale, quantise) in [("normal", 1.0f32, false), ("wide", 6.0, false), ("ties", 1.0, true)] {
+            let mut rng = SplitMix64::substream(seed, i as u64, variant.len() as u64);
+            let logits = (0..n * e)
+                .map(|_| {
+                    let v = rng.normal() as f32 * scale;
+                    // Few distinct values, so many tokens hold tied experts.
+                    if quantise { v.round() } else { v }
+                })
+                .collect();
+            out.push(Case {
+                name: format!("{variant} N={n} E={e}"),
+                shape: RouteShape { tokens: n, experts: e },
+                logits,
+            });
+        }
+    }
+    out
+}
+
+/// What a conformance run found.
+#[derive(Debug, Default)]
+pub struct Report {
+    /// Comparisons made.
+    pub checks: usize,
+    /// Tokens excused for lying within [`THRESHOLD_SLACK`] of the threshold.
+    pub near_threshold_tokens: usize,
+    /// Human-readable failures (first mismatches of each failing comparison).
+    pub failures: Vec<String>,
+}
+
+impl Report {
+    fn fail(&mut self, what: String) {
+        self.failures.push(what);
+    }
+
+    fn floats(&mut self, what: &str, got: &[f32], want: &[f32], tol: Tolerance) {
+        self.checks += 1;
+        if got.len() != want.len() {
+            return self.fail(format!("{what}: length {} != {}", got.len(), want.len()));
+        }
+        let bad: Vec<String> = got
+            .iter()
+            .zip(want)
+            .enumerate()
+            .filter(|(_, (g, w))| !((*g - *w).abs() <= tol.atol + tol.rtol * w.abs()))
+            .take(5)
+            .map(|(i, (g, w))| format!("[{i}] got {g} want {w}"))
+            .collect();
+        if !bad.is_empty() {
+            self.fail(format!("{what}: {}", bad.join(", ")));
+        }
+    }
+
+    fn ints(&mut self, what: &str, got: &[i32], want: &[i32]) {
+        self.checks += 1;
+        if got.len() != want.len() {
+            return self.fail(format!("{what}: length {} != {}", got.len(), want.len()));
+        }
+        let bad: Vec<String> = got
+            .iter()
+            .zip(want)
+            .enumerate()
+            .filter(|(_, (g, w))| g != w)
+            .take(5)
+            .map(|(i, (g, w))| format!("[{i}] got {g} want {w}"))
+            .collect();
+        if !bad.is_empty() {
+            self.fail(format!("{what}: {}", bad.join(", ")));
+        }
+    }
+}
+
+/// Whether a token's Top-p decision is within the slack: some prefix mass of its ranked
+/// probabilities lies within [`THRESHOLD_SLACK`] of `p`.
+fn near_threshold(probs: &[f32], p: f32) -> bool {
+    let mut mass = 0.0f32;
+    rank(probs).iter().any(|&j| {
+        mass += probs[j];
+        (mass - p).abs() <= THRESHOLD_SLACK
+    })
+}
+
+/// Compares a backend selection with the reference, token by token. `threshold`: for
+/// Top-p, tokens near it are excused.
+fn compare_selection(
+    report: &mut Report,
+    what: &str,
+    got: &HostSelection,
+    want: &HostSelection,
+    probs: &[f32],
+    threshold: Option<f32>,
+) {
+    report.checks += 1;
+    let e = want.shape.experts;
+    let mut bad = Vec::new();
+    for i in 0..want.shape.tokens {
+        let row = i * e..(i + 1) * e;
+        let same = got.counts.get(i) == Some(&want.counts[i])
+            && got.experts.get(row.clone()) == Some(&want.experts[row.clone()]);
+        if same {
+            report.floats(
+                &format!("{what} weights of token {i}"),
+                &got.weights[row.clone()],
+                &want.weights[row],
+                PROBS_TOL,
+            );
+        } else if threshold.is_some_and(|p| near_threshold(&probs[row.clone()], p)) {
+            report.near_threshold_tokens += 1;
+        } else if bad.len() < 5 {
+            bad.push(format!(
+                "token {i}: got k={:?} experts {:?}, want k={} experts {:?}",
+                got.counts.get(i),
+                got.experts.get(row.clone()),
+                want.counts[i],
+                &want.experts[row]
+            ));
+        }
+    }
+    if !bad.is_empty() {
+        report.fail(format!("{what}: {}", bad.join("; ")));
+    }
+}
+
+/// Runs every op of `ops` on the suite's cases and compares it with the CPU reference.
+pub fn conformance_report<O: RoutingOps>(ops: &O, seed: u64) -> Result<Report> {
+    let cpu = CpuReference;
+    let mut report = Report::default();
+    for case in cases(seed) {
+        let shape = case.shape;
+        let name = format!("{} [{}]", case.name, ops.backend_name());
+        let logits = ops.upload_floats(&case.logits)?;
+        for norm in [
+            Normalization::Drn { theta: 1.0 },
+            Normalization::Drn { theta: 2.5 },
+            Normalization::Softmax,
+        ] {
+            let what = format!("{name} {norm:?}");
+            // DRN forward.
+            let want_probs = cpu.drn_forward(&case.logits, shape, norm)?;
+            let probs_buf = ops.drn_forward(&logits, shape, norm)?;
+            let got_probs = ops.read_floats(&probs_buf)?;
+            report.floats(&format!("{what} drn_forward"), &got_probs, &want_probs, PROBS_TOL);
+
+            // DRN backward, with a random upstream gradient.
+            let mut rng = SplitMix64::substream(seed, shape.len() as u64, 99);
+            let grad: Vec<f32> = (0..shape.len()).map(|_| rng.normal() as f32).collect();
+            let want: DrnGrads<Vec<f32>> = cpu.drn_backward(&case.logits, &want_probs, &grad, shape, norm)?;
+            let got = ops.drn_backward(&logits, &probs_buf, &ops.upload_floats(&grad)?, shape, norm)?;
+            report.floats(&format!("{what} drn_backward dz"), &ops.read_floats(&got.logits)?, &want.logits, GRAD_TOL);
+            report.floats(&format!("{what} drn_backward dtheta"), &ops.read_floats(&got.theta)?, &want.theta, GRAD_TOL);
+
+            // Selections run on the reference probabilities, so index comparisons test
+            // selection alone; `near_threshold` then reads the same numbers.
+            let probs_ref = ops.upload_floats(&want_probs)?;
+            for p in [0.05f32, 0.5, 0.9, 1.0] {
+                for k_max in [None, Some(shape.experts.div_ceil(2))] {
+                    let want = cpu.top_p(&want_probs, shape, &vec![p], k_max)?;
+                    let got = ops.top_p(&probs_ref, shape, &ops.upload_floats(&[p])?, k_max)?;
+                    let got = ops.read_selection(&got)?;
+                    compare_selection(&mut report, &format!("{what} top_p p={p} k_max={k_max:?}"), &got, &want, &want_probs, Some(p));
+                }
+            }
+            for k in [1, shape.experts.min(2), shape.experts.div_ceil(3), shape.experts] {
+                let want = cpu.top_k(&want_probs, shape, k)?;
+                let got = ops.read_selection(&ops.top_k(&probs_ref, shape, k)?)?;
+                compare_selection(&mut report, &format!("{what} top_k k={k}"), &got, &want, &want_probs, None);
+            }
+        }
+
+        // Dispatch, gather, combine on the reference selection (exact integer plan).
+        let probs = cpu.drn_forward(&case.logits, shape, Normalization::Drn { theta: 1.0 })?;
+        let selection = cpu.top_p(&probs, shape, &vec![0.6], None)?;
+        let want_plan = cpu.dispatch_plan(&selection)?;
+        let uploaded = dtopp::ops::Selection {
+            shape,
+            experts: ops.upload_ints(&selection.experts)?,
+            weights: ops.upload_floats(&selection.weights)?,
+            counts: ops.upload_ints(&selection.counts)?,
+        };
+        let plan_buf = ops.dispatch_plan(&uploaded)?;
+        let got_plan = ops.read_plan(&plan_buf)?;
+        report.ints(&format!("{name} expert_counts"), &got_plan.expert_counts, &want_plan.expert_counts);
+        report.ints(&format!("{name} expert_offsets"), &got_plan.expert_offsets, &want_plan.expert_offsets);
+        report.ints(&format!("{name} route_tokens"), &got_plan.route_tokens, &want_plan.route_tokens);
+        report.floats(&format!("{name} route_weights"), &got_plan.route_weights, &want_plan.route_weights, Tolerance { atol: 0.0, rtol: 0.0 });
+        report.ints(&format!("{name} token_routes"), &got_plan.token_routes, &want_plan.token_routes);
+
+        for hidden in [1usize, 3, 16] {
+            let mut rng = SplitMix64::substream(seed, shape.len() as u64, hidden as u64);
+            let x: Vec<f32> = (0..shape.tokens * hidden).map(|_| rng.normal() as f32).collect();
+            let want_g = cpu.gather(&x, hidden, &want_plan)?;
+            let got_g_buf = ops.gather(&ops.upload_floats(&x)?, hidden, &plan_buf)?;
+            let mut got_g = ops.read_floats(&got_g_buf)?;
+            got_g.truncate(want_g.len());
+            report.floats(&format!("{name} gather D={hidden}"), &got_g, &want_g, Tolerance { atol: 0.0, rtol: 0.0 });
+
+            // Expert outputs: any values per route; a backend's buffer may be longer (C > M).
+            let y: Vec<f32> = (0..plan_buf.route_capacity * hidden).map(|_| rng.normal() as f32).collect();
+            let want_c = dtopp::cpu::combine(&y[..want_g.len()], hidden, &want_plan)?;
+            let got_c = ops.read_floats(&ops.combine(&ops.upload_floats(&y)?, hidden, &plan_buf)?)?;
+            report.floats(&format!("{name} combine D={hidden}"), &got_c, &want_c, PROBS_TOL);
+        }
+    }
+    check_non_finite(ops, &mut report)?;
+    Ok(report)
+}
+
+/// NaN and infinities in the logits: every backend fails, naming the same first element.
+fn check_non_finite<O: RoutingOps>(ops: &O, report: &mut Report) -> Result<()> {
+    let shape = RouteShape { tokens: 4, experts: 6 };
+    for (at, bad) in [(7usize, f32::NAN), (13, f32::INFINITY), (23, f32::NEG_INFINITY)] {
+        let mut logits = vec![0.5f32; shape.len()];
+        logits[at] = bad;
+        logits[at + 1..].iter_mut().for_each(|v| *v = f32::NAN);
+        report.checks += 1;
+        match ops.drn_forward(&ops.upload_floats(&logits)?, shape, Normalization::Drn { theta: 1.0 }) {
+            Err(Error::NonFinite { token, column, .. }) if (token, column) == (at / 6, at % 6) => {}
+            other => report.fail(format!(
+                "non-finite logit {bad} at {at}: expected NonFinite at token {}, column {}, got {:?}",
+                at / 6,
+                at % 6,
+                other.map(|_| "a result")
+            )),
+        }
+    }
+    Ok(())
+}
+
+/// Runs the suite and panics with the first mismatches if any comparison failed.
+pub fn assert_conforms<O: RoutingOps>(ops: &O) {
+    let report = conformance_report(ops, 2026).unwrap_or_else(|e| panic!("{} backend failed to run: {e}", ops.backend_name()));
+    println!(
+        "{}: {} comparisons, {} tokens excused within {THRESHOLD_SLACK} of the threshold, {} failures",
+        ops.backend_name(),
+        report.checks,
+        report.near_threshold_tokens,
+        report.failures.len()
+    );
+    assert!(
+        report.failures.is_empty(),
+        "{} backend differs from the CPU reference in {} comparisons; first ones:\n{}",
+        ops.backend_name(),
+        report.failures.len(),
+        report.failures.iter().take(10).cloned().collect::<Vec<_>>().join("\n")
+    );
+}
+
+/// For GPU backends: whether a missing device should fail the test (`DTOPP_REQUIRE_GPU=1`)
+/// rather than skip it.
+pub fn gpu_required() -> bool {
+    std::env::var("DTOPP_REQUIRE_GPU").is_ok_and(|v| v == "1")
+}
+
+/// The `dtopp` binary of this build (`target/<profile>/dtopp`), built by
+/// `cargo test --workspace` together with the tests.
+pub fn dtopp_binary() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/dtopp
+    let dir = exe.parent().and_then(std::path::Path::parent).expect("target dir");
+    let bin = dir.join(format!("dtopp{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        bin.exists(),
+        "{} is missing: run the tests with `cargo test --workspace` (or `cargo build -p dtopp` first)",
+        bin.display()
+    );
+    bin
+}
