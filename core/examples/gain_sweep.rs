@@ -17,7 +17,14 @@ use dtopp::sim::{SimConfig, SimMode, StreamConfig, TrackingSummary, run_simulati
 
 const CHANGE: usize = 100;
 
-fn config(kp: f64, ki: f64, steps: u64, drift: f64, shock: Option<(u64, f64)>, change: Option<(u64, f64)>) -> SimConfig {
+fn config(
+    kp: f64,
+    ki: f64,
+    steps: u64,
+    drift: f64,
+    shock: Option<(u64, f64)>,
+    change: Option<(u64, f64)>,
+) -> SimConfig {
     SimConfig {
         stream: StreamConfig {
             layers: 4,
@@ -72,7 +79,9 @@ fn after_change(a: &[f64], t: &[f64]) -> (String, f64) {
 fn main() {
     let kps = [0.0, 0.25, 0.5, 1.0, 2.0];
     let kis = [0.05, 0.1, 0.2, 0.5, 1.0, 2.0];
-    println!("| Kp | Ki | T 8->12: settle steps | overshoot % | shock 1.5x: settle steps | drift: mean a_t - T | drift: std a_t |");
+    println!(
+        "| Kp | Ki | T 8->12: settle steps | overshoot % | shock 1.5x: settle steps | drift: mean a_t - T | drift: std a_t |"
+    );
     println!("|---|---|---|---|---|---|---|");
     for &kp in &kps {
         for &ki in &kis {
@@ -82,10 +91,14 @@ fn main() {
             let (shock_settle, _) = after_change(&a, &t);
             let (a, t) = trace(&config(kp, ki, 600, 1.0, None, None));
             let half = &a[300..];
-            let bias = half.iter().zip(&t[300..]).map(|(x, y)| x - y).sum::<f64>() / half.len() as f64;
+            let bias =
+                half.iter().zip(&t[300..]).map(|(x, y)| x - y).sum::<f64>() / half.len() as f64;
             let mean = half.iter().sum::<f64>() / half.len() as f64;
-            let std = (half.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / half.len() as f64).sqrt();
-            println!("| {kp} | {ki} | {step_settle} | {step_over:.1} | {shock_settle} | {bias:+.3} | {std:.3} |");
+            let std =
+                (half.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / half.len() as f64).sqrt();
+            println!(
+                "| {kp} | {ki} | {step_settle} | {step_over:.1} | {shock_settle} | {bias:+.3} | {std:.3} |"
+            );
         }
     }
 }

@@ -6,6 +6,7 @@
 //! - [`controller`]: the PI controller on the Top-p threshold;
 //! - [`sim`]: the closed-loop simulator (controller on synthetic router logits);
 //! - [`io`]: `.npy` / `.npz` arrays and atomic writes;
+//! - `model` (feature `train`): the MoE model on burn;
 //! - `cli` (feature `cli`): the `dtopp` command-line program.
 
 pub mod controller;
@@ -15,6 +16,9 @@ pub mod io;
 pub mod ops;
 pub mod rng;
 pub mod sim;
+
+#[cfg(feature = "train")]
+pub mod model;
 
 #[cfg(feature = "cli")]
 pub mod cli;

@@ -213,7 +213,10 @@ pub trait RoutingOps {
     ) -> Result<Self::Floats>;
 
     /// Reads a selection back to the host.
-    fn read_selection(&self, selection: &Selection<Self::Floats, Self::Ints>) -> Result<HostSelection> {
+    fn read_selection(
+        &self,
+        selection: &Selection<Self::Floats, Self::Ints>,
+    ) -> Result<HostSelection> {
         Ok(Selection {
             shape: selection.shape,
             experts: self.read_ints(&selection.experts)?,

@@ -1,7 +1,10 @@
 //! The PI controller on plants with known behaviour, its anti-windup, its state, and the
 //! simulator's closed loop.
 
-use dtopp::controller::{ControllerConfig, ControllerState, PiController, ThresholdControl, ThresholdScope, calibrate_threshold};
+use dtopp::controller::{
+    ControllerConfig, ControllerState, PiController, ThresholdControl, ThresholdScope,
+    calibrate_threshold,
+};
 use dtopp::cpu::CpuReference;
 use dtopp::ops::{Normalization, RouteShape};
 use dtopp::sim::{SimConfig, SimMode, StreamConfig, run_simulation};
@@ -19,7 +22,11 @@ fn settles_on_a_static_plant() {
         c.update(a).unwrap();
         a = plant(c.threshold());
     }
-    assert!((a - 8.0).abs() < 1e-3, "a = {a} after 300 steps, p = {}", c.threshold());
+    assert!(
+        (a - 8.0).abs() < 1e-3,
+        "a = {a} after 300 steps, p = {}",
+        c.threshold()
+    );
     // The integral alone holds the operating point once the error is gone.
     assert!(c.state().last_error.abs() < 1e-4);
 }
@@ -29,7 +36,10 @@ fn positive_error_raises_p() {
     let mut c = PiController::new(ControllerConfig::new(8.0, 64), 0.5).unwrap();
     assert!(c.update(4.0).unwrap() > 0.5, "too few experts must raise p");
     let mut c = PiController::new(ControllerConfig::new(8.0, 64), 0.5).unwrap();
-    assert!(c.update(12.0).unwrap() < 0.5, "too many experts must lower p");
+    assert!(
+        c.update(12.0).unwrap() < 0.5,
+        "too many experts must lower p"
+    );
 }
 
 #[test]
@@ -42,7 +52,11 @@ fn anti_windup_bounds_the_integral_and_recovers() {
     assert_eq!(c.threshold(), 1.0);
     // The integral stops where Ki * I alone reaches p_max: (1.0 - 0.5) / Ki.
     let bound = 0.5 / dtopp::controller::DEFAULT_KI;
-    assert!((c.state().integral - bound).abs() < 1e-9, "integral wound up to {}", c.state().integral);
+    assert!(
+        (c.state().integral - bound).abs() < 1e-9,
+        "integral wound up to {}",
+        c.state().integral
+    );
     // Once the plant can reach T again, the controller leaves the clamp quickly.
     let mut a = plant(c.threshold());
     let mut steps = 0;
@@ -80,17 +94,44 @@ fn invalid_settings_are_named() {
     let cases: [(ControllerConfig, &str); 7] = [
         (ControllerConfig::new(65.0, 64), "at most E = 64"),
         (ControllerConfig::new(0.5, 64), "at least 1"),
-        (ControllerConfig { kp: -1.0, ..ControllerConfig::new(8.0, 64) }, "Kp"),
-        (ControllerConfig { ki: f64::NAN, ..ControllerConfig::new(8.0, 64) }, "Ki"),
-        (ControllerConfig { p_min: 0.0, ..ControllerConfig::new(8.0, 64) }, "p_min"),
-        (ControllerConfig { p_min: 0.6, p_max: 0.5, ..ControllerConfig::new(8.0, 64) }, "p_max"),
+        (
+            ControllerConfig {
+                kp: -1.0,
+                ..ControllerConfig::new(8.0, 64)
+            },
+            "Kp",
+        ),
+        (
+            ControllerConfig {
+                ki: f64::NAN,
+                ..ControllerConfig::new(8.0, 64)
+            },
+            "Ki",
+        ),
+        (
+            ControllerConfig {
+                p_min: 0.0,
+                ..ControllerConfig::new(8.0, 64)
+            },
+            "p_min",
+        ),
+        (
+            ControllerConfig {
+                p_min: 0.6,
+                p_max: 0.5,
+                ..ControllerConfig::new(8.0, 64)
+            },
+            "p_max",
+        ),
         (ControllerConfig::new(f64::INFINITY, 64), "target T"),
     ];
     for (config, needle) in cases {
         let msg = PiController::new(config, 0.5).unwrap_err().to_string();
         assert!(msg.contains(needle), "{msg:?} should mention {needle:?}");
     }
-    let msg = PiController::new(ControllerConfig::new(8.0, 64), 1.5).unwrap_err().to_string();
+    let msg = PiController::new(ControllerConfig::new(8.0, 64), 1.5)
+        .unwrap_err()
+        .to_string();
     assert!(msg.contains("(0, 1]"), "{msg}");
     let mut c = PiController::new(ControllerConfig::new(8.0, 64), 0.5).unwrap();
     assert!(c.update(f64::NAN).is_err());
@@ -99,7 +140,8 @@ fn invalid_settings_are_named() {
 #[test]
 fn per_layer_controllers_track_each_layer() {
     let config = ControllerConfig::new(8.0, 64);
-    let mut control = ThresholdControl::new(&config, ThresholdScope::PerLayer, 2, &[0.3, 0.3]).unwrap();
+    let mut control =
+        ThresholdControl::new(&config, ThresholdScope::PerLayer, 2, &[0.3, 0.3]).unwrap();
     // Layer 1 needs a higher threshold for the same count.
     let layer = |l: usize, p: f64| if l == 0 { plant(p) } else { plant(p * 0.8) };
     for _ in 0..400 {
@@ -124,7 +166,9 @@ fn per_layer_controllers_track_each_layer() {
 #[test]
 fn calibration_puts_the_first_batch_at_t() {
     let shape = RouteShape::new(3, 4).unwrap();
-    let probs = [0.4, 0.3, 0.2, 0.1, 0.25, 0.25, 0.25, 0.25, 0.7, 0.1, 0.1, 0.1];
+    let probs = [
+        0.4, 0.3, 0.2, 0.1, 0.25, 0.25, 0.25, 0.25, 0.7, 0.1, 0.1, 0.1,
+    ];
     let p = calibrate_threshold(&probs, shape, 2.0).unwrap();
     assert!((p - (0.7 + 0.5 + 0.8) / 3.0).abs() < 1e-6, "{p}");
     // T = 2.5 interpolates half of the third expert's mass.
@@ -164,8 +208,16 @@ fn closed_loop_locks_while_fixed_top_p_drifts() {
     let topk = run(SimMode::Topk);
     let settled = dtopp.tracking.settled_at.expect("dtopp settles");
     assert!(settled < 100, "dtopp settled only at step {settled}");
-    assert!((dtopp.tracking.mean - 4.0).abs() < 0.08, "{:?}", dtopp.tracking);
-    assert!(topp.tracking.settled_at.is_none(), "fixed top-p should drift: {:?}", topp.tracking);
+    assert!(
+        (dtopp.tracking.mean - 4.0).abs() < 0.08,
+        "{:?}",
+        dtopp.tracking
+    );
+    assert!(
+        topp.tracking.settled_at.is_none(),
+        "fixed top-p should drift: {:?}",
+        topp.tracking
+    );
     assert!(topp.tracking.mean < 3.8, "{:?}", topp.tracking);
     assert_eq!((topk.tracking.mean, topk.tracking.std), (4.0, 0.0));
 }
@@ -188,5 +240,8 @@ fn simulation_is_deterministic_and_steps_the_target() {
     assert_eq!(first[59].2, 4.0);
     assert_eq!(first[60].2, 6.0);
     let tail: f64 = first[100..].iter().map(|x| x.0).sum::<f64>() / 20.0;
-    assert!((tail - 6.0).abs() < 0.15, "mean a_t {tail} after the step to T = 6");
+    assert!(
+        (tail - 6.0).abs() < 0.15,
+        "mean a_t {tail} after the step to T = 6"
+    );
 }

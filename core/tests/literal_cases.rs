@@ -11,7 +11,10 @@ fn shape(n: usize, e: usize) -> RouteShape {
 fn close(got: &[f32], want: &[f32], tol: f32) {
     assert_eq!(got.len(), want.len(), "length");
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        assert!((g - w).abs() <= tol, "[{i}] got {g}, want {w} (all: {got:?})");
+        assert!(
+            (g - w).abs() <= tol,
+            "[{i}] got {g}, want {w} (all: {got:?})"
+        );
     }
 }
 
@@ -19,13 +22,28 @@ fn close(got: &[f32], want: &[f32], tol: f32) {
 fn drn_of_1_2_3() {
     // mu = 2, var = 2/3, sigma = sqrt(2/3 + 1e-6); u = (-1.2247439, 0, 1.2247439);
     // softmax(u) computed by hand (python math): 0.0625559, 0.2128961, 0.7245481.
-    let p = drn_forward(&[1.0, 2.0, 3.0], shape(1, 3), Normalization::Drn { theta: 1.0 }).unwrap();
+    let p = drn_forward(
+        &[1.0, 2.0, 3.0],
+        shape(1, 3),
+        Normalization::Drn { theta: 1.0 },
+    )
+    .unwrap();
     close(&p, &[0.062_555_9, 0.212_896_1, 0.724_548_1], 1e-6);
     // theta = 2 doubles the standardized scores: softmax(-2.4494878, 0, 2.4494878).
-    let p = drn_forward(&[1.0, 2.0, 3.0], shape(1, 3), Normalization::Drn { theta: 2.0 }).unwrap();
+    let p = drn_forward(
+        &[1.0, 2.0, 3.0],
+        shape(1, 3),
+        Normalization::Drn { theta: 2.0 },
+    )
+    .unwrap();
     close(&p, &[0.006_815_0, 0.078_934_4, 0.914_250_6], 1e-6);
     // DRN removes shift and scale of the logits.
-    let q = drn_forward(&[-50.0, 50.0, 150.0], shape(1, 3), Normalization::Drn { theta: 2.0 }).unwrap();
+    let q = drn_forward(
+        &[-50.0, 50.0, 150.0],
+        shape(1, 3),
+        Normalization::Drn { theta: 2.0 },
+    )
+    .unwrap();
     close(&q, &p, 1e-6);
 }
 
@@ -40,7 +58,10 @@ fn one_expert_gets_everything() {
     let p = drn_forward(&[3.5, -1.0], shape(2, 1), Normalization::Drn { theta: 1.0 }).unwrap();
     assert_eq!(p, vec![1.0, 1.0]);
     let s = top_p(&p, shape(2, 1), 0.3, None).unwrap();
-    assert_eq!((s.experts, s.counts, s.weights), (vec![0, 0], vec![1, 1], vec![1.0, 1.0]));
+    assert_eq!(
+        (s.experts, s.counts, s.weights),
+        (vec![0, 0], vec![1, 1], vec![1.0, 1.0])
+    );
     let s = top_p(&p, shape(2, 1), 1.0, None).unwrap();
     assert_eq!(s.counts, vec![1, 1]);
 }
@@ -54,7 +75,10 @@ fn top_p_includes_the_crossing_expert() {
     assert_eq!(s.experts, vec![1, 2, -1, -1]);
     close(&s.weights, &[0.625, 0.375, 0.0, 0.0], 1e-7);
     // Exactly reaching p counts (>=): 0.5 >= 0.5.
-    assert_eq!(top_p(&probs, shape(1, 4), 0.5, None).unwrap().counts, vec![1]);
+    assert_eq!(
+        top_p(&probs, shape(1, 4), 0.5, None).unwrap().counts,
+        vec![1]
+    );
     // Just above 0.8 needs the third expert: the tie goes to expert 0.
     let s = top_p(&probs, shape(1, 4), 0.85, None).unwrap();
     assert_eq!(s.experts, vec![1, 2, 0, -1]);
@@ -64,7 +88,10 @@ fn top_p_includes_the_crossing_expert() {
 fn top_p_ties_take_lower_index_first() {
     let probs = [0.25; 4];
     let s = top_p(&probs, shape(1, 4), 0.5, None).unwrap();
-    assert_eq!((s.experts.clone(), s.counts.clone()), (vec![0, 1, -1, -1], vec![2]));
+    assert_eq!(
+        (s.experts.clone(), s.counts.clone()),
+        (vec![0, 1, -1, -1], vec![2])
+    );
     close(&s.weights, &[0.5, 0.5, 0.0, 0.0], 0.0);
     let s = top_p(&probs, shape(1, 4), 0.6, None).unwrap();
     assert_eq!(s.experts, vec![0, 1, 2, -1]);
@@ -88,7 +115,10 @@ fn k_max_caps_the_selection_and_renormalises() {
     assert_eq!((s.experts.clone(), s.counts), (vec![1, 2, -1, -1], vec![2]));
     close(&s.weights, &[0.625, 0.375, 0.0, 0.0], 1e-7);
     let s = top_p(&probs, shape(1, 4), 0.95, Some(1)).unwrap();
-    assert_eq!((s.experts, s.weights), (vec![1, -1, -1, -1], vec![1.0, 0.0, 0.0, 0.0]));
+    assert_eq!(
+        (s.experts, s.weights),
+        (vec![1, -1, -1, -1], vec![1.0, 0.0, 0.0, 0.0])
+    );
 }
 
 #[test]
@@ -113,8 +143,14 @@ fn top_k_ranks_with_the_tie_rule() {
     close(&s.weights, &[2.0 / 3.0, 1.0 / 3.0, 0.0, 0.0], 1e-7);
     let s = top_k(&probs, shape(1, 4), 4).unwrap();
     assert_eq!(s.experts, vec![1, 0, 2, 3]);
-    assert!(matches!(top_k(&probs, shape(1, 4), 5), Err(Error::InvalidParameter { .. })));
-    assert!(matches!(top_k(&probs, shape(1, 4), 0), Err(Error::InvalidParameter { .. })));
+    assert!(matches!(
+        top_k(&probs, shape(1, 4), 5),
+        Err(Error::InvalidParameter { .. })
+    ));
+    assert!(matches!(
+        top_k(&probs, shape(1, 4), 0),
+        Err(Error::InvalidParameter { .. })
+    ));
 }
 
 /// Token 0 -> experts [2, 0], token 1 -> [0], token 2 -> [0, 1, 2]; E = 3.
@@ -144,7 +180,12 @@ fn gather_and_combine_by_hand() {
     // D = 2; token t has row (t, 10 t).
     let x = [0.0, 0.0, 1.0, 10.0, 2.0, 20.0];
     let g = gather(&x, 2, &plan).unwrap();
-    assert_eq!(g, vec![0.0, 0.0, 1.0, 10.0, 2.0, 20.0, 2.0, 20.0, 0.0, 0.0, 2.0, 20.0]);
+    assert_eq!(
+        g,
+        vec![
+            0.0, 0.0, 1.0, 10.0, 2.0, 20.0, 2.0, 20.0, 0.0, 0.0, 2.0, 20.0
+        ]
+    );
     // Expert "FFN" y = route index m in both columns.
     let y: Vec<f32> = (0..6).flat_map(|m| [m as f32, m as f32]).collect();
     let out = combine(&y, 2, &plan).unwrap();
@@ -161,7 +202,12 @@ fn malformed_selections_are_rejected_by_name() {
     assert!(msg.contains("token 0 slot 1"), "{msg}");
     let mut s = three_token_selection();
     s.counts[1] = 0;
-    assert!(dispatch_plan(&s).unwrap_err().to_string().contains("token 1 selects 0"));
+    assert!(
+        dispatch_plan(&s)
+            .unwrap_err()
+            .to_string()
+            .contains("token 1 selects 0")
+    );
 }
 
 #[test]
@@ -170,11 +216,20 @@ fn non_finite_inputs_name_the_first_bad_element() {
     z[7] = f32::NAN;
     z[9] = f32::INFINITY;
     match drn_forward(&z, shape(3, 4), Normalization::Drn { theta: 1.0 }) {
-        Err(Error::NonFinite { token: 1, column: 3, .. }) => {}
+        Err(Error::NonFinite {
+            token: 1,
+            column: 3,
+            ..
+        }) => {}
         other => panic!("expected NonFinite at token 1, column 3: {other:?}"),
     }
-    let msg = top_p(&[0.5, f32::NAN], shape(1, 2), 0.5, None).unwrap_err().to_string();
-    assert!(msg.contains("token 0, column 1") && msg.contains("NaN"), "{msg}");
+    let msg = top_p(&[0.5, f32::NAN], shape(1, 2), 0.5, None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("token 0, column 1") && msg.contains("NaN"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -182,13 +237,28 @@ fn bad_parameters_are_rejected_by_name() {
     let probs = [0.5, 0.5];
     for p in [0.0, -0.1, 1.0001, f32::NAN] {
         let msg = top_p(&probs, shape(1, 2), p, None).unwrap_err().to_string();
-        assert!(msg.contains("threshold p") && msg.contains("(0, 1]"), "{msg}");
+        assert!(
+            msg.contains("threshold p") && msg.contains("(0, 1]"),
+            "{msg}"
+        );
     }
-    let msg = top_p(&probs, shape(1, 2), 0.5, Some(3)).unwrap_err().to_string();
+    let msg = top_p(&probs, shape(1, 2), 0.5, Some(3))
+        .unwrap_err()
+        .to_string();
     assert!(msg.contains("k_max"), "{msg}");
-    let msg = drn_forward(&probs, shape(1, 2), Normalization::Drn { theta: f32::INFINITY }).unwrap_err().to_string();
+    let msg = drn_forward(
+        &probs,
+        shape(1, 2),
+        Normalization::Drn {
+            theta: f32::INFINITY,
+        },
+    )
+    .unwrap_err()
+    .to_string();
     assert!(msg.contains("theta"), "{msg}");
-    let msg = drn_forward(&probs, shape(1, 3), Normalization::Softmax).unwrap_err().to_string();
+    let msg = drn_forward(&probs, shape(1, 3), Normalization::Softmax)
+        .unwrap_err()
+        .to_string();
     assert!(msg.contains("2 elements, expected 3"), "{msg}");
     assert!(RouteShape::new(0, 4).is_err());
 }

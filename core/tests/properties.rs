@@ -11,7 +11,13 @@ fn logits() -> impl Strategy<Value = (RouteShape, Vec<f32>)> {
             if ties {
                 z.iter_mut().for_each(|v| *v = v.round());
             }
-            (RouteShape { tokens: n, experts: e }, z)
+            (
+                RouteShape {
+                    tokens: n,
+                    experts: e,
+                },
+                z,
+            )
         })
     })
 }

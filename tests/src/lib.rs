@@ -28,6 +28,13 @@ pub struct Tolerance {
     pub rtol: f32,
 }
 
+impl Tolerance {
+    /// Whether `got` is within tolerance of `want` (never for NaN).
+    pub fn accepts(self, got: f32, want: f32) -> bool {
+        (got - want).abs() <= self.atol + self.rtol * want.abs()
+    }
+}
+
 /// Probabilities and combine weights: f32 reductions in another order.
 pub const PROBS_TOL: Tolerance = Tolerance {
     atol: 1e-6,
@@ -66,7 +73,11 @@ pub fn cases(seed: u64) -> Vec<Case> {
     ];
     let mut out = Vec::new();
     for (i, &(n, e)) in shapes.iter().enumerate() {
-        for (variant, scale, quantise) in [("normal", 1.0f32, false), ("wide", 6.0, false), ("ties", 1.0, true)] {
+        for (variant, scale, quantise) in [
+            ("normal", 1.0f32, false),
+            ("wide", 6.0, false),
+            ("ties", 1.0, true),
+        ] {
             let mut rng = SplitMix64::substream(seed, i as u64, variant.len() as u64);
             let logits = (0..n * e)
                 .map(|_| {
@@ -77,7 +88,10 @@ pub fn cases(seed: u64) -> Vec<Case> {
                 .collect();
             out.push(Case {
                 name: format!("{variant} N={n} E={e}"),
-                shape: RouteShape { tokens: n, experts: e },
+                shape: RouteShape {
+                    tokens: n,
+                    experts: e,
+                },
                 logits,
             });
         }
@@ -110,7 +124,7 @@ impl Report {
             .iter()
             .zip(want)
             .enumerate()
-            .filter(|(_, (g, w))| !((*g - *w).abs() <= tol.atol + tol.rtol * w.abs()))
+            .filter(|(_, (g, w))| !tol.accepts(**g, **w))
             .take(5)
             .map(|(i, (g, w))| format!("[{i}] got {g} want {w}"))
             .collect();
@@ -207,15 +221,32 @@ pub fn conformance_report<O: RoutingOps>(ops: &O, seed: u64) -> Result<Report> {
             let want_probs = cpu.drn_forward(&case.logits, shape, norm)?;
             let probs_buf = ops.drn_forward(&logits, shape, norm)?;
             let got_probs = ops.read_floats(&probs_buf)?;
-            report.floats(&format!("{what} drn_forward"), &got_probs, &want_probs, PROBS_TOL);
+            report.floats(
+                &format!("{what} drn_forward"),
+                &got_probs,
+                &want_probs,
+                PROBS_TOL,
+            );
 
             // DRN backward, with a random upstream gradient.
             let mut rng = SplitMix64::substream(seed, shape.len() as u64, 99);
             let grad: Vec<f32> = (0..shape.len()).map(|_| rng.normal() as f32).collect();
-            let want: DrnGrads<Vec<f32>> = cpu.drn_backward(&case.logits, &want_probs, &grad, shape, norm)?;
-            let got = ops.drn_backward(&logits, &probs_buf, &ops.upload_floats(&grad)?, shape, norm)?;
-            report.floats(&format!("{what} drn_backward dz"), &ops.read_floats(&got.logits)?, &want.logits, GRAD_TOL);
-            report.floats(&format!("{what} drn_backward dtheta"), &ops.read_floats(&got.theta)?, &want.theta, GRAD_TOL);
+            let want: DrnGrads<Vec<f32>> =
+                cpu.drn_backward(&case.logits, &want_probs, &grad, shape, norm)?;
+            let got =
+                ops.drn_backward(&logits, &probs_buf, &ops.upload_floats(&grad)?, shape, norm)?;
+            report.floats(
+                &format!("{what} drn_backward dz"),
+                &ops.read_floats(&got.logits)?,
+                &want.logits,
+                GRAD_TOL,
+            );
+            report.floats(
+                &format!("{what} drn_backward dtheta"),
+                &ops.read_floats(&got.theta)?,
+                &want.theta,
+                GRAD_TOL,
+            );
 
             // Selections run on the reference probabilities, so index comparisons test
             // selection alone; `near_threshold` then reads the same numbers.
@@ -225,13 +256,32 @@ pub fn conformance_report<O: RoutingOps>(ops: &O, seed: u64) -> Result<Report> {
                     let want = cpu.top_p(&want_probs, shape, &vec![p], k_max)?;
                     let got = ops.top_p(&probs_ref, shape, &ops.upload_floats(&[p])?, k_max)?;
                     let got = ops.read_selection(&got)?;
-                    compare_selection(&mut report, &format!("{what} top_p p={p} k_max={k_max:?}"), &got, &want, &want_probs, Some(p));
+                    compare_selection(
+                        &mut report,
+                        &format!("{what} top_p p={p} k_max={k_max:?}"),
+                        &got,
+                        &want,
+                        &want_probs,
+                        Some(p),
+                    );
                 }
             }
-            for k in [1, shape.experts.min(2), shape.experts.div_ceil(3), shape.experts] {
+            for k in [
+                1,
+                shape.experts.min(2),
+                shape.experts.div_ceil(3),
+                shape.experts,
+            ] {
                 let want = cpu.top_k(&want_probs, shape, k)?;
                 let got = ops.read_selection(&ops.top_k(&probs_ref, shape, k)?)?;
-                compare_selection(&mut report, &format!("{what} top_k k={k}"), &got, &want, &want_probs, None);
+                compare_selection(
+                    &mut report,
+                    &format!("{what} top_k k={k}"),
+                    &got,
+                    &want,
+                    &want_probs,
+                    None,
+                );
             }
         }
 
@@ -247,26 +297,68 @@ pub fn conformance_report<O: RoutingOps>(ops: &O, seed: u64) -> Result<Report> {
         };
         let plan_buf = ops.dispatch_plan(&uploaded)?;
         let got_plan = ops.read_plan(&plan_buf)?;
-        report.ints(&format!("{name} expert_counts"), &got_plan.expert_counts, &want_plan.expert_counts);
-        report.ints(&format!("{name} expert_offsets"), &got_plan.expert_offsets, &want_plan.expert_offsets);
-        report.ints(&format!("{name} route_tokens"), &got_plan.route_tokens, &want_plan.route_tokens);
-        report.floats(&format!("{name} route_weights"), &got_plan.route_weights, &want_plan.route_weights, Tolerance { atol: 0.0, rtol: 0.0 });
-        report.ints(&format!("{name} token_routes"), &got_plan.token_routes, &want_plan.token_routes);
+        report.ints(
+            &format!("{name} expert_counts"),
+            &got_plan.expert_counts,
+            &want_plan.expert_counts,
+        );
+        report.ints(
+            &format!("{name} expert_offsets"),
+            &got_plan.expert_offsets,
+            &want_plan.expert_offsets,
+        );
+        report.ints(
+            &format!("{name} route_tokens"),
+            &got_plan.route_tokens,
+            &want_plan.route_tokens,
+        );
+        report.floats(
+            &format!("{name} route_weights"),
+            &got_plan.route_weights,
+            &want_plan.route_weights,
+            Tolerance {
+                atol: 0.0,
+                rtol: 0.0,
+            },
+        );
+        report.ints(
+            &format!("{name} token_routes"),
+            &got_plan.token_routes,
+            &want_plan.token_routes,
+        );
 
         for hidden in [1usize, 3, 16] {
             let mut rng = SplitMix64::substream(seed, shape.len() as u64, hidden as u64);
-            let x: Vec<f32> = (0..shape.tokens * hidden).map(|_| rng.normal() as f32).collect();
+            let x: Vec<f32> = (0..shape.tokens * hidden)
+                .map(|_| rng.normal() as f32)
+                .collect();
             let want_g = cpu.gather(&x, hidden, &want_plan)?;
             let got_g_buf = ops.gather(&ops.upload_floats(&x)?, hidden, &plan_buf)?;
             let mut got_g = ops.read_floats(&got_g_buf)?;
             got_g.truncate(want_g.len());
-            report.floats(&format!("{name} gather D={hidden}"), &got_g, &want_g, Tolerance { atol: 0.0, rtol: 0.0 });
+            report.floats(
+                &format!("{name} gather D={hidden}"),
+                &got_g,
+                &want_g,
+                Tolerance {
+                    atol: 0.0,
+                    rtol: 0.0,
+                },
+            );
 
             // Expert outputs: any values per route; a backend's buffer may be longer (C > M).
-            let y: Vec<f32> = (0..plan_buf.route_capacity * hidden).map(|_| rng.normal() as f32).collect();
+            let y: Vec<f32> = (0..plan_buf.route_capacity * hidden)
+                .map(|_| rng.normal() as f32)
+                .collect();
             let want_c = dtopp::cpu::combine(&y[..want_g.len()], hidden, &want_plan)?;
-            let got_c = ops.read_floats(&ops.combine(&ops.upload_floats(&y)?, hidden, &plan_buf)?)?;
-            report.floats(&format!("{name} combine D={hidden}"), &got_c, &want_c, PROBS_TOL);
+            let got_c =
+                ops.read_floats(&ops.combine(&ops.upload_floats(&y)?, hidden, &plan_buf)?)?;
+            report.floats(
+                &format!("{name} combine D={hidden}"),
+                &got_c,
+                &want_c,
+                PROBS_TOL,
+            );
         }
     }
     check_non_finite(ops, &mut report)?;
@@ -275,8 +367,15 @@ pub fn conformance_report<O: RoutingOps>(ops: &O, seed: u64) -> Result<Report> {
 
 /// NaN and infinities in the logits: every backend fails, naming the same first element.
 fn check_non_finite<O: RoutingOps>(ops: &O, report: &mut Report) -> Result<()> {
-    let shape = RouteShape { tokens: 4, experts: 6 };
-    for (at, bad) in [(7usize, f32::NAN), (13, f32::INFINITY), (23, f32::NEG_INFINITY)] {
+    let shape = RouteShape {
+        tokens: 4,
+        experts: 6,
+    };
+    for (at, bad) in [
+        (7usize, f32::NAN),
+        (13, f32::INFINITY),
+        (23, f32::NEG_INFINITY),
+    ] {
         let mut logits = vec![0.5f32; shape.len()];
         logits[at] = bad;
         logits[at + 1..].iter_mut().for_each(|v| *v = f32::NAN);
@@ -296,7 +395,8 @@ fn check_non_finite<O: RoutingOps>(ops: &O, report: &mut Report) -> Result<()> {
 
 /// Runs the suite and panics with the first mismatches if any comparison failed.
 pub fn assert_conforms<O: RoutingOps>(ops: &O) {
-    let report = conformance_report(ops, 2026).unwrap_or_else(|e| panic!("{} backend failed to run: {e}", ops.backend_name()));
+    let report = conformance_report(ops, 2026)
+        .unwrap_or_else(|e| panic!("{} backend failed to run: {e}", ops.backend_name()));
     println!(
         "{}: {} comparisons, {} tokens excused within {THRESHOLD_SLACK} of the threshold, {} failures",
         ops.backend_name(),
@@ -309,7 +409,13 @@ pub fn assert_conforms<O: RoutingOps>(ops: &O) {
         "{} backend differs from the CPU reference in {} comparisons; first ones:\n{}",
         ops.backend_name(),
         report.failures.len(),
-        report.failures.iter().take(10).cloned().collect::<Vec<_>>().join("\n")
+        report
+            .failures
+            .iter()
+            .take(10)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
     );
 }
 
@@ -324,7 +430,10 @@ pub fn gpu_required() -> bool {
 pub fn dtopp_binary() -> std::path::PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     // target/<profile>/deps/<test> -> target/<profile>/dtopp
-    let dir = exe.parent().and_then(std::path::Path::parent).expect("target dir");
+    let dir = exe
+        .parent()
+        .and_then(std::path::Path::parent)
+        .expect("target dir");
     let bin = dir.join(format!("dtopp{}", std::env::consts::EXE_SUFFIX));
     assert!(
         bin.exists(),

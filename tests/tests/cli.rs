@@ -10,7 +10,10 @@ use dtopp::rng::SplitMix64;
 use dtopp_tests::dtopp_binary;
 
 fn dtopp(args: &[&str]) -> Output {
-    Command::new(dtopp_binary()).args(args).output().expect("dtopp runs")
+    Command::new(dtopp_binary())
+        .args(args)
+        .output()
+        .expect("dtopp runs")
 }
 
 fn scratch(name: &str) -> PathBuf {
@@ -21,7 +24,10 @@ fn scratch(name: &str) -> PathBuf {
 }
 
 fn text(out: &Output) -> (String, String) {
-    (String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+    (
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
 }
 
 fn random_logits(n: usize, e: usize, seed: u64) -> Vec<f32> {
@@ -39,21 +45,43 @@ fn simulate_writes_metrics_and_prints_a_summary() {
     let run = dir.join("run");
     for mode in ["dtopp", "topp", "topk"] {
         let out = dtopp(&[
-            "simulate", "--mode", mode, "--experts", "16", "--target", "3", "--layers", "2", "--tokens", "64",
-            "--steps", "40", "--out", run.to_str().unwrap(),
+            "simulate",
+            "--mode",
+            mode,
+            "--experts",
+            "16",
+            "--target",
+            "3",
+            "--layers",
+            "2",
+            "--tokens",
+            "64",
+            "--steps",
+            "40",
+            "--out",
+            run.to_str().unwrap(),
         ]);
         let (stdout, stderr) = text(&out);
         assert!(out.status.success(), "{stderr}");
-        assert!(stdout.contains(&format!("summary ({mode}, E=16, T=3)")), "{stdout}");
+        assert!(
+            stdout.contains(&format!("summary ({mode}, E=16, T=3)")),
+            "{stdout}"
+        );
         assert!(stderr.contains("step     40/40"), "{stderr}");
         let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
-        let lines: Vec<serde_json::Value> = metrics.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let lines: Vec<serde_json::Value> = metrics
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
         assert_eq!(lines.len(), 40);
         for (i, line) in lines.iter().enumerate() {
             assert_eq!(line["step"], i);
             assert_eq!(line["mode"], mode);
             assert_eq!(line["target"], 3.0);
-            assert_eq!(line["active_experts_per_layer"].as_array().unwrap().len(), 2);
+            assert_eq!(
+                line["active_experts_per_layer"].as_array().unwrap().len(),
+                2
+            );
             assert!(line["active_experts"].as_f64().unwrap() >= 1.0);
             assert_eq!(line["threshold"].is_null(), mode == "topk");
             assert_eq!(line["integral"].is_null(), mode != "dtopp");
@@ -75,25 +103,53 @@ fn route_writes_the_arrays_the_library_computes() {
     let probs = cpu.drn_forward(&logits, shape, norm).unwrap();
 
     for (mode, extra, selection) in [
-        ("topp", ["--threshold", "0.7"], cpu.top_p(&probs, shape, &vec![0.7], None).unwrap()),
+        (
+            "topp",
+            ["--threshold", "0.7"],
+            cpu.top_p(&probs, shape, &vec![0.7], None).unwrap(),
+        ),
         ("topk", ["--k", "3"], cpu.top_k(&probs, shape, 3).unwrap()),
     ] {
         let out_path = dir.join(format!("{mode}.npz"));
         let out = dtopp(&[
-            "route", "--logits", input.to_str().unwrap(), "--mode", mode, extra[0], extra[1], "--theta", "1.5",
-            "--out", out_path.to_str().unwrap(),
+            "route",
+            "--logits",
+            input.to_str().unwrap(),
+            "--mode",
+            mode,
+            extra[0],
+            extra[1],
+            "--theta",
+            "1.5",
+            "--out",
+            out_path.to_str().unwrap(),
         ]);
         assert!(out.status.success(), "{:?}", text(&out));
         let plan = cpu.dispatch_plan(&selection).unwrap();
         let m = plan.route_tokens.len();
         let want: Vec<(&str, NpyArray)> = vec![
             ("probs", NpyArray::f32(vec![n, e], probs.clone())),
-            ("experts", NpyArray::i32(vec![n, e], selection.experts.clone())),
+            (
+                "experts",
+                NpyArray::i32(vec![n, e], selection.experts.clone()),
+            ),
             ("counts", NpyArray::i32(vec![n], selection.counts.clone())),
-            ("weights", NpyArray::f32(vec![n, e], selection.weights.clone())),
-            ("offsets", NpyArray::i32(vec![e + 1], plan.expert_offsets.clone())),
-            ("route_tokens", NpyArray::i32(vec![m], plan.route_tokens.clone())),
-            ("route_weights", NpyArray::f32(vec![m], plan.route_weights.clone())),
+            (
+                "weights",
+                NpyArray::f32(vec![n, e], selection.weights.clone()),
+            ),
+            (
+                "offsets",
+                NpyArray::i32(vec![e + 1], plan.expert_offsets.clone()),
+            ),
+            (
+                "route_tokens",
+                NpyArray::i32(vec![m], plan.route_tokens.clone()),
+            ),
+            (
+                "route_weights",
+                NpyArray::f32(vec![m], plan.route_weights.clone()),
+            ),
         ];
         let got = read_npz(&out_path).unwrap();
         assert_eq!(got.len(), want.len());
@@ -146,37 +202,76 @@ fn bad_input_fails_with_a_clear_message_and_no_output() {
     let cases: Vec<(Vec<String>, &str)> = vec![
         (route(&garbage, &["--threshold", "0.5"]), "not a .npy file"),
         (route(&truncated, &["--threshold", "0.5"]), "truncated data"),
-        (route(&ints, &["--threshold", "0.5"]), "dtype int32, expected float32"),
-        (route(&f64s, &["--threshold", "0.5"]), "dtype '<f8' is not supported"),
+        (
+            route(&ints, &["--threshold", "0.5"]),
+            "dtype int32, expected float32",
+        ),
+        (
+            route(&f64s, &["--threshold", "0.5"]),
+            "dtype '<f8' is not supported",
+        ),
         (route(&rank1, &["--threshold", "0.5"]), "rank 1"),
-        (route(&nan, &["--threshold", "0.5"]), "token 1, column 2 is NaN"),
-        (route(&dir.join("missing.npy"), &["--threshold", "0.5"]), "cannot read"),
-        (route(&good, &["--threshold", "1.5"]), "threshold p = 1.5: a value in (0, 1]"),
+        (
+            route(&nan, &["--threshold", "0.5"]),
+            "token 1, column 2 is NaN",
+        ),
+        (
+            route(&dir.join("missing.npy"), &["--threshold", "0.5"]),
+            "cannot read",
+        ),
+        (
+            route(&good, &["--threshold", "1.5"]),
+            "threshold p = 1.5: a value in (0, 1]",
+        ),
         (route(&good, &["--threshold", "0"]), "a value in (0, 1]"),
         (route(&good, &[]), "--threshold P"),
         (route(&good, &["--mode", "topk"]), "--k K"),
         (route(&good, &["--mode", "topk", "--k", "7"]), "k = 7"),
-        (route(&good, &["--threshold", "0.5", "--k-max", "9"]), "k_max = 9"),
+        (
+            route(&good, &["--threshold", "0.5", "--k-max", "9"]),
+            "k_max = 9",
+        ),
         (sim(&["--target", "65"]), "at most E = 64"),
         (sim(&["--target", "0.5"]), "at least 1"),
         (sim(&["--threshold", "1.2"]), "(0, 1]"),
         (sim(&["--kp", "-1"]), "Kp = -1"),
         (sim(&["--ki", "NaN"]), "Ki = NaN"),
         (sim(&["--mode", "topk", "--target", "2.5"]), "whole number"),
-        (sim(&["--out", "/proc/dtopp-cannot-be-here"]), "cannot create run directory"),
+        (
+            sim(&["--out", "/proc/dtopp-cannot-be-here"]),
+            "cannot create run directory",
+        ),
     ];
     for (args, needle) in cases {
         let result = Command::new(dtopp_binary()).args(&args).output().unwrap();
         let (_, stderr) = text(&result);
         assert!(!result.status.success(), "{args:?} succeeded");
-        assert!(stderr.contains(needle), "{args:?}: stderr {stderr:?} should mention {needle:?}");
+        assert!(
+            stderr.contains(needle),
+            "{args:?}: stderr {stderr:?} should mention {needle:?}"
+        );
         assert!(!out.exists(), "{args:?} left {o} behind");
     }
     // An unwritable output path: the error names it, and no temporary file is left.
     let blocked = dir.join("no-such-dir").join("out.npz");
-    let result = dtopp(&["route", "--logits", good.to_str().unwrap(), "--threshold", "0.5", "--out", blocked.to_str().unwrap()]);
+    let result = dtopp(&[
+        "route",
+        "--logits",
+        good.to_str().unwrap(),
+        "--threshold",
+        "0.5",
+        "--out",
+        blocked.to_str().unwrap(),
+    ]);
     let (_, stderr) = text(&result);
-    assert!(!result.status.success() && stderr.contains("cannot write") && stderr.contains("out.npz"), "{stderr}");
-    let leftovers: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).filter(|n| n.to_string_lossy().contains("tmp")).collect();
+    assert!(
+        !result.status.success() && stderr.contains("cannot write") && stderr.contains("out.npz"),
+        "{stderr}"
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n.to_string_lossy().contains("tmp"))
+        .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }

@@ -3,7 +3,10 @@
 
 use dtopp::Result;
 use dtopp::cpu::CpuReference;
-use dtopp::ops::{DispatchPlan, DrnGrads, HostDispatchPlan, HostSelection, Normalization, RouteShape, RoutingOps, Selection};
+use dtopp::ops::{
+    DispatchPlan, DrnGrads, HostDispatchPlan, HostSelection, Normalization, RouteShape, RoutingOps,
+    Selection,
+};
 use dtopp_tests::{assert_conforms, conformance_report};
 
 #[test]
@@ -43,7 +46,12 @@ impl RoutingOps for Mutant {
     fn read_ints(&self, b: &Vec<i32>) -> Result<Vec<i32>> {
         CpuReference.read_ints(b)
     }
-    fn drn_forward(&self, logits: &Vec<f32>, shape: RouteShape, norm: Normalization) -> Result<Vec<f32>> {
+    fn drn_forward(
+        &self,
+        logits: &Vec<f32>,
+        shape: RouteShape,
+        norm: Normalization,
+    ) -> Result<Vec<f32>> {
         match (self, norm) {
             (Mutant::DrnSampleVariance, Normalization::Drn { theta }) => {
                 // Rescale theta so the result equals DRN with the sample variance.
@@ -54,20 +62,42 @@ impl RoutingOps for Mutant {
                     let var = row.iter().map(|v| (v - mu) * (v - mu)).sum::<f32>() / e;
                     let sample = if e > 1.0 { var * e / (e - 1.0) } else { var };
                     let adj = ((var + 1e-6) / (sample + 1e-6)).sqrt();
-                    let one = RouteShape { tokens: 1, experts: shape.experts };
-                    out.extend(CpuReference.drn_forward(&row.to_vec(), one, Normalization::Drn { theta: theta * adj })?);
+                    let one = RouteShape {
+                        tokens: 1,
+                        experts: shape.experts,
+                    };
+                    out.extend(CpuReference.drn_forward(
+                        &row.to_vec(),
+                        one,
+                        Normalization::Drn { theta: theta * adj },
+                    )?);
                 }
                 Ok(out)
             }
             _ => CpuReference.drn_forward(logits, shape, norm),
         }
     }
-    fn drn_backward(&self, l: &Vec<f32>, p: &Vec<f32>, g: &Vec<f32>, s: RouteShape, n: Normalization) -> Result<DrnGrads<Vec<f32>>> {
+    fn drn_backward(
+        &self,
+        l: &Vec<f32>,
+        p: &Vec<f32>,
+        g: &Vec<f32>,
+        s: RouteShape,
+        n: Normalization,
+    ) -> Result<DrnGrads<Vec<f32>>> {
         CpuReference.drn_backward(l, p, g, s, n)
     }
-    fn top_p(&self, probs: &Vec<f32>, shape: RouteShape, t: &Vec<f32>, k_max: Option<usize>) -> Result<HostSelection> {
+    fn top_p(
+        &self,
+        probs: &Vec<f32>,
+        shape: RouteShape,
+        t: &Vec<f32>,
+        k_max: Option<usize>,
+    ) -> Result<HostSelection> {
         match self {
-            Mutant::ThresholdOffByEpsilon => CpuReference.top_p(probs, shape, &vec![t[0] * 0.999], k_max),
+            Mutant::ThresholdOffByEpsilon => {
+                CpuReference.top_p(probs, shape, &vec![t[0] * 0.999], k_max)
+            }
             _ => CpuReference.top_p(probs, shape, t, k_max),
         }
     }
@@ -76,9 +106,15 @@ impl RoutingOps for Mutant {
             Mutant::TiesToHigherIndex => {
                 // Reverse the expert axis, select, map ids back: ties now favour high ids.
                 let e = shape.experts;
-                let reversed: Vec<f32> = probs.chunks_exact(e).flat_map(|r| r.iter().rev().copied()).collect();
+                let reversed: Vec<f32> = probs
+                    .chunks_exact(e)
+                    .flat_map(|r| r.iter().rev().copied())
+                    .collect();
                 let mut s = CpuReference.top_k(&reversed, shape, k)?;
-                s.experts.iter_mut().filter(|x| **x >= 0).for_each(|x| *x = e as i32 - 1 - *x);
+                s.experts
+                    .iter_mut()
+                    .filter(|x| **x >= 0)
+                    .for_each(|x| *x = e as i32 - 1 - *x);
                 Ok(s)
             }
             _ => CpuReference.top_k(probs, shape, k),
@@ -88,16 +124,29 @@ impl RoutingOps for Mutant {
         let mut plan = CpuReference.dispatch_plan(selection)?;
         if let Mutant::UnstablePlan = self {
             for e in 0..selection.shape.experts {
-                let (a, b) = (plan.expert_offsets[e] as usize, plan.expert_offsets[e + 1] as usize);
+                let (a, b) = (
+                    plan.expert_offsets[e] as usize,
+                    plan.expert_offsets[e + 1] as usize,
+                );
                 plan.route_tokens[a..b].reverse();
             }
         }
         Ok(plan)
     }
-    fn gather(&self, x: &Vec<f32>, hidden: usize, plan: &DispatchPlan<Vec<f32>, Vec<i32>>) -> Result<Vec<f32>> {
+    fn gather(
+        &self,
+        x: &Vec<f32>,
+        hidden: usize,
+        plan: &DispatchPlan<Vec<f32>, Vec<i32>>,
+    ) -> Result<Vec<f32>> {
         CpuReference.gather(x, hidden, plan)
     }
-    fn combine(&self, y: &Vec<f32>, hidden: usize, plan: &DispatchPlan<Vec<f32>, Vec<i32>>) -> Result<Vec<f32>> {
+    fn combine(
+        &self,
+        y: &Vec<f32>,
+        hidden: usize,
+        plan: &DispatchPlan<Vec<f32>, Vec<i32>>,
+    ) -> Result<Vec<f32>> {
         CpuReference.combine(y, hidden, plan)
     }
 }
@@ -111,7 +160,11 @@ fn suite_catches_injected_bugs() {
         Mutant::DrnSampleVariance,
     ] {
         let report = conformance_report(&mutant, 2026).expect("mutant runs");
-        println!("{mutant:?}: {} failures, e.g. {:?}", report.failures.len(), report.failures.first());
+        println!(
+            "{mutant:?}: {} failures, e.g. {:?}",
+            report.failures.len(),
+            report.failures.first()
+        );
         assert!(!report.failures.is_empty(), "the suite missed {mutant:?}");
     }
 }

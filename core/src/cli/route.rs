@@ -63,7 +63,11 @@ pub(crate) fn run(args: RouteArgs) -> Result<()> {
         })?),
         RouteMode::Topp => {
             let p = args.threshold.ok_or_else(|| {
-                Error::param("threshold", "missing", "--threshold P in (0, 1] for --mode topp")
+                Error::param(
+                    "threshold",
+                    "missing",
+                    "--threshold P in (0, 1] for --mode topp",
+                )
             })?;
             check_threshold(p)?;
             Rule::TopP(p)

@@ -8,11 +8,16 @@ use std::time::Instant;
 use clap::{Args, ValueEnum};
 
 use super::Backend;
-use crate::controller::{ControllerConfig, DEFAULT_KI, DEFAULT_KP, DEFAULT_P_MAX, DEFAULT_P_MIN, ThresholdScope};
+use crate::controller::{
+    ControllerConfig, DEFAULT_KI, DEFAULT_KP, DEFAULT_P_MAX, DEFAULT_P_MIN, ThresholdScope,
+};
 use crate::cpu::CpuReference;
 use crate::error::{Error, Result};
 use crate::ops::Normalization;
-use crate::sim::{SETTLE_BAND, SETTLE_WINDOW, SimConfig, SimMode, SimOutcome, StepRecord, StreamConfig, run_simulation};
+use crate::sim::{
+    SETTLE_BAND, SETTLE_WINDOW, SimConfig, SimMode, SimOutcome, StepRecord, StreamConfig,
+    run_simulation,
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub(crate) enum ModeArg {
@@ -102,8 +107,14 @@ fn parse_step_value(s: &str) -> std::result::Result<(u64, f64), String> {
     let (step, value) = s
         .split_once(':')
         .ok_or_else(|| format!("expected STEP:VALUE, got {s:?}"))?;
-    let step = step.trim().parse().map_err(|_| format!("{step:?} is not a step number"))?;
-    let value = value.trim().parse().map_err(|_| format!("{value:?} is not a number"))?;
+    let step = step
+        .trim()
+        .parse()
+        .map_err(|_| format!("{step:?} is not a step number"))?;
+    let value = value
+        .trim()
+        .parse()
+        .map_err(|_| format!("{value:?} is not a number"))?;
     Ok((step, value))
 }
 
@@ -180,11 +191,15 @@ pub(crate) fn run(args: SimulateArgs) -> Result<()> {
     let started = Instant::now();
     let on_step = |r: &StepRecord| -> Result<()> {
         if let Some((file, path)) = metrics.as_mut() {
-            let line = serde_json::to_string(r).map_err(|e| Error::io("cannot encode", &*path, e.into()))?;
+            let line = serde_json::to_string(r)
+                .map_err(|e| Error::io("cannot encode", &*path, e.into()))?;
             writeln!(file, "{line}").map_err(|e| Error::io("cannot write", &*path, e))?;
         }
-        if (r.step + 1) % log_every == 0 || r.step == 0 || r.step + 1 == config.steps {
-            eprintln!("{}", progress_line(r, config.steps, started.elapsed().as_secs_f64()));
+        if (r.step + 1).is_multiple_of(log_every) || r.step == 0 || r.step + 1 == config.steps {
+            eprintln!(
+                "{}",
+                progress_line(r, config.steps, started.elapsed().as_secs_f64())
+            );
         }
         Ok(())
     };
@@ -192,7 +207,8 @@ pub(crate) fn run(args: SimulateArgs) -> Result<()> {
         Backend::Cpu => run_simulation(&CpuReference, &config, on_step)?,
     };
     if let Some((file, path)) = metrics.as_mut() {
-        file.flush().map_err(|e| Error::io("cannot write", &*path, e))?;
+        file.flush()
+            .map_err(|e| Error::io("cannot write", &*path, e))?;
     }
     let summary = summary_text(&config, &outcome);
     println!("{summary}");
@@ -219,7 +235,10 @@ pub(crate) fn run(args: SimulateArgs) -> Result<()> {
 }
 
 /// Creates the run directory, writes `config.toml`, and opens `metrics.jsonl`.
-fn open_run_dir(dir: &std::path::Path, config: &SimConfig) -> Result<(std::io::BufWriter<std::fs::File>, PathBuf)> {
+fn open_run_dir(
+    dir: &std::path::Path,
+    config: &SimConfig,
+) -> Result<(std::io::BufWriter<std::fs::File>, PathBuf)> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io("cannot create run directory", dir, e))?;
     let toml = toml::to_string(config).map_err(|e| Error::Parse {
         what: "simulation config",
@@ -234,21 +253,29 @@ fn open_run_dir(dir: &std::path::Path, config: &SimConfig) -> Result<(std::io::B
 fn progress_line(r: &StepRecord, steps: u64, elapsed: f64) -> String {
     let done = r.step + 1;
     let eta = elapsed / done as f64 * (steps - done) as f64;
-    let mut line = format!("step {done:>6}/{steps}  a_t {:>7.3} (T {})", r.active_experts, r.target);
+    let mut line = format!(
+        "step {done:>6}/{steps}  a_t {:>7.3} (T {})",
+        r.active_experts, r.target
+    );
     if let Some(p) = r.threshold {
         line += &format!("  p {p:.4}");
     }
     if let (Some(e), Some(i)) = (r.error, r.integral) {
         line += &format!("  e {e:+.5}  I {i:+.4}");
     }
-    line + &format!("  {:.0} steps/s  eta {eta:.0}s", done as f64 / elapsed.max(1e-9))
+    line + &format!(
+        "  {:.0} steps/s  eta {eta:.0}s",
+        done as f64 / elapsed.max(1e-9)
+    )
 }
 
 fn summary_text(config: &SimConfig, outcome: &SimOutcome) -> String {
     let t = &outcome.tracking;
     let band = SETTLE_BAND * 100.0;
     let settled = match t.settled_at {
-        Some(s) => format!("a_t ({SETTLE_WINDOW}-step mean) within ±{band:.0}% of T from step {s} on"),
+        Some(s) => {
+            format!("a_t ({SETTLE_WINDOW}-step mean) within ±{band:.0}% of T from step {s} on")
+        }
         None => format!("a_t ({SETTLE_WINDOW}-step mean) never stayed within ±{band:.0}% of T"),
     };
     let raw = match t.settled_at_raw {

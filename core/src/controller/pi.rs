@@ -144,7 +144,11 @@ impl PiController {
         check_probability("saved initial threshold", state.initial_threshold)?;
         check_probability("saved threshold", state.threshold)?;
         if !state.integral.is_finite() {
-            return Err(Error::param("saved integral", state.integral, "a finite value"));
+            return Err(Error::param(
+                "saved integral",
+                state.integral,
+                "a finite value",
+            ));
         }
         Ok(Self { config, state })
     }

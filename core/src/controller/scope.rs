@@ -59,7 +59,11 @@ impl ThresholdControl {
     }
 
     /// Restores from saved states (one for global scope, one per layer otherwise).
-    pub fn from_states(config: &ControllerConfig, layers: usize, states: Vec<ControllerState>) -> Result<Self> {
+    pub fn from_states(
+        config: &ControllerConfig,
+        layers: usize,
+        states: Vec<ControllerState>,
+    ) -> Result<Self> {
         if states.len() != 1 && states.len() != layers {
             return Err(Error::Parse {
                 what: "controller state",
@@ -95,7 +99,10 @@ impl ThresholdControl {
         if self.controllers.len() == 1 {
             vec![self.controllers[0].threshold(); self.layers]
         } else {
-            self.controllers.iter().map(PiController::threshold).collect()
+            self.controllers
+                .iter()
+                .map(PiController::threshold)
+                .collect()
         }
     }
 
@@ -111,7 +118,9 @@ impl ThresholdControl {
 
     /// Changes the target of every controller.
     pub fn set_target(&mut self, target: f64) -> Result<()> {
-        self.controllers.iter_mut().try_for_each(|c| c.set_target(target))
+        self.controllers
+            .iter_mut()
+            .try_for_each(|c| c.set_target(target))
     }
 
     /// One update from the mean activated experts of each layer, `[L]`. The global

@@ -9,8 +9,18 @@ use crate::ops::{HostDispatchPlan, HostSelection, check_len};
 pub fn check_selection(op: &'static str, selection: &HostSelection) -> Result<()> {
     let shape = selection.shape;
     let e = shape.experts;
-    check_len(op, "selection experts", selection.experts.len(), shape.len())?;
-    check_len(op, "selection weights", selection.weights.len(), shape.len())?;
+    check_len(
+        op,
+        "selection experts",
+        selection.experts.len(),
+        shape.len(),
+    )?;
+    check_len(
+        op,
+        "selection weights",
+        selection.weights.len(),
+        shape.len(),
+    )?;
     check_len(op, "selection counts", selection.counts.len(), shape.tokens)?;
     for (i, &k) in selection.counts.iter().enumerate() {
         if k < 1 || k as usize > e {

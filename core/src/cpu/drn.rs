@@ -10,7 +10,12 @@ use crate::error::{Error, Result};
 use crate::ops::{DRN_EPS, Normalization, RouteShape, check_len};
 
 /// Fails on the first non-finite value in row-major order.
-pub(crate) fn check_finite(op: &'static str, what: &'static str, values: &[f32], width: usize) -> Result<()> {
+pub(crate) fn check_finite(
+    op: &'static str,
+    what: &'static str,
+    values: &[f32],
+    width: usize,
+) -> Result<()> {
     match values.iter().position(|v| !v.is_finite()) {
         None => Ok(()),
         Some(at) => Err(Error::NonFinite {

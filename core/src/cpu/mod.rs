@@ -21,8 +21,8 @@ pub use rank::rank_experts;
 
 use crate::error::Result;
 use crate::ops::{
-    DispatchPlan, DrnGrads, HostDispatchPlan, HostSelection, Normalization, RouteShape,
-    RoutingOps, Selection, check_len,
+    DispatchPlan, DrnGrads, HostDispatchPlan, HostSelection, Normalization, RouteShape, RoutingOps,
+    Selection, check_len,
 };
 
 /// The CPU reference implementation of [`RoutingOps`]; buffers are host vectors.
@@ -53,7 +53,12 @@ impl RoutingOps for CpuReference {
         Ok(buffer.clone())
     }
 
-    fn drn_forward(&self, logits: &Vec<f32>, shape: RouteShape, norm: Normalization) -> Result<Vec<f32>> {
+    fn drn_forward(
+        &self,
+        logits: &Vec<f32>,
+        shape: RouteShape,
+        norm: Normalization,
+    ) -> Result<Vec<f32>> {
         drn_forward(logits, shape, norm)
     }
 
@@ -91,11 +96,21 @@ impl RoutingOps for CpuReference {
         dispatch_plan(selection)
     }
 
-    fn gather(&self, x: &Vec<f32>, hidden: usize, plan: &DispatchPlan<Vec<f32>, Vec<i32>>) -> Result<Vec<f32>> {
+    fn gather(
+        &self,
+        x: &Vec<f32>,
+        hidden: usize,
+        plan: &DispatchPlan<Vec<f32>, Vec<i32>>,
+    ) -> Result<Vec<f32>> {
         gather(x, hidden, plan)
     }
 
-    fn combine(&self, y: &Vec<f32>, hidden: usize, plan: &DispatchPlan<Vec<f32>, Vec<i32>>) -> Result<Vec<f32>> {
+    fn combine(
+        &self,
+        y: &Vec<f32>,
+        hidden: usize,
+        plan: &DispatchPlan<Vec<f32>, Vec<i32>>,
+    ) -> Result<Vec<f32>> {
         combine(y, hidden, plan)
     }
 }

@@ -41,7 +41,12 @@ pub fn top_p_count(probs: &[f32], order: &[usize], p: f32) -> usize {
 }
 
 /// Top-p selection of every token, `k_i` capped at `k_max` if given.
-pub fn top_p(probs: &[f32], shape: RouteShape, p: f32, k_max: Option<usize>) -> Result<HostSelection> {
+pub fn top_p(
+    probs: &[f32],
+    shape: RouteShape,
+    p: f32,
+    k_max: Option<usize>,
+) -> Result<HostSelection> {
     const OP: &str = "top_p";
     check_len(OP, "probs", probs.len(), shape.len())?;
     check_threshold(p)?;

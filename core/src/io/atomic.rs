@@ -12,9 +12,13 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let name = path
-        .file_name()
-        .ok_or_else(|| Error::io("cannot write", path, std::io::Error::other("path has no file name")))?;
+    let name = path.file_name().ok_or_else(|| {
+        Error::io(
+            "cannot write",
+            path,
+            std::io::Error::other("path has no file name"),
+        )
+    })?;
     let temp = dir.join(format!(
         ".{}.tmp-{}",
         name.to_string_lossy(),

@@ -86,8 +86,12 @@ impl NpyArray {
         out.extend_from_slice(&(header.len() as u16).to_le_bytes());
         out.extend_from_slice(header.as_bytes());
         match &self.data {
-            NpyData::F32(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
-            NpyData::I32(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+            NpyData::F32(v) => v
+                .iter()
+                .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+            NpyData::I32(v) => v
+                .iter()
+                .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
         }
         out
     }
@@ -100,7 +104,8 @@ impl NpyArray {
         };
         if bytes.len() < 10 || &bytes[..6] != MAGIC {
             return Err(fail(
-                "not a .npy file (missing the \\x93NUMPY magic; save arrays with numpy.save)".into(),
+                "not a .npy file (missing the \\x93NUMPY magic; save arrays with numpy.save)"
+                    .into(),
             ));
         }
         let (header_start, header_len) = match bytes[6] {
@@ -109,14 +114,21 @@ impl NpyArray {
                 12,
                 u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
             ),
-            v => return Err(fail(format!("unsupported .npy version {v}.{} (expected 1.0, 2.0 or 3.0)", bytes[7]))),
+            v => {
+                return Err(fail(format!(
+                    "unsupported .npy version {v}.{} (expected 1.0, 2.0 or 3.0)",
+                    bytes[7]
+                )));
+            }
         };
         let data_start = header_start + header_len;
-        let header = bytes
-            .get(header_start..data_start)
-            .ok_or_else(|| fail(format!("truncated header: {header_len} bytes announced, file has {}", bytes.len())))?;
-        let header = std::str::from_utf8(header)
-            .map_err(|_| fail("header is not text".into()))?;
+        let header = bytes.get(header_start..data_start).ok_or_else(|| {
+            fail(format!(
+                "truncated header: {header_len} bytes announced, file has {}",
+                bytes.len()
+            ))
+        })?;
+        let header = std::str::from_utf8(header).map_err(|_| fail("header is not text".into()))?;
         let descr = dict_value(header, "descr")
             .and_then(quoted)
             .ok_or_else(|| fail(format!("header has no 'descr': {header:?}")))?;
@@ -150,7 +162,11 @@ impl NpyArray {
         }
         let words = payload[..count * 4].chunks_exact(4).map(|c| {
             let b = [c[0], c[1], c[2], c[3]];
-            if big_endian { u32::from_be_bytes(b) } else { u32::from_le_bytes(b) }
+            if big_endian {
+                u32::from_be_bytes(b)
+            } else {
+                u32::from_le_bytes(b)
+            }
         });
         let mut data = if is_float {
             NpyData::F32(words.map(f32::from_bits).collect())
@@ -184,11 +200,15 @@ pub fn read_npy_matrix_f32(path: &Path) -> Result<(Vec<f32>, usize, usize)> {
         )));
     };
     if rows == 0 || cols == 0 {
-        return Err(fail(format!("array of shape [{rows}, {cols}] is empty, expected N >= 1 and E >= 1")));
+        return Err(fail(format!(
+            "array of shape [{rows}, {cols}] is empty, expected N >= 1 and E >= 1"
+        )));
     }
     match array.data {
         NpyData::F32(v) => Ok((v, rows, cols)),
-        NpyData::I32(_) => Err(fail("dtype int32, expected float32 router logits ('<f4')".into())),
+        NpyData::I32(_) => Err(fail(
+            "dtype int32, expected float32 router logits ('<f4')".into(),
+        )),
     }
 }
 

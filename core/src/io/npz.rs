@@ -12,13 +12,15 @@ use crate::error::{Error, Result};
 
 /// Writes named arrays to `path` atomically (all members or no file).
 pub fn write_npz(path: &Path, arrays: &[(&str, NpyArray)]) -> Result<()> {
-    let fail = |e: zip::result::ZipError| Error::io("cannot encode", path, std::io::Error::other(e));
+    let fail =
+        |e: zip::result::ZipError| Error::io("cannot encode", path, std::io::Error::other(e));
     let mut zip = zip::ZipWriter::new(Cursor::new(Vec::new()));
     let options = SimpleFileOptions::default()
         .compression_method(zip::CompressionMethod::Stored)
         .large_file(false);
     for (name, array) in arrays {
-        zip.start_file(format!("{name}.npy"), options).map_err(fail)?;
+        zip.start_file(format!("{name}.npy"), options)
+            .map_err(fail)?;
         zip.write_all(&array.to_bytes())
             .map_err(|e| Error::io("cannot encode", path, e))?;
     }
@@ -49,7 +51,10 @@ pub fn read_npz(path: &Path) -> Result<Vec<(String, NpyArray)>> {
         member
             .read_to_end(&mut data)
             .map_err(|e| fail(format!("member {name}: {e}")))?;
-        out.push((name.clone(), NpyArray::from_bytes(&data, &path.join(&name))?));
+        out.push((
+            name.clone(),
+            NpyArray::from_bytes(&data, &path.join(&name))?,
+        ));
     }
     Ok(out)
 }

@@ -67,10 +67,10 @@ impl SimConfig {
             ));
         }
         self.controller.validate()?;
-        if let Some(p) = self.threshold {
-            if !(p.is_finite() && p > 0.0 && p <= 1.0) {
-                return Err(Error::param("threshold p", p, "a value in (0, 1]"));
-            }
+        if let Some(p) = self.threshold
+            && !(p.is_finite() && p > 0.0 && p <= 1.0)
+        {
+            return Err(Error::param("threshold p", p, "a value in (0, 1]"));
         }
         crate::cpu::check_k_max(self.k_max, self.stream.experts)?;
         if let Some((_, t)) = self.target_change {
@@ -81,9 +81,12 @@ impl SimConfig {
             .validate()?;
         }
         if self.mode == SimMode::Topk {
-            for t in [Some(self.controller.target), self.target_change.map(|c| c.1)]
-                .into_iter()
-                .flatten()
+            for t in [
+                Some(self.controller.target),
+                self.target_change.map(|c| c.1),
+            ]
+            .into_iter()
+            .flatten()
             {
                 if t.fract() != 0.0 {
                     return Err(Error::param(

@@ -56,10 +56,10 @@ impl StreamConfig {
         if !(self.drift.is_finite() && self.drift > -1.0) {
             return Err(Error::param("drift", self.drift, "a finite value > -1"));
         }
-        if let Some((_, factor)) = self.shock {
-            if !(factor.is_finite() && factor > 0.0) {
-                return Err(Error::param("shock factor", factor, "a finite value > 0"));
-            }
+        if let Some((_, factor)) = self.shock
+            && !(factor.is_finite() && factor > 0.0)
+        {
+            return Err(Error::param("shock factor", factor, "a finite value > 0"));
         }
         Ok(())
     }
