@@ -116,24 +116,21 @@ impl Report {
     }
 
     fn floats(&mut self, what: &str, got: &[f32], want: &[f32], tol: Tolerance) {
-        self.checks += 1;
-        if got.len() != want.len() {
-            return self.fail(format!("{what}: length {} != {}", got.len(), want.len()));
-        }
-        let bad: Vec<String> = got
-            .iter()
-            .zip(want)
-            .enumerate()
-            .filter(|(_, (g, w))| !tol.accepts(**g, **w))
-            .take(5)
-            .map(|(i, (g, w))| format!("[{i}] got {g} want {w}"))
-            .collect();
-        if !bad.is_empty() {
-            self.fail(format!("{what}: {}", bad.join(", ")));
-        }
+        self.compare(what, got, want, |g, w| tol.accepts(g, w));
     }
 
     fn ints(&mut self, what: &str, got: &[i32], want: &[i32]) {
+        self.compare(what, got, want, |g, w| g == w);
+    }
+
+    /// One comparison of two arrays; a failure lists the first five mismatches.
+    fn compare<T: Copy + std::fmt::Display>(
+        &mut self,
+        what: &str,
+        got: &[T],
+        want: &[T],
+        same: impl Fn(T, T) -> bool,
+    ) {
         self.checks += 1;
         if got.len() != want.len() {
             return self.fail(format!("{what}: length {} != {}", got.len(), want.len()));
@@ -142,7 +139,7 @@ impl Report {
             .iter()
             .zip(want)
             .enumerate()
-            .filter(|(_, (g, w))| g != w)
+            .filter(|(_, (g, w))| !same(**g, **w))
             .take(5)
             .map(|(i, (g, w))| format!("[{i}] got {g} want {w}"))
             .collect();

@@ -32,6 +32,18 @@ pub(crate) enum Backend {
     Cpu,
 }
 
+/// The router normalization chosen by `--no-drn` / `--theta`.
+pub(crate) fn normalization(no_drn: bool, theta: f32) -> Result<crate::ops::Normalization> {
+    use crate::ops::Normalization;
+    if no_drn {
+        Ok(Normalization::Softmax)
+    } else if theta.is_finite() {
+        Ok(Normalization::Drn { theta })
+    } else {
+        Err(crate::Error::param("theta", theta, "a finite DRN scale"))
+    }
+}
+
 /// Parses the command line, runs it, and turns an error into a message and exit code 1.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();

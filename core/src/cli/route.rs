@@ -73,13 +73,7 @@ pub(crate) fn run(args: RouteArgs) -> Result<()> {
             Rule::TopP(p)
         }
     };
-    let norm = if args.no_drn {
-        Normalization::Softmax
-    } else if args.theta.is_finite() {
-        Normalization::Drn { theta: args.theta }
-    } else {
-        return Err(Error::param("theta", args.theta, "a finite DRN scale"));
-    };
+    let norm = super::normalization(args.no_drn, args.theta)?;
 
     let (logits, tokens, experts) = read_npy_matrix_f32(&args.logits)?;
     let shape = RouteShape::new(tokens, experts)?;

@@ -13,7 +13,6 @@ use crate::controller::{
 };
 use crate::cpu::CpuReference;
 use crate::error::{Error, Result};
-use crate::ops::Normalization;
 use crate::sim::{
     SETTLE_BAND, SETTLE_WINDOW, SimConfig, SimMode, SimOutcome, StepRecord, StreamConfig,
     run_simulation,
@@ -120,13 +119,7 @@ fn parse_step_value(s: &str) -> std::result::Result<(u64, f64), String> {
 
 impl SimulateArgs {
     fn config(&self) -> Result<SimConfig> {
-        let normalization = if self.no_drn {
-            Normalization::Softmax
-        } else if self.theta.is_finite() {
-            Normalization::Drn { theta: self.theta }
-        } else {
-            return Err(Error::param("theta", self.theta, "a finite DRN scale"));
-        };
+        let normalization = super::normalization(self.no_drn, self.theta)?;
         let config = SimConfig {
             stream: StreamConfig {
                 layers: self.layers,
