@@ -9,6 +9,7 @@
 //! - `model` (feature `train`): the MoE model on burn;
 //! - `cli` (feature `cli`): the `dtopp` command-line program.
 
+pub mod backends;
 pub mod controller;
 pub mod cpu;
 pub mod error;

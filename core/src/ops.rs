@@ -21,12 +21,15 @@
 //!   aligned with the selected experts; padding slots hold expert `-1` and weight `0`.
 //! - **Non-finite input.** Logits and probabilities must be finite. An op that meets a
 //!   NaN or infinity fails with [`Error::NonFinite`] naming the first offending element in
-//!   row-major order; it never produces a routing from it.
+//!   row-major order; it never produces a routing from it. The CPU fails in the op
+//!   itself; a device backend, which must not wait for the device inside a routing step,
+//!   fails when the result, or anything computed from it, is read back.
 //! - **Dispatch plan.** Routes are ordered by expert, then by token id ascending (stable,
 //!   deterministic); dropless: every selected (token, expert) pair gets a route.
 
 use serde::{Deserialize, Serialize};
 
+use crate::controller::ControllerConfig;
 use crate::error::{Error, Result};
 
 /// `eps` inside DRN's standard deviation: `sigma = sqrt(var + eps)`.
@@ -83,6 +86,9 @@ pub enum Normalization {
 pub struct Selection<F, I> {
     /// The routing problem's size.
     pub shape: RouteShape,
+    /// An upper bound on every `k_i` known without reading the counts (`k` for Top-k,
+    /// `k_max` or `E` for Top-p): device backends size the dispatch plan by `N * k_bound`.
+    pub k_bound: usize,
     /// `[N, E]` i32: selected expert ids in descending probability, padded with `-1`.
     pub experts: I,
     /// `[N, E]` f32: combine weights aligned with `experts`, `0` in padding slots.
@@ -168,9 +174,10 @@ pub trait RoutingOps {
         norm: Normalization,
     ) -> Result<DrnGrads<Self::Floats>>;
 
-    /// Top-p selection on probabilities `[N, E]` with the threshold `p` held in a
-    /// one-element buffer (so a device-resident controller can feed it without a host
-    /// round trip). `p` must be in `(0, 1]`; `k_max`, if given, in `1..=E`.
+    /// Top-p selection on probabilities `[N, E]` with the threshold `p` read from the
+    /// first element of a device buffer (so the state of a device-resident controller,
+    /// whose first element is `p`, feeds it without a host round trip). `p` must be in
+    /// `(0, 1]`; `k_max`, if given, in `1..=E`.
     fn top_p(
         &self,
         probs: &Self::Floats,
@@ -212,6 +219,24 @@ pub trait RoutingOps {
         plan: &DispatchPlan<Self::Floats, Self::Ints>,
     ) -> Result<Self::Floats>;
 
+    /// One update of a device-resident PI controller (the math of
+    /// [`crate::controller::PiController::update`] in `f32`): `state` is
+    /// `[p, p_0, integral, last_error, step]` (see [`crate::controller::device_state`]);
+    /// `counts` are the per-token expert counts of every layer of the step, whose mean
+    /// is `a_t`. The next [`RoutingOps::top_p`] can read `state` as its threshold.
+    fn controller_update(
+        &self,
+        state: &mut Self::Floats,
+        counts: &Self::Ints,
+        config: &ControllerConfig,
+    ) -> Result<()>;
+
+    /// Waits until all submitted work has finished (benchmarks time ops with it). The CPU
+    /// has nothing to wait for.
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// Reads a selection back to the host.
     fn read_selection(
         &self,
@@ -219,6 +244,7 @@ pub trait RoutingOps {
     ) -> Result<HostSelection> {
         Ok(Selection {
             shape: selection.shape,
+            k_bound: selection.k_bound,
             experts: self.read_ints(&selection.experts)?,
             weights: self.read_floats(&selection.weights)?,
             counts: self.read_ints(&selection.counts)?,

@@ -157,6 +157,7 @@ fn top_k_ranks_with_the_tie_rule() {
 fn three_token_selection() -> HostSelection {
     HostSelection {
         shape: shape(3, 3),
+        k_bound: 3,
         experts: vec![2, 0, -1, 0, -1, -1, 0, 1, 2],
         weights: vec![0.75, 0.25, 0.0, 1.0, 0.0, 0.0, 0.5, 0.3, 0.2],
         counts: vec![2, 1, 3],

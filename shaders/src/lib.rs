@@ -1,7 +1,22 @@
-//! dtopp-shaders: the WGSL compute shaders of the routing ops (DRN, Top-p / Top-k
-//! selection, dispatch plan, gather, combine, device-resident controller update) and the
-//! `wgpu` host code that runs them behind `dtopp::ops::RoutingOps`.
+//! dtopp-shaders: the WGSL compute shaders of the DTop-p routing ops and the `wgpu` host
+//! code that runs them.
 //!
-//! This crate is a member of the workspace from the start so that the dependency layout
-//! (DESIGN.md section 2) is fixed; the kernels arrive with the WGSL issue. Until then it
-//! exports nothing, and `dtopp --backend` offers only `cpu`.
+//! - [`source`]: the `.wgsl` files (DRN, selection, dispatch plan, gather/combine,
+//!   device-resident controller), valid WGSL on their own;
+//! - [`GpuContext`]: a device and queue, requested here or passed in by the caller (the
+//!   trainer, the desktop app and tests share one);
+//! - [`RoutingKernels`]: pipelines compiled once, and one method per op.
+//!
+//! The ops contract (`dtopp::ops::RoutingOps`) is implemented on top of this crate by
+//! `dtopp::backends::WgpuOps`, which keeps this crate a leaf of the workspace.
+
+mod context;
+mod error;
+mod kernels;
+mod params;
+pub mod source;
+
+pub use context::GpuContext;
+pub use error::ShaderError;
+pub use kernels::{DispatchBuffers, RoutingKernels, SelectionBuffers};
+pub use wgpu;

@@ -2,16 +2,17 @@
 //! backends to show that the suite catches the bugs it exists for.
 
 use dtopp::Result;
+use dtopp::controller::ControllerConfig;
 use dtopp::cpu::CpuReference;
 use dtopp::ops::{
     DispatchPlan, DrnGrads, HostDispatchPlan, HostSelection, Normalization, RouteShape, RoutingOps,
     Selection,
 };
-use dtopp_tests::{assert_conforms, conformance_report};
+use dtopp_tests::{assert_conforms, conformance_report, small_cases};
 
 #[test]
 fn cpu_reference_conforms_to_itself() {
-    assert_conforms(&CpuReference);
+    assert_conforms(&CpuReference, small_cases(2026));
 }
 
 /// A backend with one injected bug; everything else is the reference.
@@ -141,6 +142,9 @@ impl RoutingOps for Mutant {
     ) -> Result<Vec<f32>> {
         CpuReference.gather(x, hidden, plan)
     }
+    fn controller_update(&self, state: &mut Vec<f32>, counts: &Vec<i32>, config: &ControllerConfig) -> Result<()> {
+        CpuReference.controller_update(state, counts, config)
+    }
     fn combine(
         &self,
         y: &Vec<f32>,
@@ -159,7 +163,7 @@ fn suite_catches_injected_bugs() {
         Mutant::UnstablePlan,
         Mutant::DrnSampleVariance,
     ] {
-        let report = conformance_report(&mutant, 2026).expect("mutant runs");
+        let report = conformance_report(&mutant, small_cases(2026), 2026).expect("mutant runs");
         println!(
             "{mutant:?}: {} failures, e.g. {:?}",
             report.failures.len(),

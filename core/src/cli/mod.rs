@@ -1,5 +1,6 @@
 //! The `dtopp` command-line program: one module per subcommand.
 
+mod bench;
 mod route;
 mod simulate;
 
@@ -23,6 +24,9 @@ enum Command {
     Simulate(simulate::SimulateArgs),
     /// Route a matrix of router logits from a .npy file and write the routing to .npz.
     Route(route::RouteArgs),
+    /// Measure backends (per-op and whole-step timings against the CPU reference).
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
 }
 
 /// Where routing ops run.
@@ -30,6 +34,27 @@ enum Command {
 pub(crate) enum Backend {
     /// The CPU reference (plain loops; the spec).
     Cpu,
+    /// The WGSL kernels through wgpu (Vulkan, Metal, DX12; lavapipe without a GPU).
+    #[cfg(feature = "wgpu")]
+    Wgpu,
+}
+
+impl Backend {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Backend::Cpu => "cpu",
+            #[cfg(feature = "wgpu")]
+            Backend::Wgpu => "wgpu",
+        }
+    }
+}
+
+/// Creates the wgpu backend and says which adapter it runs on (never silently the CPU).
+#[cfg(feature = "wgpu")]
+pub(crate) fn wgpu_backend() -> Result<crate::backends::WgpuOps> {
+    let ops = crate::backends::WgpuOps::new()?;
+    eprintln!("wgpu adapter: {}", ops.adapter_name());
+    Ok(ops)
 }
 
 /// The router normalization chosen by `--no-drn` / `--theta`.
@@ -60,5 +85,6 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Simulate(args) => simulate::run(args),
         Command::Route(args) => route::run(args),
+        Command::Bench(command) => bench::run(command),
     }
 }

@@ -80,6 +80,8 @@ pub(crate) fn run(args: RouteArgs) -> Result<()> {
     check_k_max(args.k_max, experts)?;
     let arrays = match args.backend {
         Backend::Cpu => route_arrays(&CpuReference, &logits, shape, norm, &rule, args.k_max)?,
+        #[cfg(feature = "wgpu")]
+        Backend::Wgpu => route_arrays(&super::wgpu_backend()?, &logits, shape, norm, &rule, args.k_max)?,
     };
     write_npz(&args.out, &arrays)?;
     // M = sum_i k_i, the length of the route arrays.
@@ -91,14 +93,6 @@ pub(crate) fn run(args: RouteArgs) -> Result<()> {
         args.out.display()
     );
     Ok(())
-}
-
-impl Backend {
-    pub(crate) fn name(self) -> &'static str {
-        match self {
-            Backend::Cpu => "cpu",
-        }
-    }
 }
 
 /// Runs the ops on one backend and reads every output back as named arrays.

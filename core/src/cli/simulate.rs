@@ -198,6 +198,8 @@ pub(crate) fn run(args: SimulateArgs) -> Result<()> {
     };
     let outcome = match args.backend {
         Backend::Cpu => run_simulation(&CpuReference, &config, on_step)?,
+        #[cfg(feature = "wgpu")]
+        Backend::Wgpu => run_simulation(&super::wgpu_backend()?, &config, on_step)?,
     };
     if let Some((file, path)) = metrics.as_mut() {
         file.flush()

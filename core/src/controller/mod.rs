@@ -11,3 +11,11 @@ pub use pi::{
     PiController,
 };
 pub use scope::{ThresholdControl, ThresholdScope};
+
+/// Length of a device-resident controller state: `[p, p_0, integral, last_error, step]`.
+pub const DEVICE_STATE_LEN: usize = 5;
+
+/// The initial device-resident controller state for `p_0`: `[p_0, p_0, 0, 0, 0]`.
+pub fn device_state(initial_threshold: f32) -> [f32; DEVICE_STATE_LEN] {
+    [initial_threshold, initial_threshold, 0.0, 0.0, 0.0]
+}

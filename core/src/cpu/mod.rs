@@ -2,6 +2,7 @@
 //! backend is tested against it. It is written to be read, not to be fast.
 
 mod combine;
+mod controller_update;
 mod dispatch;
 mod drn;
 mod gather;
@@ -10,6 +11,7 @@ mod top_k;
 mod top_p;
 
 pub use combine::combine;
+pub use controller_update::controller_update;
 pub use dispatch::{check_selection, dispatch_plan};
 pub use drn::{drn_backward, drn_forward};
 pub use gather::gather;
@@ -19,10 +21,11 @@ pub use top_p::{check_k_max, check_threshold, top_p, top_p_count};
 pub(crate) use drn::check_finite;
 pub use rank::rank_experts;
 
+use crate::controller::ControllerConfig;
 use crate::error::Result;
 use crate::ops::{
     DispatchPlan, DrnGrads, HostDispatchPlan, HostSelection, Normalization, RouteShape, RoutingOps,
-    Selection, check_len,
+    Selection,
 };
 
 /// The CPU reference implementation of [`RoutingOps`]; buffers are host vectors.
@@ -84,8 +87,10 @@ impl RoutingOps for CpuReference {
         threshold: &Vec<f32>,
         k_max: Option<usize>,
     ) -> Result<HostSelection> {
-        check_len("top_p", "threshold", threshold.len(), 1)?;
-        top_p(probs, shape, threshold[0], k_max)
+        let p = *threshold
+            .first()
+            .ok_or_else(|| crate::Error::shape("top_p", "threshold buffer is empty"))?;
+        top_p(probs, shape, p, k_max)
     }
 
     fn top_k(&self, probs: &Vec<f32>, shape: RouteShape, k: usize) -> Result<HostSelection> {
@@ -103,6 +108,10 @@ impl RoutingOps for CpuReference {
         plan: &DispatchPlan<Vec<f32>, Vec<i32>>,
     ) -> Result<Vec<f32>> {
         gather(x, hidden, plan)
+    }
+
+    fn controller_update(&self, state: &mut Vec<f32>, counts: &Vec<i32>, config: &ControllerConfig) -> Result<()> {
+        controller_update(state, counts, config)
     }
 
     fn combine(

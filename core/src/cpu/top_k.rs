@@ -20,6 +20,7 @@ pub fn top_k(probs: &[f32], shape: RouteShape, k: usize) -> Result<HostSelection
     let e = shape.experts;
     let mut selection = HostSelection {
         shape,
+        k_bound: k,
         experts: vec![-1; shape.len()],
         weights: vec![0.0; shape.len()],
         counts: vec![k as i32; shape.tokens],

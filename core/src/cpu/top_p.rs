@@ -55,6 +55,7 @@ pub fn top_p(
     let e = shape.experts;
     let mut selection = HostSelection {
         shape,
+        k_bound: k_max.unwrap_or(shape.experts),
         experts: vec![-1; shape.len()],
         weights: vec![0.0; shape.len()],
         counts: vec![0; shape.tokens],

@@ -1,0 +1,621 @@
+//! Pipelines compiled once, buffers, and one launcher per routing op.
+
+use bytemuck::Pod;
+use wgpu::util::DeviceExt;
+
+use crate::context::GpuContext;
+use crate::error::ShaderError;
+use crate::params::{ControllerParams, DrnParams, MoveParams, PlanParams, SelectParams};
+use crate::source;
+
+/// Threads per workgroup of the per-token and per-element kernels (the WGSL `WG`
+/// override). 64 fits every device, browsers' 256-invocation limit included.
+const WG: u32 = 64;
+/// Threads of the single-workgroup reductions (`plan_scan`, `controller_update`).
+const WG_WIDE: u32 = 256;
+/// Tokens per chunk of the dispatch plan: one thread walks a chunk in order.
+const PLAN_CHUNK: u32 = 32;
+/// Largest E the selection kernels handle on lavapipe (see `check_select_experts`).
+const LAVAPIPE_MAX_SELECT_EXPERTS: usize = 512;
+/// `status` value meaning "no non-finite input seen".
+const STATUS_CLEAN: u32 = u32::MAX;
+
+/// How a binding is used.
+#[derive(Clone, Copy, Debug)]
+enum Slot {
+    Uniform,
+    Read,
+    Write,
+}
+
+/// One entry point: its pipeline, its explicit bind-group layout, and the binding
+/// numbers (in the order `run` receives buffers; the uniform params come first).
+#[derive(Debug)]
+struct Kernel {
+    name: &'static str,
+    pipeline: wgpu::ComputePipeline,
+    layout: wgpu::BindGroupLayout,
+    bindings: &'static [(u32, Slot)],
+}
+
+/// The buffers of a dispatch plan (see `dtopp::ops::DispatchPlan` for the layout).
+#[derive(Clone, Debug)]
+pub struct DispatchBuffers {
+    /// `[E]` i32.
+    pub expert_counts: wgpu::Buffer,
+    /// `[E + 1]` i32.
+    pub expert_offsets: wgpu::Buffer,
+    /// `[capacity]` i32.
+    pub route_tokens: wgpu::Buffer,
+    /// `[capacity]` f32.
+    pub route_weights: wgpu::Buffer,
+    /// `[N, E]` i32.
+    pub token_routes: wgpu::Buffer,
+}
+
+/// The buffers of a selection.
+#[derive(Clone, Debug)]
+pub struct SelectionBuffers {
+    /// `[N, E]` i32.
+    pub experts: wgpu::Buffer,
+    /// `[N, E]` f32.
+    pub weights: wgpu::Buffer,
+    /// `[N]` i32.
+    pub counts: wgpu::Buffer,
+    /// `[1]` u32: index of the first non-finite probability, or `u32::MAX`.
+    pub status: wgpu::Buffer,
+}
+
+/// Every routing kernel, compiled for one device.
+#[derive(Debug)]
+pub struct RoutingKernels {
+    ctx: GpuContext,
+    drn_forward: Kernel,
+    drn_backward: Kernel,
+    drn_theta_sum: Kernel,
+    top_p: Kernel,
+    top_k: Kernel,
+    plan_count: Kernel,
+    plan_scan: Kernel,
+    plan_scatter: Kernel,
+    gather: Kernel,
+    combine: Kernel,
+    controller_update: Kernel,
+}
+
+use Slot::{Read, Uniform, Write};
+
+impl RoutingKernels {
+    /// Compiles every shader and pipeline on the context's device (once; reuse it).
+    pub fn new(ctx: GpuContext) -> Self {
+        let device = &ctx.device;
+        let module = |label: &str, text: &str| {
+            device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                label: Some(label),
+                source: wgpu::ShaderSource::Wgsl(text.into()),
+            })
+        };
+        let drn = module("drn.wgsl", source::DRN);
+        let select = module("select.wgsl", source::SELECT);
+        let dispatch = module("dispatch.wgsl", source::DISPATCH);
+        let moves = module("gather_combine.wgsl", source::GATHER_COMBINE);
+        let controller = module("controller.wgsl", source::CONTROLLER);
+        let k = |m: &wgpu::ShaderModule, name, wg, b| Self::kernel(device, m, name, wg, b);
+        Self {
+            drn_forward: k(&drn, "drn_forward", WG, &[(0, Uniform), (1, Read), (2, Write), (3, Write)]),
+            drn_backward: k(
+                &drn,
+                "drn_backward",
+                WG,
+                &[(0, Uniform), (1, Read), (3, Write), (4, Read), (5, Read), (6, Write), (7, Write)],
+            ),
+            drn_theta_sum: k(&drn, "drn_theta_sum", WG, &[(0, Uniform), (7, Write), (8, Write)]),
+            top_p: k(
+                &select,
+                "top_p",
+                WG,
+                &[(0, Uniform), (1, Read), (2, Read), (3, Write), (4, Write), (5, Write), (6, Write)],
+            ),
+            top_k: k(&select, "top_k", WG, &[(0, Uniform), (1, Read), (3, Write), (4, Write), (5, Write), (6, Write)]),
+            plan_count: k(&dispatch, "plan_count", WG, &[(0, Uniform), (1, Read), (3, Read), (4, Write)]),
+            plan_scan: k(&dispatch, "plan_scan", WG_WIDE, &[(0, Uniform), (4, Write), (5, Write), (6, Write)]),
+            plan_scatter: k(
+                &dispatch,
+                "plan_scatter",
+                WG,
+                &[(0, Uniform), (1, Read), (2, Read), (3, Read), (4, Write), (7, Write), (8, Write), (9, Write)],
+            ),
+            gather: k(&moves, "gather", WG, &[(0, Uniform), (1, Read), (2, Read), (3, Read), (4, Write)]),
+            combine: k(&moves, "combine", WG, &[(0, Uniform), (5, Read), (6, Read), (7, Read), (8, Write)]),
+            controller_update: k(&controller, "controller_update", WG_WIDE, &[(0, Uniform), (1, Read), (2, Write)]),
+            ctx,
+        }
+    }
+
+    fn kernel(
+        device: &wgpu::Device,
+        module: &wgpu::ShaderModule,
+        name: &'static str,
+        workgroup: u32,
+        bindings: &'static [(u32, Slot)],
+    ) -> Kernel {
+        let entries: Vec<wgpu::BindGroupLayoutEntry> = bindings
+            .iter()
+            .map(|&(binding, slot)| wgpu::BindGroupLayoutEntry {
+                binding,
+                visibility: wgpu::ShaderStages::COMPUTE,
+                ty: wgpu::BindingType::Buffer {
+                    ty: match slot {
+                        Uniform => wgpu::BufferBindingType::Uniform,
+                        Read => wgpu::BufferBindingType::Storage { read_only: true },
+                        Write => wgpu::BufferBindingType::Storage { read_only: false },
+                    },
+                    has_dynamic_offset: false,
+                    min_binding_size: None,
+                },
+                count: None,
+            })
+            .collect();
+        let layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+            label: Some(name),
+            entries: &entries,
+        });
+        let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+            label: Some(name),
+            bind_group_layouts: &[Some(&layout)],
+            immediate_size: 0,
+        });
+        let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(name),
+            layout: Some(&pipeline_layout),
+            module,
+            entry_point: Some(name),
+            compilation_options: wgpu::PipelineCompilationOptions {
+                constants: &[("WG", f64::from(workgroup))],
+                zero_initialize_workgroup_memory: false,
+            },
+            cache: None,
+        });
+        Kernel {
+            name,
+            pipeline,
+            layout,
+            bindings,
+        }
+    }
+
+    /// The device the kernels run on.
+    pub fn context(&self) -> &GpuContext {
+        &self.ctx
+    }
+
+    fn check_size(&self, what: &str, bytes: u64) -> Result<(), ShaderError> {
+        let limits = self.ctx.device.limits();
+        let limit = u64::from(limits.max_storage_buffer_binding_size).min(limits.max_buffer_size);
+        if bytes > limit {
+            return Err(ShaderError::TooLarge {
+                what: what.to_string(),
+                bytes,
+                limit,
+                adapter: self.ctx.adapter_name(),
+            });
+        }
+        Ok(())
+    }
+
+    /// A storage buffer holding `data` (at least 4 bytes, so it can be bound).
+    pub fn upload<T: Pod>(&self, what: &str, data: &[T]) -> Result<wgpu::Buffer, ShaderError> {
+        let bytes: &[u8] = bytemuck::cast_slice(data);
+        self.check_size(what, bytes.len() as u64)?;
+        let padded;
+        let contents = if bytes.len() < 4 {
+            padded = [bytes, &[0u8; 4][..4 - bytes.len()]].concat();
+            &padded[..]
+        } else {
+            bytes
+        };
+        Ok(self.ctx.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some(what),
+            contents,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+        }))
+    }
+
+    /// An uninitialised storage buffer of `elements` 4-byte values.
+    pub fn storage(&self, what: &str, elements: usize) -> Result<wgpu::Buffer, ShaderError> {
+        let bytes = (elements.max(1) * 4) as u64;
+        self.check_size(what, bytes)?;
+        Ok(self.ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(what),
+            size: bytes,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        }))
+    }
+
+    fn status(&self, what: &str) -> Result<wgpu::Buffer, ShaderError> {
+        self.upload(what, &[STATUS_CLEAN])
+    }
+
+    /// Copies `len` values of a buffer back to the host (blocks until the queue is done;
+    /// native only: on the web use [`RoutingKernels::read_async`]).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn read<T: Pod>(&self, buffer: &wgpu::Buffer, len: usize) -> Result<Vec<T>, ShaderError> {
+        pollster::block_on(self.read_async(buffer, len))
+    }
+
+    /// Copies `len` values of a buffer back to the host.
+    pub async fn read_async<T: Pod>(&self, buffer: &wgpu::Buffer, len: usize) -> Result<Vec<T>, ShaderError> {
+        let bytes = (len * size_of::<T>()) as u64;
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let device = &self.ctx.device;
+        let staging = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("read back"),
+            size: bytes,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("read back") });
+        encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, bytes);
+        self.ctx.queue.submit([encoder.finish()]);
+        let mapped = MapFuture::default();
+        let done = mapped.clone();
+        staging
+            .slice(..)
+            .map_async(wgpu::MapMode::Read, move |r| done.complete(r.map_err(|e| e.to_string())));
+        // Native: drive the device until the copy and the mapping are done. On the web the
+        // browser's event loop does it and the future below resolves when it has.
+        #[cfg(not(target_arch = "wasm32"))]
+        device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| ShaderError::ReadBack(e.to_string()))?;
+        mapped.await.map_err(ShaderError::ReadBack)?;
+        let out = bytemuck::cast_slice::<u8, T>(&staging.slice(..).get_mapped_range()).to_vec();
+        staging.unmap();
+        Ok(out)
+    }
+
+    /// Workgroups for `n` groups as a 2-D grid within the per-dimension limit.
+    fn grid(&self, what: &str, groups: u64) -> Result<(u32, u32), ShaderError> {
+        let max = u64::from(self.ctx.device.limits().max_compute_workgroups_per_dimension);
+        let groups = groups.max(1);
+        let x = groups.min(max);
+        let y = groups.div_ceil(x);
+        if y > max {
+            return Err(ShaderError::TooLarge {
+                what: format!("{what}: {groups} workgroups"),
+                bytes: groups,
+                limit: max * max,
+                adapter: self.ctx.adapter_name(),
+            });
+        }
+        Ok((x as u32, y as u32))
+    }
+
+    fn run(&self, kernel: &Kernel, params: &[u8], buffers: &[&wgpu::Buffer], grid: (u32, u32)) {
+        let device = &self.ctx.device;
+        let uniform = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some(kernel.name),
+            contents: params,
+            usage: wgpu::BufferUsages::UNIFORM,
+        });
+        debug_assert_eq!(buffers.len() + 1, kernel.bindings.len(), "{}", kernel.name);
+        let entries: Vec<wgpu::BindGroupEntry> = kernel
+            .bindings
+            .iter()
+            .zip(std::iter::once(&uniform).chain(buffers.iter().copied()))
+            .map(|(&(binding, _), buffer)| wgpu::BindGroupEntry {
+                binding,
+                resource: buffer.as_entire_binding(),
+            })
+            .collect();
+        let bind_group = device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some(kernel.name),
+            layout: &kernel.layout,
+            entries: &entries,
+        });
+        let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(kernel.name) });
+        {
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some(kernel.name),
+                timestamp_writes: None,
+            });
+            pass.set_pipeline(&kernel.pipeline);
+            pass.set_bind_group(0, &bind_group, &[]);
+            pass.dispatch_workgroups(grid.0, grid.1, 1);
+        }
+        self.ctx.queue.submit([encoder.finish()]);
+    }
+
+    fn drn_params(tokens: usize, experts: usize, theta: Option<f32>) -> DrnParams {
+        DrnParams {
+            tokens: tokens as u32,
+            experts: experts as u32,
+            theta: theta.unwrap_or(1.0),
+            use_drn: u32::from(theta.is_some()),
+            eps: 1e-6,
+            _pad: [0; 3],
+        }
+    }
+
+    /// DRN (`theta: Some`) or plain softmax (`None`) of `[N, E]` logits. Returns the
+    /// probabilities and a status buffer (first non-finite logit index, or `u32::MAX`).
+    pub fn drn_forward(
+        &self,
+        logits: &wgpu::Buffer,
+        tokens: usize,
+        experts: usize,
+        theta: Option<f32>,
+    ) -> Result<(wgpu::Buffer, wgpu::Buffer), ShaderError> {
+        let probs = self.storage("probs", tokens * experts)?;
+        let status = self.status("drn status")?;
+        let params = Self::drn_params(tokens, experts, theta);
+        let grid = self.grid("drn_forward", (tokens as u64).div_ceil(u64::from(WG)))?;
+        self.run(&self.drn_forward, bytemuck::bytes_of(&params), &[logits, &probs, &status], grid);
+        Ok((probs, status))
+    }
+
+    /// Backward of [`RoutingKernels::drn_forward`]: returns dL/dz `[N, E]`, dL/dtheta
+    /// `[1]`, and a status buffer (first non-finite logit or gradient).
+    pub fn drn_backward(
+        &self,
+        logits: &wgpu::Buffer,
+        probs: &wgpu::Buffer,
+        grad_probs: &wgpu::Buffer,
+        tokens: usize,
+        experts: usize,
+        theta: Option<f32>,
+    ) -> Result<(wgpu::Buffer, wgpu::Buffer, wgpu::Buffer), ShaderError> {
+        let grad_logits = self.storage("grad logits", tokens * experts)?;
+        let partials = self.storage("theta partials", tokens)?;
+        let grad_theta = self.storage("grad theta", 1)?;
+        let status = self.status("drn backward status")?;
+        let params = Self::drn_params(tokens, experts, theta);
+        let grid = self.grid("drn_backward", (tokens as u64).div_ceil(u64::from(WG)))?;
+        self.run(
+            &self.drn_backward,
+            bytemuck::bytes_of(&params),
+            &[logits, &status, probs, grad_probs, &grad_logits, &partials],
+            grid,
+        );
+        self.run(&self.drn_theta_sum, bytemuck::bytes_of(&params), &[&partials, &grad_theta], (1, 1));
+        Ok((grad_logits, grad_theta, status))
+    }
+
+    fn select_params(tokens: usize, experts: usize, k: usize, k_max: usize) -> SelectParams {
+        SelectParams {
+            tokens: tokens as u32,
+            experts: experts as u32,
+            k: k as u32,
+            k_max: k_max as u32,
+        }
+    }
+
+    /// lavapipe ends an outermost shader loop after 65535 iterations (nested loops
+    /// included); the selection scan stays under that for E <= 512 (see select.wgsl).
+    fn check_select_experts(&self, op: &'static str, experts: usize) -> Result<(), ShaderError> {
+        if experts > LAVAPIPE_MAX_SELECT_EXPERTS && self.ctx.info.name.contains("llvmpipe") {
+            return Err(ShaderError::Unsupported {
+                op,
+                message: format!(
+                    "E = {experts} experts on {}: lavapipe caps shader loops at 65535 iterations, which limits the WGSL selection to E <= {LAVAPIPE_MAX_SELECT_EXPERTS} there (use --backend cpu, or a GPU)",
+                    self.ctx.adapter_name()
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    fn selection_buffers(&self, tokens: usize, experts: usize) -> Result<SelectionBuffers, ShaderError> {
+        Ok(SelectionBuffers {
+            experts: self.storage("selected experts", tokens * experts)?,
+            weights: self.storage("combine weights", tokens * experts)?,
+            counts: self.storage("expert counts per token", tokens)?,
+            status: self.status("selection status")?,
+        })
+    }
+
+    /// Top-p selection; `threshold` is a device buffer whose first value is `p`;
+    /// `k_max` caps the count (`None`: no cap).
+    pub fn top_p(
+        &self,
+        probs: &wgpu::Buffer,
+        tokens: usize,
+        experts: usize,
+        threshold: &wgpu::Buffer,
+        k_max: Option<usize>,
+    ) -> Result<SelectionBuffers, ShaderError> {
+        self.check_select_experts("top_p", experts)?;
+        let params = Self::select_params(tokens, experts, 0, k_max.unwrap_or(0));
+        let out = self.selection_buffers(tokens, experts)?;
+        let grid = self.grid("top_p", (tokens as u64).div_ceil(u64::from(WG)))?;
+        self.run(
+            &self.top_p,
+            bytemuck::bytes_of(&params),
+            &[probs, threshold, &out.experts, &out.weights, &out.counts, &out.status],
+            grid,
+        );
+        Ok(out)
+    }
+
+    /// Top-k selection.
+    pub fn top_k(&self, probs: &wgpu::Buffer, tokens: usize, experts: usize, k: usize) -> Result<SelectionBuffers, ShaderError> {
+        self.check_select_experts("top_k", experts)?;
+        let params = Self::select_params(tokens, experts, k, 0);
+        let out = self.selection_buffers(tokens, experts)?;
+        let grid = self.grid("top_k", (tokens as u64).div_ceil(u64::from(WG)))?;
+        self.run(
+            &self.top_k,
+            bytemuck::bytes_of(&params),
+            &[probs, &out.experts, &out.weights, &out.counts, &out.status],
+            grid,
+        );
+        Ok(out)
+    }
+
+    /// The dispatch plan of a selection, with route arrays of `capacity >= M` entries.
+    pub fn dispatch_plan(
+        &self,
+        experts_sel: &wgpu::Buffer,
+        weights_sel: &wgpu::Buffer,
+        counts_sel: &wgpu::Buffer,
+        tokens: usize,
+        experts: usize,
+        capacity: usize,
+    ) -> Result<DispatchBuffers, ShaderError> {
+        let num_chunks = tokens.div_ceil(PLAN_CHUNK as usize);
+        let params = PlanParams {
+            tokens: tokens as u32,
+            experts: experts as u32,
+            chunk: PLAN_CHUNK,
+            num_chunks: num_chunks as u32,
+        };
+        let chunk_offsets = self.storage("plan chunk offsets", num_chunks * experts)?;
+        let plan = DispatchBuffers {
+            expert_counts: self.storage("expert counts", experts)?,
+            expert_offsets: self.storage("expert offsets", experts + 1)?,
+            route_tokens: self.storage("route tokens", capacity)?,
+            route_weights: self.storage("route weights", capacity)?,
+            token_routes: self.storage("token routes", tokens * experts)?,
+        };
+        let bytes = bytemuck::bytes_of(&params);
+        let grid = self.grid("dispatch_plan", (num_chunks as u64).div_ceil(u64::from(WG)))?;
+        self.run(&self.plan_count, bytes, &[experts_sel, counts_sel, &chunk_offsets], grid);
+        self.run(
+            &self.plan_scan,
+            bytes,
+            &[&chunk_offsets, &plan.expert_counts, &plan.expert_offsets],
+            (1, 1),
+        );
+        self.run(
+            &self.plan_scatter,
+            bytes,
+            &[
+                experts_sel,
+                weights_sel,
+                counts_sel,
+                &chunk_offsets,
+                &plan.route_tokens,
+                &plan.route_weights,
+                &plan.token_routes,
+            ],
+            grid,
+        );
+        Ok(plan)
+    }
+
+    /// `out[m] = x[route_tokens[m]]`, `[capacity, hidden]`; rows past `M` are zero.
+    pub fn gather(&self, x: &wgpu::Buffer, hidden: usize, plan: &DispatchBuffers, capacity: usize, experts: usize) -> Result<wgpu::Buffer, ShaderError> {
+        let out = self.storage("gathered rows", capacity * hidden)?;
+        let params = MoveParams {
+            rows: capacity as u32,
+            hidden: hidden as u32,
+            experts: experts as u32,
+            _pad: 0,
+        };
+        let grid = self.grid("gather", ((capacity * hidden) as u64).div_ceil(u64::from(WG)))?;
+        self.run(
+            &self.gather,
+            bytemuck::bytes_of(&params),
+            &[&plan.route_tokens, &plan.expert_offsets, x, &out],
+            grid,
+        );
+        Ok(out)
+    }
+
+    /// `out[i] = sum_s route_weights[m] * y[m]`, `[tokens, hidden]`.
+    pub fn combine(&self, y: &wgpu::Buffer, hidden: usize, plan: &DispatchBuffers, tokens: usize, experts: usize) -> Result<wgpu::Buffer, ShaderError> {
+        let out = self.storage("combined rows", tokens * hidden)?;
+        let params = MoveParams {
+            rows: tokens as u32,
+            hidden: hidden as u32,
+            experts: experts as u32,
+            _pad: 0,
+        };
+        let grid = self.grid("combine", ((tokens * hidden) as u64).div_ceil(u64::from(WG)))?;
+        self.run(
+            &self.combine,
+            bytemuck::bytes_of(&params),
+            &[&plan.token_routes, &plan.route_weights, y, &out],
+            grid,
+        );
+        Ok(out)
+    }
+
+    /// One PI update of the device-resident controller `state` (`[p, p_0, integral,
+    /// last_error, step]` f32) from `len` per-token expert counts.
+    #[allow(clippy::too_many_arguments)]
+    pub fn controller_update(
+        &self,
+        state: &wgpu::Buffer,
+        counts: &wgpu::Buffer,
+        len: usize,
+        experts: usize,
+        target: f32,
+        gains: (f32, f32),
+        clamp: (f32, f32),
+    ) -> Result<(), ShaderError> {
+        let params = ControllerParams {
+            len: len as u32,
+            experts: experts as u32,
+            target,
+            kp: gains.0,
+            ki: gains.1,
+            p_min: clamp.0,
+            p_max: clamp.1,
+            _pad: 0,
+        };
+        self.run(&self.controller_update, bytemuck::bytes_of(&params), &[counts, state], (1, 1));
+        Ok(())
+    }
+
+    /// Waits until every submitted kernel has finished (for benchmarks).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn synchronize(&self) -> Result<(), ShaderError> {
+        self.ctx
+            .device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map(|_| ())
+            .map_err(|e| ShaderError::ReadBack(e.to_string()))
+    }
+}
+
+/// Resolves when a buffer mapping callback has run (works with any executor, and with
+/// none on native where the device is polled to completion first).
+#[derive(Clone, Default)]
+struct MapFuture {
+    shared: std::sync::Arc<std::sync::Mutex<MapState>>,
+}
+
+#[derive(Default)]
+struct MapState {
+    result: Option<Result<(), String>>,
+    waker: Option<std::task::Waker>,
+}
+
+impl MapFuture {
+    fn complete(&self, result: Result<(), String>) {
+        let mut state = self.shared.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        state.result = Some(result);
+        if let Some(w) = state.waker.take() {
+            w.wake();
+        }
+    }
+}
+
+impl Future for MapFuture {
+    type Output = Result<(), String>;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        let mut state = self.shared.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match state.result.take() {
+            Some(r) => std::task::Poll::Ready(r),
+            None => {
+                state.waker = Some(cx.waker().clone());
+                std::task::Poll::Pending
+            }
+        }
+    }
+}

@@ -1,0 +1,66 @@
+//! Kernel parameter structs, `#[repr(C)]` and byte-for-byte mirrors of the WGSL structs
+//! of the same name (uniform buffers: 16-byte multiples, checked at compile time).
+
+use bytemuck::{Pod, Zeroable};
+
+/// `DrnParams` in drn.wgsl.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+pub(crate) struct DrnParams {
+    pub tokens: u32,
+    pub experts: u32,
+    pub theta: f32,
+    pub use_drn: u32,
+    pub eps: f32,
+    pub _pad: [u32; 3],
+}
+
+/// `SelectParams` in select.wgsl.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+pub(crate) struct SelectParams {
+    pub tokens: u32,
+    pub experts: u32,
+    pub k: u32,
+    pub k_max: u32,
+}
+
+/// `PlanParams` in dispatch.wgsl.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+pub(crate) struct PlanParams {
+    pub tokens: u32,
+    pub experts: u32,
+    pub chunk: u32,
+    pub num_chunks: u32,
+}
+
+/// `MoveParams` in gather_combine.wgsl.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+pub(crate) struct MoveParams {
+    pub rows: u32,
+    pub hidden: u32,
+    pub experts: u32,
+    pub _pad: u32,
+}
+
+/// `ControllerParams` in controller.wgsl.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+pub(crate) struct ControllerParams {
+    pub len: u32,
+    pub experts: u32,
+    pub target: f32,
+    pub kp: f32,
+    pub ki: f32,
+    pub p_min: f32,
+    pub p_max: f32,
+    pub _pad: u32,
+}
+
+const _: () = assert!(size_of::<DrnParams>() == 32);
+const _: () = assert!(size_of::<SelectParams>() == 16);
+const _: () = assert!(size_of::<PlanParams>() == 16);
+const _: () = assert!(size_of::<MoveParams>() == 16);
+const _: () = assert!(size_of::<ControllerParams>() == 32);
