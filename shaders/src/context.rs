@@ -29,7 +29,8 @@ impl GpuContext {
     /// counts) and a device with that adapter's own limits, so large routing batches fit.
     /// Works on wasm32 too (await it there).
     pub async fn request() -> Result<Self, ShaderError> {
-        let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+        let instance =
+            wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
         let adapter = instance
             .request_adapter(&wgpu::RequestAdapterOptions {
                 power_preference: wgpu::PowerPreference::HighPerformance,
@@ -61,6 +62,9 @@ impl GpuContext {
 
     /// "name (backend, driver)" of the adapter.
     pub fn adapter_name(&self) -> String {
-        format!("{} ({:?}, {})", self.info.name, self.info.backend, self.info.driver)
+        format!(
+            "{} ({:?}, {})",
+            self.info.name, self.info.backend, self.info.driver
+        )
     }
 }

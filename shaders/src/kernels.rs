@@ -102,32 +102,104 @@ impl RoutingKernels {
         let controller = module("controller.wgsl", source::CONTROLLER);
         let k = |m: &wgpu::ShaderModule, name, wg, b| Self::kernel(device, m, name, wg, b);
         Self {
-            drn_forward: k(&drn, "drn_forward", WG, &[(0, Uniform), (1, Read), (2, Write), (3, Write)]),
+            drn_forward: k(
+                &drn,
+                "drn_forward",
+                WG,
+                &[(0, Uniform), (1, Read), (2, Write), (3, Write)],
+            ),
             drn_backward: k(
                 &drn,
                 "drn_backward",
                 WG,
-                &[(0, Uniform), (1, Read), (3, Write), (4, Read), (5, Read), (6, Write), (7, Write)],
+                &[
+                    (0, Uniform),
+                    (1, Read),
+                    (3, Write),
+                    (4, Read),
+                    (5, Read),
+                    (6, Write),
+                    (7, Write),
+                ],
             ),
-            drn_theta_sum: k(&drn, "drn_theta_sum", WG, &[(0, Uniform), (7, Write), (8, Write)]),
+            drn_theta_sum: k(
+                &drn,
+                "drn_theta_sum",
+                WG,
+                &[(0, Uniform), (7, Write), (8, Write)],
+            ),
             top_p: k(
                 &select,
                 "top_p",
                 WG,
-                &[(0, Uniform), (1, Read), (2, Read), (3, Write), (4, Write), (5, Write), (6, Write)],
+                &[
+                    (0, Uniform),
+                    (1, Read),
+                    (2, Read),
+                    (3, Write),
+                    (4, Write),
+                    (5, Write),
+                    (6, Write),
+                ],
             ),
-            top_k: k(&select, "top_k", WG, &[(0, Uniform), (1, Read), (3, Write), (4, Write), (5, Write), (6, Write)]),
-            plan_count: k(&dispatch, "plan_count", WG, &[(0, Uniform), (1, Read), (3, Read), (4, Write)]),
-            plan_scan: k(&dispatch, "plan_scan", WG_WIDE, &[(0, Uniform), (4, Write), (5, Write), (6, Write)]),
+            top_k: k(
+                &select,
+                "top_k",
+                WG,
+                &[
+                    (0, Uniform),
+                    (1, Read),
+                    (3, Write),
+                    (4, Write),
+                    (5, Write),
+                    (6, Write),
+                ],
+            ),
+            plan_count: k(
+                &dispatch,
+                "plan_count",
+                WG,
+                &[(0, Uniform), (1, Read), (3, Read), (4, Write)],
+            ),
+            plan_scan: k(
+                &dispatch,
+                "plan_scan",
+                WG_WIDE,
+                &[(0, Uniform), (4, Write), (5, Write), (6, Write)],
+            ),
             plan_scatter: k(
                 &dispatch,
                 "plan_scatter",
                 WG,
-                &[(0, Uniform), (1, Read), (2, Read), (3, Read), (4, Write), (7, Write), (8, Write), (9, Write)],
+                &[
+                    (0, Uniform),
+                    (1, Read),
+                    (2, Read),
+                    (3, Read),
+                    (4, Write),
+                    (7, Write),
+                    (8, Write),
+                    (9, Write),
+                ],
             ),
-            gather: k(&moves, "gather", WG, &[(0, Uniform), (1, Read), (2, Read), (3, Read), (4, Write)]),
-            combine: k(&moves, "combine", WG, &[(0, Uniform), (5, Read), (6, Read), (7, Read), (8, Write)]),
-            controller_update: k(&controller, "controller_update", WG_WIDE, &[(0, Uniform), (1, Read), (2, Write)]),
+            gather: k(
+                &moves,
+                "gather",
+                WG,
+                &[(0, Uniform), (1, Read), (2, Read), (3, Read), (4, Write)],
+            ),
+            combine: k(
+                &moves,
+                "combine",
+                WG,
+                &[(0, Uniform), (5, Read), (6, Read), (7, Read), (8, Write)],
+            ),
+            controller_update: k(
+                &controller,
+                "controller_update",
+                WG_WIDE,
+                &[(0, Uniform), (1, Read), (2, Write)],
+            ),
             ctx,
         }
     }
@@ -191,7 +263,9 @@ impl RoutingKernels {
 
     fn check_size(&self, what: &str, bytes: u64) -> Result<(), ShaderError> {
         let limits = self.ctx.device.limits();
-        let limit = u64::from(limits.max_storage_buffer_binding_size).min(limits.max_buffer_size);
+        let limit = limits
+            .max_storage_buffer_binding_size
+            .min(limits.max_buffer_size);
         if bytes > limit {
             return Err(ShaderError::TooLarge {
                 what: what.to_string(),
@@ -214,11 +288,16 @@ impl RoutingKernels {
         } else {
             bytes
         };
-        Ok(self.ctx.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some(what),
-            contents,
-            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
-        }))
+        Ok(self
+            .ctx
+            .device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some(what),
+                contents,
+                usage: wgpu::BufferUsages::STORAGE
+                    | wgpu::BufferUsages::COPY_SRC
+                    | wgpu::BufferUsages::COPY_DST,
+            }))
     }
 
     /// An uninitialised storage buffer of `elements` 4-byte values.
@@ -228,7 +307,9 @@ impl RoutingKernels {
         Ok(self.ctx.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some(what),
             size: bytes,
-            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+            usage: wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_SRC
+                | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         }))
     }
@@ -245,7 +326,11 @@ impl RoutingKernels {
     }
 
     /// Copies `len` values of a buffer back to the host.
-    pub async fn read_async<T: Pod>(&self, buffer: &wgpu::Buffer, len: usize) -> Result<Vec<T>, ShaderError> {
+    pub async fn read_async<T: Pod>(
+        &self,
+        buffer: &wgpu::Buffer,
+        len: usize,
+    ) -> Result<Vec<T>, ShaderError> {
         let bytes = (len * size_of::<T>()) as u64;
         if len == 0 {
             return Ok(Vec::new());
@@ -257,14 +342,16 @@ impl RoutingKernels {
             usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
-        let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("read back") });
+        let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+            label: Some("read back"),
+        });
         encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, bytes);
         self.ctx.queue.submit([encoder.finish()]);
         let mapped = MapFuture::default();
         let done = mapped.clone();
-        staging
-            .slice(..)
-            .map_async(wgpu::MapMode::Read, move |r| done.complete(r.map_err(|e| e.to_string())));
+        staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {
+            done.complete(r.map_err(|e| e.to_string()))
+        });
         // Native: drive the device until the copy and the mapping are done. On the web the
         // browser's event loop does it and the future below resolves when it has.
         #[cfg(not(target_arch = "wasm32"))]
@@ -279,7 +366,12 @@ impl RoutingKernels {
 
     /// Workgroups for `n` groups as a 2-D grid within the per-dimension limit.
     fn grid(&self, what: &str, groups: u64) -> Result<(u32, u32), ShaderError> {
-        let max = u64::from(self.ctx.device.limits().max_compute_workgroups_per_dimension);
+        let max = u64::from(
+            self.ctx
+                .device
+                .limits()
+                .max_compute_workgroups_per_dimension,
+        );
         let groups = groups.max(1);
         let x = groups.min(max);
         let y = groups.div_ceil(x);
@@ -316,7 +408,9 @@ impl RoutingKernels {
             layout: &kernel.layout,
             entries: &entries,
         });
-        let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(kernel.name) });
+        let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+            label: Some(kernel.name),
+        });
         {
             let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
                 label: Some(kernel.name),
@@ -353,7 +447,12 @@ impl RoutingKernels {
         let status = self.status("drn status")?;
         let params = Self::drn_params(tokens, experts, theta);
         let grid = self.grid("drn_forward", (tokens as u64).div_ceil(u64::from(WG)))?;
-        self.run(&self.drn_forward, bytemuck::bytes_of(&params), &[logits, &probs, &status], grid);
+        self.run(
+            &self.drn_forward,
+            bytemuck::bytes_of(&params),
+            &[logits, &probs, &status],
+            grid,
+        );
         Ok((probs, status))
     }
 
@@ -380,7 +479,12 @@ impl RoutingKernels {
             &[logits, &status, probs, grad_probs, &grad_logits, &partials],
             grid,
         );
-        self.run(&self.drn_theta_sum, bytemuck::bytes_of(&params), &[&partials, &grad_theta], (1, 1));
+        self.run(
+            &self.drn_theta_sum,
+            bytemuck::bytes_of(&params),
+            &[&partials, &grad_theta],
+            (1, 1),
+        );
         Ok((grad_logits, grad_theta, status))
     }
 
@@ -408,7 +512,11 @@ impl RoutingKernels {
         Ok(())
     }
 
-    fn selection_buffers(&self, tokens: usize, experts: usize) -> Result<SelectionBuffers, ShaderError> {
+    fn selection_buffers(
+        &self,
+        tokens: usize,
+        experts: usize,
+    ) -> Result<SelectionBuffers, ShaderError> {
         Ok(SelectionBuffers {
             experts: self.storage("selected experts", tokens * experts)?,
             weights: self.storage("combine weights", tokens * experts)?,
@@ -434,14 +542,27 @@ impl RoutingKernels {
         self.run(
             &self.top_p,
             bytemuck::bytes_of(&params),
-            &[probs, threshold, &out.experts, &out.weights, &out.counts, &out.status],
+            &[
+                probs,
+                threshold,
+                &out.experts,
+                &out.weights,
+                &out.counts,
+                &out.status,
+            ],
             grid,
         );
         Ok(out)
     }
 
     /// Top-k selection.
-    pub fn top_k(&self, probs: &wgpu::Buffer, tokens: usize, experts: usize, k: usize) -> Result<SelectionBuffers, ShaderError> {
+    pub fn top_k(
+        &self,
+        probs: &wgpu::Buffer,
+        tokens: usize,
+        experts: usize,
+        k: usize,
+    ) -> Result<SelectionBuffers, ShaderError> {
         self.check_select_experts("top_k", experts)?;
         let params = Self::select_params(tokens, experts, k, 0);
         let out = self.selection_buffers(tokens, experts)?;
@@ -482,7 +603,12 @@ impl RoutingKernels {
         };
         let bytes = bytemuck::bytes_of(&params);
         let grid = self.grid("dispatch_plan", (num_chunks as u64).div_ceil(u64::from(WG)))?;
-        self.run(&self.plan_count, bytes, &[experts_sel, counts_sel, &chunk_offsets], grid);
+        self.run(
+            &self.plan_count,
+            bytes,
+            &[experts_sel, counts_sel, &chunk_offsets],
+            grid,
+        );
         self.run(
             &self.plan_scan,
             bytes,
@@ -507,7 +633,14 @@ impl RoutingKernels {
     }
 
     /// `out[m] = x[route_tokens[m]]`, `[capacity, hidden]`; rows past `M` are zero.
-    pub fn gather(&self, x: &wgpu::Buffer, hidden: usize, plan: &DispatchBuffers, capacity: usize, experts: usize) -> Result<wgpu::Buffer, ShaderError> {
+    pub fn gather(
+        &self,
+        x: &wgpu::Buffer,
+        hidden: usize,
+        plan: &DispatchBuffers,
+        capacity: usize,
+        experts: usize,
+    ) -> Result<wgpu::Buffer, ShaderError> {
         let out = self.storage("gathered rows", capacity * hidden)?;
         let params = MoveParams {
             rows: capacity as u32,
@@ -515,7 +648,10 @@ impl RoutingKernels {
             experts: experts as u32,
             _pad: 0,
         };
-        let grid = self.grid("gather", ((capacity * hidden) as u64).div_ceil(u64::from(WG)))?;
+        let grid = self.grid(
+            "gather",
+            ((capacity * hidden) as u64).div_ceil(u64::from(WG)),
+        )?;
         self.run(
             &self.gather,
             bytemuck::bytes_of(&params),
@@ -526,7 +662,14 @@ impl RoutingKernels {
     }
 
     /// `out[i] = sum_s route_weights[m] * y[m]`, `[tokens, hidden]`.
-    pub fn combine(&self, y: &wgpu::Buffer, hidden: usize, plan: &DispatchBuffers, tokens: usize, experts: usize) -> Result<wgpu::Buffer, ShaderError> {
+    pub fn combine(
+        &self,
+        y: &wgpu::Buffer,
+        hidden: usize,
+        plan: &DispatchBuffers,
+        tokens: usize,
+        experts: usize,
+    ) -> Result<wgpu::Buffer, ShaderError> {
         let out = self.storage("combined rows", tokens * hidden)?;
         let params = MoveParams {
             rows: tokens as u32,
@@ -534,7 +677,10 @@ impl RoutingKernels {
             experts: experts as u32,
             _pad: 0,
         };
-        let grid = self.grid("combine", ((tokens * hidden) as u64).div_ceil(u64::from(WG)))?;
+        let grid = self.grid(
+            "combine",
+            ((tokens * hidden) as u64).div_ceil(u64::from(WG)),
+        )?;
         self.run(
             &self.combine,
             bytemuck::bytes_of(&params),
@@ -567,7 +713,12 @@ impl RoutingKernels {
             p_max: clamp.1,
             _pad: 0,
         };
-        self.run(&self.controller_update, bytemuck::bytes_of(&params), &[counts, state], (1, 1));
+        self.run(
+            &self.controller_update,
+            bytemuck::bytes_of(&params),
+            &[counts, state],
+            (1, 1),
+        );
         Ok(())
     }
 
@@ -597,7 +748,10 @@ struct MapState {
 
 impl MapFuture {
     fn complete(&self, result: Result<(), String>) {
-        let mut state = self.shared.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut state = self
+            .shared
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         state.result = Some(result);
         if let Some(w) = state.waker.take() {
             w.wake();
@@ -608,8 +762,14 @@ impl MapFuture {
 impl Future for MapFuture {
     type Output = Result<(), String>;
 
-    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
-        let mut state = self.shared.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let mut state = self
+            .shared
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         match state.result.take() {
             Some(r) => std::task::Poll::Ready(r),
             None => {

@@ -15,7 +15,11 @@ fn every_shader_parses_and_validates() {
         validator
             .validate(&module)
             .unwrap_or_else(|e| panic!("{name} does not validate:\n{}", e.emit_to_string(text)));
-        let entries: Vec<&str> = module.entry_points.iter().map(|e| e.name.as_str()).collect();
+        let entries: Vec<&str> = module
+            .entry_points
+            .iter()
+            .map(|e| e.name.as_str())
+            .collect();
         assert!(!entries.is_empty(), "{name} has no entry point");
         println!("{name}: {entries:?}");
     }

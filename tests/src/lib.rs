@@ -183,10 +183,13 @@ fn compare_selection(
             // Weights compared in place: formatting a label per token would dominate the
             // run time on 65536-token cases.
             let (g, w) = (&got.weights[row.clone()], &want.weights[row.clone()]);
-            if let Some(slot) = (0..e).find(|&s| !PROBS_TOL.accepts(g[s], w[s])) {
-                if bad.len() < 5 {
-                    bad.push(format!("token {i} slot {slot}: weight {} want {}", g[slot], w[slot]));
-                }
+            if let Some(slot) = (0..e).find(|&s| !PROBS_TOL.accepts(g[s], w[s]))
+                && bad.len() < 5
+            {
+                bad.push(format!(
+                    "token {i} slot {slot}: weight {} want {}",
+                    g[slot], w[slot]
+                ));
             }
         } else if threshold.is_some_and(|p| near_threshold(&probs[row.clone()], p)) {
             report.near_threshold_tokens += 1;
@@ -208,7 +211,10 @@ fn compare_selection(
 /// The small cases only (N * E <= [`LARGE_CASE`]): enough to exercise every rule, fast
 /// enough to run many times (mutation tests, the CPU checking itself).
 pub fn small_cases(seed: u64) -> Vec<Case> {
-    cases(seed).into_iter().filter(|c| c.shape.len() <= LARGE_CASE).collect()
+    cases(seed)
+        .into_iter()
+        .filter(|c| c.shape.len() <= LARGE_CASE)
+        .collect()
 }
 
 /// Runs every op of `ops` on `cases` and compares it with the CPU reference.
@@ -223,14 +229,31 @@ pub fn conformance_report<O: RoutingOps>(ops: &O, cases: Vec<Case>, seed: u64) -
         let norms: &[Normalization] = if large {
             &[Normalization::Drn { theta: 1.0 }]
         } else {
-            &[Normalization::Drn { theta: 1.0 }, Normalization::Drn { theta: 2.5 }, Normalization::Softmax]
+            &[
+                Normalization::Drn { theta: 1.0 },
+                Normalization::Drn { theta: 2.5 },
+                Normalization::Softmax,
+            ]
         };
-        let thresholds: &[f32] = if large { &[0.5, 1.0] } else { &[0.05, 0.5, 0.9, 1.0] };
-        let caps: &[Option<usize>] = if large { &[None] } else { &[None, Some(shape.experts.div_ceil(2))] };
+        let thresholds: &[f32] = if large {
+            &[0.5, 1.0]
+        } else {
+            &[0.05, 0.5, 0.9, 1.0]
+        };
+        let caps: &[Option<usize>] = if large {
+            &[None]
+        } else {
+            &[None, Some(shape.experts.div_ceil(2))]
+        };
         let ks: Vec<usize> = if large {
             vec![shape.experts.div_ceil(3)]
         } else {
-            vec![1, shape.experts.min(2), shape.experts.div_ceil(3), shape.experts]
+            vec![
+                1,
+                shape.experts.min(2),
+                shape.experts.div_ceil(3),
+                shape.experts,
+            ]
         };
         let hiddens: &[usize] = if large { &[1] } else { &[1, 3, 16] };
         for &norm in norms {
@@ -384,7 +407,11 @@ pub fn conformance_report<O: RoutingOps>(ops: &O, cases: Vec<Case>, seed: u64) -
 /// updates that saturate the clamp.
 fn check_controller<O: RoutingOps>(ops: &O, report: &mut Report) -> Result<()> {
     let cpu = CpuReference;
-    for (experts, target, len, p0) in [(64usize, 8.0f64, 4096usize, 0.45f32), (8, 2.0, 7, 0.9), (60, 12.0, 1000, 0.05)] {
+    for (experts, target, len, p0) in [
+        (64usize, 8.0f64, 4096usize, 0.45f32),
+        (8, 2.0, 7, 0.9),
+        (60, 12.0, 1000, 0.05),
+    ] {
         let config = dtopp::controller::ControllerConfig::new(target, experts);
         let mut want = dtopp::controller::device_state(p0).to_vec();
         let mut got = ops.upload_floats(&want)?;
@@ -399,7 +426,10 @@ fn check_controller<O: RoutingOps>(ops: &O, report: &mut Report) -> Result<()> {
                 &format!("controller_update E={experts} T={target} step {step}"),
                 &ops.read_floats(&got)?,
                 &want,
-                Tolerance { atol: 1e-6, rtol: 1e-5 },
+                Tolerance {
+                    atol: 1e-6,
+                    rtol: 1e-5,
+                },
             );
         }
     }
@@ -423,7 +453,11 @@ fn check_non_finite<O: RoutingOps>(ops: &O, report: &mut Report) -> Result<()> {
         report.checks += 1;
         // A device backend may report it when the result is read, not in the op itself.
         let probs = ops
-            .drn_forward(&ops.upload_floats(&logits)?, shape, Normalization::Drn { theta: 1.0 })
+            .drn_forward(
+                &ops.upload_floats(&logits)?,
+                shape,
+                Normalization::Drn { theta: 1.0 },
+            )
             .and_then(|p| ops.read_floats(&p));
         match probs {
             Err(Error::NonFinite { token, column, .. }) if (token, column) == (at / 6, at % 6) => {}

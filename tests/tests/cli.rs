@@ -275,3 +275,120 @@ fn bad_input_fails_with_a_clear_message_and_no_output() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
+
+/// Whether a wgpu adapter exists; without one (and without DTOPP_REQUIRE_WGPU/GPU) the
+/// wgpu CLI tests skip and say so.
+fn wgpu_available() -> bool {
+    match dtopp::backends::WgpuOps::new() {
+        Ok(_) => true,
+        Err(e) => {
+            let required = dtopp_tests::gpu_required()
+                || std::env::var("DTOPP_REQUIRE_WGPU").is_ok_and(|v| v == "1");
+            assert!(
+                !required,
+                "DTOPP_REQUIRE_WGPU/GPU is set but wgpu has no adapter: {e}"
+            );
+            println!("SKIPPED: no wgpu adapter: {e}");
+            false
+        }
+    }
+}
+
+#[test]
+fn route_on_wgpu_writes_the_same_arrays_as_on_cpu() {
+    if !wgpu_available() {
+        return;
+    }
+    let dir = scratch("route-wgpu");
+    let (n, e) = (300, 60);
+    let input = dir.join("logits.npy");
+    write_npy(&input, &NpyArray::f32(vec![n, e], random_logits(n, e, 9)));
+    for extra in [["--threshold", "0.6"], ["--k-max", "5"]] {
+        let mut outputs = Vec::new();
+        for backend in ["cpu", "wgpu"] {
+            let out_path = dir.join(format!("{backend}.npz"));
+            let mut args = vec![
+                "route",
+                "--logits",
+                input.to_str().unwrap(),
+                "--backend",
+                backend,
+                "--out",
+                out_path.to_str().unwrap(),
+            ];
+            args.extend_from_slice(&extra);
+            if extra[0] == "--k-max" {
+                args.extend_from_slice(&["--threshold", "0.9"]);
+            }
+            let out = dtopp(&args);
+            let (_, stderr) = text(&out);
+            assert!(out.status.success(), "{backend}: {stderr}");
+            if backend == "wgpu" {
+                assert!(
+                    stderr.contains("wgpu adapter:"),
+                    "the wgpu backend must say which adapter it uses: {stderr}"
+                );
+            }
+            outputs.push(read_npz(&out_path).unwrap());
+        }
+        for ((name, cpu), (_, gpu)) in outputs[0].iter().zip(&outputs[1]) {
+            assert_eq!(cpu.shape, gpu.shape, "{name}");
+            match (&cpu.data, &gpu.data) {
+                (NpyData::I32(a), NpyData::I32(b)) => assert_eq!(a, b, "{name} {extra:?}"),
+                (NpyData::F32(a), NpyData::F32(b)) => {
+                    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+                        assert!(
+                            (x - y).abs() <= 1e-6 + 1e-4 * x.abs(),
+                            "{name}[{i}]: cpu {x}, wgpu {y}"
+                        );
+                    }
+                }
+                _ => panic!("{name}: dtypes differ"),
+            }
+        }
+    }
+}
+
+#[test]
+fn simulate_on_wgpu_tracks_like_the_cpu() {
+    if !wgpu_available() {
+        return;
+    }
+    let dir = scratch("simulate-wgpu");
+    let mut means = Vec::new();
+    for backend in ["cpu", "wgpu"] {
+        let run = dir.join(backend);
+        let out = dtopp(&[
+            "simulate",
+            "--backend",
+            backend,
+            "--experts",
+            "32",
+            "--target",
+            "4",
+            "--layers",
+            "2",
+            "--tokens",
+            "128",
+            "--steps",
+            "30",
+            "--out",
+            run.to_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "{:?}", text(&out));
+        let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+        let a: Vec<f64> = metrics
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["active_experts"]
+                    .as_f64()
+                    .unwrap()
+            })
+            .collect();
+        means.push(a);
+    }
+    // Same stream, same controller: identical counts but for tokens at the threshold.
+    for (step, (c, g)) in means[0].iter().zip(&means[1]).enumerate() {
+        assert!((c - g).abs() < 0.02, "step {step}: a_t cpu {c}, wgpu {g}");
+    }
+}

@@ -142,7 +142,12 @@ impl RoutingOps for Mutant {
     ) -> Result<Vec<f32>> {
         CpuReference.gather(x, hidden, plan)
     }
-    fn controller_update(&self, state: &mut Vec<f32>, counts: &Vec<i32>, config: &ControllerConfig) -> Result<()> {
+    fn controller_update(
+        &self,
+        state: &mut Vec<f32>,
+        counts: &Vec<i32>,
+        config: &ControllerConfig,
+    ) -> Result<()> {
         CpuReference.controller_update(state, counts, config)
     }
     fn combine(

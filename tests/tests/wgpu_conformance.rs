@@ -22,5 +22,8 @@ fn wgsl_kernels_conform_to_the_cpu_reference() {
     println!("wgpu adapter: {}", ops.adapter_name());
     let started = std::time::Instant::now();
     assert_conforms(&ops, cases(2026));
-    println!("wgpu conformance took {:.1} s", started.elapsed().as_secs_f64());
+    println!(
+        "wgpu conformance took {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
 }

@@ -54,10 +54,20 @@ impl DeviceArray {
         self.len == 0
     }
 
-    fn derived(buffer: wgpu::Buffer, len: usize, from: &[&DeviceArray], check: Option<FiniteCheck>) -> Self {
-        let mut checks: Vec<FiniteCheck> = from.iter().flat_map(|a| a.checks.iter().cloned()).collect();
+    fn derived(
+        buffer: wgpu::Buffer,
+        len: usize,
+        from: &[&DeviceArray],
+        check: Option<FiniteCheck>,
+    ) -> Self {
+        let mut checks: Vec<FiniteCheck> =
+            from.iter().flat_map(|a| a.checks.iter().cloned()).collect();
         checks.extend(check);
-        Self { buffer, len, checks }
+        Self {
+            buffer,
+            len,
+            checks,
+        }
     }
 }
 
@@ -71,7 +81,9 @@ impl WgpuOps {
     /// Requests an adapter and device (blocking; native) and compiles the kernels.
     #[cfg(not(target_arch = "wasm32"))]
     pub fn new() -> Result<Self> {
-        Ok(Self::with_context(GpuContext::request_blocking().map_err(backend_error)?))
+        Ok(Self::with_context(
+            GpuContext::request_blocking().map_err(backend_error)?,
+        ))
     }
 
     /// Uses a device the caller already has (the trainer's, the app's, a test's).
@@ -96,7 +108,10 @@ impl WgpuOps {
             let status: Vec<u32> = self.kernels.read(&c.status, 1).map_err(backend_error)?;
             if status[0] != u32::MAX {
                 let at = status[0] as usize;
-                let values: Vec<f32> = self.kernels.read(&c.source, at + 1).map_err(backend_error)?;
+                let values: Vec<f32> = self
+                    .kernels
+                    .read(&c.source, at + 1)
+                    .map_err(backend_error)?;
                 return Err(Error::NonFinite {
                     op: c.op,
                     what: c.what,
@@ -124,7 +139,9 @@ impl WgpuOps {
 
 fn theta_of(norm: Normalization) -> Result<Option<f32>> {
     match norm {
-        Normalization::Drn { theta } if !theta.is_finite() => Err(Error::param("theta", theta, "a finite DRN scale")),
+        Normalization::Drn { theta } if !theta.is_finite() => {
+            Err(Error::param("theta", theta, "a finite DRN scale"))
+        }
         Normalization::Drn { theta } => Ok(Some(theta)),
         Normalization::Softmax => Ok(None),
     }
@@ -162,7 +179,12 @@ impl RoutingOps for WgpuOps {
         self.kernels.read(&a.buffer, a.len).map_err(backend_error)
     }
 
-    fn drn_forward(&self, logits: &DeviceArray, shape: RouteShape, norm: Normalization) -> Result<DeviceArray> {
+    fn drn_forward(
+        &self,
+        logits: &DeviceArray,
+        shape: RouteShape,
+        norm: Normalization,
+    ) -> Result<DeviceArray> {
         Self::check_len("drn_forward", "logits", logits, shape.len())?;
         let theta = theta_of(norm)?;
         let (probs, status) = self
@@ -176,7 +198,12 @@ impl RoutingOps for WgpuOps {
             what: "router logit",
             width: shape.experts,
         };
-        Ok(DeviceArray::derived(probs, shape.len(), &[logits], Some(check)))
+        Ok(DeviceArray::derived(
+            probs,
+            shape.len(),
+            &[logits],
+            Some(check),
+        ))
     }
 
     fn drn_backward(
@@ -194,7 +221,14 @@ impl RoutingOps for WgpuOps {
         let theta = theta_of(norm)?;
         let (dz, dtheta, status) = self
             .kernels
-            .drn_backward(&logits.buffer, &probs.buffer, &grad_probs.buffer, shape.tokens, shape.experts, theta)
+            .drn_backward(
+                &logits.buffer,
+                &probs.buffer,
+                &grad_probs.buffer,
+                shape.tokens,
+                shape.experts,
+                theta,
+            )
             .map_err(backend_error)?;
         // The kernel flags a non-finite logit or gradient in one status; logits are
         // checked by the forward already, so name the gradient.
@@ -226,12 +260,23 @@ impl RoutingOps for WgpuOps {
         crate::cpu::check_k_max(k_max, shape.experts)?;
         let out = self
             .kernels
-            .top_p(&probs.buffer, shape.tokens, shape.experts, &threshold.buffer, k_max)
+            .top_p(
+                &probs.buffer,
+                shape.tokens,
+                shape.experts,
+                &threshold.buffer,
+                k_max,
+            )
             .map_err(backend_error)?;
         Ok(self.selection(out, shape, k_max.unwrap_or(shape.experts), probs, "top_p"))
     }
 
-    fn top_k(&self, probs: &DeviceArray, shape: RouteShape, k: usize) -> Result<Selection<DeviceArray, DeviceArray>> {
+    fn top_k(
+        &self,
+        probs: &DeviceArray,
+        shape: RouteShape,
+        k: usize,
+    ) -> Result<Selection<DeviceArray, DeviceArray>> {
         Self::check_len("top_k", "probs", probs, shape.len())?;
         if k == 0 || k > shape.experts {
             return Err(Error::param(
@@ -247,12 +292,22 @@ impl RoutingOps for WgpuOps {
         Ok(self.selection(out, shape, k, probs, "top_k"))
     }
 
-    fn dispatch_plan(&self, s: &Selection<DeviceArray, DeviceArray>) -> Result<DispatchPlan<DeviceArray, DeviceArray>> {
+    fn dispatch_plan(
+        &self,
+        s: &Selection<DeviceArray, DeviceArray>,
+    ) -> Result<DispatchPlan<DeviceArray, DeviceArray>> {
         let shape = s.shape;
         let capacity = shape.tokens * s.k_bound.clamp(1, shape.experts);
         let plan = self
             .kernels
-            .dispatch_plan(&s.experts.buffer, &s.weights.buffer, &s.counts.buffer, shape.tokens, shape.experts, capacity)
+            .dispatch_plan(
+                &s.experts.buffer,
+                &s.weights.buffer,
+                &s.counts.buffer,
+                shape.tokens,
+                shape.experts,
+                capacity,
+            )
             .map_err(backend_error)?;
         let from = [&s.experts, &s.weights, &s.counts];
         let wrap = |b: wgpu::Buffer, len| DeviceArray::derived(b, len, &from, None);
@@ -267,25 +322,62 @@ impl RoutingOps for WgpuOps {
         })
     }
 
-    fn gather(&self, x: &DeviceArray, hidden: usize, plan: &DispatchPlan<DeviceArray, DeviceArray>) -> Result<DeviceArray> {
+    fn gather(
+        &self,
+        x: &DeviceArray,
+        hidden: usize,
+        plan: &DispatchPlan<DeviceArray, DeviceArray>,
+    ) -> Result<DeviceArray> {
         Self::check_len("gather", "x", x, plan.shape.tokens * hidden)?;
         let out = self
             .kernels
-            .gather(&x.buffer, hidden, &buffers(plan), plan.route_capacity, plan.shape.experts)
+            .gather(
+                &x.buffer,
+                hidden,
+                &buffers(plan),
+                plan.route_capacity,
+                plan.shape.experts,
+            )
             .map_err(backend_error)?;
-        Ok(DeviceArray::derived(out, plan.route_capacity * hidden, &[x, &plan.route_tokens], None))
+        Ok(DeviceArray::derived(
+            out,
+            plan.route_capacity * hidden,
+            &[x, &plan.route_tokens],
+            None,
+        ))
     }
 
-    fn combine(&self, y: &DeviceArray, hidden: usize, plan: &DispatchPlan<DeviceArray, DeviceArray>) -> Result<DeviceArray> {
+    fn combine(
+        &self,
+        y: &DeviceArray,
+        hidden: usize,
+        plan: &DispatchPlan<DeviceArray, DeviceArray>,
+    ) -> Result<DeviceArray> {
         Self::check_len("combine", "y", y, plan.route_capacity * hidden)?;
         let out = self
             .kernels
-            .combine(&y.buffer, hidden, &buffers(plan), plan.shape.tokens, plan.shape.experts)
+            .combine(
+                &y.buffer,
+                hidden,
+                &buffers(plan),
+                plan.shape.tokens,
+                plan.shape.experts,
+            )
             .map_err(backend_error)?;
-        Ok(DeviceArray::derived(out, plan.shape.tokens * hidden, &[y, &plan.token_routes], None))
+        Ok(DeviceArray::derived(
+            out,
+            plan.shape.tokens * hidden,
+            &[y, &plan.token_routes],
+            None,
+        ))
     }
 
-    fn controller_update(&self, state: &mut DeviceArray, counts: &DeviceArray, config: &ControllerConfig) -> Result<()> {
+    fn controller_update(
+        &self,
+        state: &mut DeviceArray,
+        counts: &DeviceArray,
+        config: &ControllerConfig,
+    ) -> Result<()> {
         config.validate()?;
         Self::check_len("controller_update", "state", state, DEVICE_STATE_LEN)?;
         if counts.is_empty() {
@@ -323,7 +415,8 @@ impl WgpuOps {
             what: "probability",
             width: shape.experts,
         };
-        let wrap = |b: wgpu::Buffer, len| DeviceArray::derived(b, len, &[probs], Some(check.clone()));
+        let wrap =
+            |b: wgpu::Buffer, len| DeviceArray::derived(b, len, &[probs], Some(check.clone()));
         Selection {
             shape,
             k_bound,

@@ -67,11 +67,18 @@ struct Timing {
 pub(crate) fn run(command: BenchCommand) -> Result<()> {
     let BenchCommand::Routing(args) = command;
     if args.iters == 0 || args.tokens == 0 || args.experts == 0 || args.hidden == 0 {
-        return Err(Error::param("bench sizes", 0, "--tokens, --experts, --hidden and --iters of at least 1"));
+        return Err(Error::param(
+            "bench sizes",
+            0,
+            "--tokens, --experts, --hidden and --iters of at least 1",
+        ));
     }
     ControllerConfig::new(args.target, args.experts).validate()?;
     let shape = RouteShape::new(args.tokens, args.experts)?;
-    let k_max = args.k_max.unwrap_or((2.0 * args.target).ceil() as usize).min(args.experts);
+    let k_max = args
+        .k_max
+        .unwrap_or((2.0 * args.target).ceil() as usize)
+        .min(args.experts);
     crate::cpu::check_k_max(Some(k_max), args.experts)?;
     eprintln!(
         "bench routing: N={} E={} T={} k_max={k_max} D={} iters={} (median after {} warm-up runs)",
@@ -85,11 +92,18 @@ pub(crate) fn run(command: BenchCommand) -> Result<()> {
             let ops = super::wgpu_backend()?;
             // Launches per op of the WGSL kernels: drn, select, plan (count, scan,
             // scatter), gather, combine... see shaders/src/kernels.rs.
-            ("wgpu", Some(measure(&ops, shape, &args, k_max, [1, 1, 3, 1])?))
+            (
+                "wgpu",
+                Some(measure(&ops, shape, &args, k_max, [1, 1, 3, 1])?),
+            )
         }
     };
     let rows: Vec<(&str, &Timing)> = match &device {
-        Some(d) => d.iter().map(|t| (name, t)).chain(cpu.iter().map(|t| ("cpu", t))).collect(),
+        Some(d) => d
+            .iter()
+            .map(|t| (name, t))
+            .chain(cpu.iter().map(|t| ("cpu", t)))
+            .collect(),
         None => cpu.iter().map(|t| ("cpu", t)).collect(),
     };
     if args.json {
@@ -113,7 +127,10 @@ pub(crate) fn run(command: BenchCommand) -> Result<()> {
     println!("| backend | op | median µs | GB/s | launches | speed-up vs cpu |");
     println!("|---|---|---|---|---|---|");
     for (backend, t) in &rows {
-        let base = cpu.iter().find(|c| c.op == t.op).map_or(f64::NAN, |c| c.median_us);
+        let base = cpu
+            .iter()
+            .find(|c| c.op == t.op)
+            .map_or(f64::NAN, |c| c.median_us);
         println!(
             "| {backend} | {} | {:.1} | {:.2} | {} | {:.2}x |",
             t.op,
@@ -126,7 +143,11 @@ pub(crate) fn run(command: BenchCommand) -> Result<()> {
     Ok(())
 }
 
-fn median_us<O: RoutingOps>(ops: &O, args: &RoutingBenchArgs, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+fn median_us<O: RoutingOps>(
+    ops: &O,
+    args: &RoutingBenchArgs,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<f64> {
     for _ in 0..args.warmup {
         f()?;
         ops.synchronize()?;
@@ -181,18 +202,29 @@ fn measure<O: RoutingOps>(
         })
     };
     let [l_drn, l_sel, l_plan, l_move] = launches;
-    let us = median_us(ops, args, || ops.drn_forward(&logits, shape, norm).map(drop))?;
+    let us = median_us(ops, args, || {
+        ops.drn_forward(&logits, shape, norm).map(drop)
+    })?;
     time("drn", 2.0 * ne * f, l_drn, us);
-    let us = median_us(ops, args, || ops.top_p(&probs, shape, &state, k_max).map(drop))?;
+    let us = median_us(ops, args, || {
+        ops.top_p(&probs, shape, &state, k_max).map(drop)
+    })?;
     time("select", ne * f + 2.0 * ne * f + n as f64 * i, l_sel, us);
     let us = median_us(ops, args, || ops.dispatch_plan(&selection).map(drop))?;
-    time("plan", 2.0 * ne * f + n as f64 * i + routes as f64 * 8.0 + ne * i, l_plan, us);
+    time(
+        "plan",
+        2.0 * ne * f + n as f64 * i + routes as f64 * 8.0 + ne * i,
+        l_plan,
+        us,
+    );
     let us = median_us(ops, args, || ops.gather(&x, d, &plan).map(drop))?;
     time("gather", 2.0 * (routes * d) as f64 * f, l_move, us);
     let us = median_us(ops, args, || ops.combine(&y, d, &plan).map(drop))?;
     time("combine", (routes * d + n * d) as f64 * f, l_move, us);
     let counts = &selection.counts;
-    let us = median_us(ops, args, || ops.controller_update(&mut state, counts, &config))?;
+    let us = median_us(ops, args, || {
+        ops.controller_update(&mut state, counts, &config)
+    })?;
     time("controller", n as f64 * i, l_move, us);
 
     // The whole routing step (DRN, Top-p at the device threshold, plan, controller
@@ -210,7 +242,6 @@ fn measure<O: RoutingOps>(
         }
         Ok(())
     })? / args.steps.max(1) as f64;
-    drop(time);
     let step_bytes = out
         .iter()
         .filter(|t| matches!(t.op, "drn" | "select" | "plan" | "controller"))

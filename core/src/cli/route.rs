@@ -81,7 +81,14 @@ pub(crate) fn run(args: RouteArgs) -> Result<()> {
     let arrays = match args.backend {
         Backend::Cpu => route_arrays(&CpuReference, &logits, shape, norm, &rule, args.k_max)?,
         #[cfg(feature = "wgpu")]
-        Backend::Wgpu => route_arrays(&super::wgpu_backend()?, &logits, shape, norm, &rule, args.k_max)?,
+        Backend::Wgpu => route_arrays(
+            &super::wgpu_backend()?,
+            &logits,
+            shape,
+            norm,
+            &rule,
+            args.k_max,
+        )?,
     };
     write_npz(&args.out, &arrays)?;
     // M = sum_i k_i, the length of the route arrays.

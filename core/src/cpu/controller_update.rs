@@ -5,12 +5,19 @@ use crate::controller::{ControllerConfig, DEVICE_STATE_LEN};
 use crate::error::{Error, Result};
 
 /// `state = [p, p_0, integral, last_error, step]`; `a_t` is the mean of `counts`.
-pub fn controller_update(state: &mut [f32], counts: &[i32], config: &ControllerConfig) -> Result<()> {
+pub fn controller_update(
+    state: &mut [f32],
+    counts: &[i32],
+    config: &ControllerConfig,
+) -> Result<()> {
     config.validate()?;
     if state.len() < DEVICE_STATE_LEN {
         return Err(Error::shape(
             "controller_update",
-            format!("state has {} values, expected {DEVICE_STATE_LEN}", state.len()),
+            format!(
+                "state has {} values, expected {DEVICE_STATE_LEN}",
+                state.len()
+            ),
         ));
     }
     if counts.is_empty() {

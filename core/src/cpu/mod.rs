@@ -110,7 +110,12 @@ impl RoutingOps for CpuReference {
         gather(x, hidden, plan)
     }
 
-    fn controller_update(&self, state: &mut Vec<f32>, counts: &Vec<i32>, config: &ControllerConfig) -> Result<()> {
+    fn controller_update(
+        &self,
+        state: &mut Vec<f32>,
+        counts: &Vec<i32>,
+        config: &ControllerConfig,
+    ) -> Result<()> {
         controller_update(state, counts, config)
     }
 
