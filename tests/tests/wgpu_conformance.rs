@@ -27,3 +27,39 @@ fn wgsl_kernels_conform_to_the_cpu_reference() {
         started.elapsed().as_secs_f64()
     );
 }
+
+#[test]
+fn inputs_beyond_the_device_limits_are_refused_by_name() {
+    let ops = match WgpuOps::new() {
+        Ok(ops) => ops,
+        Err(e) if !wgpu_required() => {
+            println!("SKIPPED: no wgpu adapter: {e}");
+            return;
+        }
+        Err(e) => panic!("DTOPP_REQUIRE_WGPU/GPU is set but no wgpu adapter is available: {e}"),
+    };
+    let limit = ops
+        .kernels()
+        .context()
+        .device
+        .limits()
+        .max_storage_buffer_binding_size;
+    let too_many = (limit / 4 + 1) as usize;
+    let err = ops
+        .kernels()
+        .storage("probs", too_many)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("probs needs") && err.contains(&limit.to_string()),
+        "{err}"
+    );
+    // The same through the ops: logits of one more value than a binding can hold.
+    let err = dtopp::ops::RoutingOps::upload_floats(&ops, &vec![0.0f32; too_many])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("needs") && err.contains("split the batch"),
+        "{err}"
+    );
+}
