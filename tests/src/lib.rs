@@ -532,3 +532,25 @@ pub fn dtopp_binary() -> std::path::PathBuf {
     );
     bin
 }
+
+/// The wgpu backend, or `None` after printing why when no adapter exists. With
+/// `DTOPP_REQUIRE_WGPU=1` or `DTOPP_REQUIRE_GPU=1` (CI sets the first) a missing adapter
+/// panics instead, so a broken driver install cannot pass as a skip.
+pub fn wgpu_or_skip() -> Option<dtopp::backends::WgpuOps> {
+    match dtopp::backends::WgpuOps::new() {
+        Ok(ops) => {
+            println!("wgpu adapter: {}", ops.adapter_name());
+            Some(ops)
+        }
+        Err(e) => {
+            let required =
+                gpu_required() || std::env::var("DTOPP_REQUIRE_WGPU").is_ok_and(|v| v == "1");
+            assert!(
+                !required,
+                "DTOPP_REQUIRE_WGPU/GPU is set but wgpu has no adapter: {e}"
+            );
+            println!("SKIPPED: no wgpu adapter: {e}");
+            None
+        }
+    }
+}

@@ -276,27 +276,9 @@ fn bad_input_fails_with_a_clear_message_and_no_output() {
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
 
-/// Whether a wgpu adapter exists; without one (and without DTOPP_REQUIRE_WGPU/GPU) the
-/// wgpu CLI tests skip and say so.
-fn wgpu_available() -> bool {
-    match dtopp::backends::WgpuOps::new() {
-        Ok(_) => true,
-        Err(e) => {
-            let required = dtopp_tests::gpu_required()
-                || std::env::var("DTOPP_REQUIRE_WGPU").is_ok_and(|v| v == "1");
-            assert!(
-                !required,
-                "DTOPP_REQUIRE_WGPU/GPU is set but wgpu has no adapter: {e}"
-            );
-            println!("SKIPPED: no wgpu adapter: {e}");
-            false
-        }
-    }
-}
-
 #[test]
 fn route_on_wgpu_writes_the_same_arrays_as_on_cpu() {
-    if !wgpu_available() {
+    if dtopp_tests::wgpu_or_skip().is_none() {
         return;
     }
     let dir = scratch("route-wgpu");
@@ -351,7 +333,7 @@ fn route_on_wgpu_writes_the_same_arrays_as_on_cpu() {
 
 #[test]
 fn simulate_on_wgpu_tracks_like_the_cpu() {
-    if !wgpu_available() {
+    if dtopp_tests::wgpu_or_skip().is_none() {
         return;
     }
     let dir = scratch("simulate-wgpu");

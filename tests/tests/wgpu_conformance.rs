@@ -1,25 +1,13 @@
 //! The WGSL kernels against the CPU reference, on whatever adapter wgpu finds (lavapipe in
-//! CI). Without an adapter the test skips and says why, unless DTOPP_REQUIRE_WGPU=1 or
+//! CI). Without an adapter the tests skip and say why, unless DTOPP_REQUIRE_WGPU=1 or
 //! DTOPP_REQUIRE_GPU=1, which CI sets so that a missing driver fails the run.
 
-use dtopp::backends::WgpuOps;
-use dtopp_tests::{assert_conforms, cases};
-
-fn wgpu_required() -> bool {
-    dtopp_tests::gpu_required() || std::env::var("DTOPP_REQUIRE_WGPU").is_ok_and(|v| v == "1")
-}
+use dtopp::ops::RoutingOps;
+use dtopp_tests::{assert_conforms, cases, wgpu_or_skip};
 
 #[test]
 fn wgsl_kernels_conform_to_the_cpu_reference() {
-    let ops = match WgpuOps::new() {
-        Ok(ops) => ops,
-        Err(e) if !wgpu_required() => {
-            println!("SKIPPED: no wgpu adapter: {e}");
-            return;
-        }
-        Err(e) => panic!("DTOPP_REQUIRE_WGPU/GPU is set but no wgpu adapter is available: {e}"),
-    };
-    println!("wgpu adapter: {}", ops.adapter_name());
+    let Some(ops) = wgpu_or_skip() else { return };
     let started = std::time::Instant::now();
     assert_conforms(&ops, cases(2026));
     println!(
@@ -30,14 +18,7 @@ fn wgsl_kernels_conform_to_the_cpu_reference() {
 
 #[test]
 fn inputs_beyond_the_device_limits_are_refused_by_name() {
-    let ops = match WgpuOps::new() {
-        Ok(ops) => ops,
-        Err(e) if !wgpu_required() => {
-            println!("SKIPPED: no wgpu adapter: {e}");
-            return;
-        }
-        Err(e) => panic!("DTOPP_REQUIRE_WGPU/GPU is set but no wgpu adapter is available: {e}"),
-    };
+    let Some(ops) = wgpu_or_skip() else { return };
     let limit = ops
         .kernels()
         .context()
@@ -55,7 +36,8 @@ fn inputs_beyond_the_device_limits_are_refused_by_name() {
         "{err}"
     );
     // The same through the ops: logits of one more value than a binding can hold.
-    let err = dtopp::ops::RoutingOps::upload_floats(&ops, &vec![0.0f32; too_many])
+    let err = ops
+        .upload_floats(&vec![0.0f32; too_many])
         .unwrap_err()
         .to_string();
     assert!(
