@@ -386,6 +386,11 @@ impl RoutingKernels {
         Ok((x as u32, y as u32))
     }
 
+    /// Workgroups of `WG` threads covering `threads` threads.
+    fn thread_grid(&self, what: &str, threads: usize) -> Result<(u32, u32), ShaderError> {
+        self.grid(what, (threads as u64).div_ceil(u64::from(WG)))
+    }
+
     fn run(&self, kernel: &Kernel, params: &[u8], buffers: &[&wgpu::Buffer], grid: (u32, u32)) {
         let device = &self.ctx.device;
         let uniform = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
@@ -446,7 +451,7 @@ impl RoutingKernels {
         let probs = self.storage("probs", tokens * experts)?;
         let status = self.status("drn status")?;
         let params = Self::drn_params(tokens, experts, theta);
-        let grid = self.grid("drn_forward", (tokens as u64).div_ceil(u64::from(WG)))?;
+        let grid = self.thread_grid("drn_forward", tokens)?;
         self.run(
             &self.drn_forward,
             bytemuck::bytes_of(&params),
@@ -472,7 +477,7 @@ impl RoutingKernels {
         let grad_theta = self.storage("grad theta", 1)?;
         let status = self.status("drn backward status")?;
         let params = Self::drn_params(tokens, experts, theta);
-        let grid = self.grid("drn_backward", (tokens as u64).div_ceil(u64::from(WG)))?;
+        let grid = self.thread_grid("drn_backward", tokens)?;
         self.run(
             &self.drn_backward,
             bytemuck::bytes_of(&params),
@@ -538,7 +543,7 @@ impl RoutingKernels {
         self.check_select_experts("top_p", experts)?;
         let params = Self::select_params(tokens, experts, 0, k_max.unwrap_or(0));
         let out = self.selection_buffers(tokens, experts)?;
-        let grid = self.grid("top_p", (tokens as u64).div_ceil(u64::from(WG)))?;
+        let grid = self.thread_grid("top_p", tokens)?;
         self.run(
             &self.top_p,
             bytemuck::bytes_of(&params),
@@ -566,7 +571,7 @@ impl RoutingKernels {
         self.check_select_experts("top_k", experts)?;
         let params = Self::select_params(tokens, experts, k, 0);
         let out = self.selection_buffers(tokens, experts)?;
-        let grid = self.grid("top_k", (tokens as u64).div_ceil(u64::from(WG)))?;
+        let grid = self.thread_grid("top_k", tokens)?;
         self.run(
             &self.top_k,
             bytemuck::bytes_of(&params),
@@ -602,7 +607,7 @@ impl RoutingKernels {
             token_routes: self.storage("token routes", tokens * experts)?,
         };
         let bytes = bytemuck::bytes_of(&params);
-        let grid = self.grid("dispatch_plan", (num_chunks as u64).div_ceil(u64::from(WG)))?;
+        let grid = self.thread_grid("dispatch_plan", num_chunks)?;
         self.run(
             &self.plan_count,
             bytes,
@@ -648,10 +653,7 @@ impl RoutingKernels {
             experts: experts as u32,
             _pad: 0,
         };
-        let grid = self.grid(
-            "gather",
-            ((capacity * hidden) as u64).div_ceil(u64::from(WG)),
-        )?;
+        let grid = self.thread_grid("gather", capacity * hidden)?;
         self.run(
             &self.gather,
             bytemuck::bytes_of(&params),
@@ -677,10 +679,7 @@ impl RoutingKernels {
             experts: experts as u32,
             _pad: 0,
         };
-        let grid = self.grid(
-            "combine",
-            ((tokens * hidden) as u64).div_ceil(u64::from(WG)),
-        )?;
+        let grid = self.thread_grid("combine", tokens * hidden)?;
         self.run(
             &self.combine,
             bytemuck::bytes_of(&params),
