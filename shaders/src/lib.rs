@@ -16,6 +16,7 @@ mod kernels;
 mod params;
 pub mod source;
 
+pub use bytemuck;
 pub use context::GpuContext;
 pub use error::ShaderError;
 pub use kernels::{DispatchBuffers, RoutingKernels, SelectionBuffers};

@@ -103,15 +103,31 @@ impl WgpuOps {
         &self.kernels
     }
 
+    /// Blocking read-back (native). In the browser a read must be awaited
+    /// (`RoutingKernels::read_async`), which the synchronous ops trait cannot do.
+    fn read<T: dtopp_shaders::bytemuck::Pod>(
+        &self,
+        buffer: &wgpu::Buffer,
+        len: usize,
+    ) -> Result<Vec<T>> {
+        #[cfg(not(target_arch = "wasm32"))]
+        return self.kernels.read(buffer, len).map_err(backend_error);
+        #[cfg(target_arch = "wasm32")]
+        {
+            let _ = (buffer, len);
+            Err(Error::Backend {
+                backend: "wgpu",
+                message: "blocking read-back is not possible in the browser; await RoutingKernels::read_async".into(),
+            })
+        }
+    }
+
     fn check(&self, array: &DeviceArray) -> Result<()> {
         for c in &array.checks {
-            let status: Vec<u32> = self.kernels.read(&c.status, 1).map_err(backend_error)?;
+            let status: Vec<u32> = self.read(&c.status, 1)?;
             if status[0] != u32::MAX {
                 let at = status[0] as usize;
-                let values: Vec<f32> = self
-                    .kernels
-                    .read(&c.source, at + 1)
-                    .map_err(backend_error)?;
+                let values: Vec<f32> = self.read(&c.source, at + 1)?;
                 return Err(Error::NonFinite {
                     op: c.op,
                     what: c.what,
@@ -166,17 +182,19 @@ impl RoutingOps for WgpuOps {
     }
 
     fn synchronize(&self) -> Result<()> {
-        self.kernels.synchronize().map_err(backend_error)
+        #[cfg(not(target_arch = "wasm32"))]
+        self.kernels.synchronize().map_err(backend_error)?;
+        Ok(())
     }
 
     fn read_floats(&self, a: &DeviceArray) -> Result<Vec<f32>> {
         self.check(a)?;
-        self.kernels.read(&a.buffer, a.len).map_err(backend_error)
+        self.read(&a.buffer, a.len)
     }
 
     fn read_ints(&self, a: &DeviceArray) -> Result<Vec<i32>> {
         self.check(a)?;
-        self.kernels.read(&a.buffer, a.len).map_err(backend_error)
+        self.read(&a.buffer, a.len)
     }
 
     fn drn_forward(
