@@ -412,7 +412,10 @@ impl RoutingOps for WgpuOps {
                 (config.p_min as f32, config.p_max as f32),
             )
             .map_err(backend_error)?;
-        state.checks.extend(counts.checks.iter().cloned());
+        // The counts' non-finite checks are not carried into the state: it lives for the
+        // whole run and would collect two checks per step. A token with a non-finite
+        // probability gets k = 1 from the selection kernel, so the state stays finite;
+        // the error surfaces when the selection or anything after it is read.
         Ok(())
     }
 }
