@@ -4,6 +4,7 @@
 //! - [`ops`]: the routing-ops contract ([`ops::RoutingOps`]) every backend implements;
 //! - [`cpu`]: the CPU reference, the spec in plain loops;
 //! - [`controller`]: the PI controller on the Top-p threshold;
+//! - [`data`]: the built-in synthetic language and byte-level text corpora;
 //! - [`sim`]: the closed-loop simulator (controller on synthetic router logits);
 //! - [`io`]: `.npy` / `.npz` arrays and atomic writes;
 //! - `model` (feature `train`): the MoE model on burn;
@@ -12,6 +13,7 @@
 pub mod backends;
 pub mod controller;
 pub mod cpu;
+pub mod data;
 pub mod error;
 pub mod io;
 pub mod ops;
