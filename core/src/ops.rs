@@ -80,6 +80,19 @@ pub enum Normalization {
     Softmax,
 }
 
+impl Normalization {
+    /// The DRN scale, checked finite; `None` for plain softmax.
+    pub fn theta(self) -> Result<Option<f32>> {
+        match self {
+            Self::Drn { theta } if !theta.is_finite() => {
+                Err(Error::param("theta", theta, "a finite DRN scale"))
+            }
+            Self::Drn { theta } => Ok(Some(theta)),
+            Self::Softmax => Ok(None),
+        }
+    }
+}
+
 /// Which experts each token uses. Arrays are `[N, E]` with the `k_i` selected experts of
 /// token `i` first, in rank order, then padding.
 #[derive(Clone, Debug, PartialEq)]

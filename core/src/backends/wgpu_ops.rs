@@ -153,16 +153,6 @@ impl WgpuOps {
     }
 }
 
-fn theta_of(norm: Normalization) -> Result<Option<f32>> {
-    match norm {
-        Normalization::Drn { theta } if !theta.is_finite() => {
-            Err(Error::param("theta", theta, "a finite DRN scale"))
-        }
-        Normalization::Drn { theta } => Ok(Some(theta)),
-        Normalization::Softmax => Ok(None),
-    }
-}
-
 impl RoutingOps for WgpuOps {
     type Floats = DeviceArray;
     type Ints = DeviceArray;
@@ -204,7 +194,7 @@ impl RoutingOps for WgpuOps {
         norm: Normalization,
     ) -> Result<DeviceArray> {
         Self::check_len("drn_forward", "logits", logits, shape.len())?;
-        let theta = theta_of(norm)?;
+        let theta = norm.theta()?;
         let (probs, status) = self
             .kernels
             .drn_forward(&logits.buffer, shape.tokens, shape.experts, theta)
@@ -236,7 +226,7 @@ impl RoutingOps for WgpuOps {
         Self::check_len(OP, "logits", logits, shape.len())?;
         Self::check_len(OP, "probs", probs, shape.len())?;
         Self::check_len(OP, "grad_probs", grad_probs, shape.len())?;
-        let theta = theta_of(norm)?;
+        let theta = norm.theta()?;
         let (dz, dtheta, status) = self
             .kernels
             .drn_backward(
@@ -296,13 +286,7 @@ impl RoutingOps for WgpuOps {
         k: usize,
     ) -> Result<Selection<DeviceArray, DeviceArray>> {
         Self::check_len("top_k", "probs", probs, shape.len())?;
-        if k == 0 || k > shape.experts {
-            return Err(Error::param(
-                "k",
-                k,
-                format!("a count in 1..={} (the number of experts)", shape.experts),
-            ));
-        }
+        crate::cpu::check_k(k, shape.experts)?;
         let out = self
             .kernels
             .top_k(&probs.buffer, shape.tokens, shape.experts, k)

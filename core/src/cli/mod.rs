@@ -60,13 +60,13 @@ pub(crate) fn wgpu_backend() -> Result<crate::backends::WgpuOps> {
 /// The router normalization chosen by `--no-drn` / `--theta`.
 pub(crate) fn normalization(no_drn: bool, theta: f32) -> Result<crate::ops::Normalization> {
     use crate::ops::Normalization;
-    if no_drn {
-        Ok(Normalization::Softmax)
-    } else if theta.is_finite() {
-        Ok(Normalization::Drn { theta })
+    let norm = if no_drn {
+        Normalization::Softmax
     } else {
-        Err(crate::Error::param("theta", theta, "a finite DRN scale"))
-    }
+        Normalization::Drn { theta }
+    };
+    norm.theta()?;
+    Ok(norm)
 }
 
 /// Parses the command line, runs it, and turns an error into a message and exit code 1.

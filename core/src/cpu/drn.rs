@@ -28,15 +28,6 @@ pub(crate) fn check_finite(
     }
 }
 
-fn check_theta(norm: Normalization) -> Result<()> {
-    match norm {
-        Normalization::Drn { theta } if !theta.is_finite() => {
-            Err(Error::param("theta", theta, "a finite DRN scale"))
-        }
-        _ => Ok(()),
-    }
-}
-
 /// The standardized logits `u` of one token and its `sigma`.
 fn standardize(z: &[f32]) -> (Vec<f32>, f32) {
     let e = z.len() as f32;
@@ -85,7 +76,7 @@ fn scores(z: &[f32], norm: Normalization) -> (Vec<f32>, Vec<f32>, f32) {
 pub fn drn_forward(logits: &[f32], shape: RouteShape, norm: Normalization) -> Result<Vec<f32>> {
     const OP: &str = "drn_forward";
     check_len(OP, "logits", logits.len(), shape.len())?;
-    check_theta(norm)?;
+    norm.theta()?;
     check_finite(OP, "router logit", logits, shape.experts)?;
     let mut probs = vec![0.0f32; shape.len()];
     for (z, p) in logits
@@ -117,7 +108,7 @@ pub fn drn_backward(
     check_len(OP, "logits", logits.len(), shape.len())?;
     check_len(OP, "probs", probs.len(), shape.len())?;
     check_len(OP, "grad_probs", grad_probs.len(), shape.len())?;
-    check_theta(norm)?;
+    norm.theta()?;
     check_finite(OP, "router logit", logits, shape.experts)?;
     check_finite(OP, "gradient", grad_probs, shape.experts)?;
     let e = shape.experts;

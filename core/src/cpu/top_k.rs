@@ -5,17 +5,23 @@ use super::rank::{rank_experts, write_selection_row};
 use crate::error::{Error, Result};
 use crate::ops::{HostSelection, RouteShape, check_len};
 
+/// Checks a Top-k count `k` in `1..=E`.
+pub fn check_k(k: usize, experts: usize) -> Result<()> {
+    if k == 0 || k > experts {
+        return Err(Error::param(
+            "k",
+            k,
+            format!("a count in 1..={experts} (the number of experts)"),
+        ));
+    }
+    Ok(())
+}
+
 /// Top-k selection, `k` in `1..=E`.
 pub fn top_k(probs: &[f32], shape: RouteShape, k: usize) -> Result<HostSelection> {
     const OP: &str = "top_k";
     check_len(OP, "probs", probs.len(), shape.len())?;
-    if k == 0 || k > shape.experts {
-        return Err(Error::param(
-            "k",
-            k,
-            format!("a count in 1..={} (the number of experts)", shape.experts),
-        ));
-    }
+    check_k(k, shape.experts)?;
     check_finite(OP, "probability", probs, shape.experts)?;
     let e = shape.experts;
     let mut selection = HostSelection {
