@@ -7,7 +7,8 @@
 //! - [`data`]: the built-in synthetic language and byte-level text corpora;
 //! - [`sim`]: the closed-loop simulator (controller on synthetic router logits);
 //! - [`io`]: `.npy` / `.npz` arrays and atomic writes;
-//! - `model` (feature `train`): the MoE model on burn;
+//! - `model` (feature `train`): the MoE language model on burn;
+//! - `train` (feature `train`): presets, losses, AdamW, the controller in the loop, metrics;
 //! - `cli` (feature `cli`): the `dtopp` command-line program.
 
 pub mod backends;
@@ -22,6 +23,9 @@ pub mod sim;
 
 #[cfg(feature = "train")]
 pub mod model;
+
+#[cfg(feature = "train")]
+pub mod train;
 
 #[cfg(feature = "cli")]
 pub mod cli;

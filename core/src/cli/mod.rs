@@ -3,6 +3,8 @@
 mod bench;
 mod route;
 mod simulate;
+#[cfg(feature = "train")]
+mod train;
 
 use std::process::ExitCode;
 
@@ -20,6 +22,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Pre-train an MoE language model (Top-k, fixed Top-p or DTop-p routing).
+    #[cfg(feature = "train")]
+    Train(train::TrainArgs),
     /// Run the PI controller in closed loop on synthetic router logits (no model).
     Simulate(simulate::SimulateArgs),
     /// Route a matrix of router logits from a .npy file and write the routing to .npz.
@@ -83,6 +88,8 @@ pub fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        #[cfg(feature = "train")]
+        Command::Train(args) => train::run(args),
         Command::Simulate(args) => simulate::run(args),
         Command::Route(args) => route::run(args),
         Command::Bench(command) => bench::run(command),

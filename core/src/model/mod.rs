@@ -1,10 +1,23 @@
-//! The MoE model on burn (feature `train`). The trainer issue builds the transformer
-//! here; what exists now is the router's normalization as differentiable tensor ops,
-//! checked against the CPU reference's hand-derived backward, and the dropless MoE
-//! feed-forward block, its gradients checked against finite differences.
+//! The MoE language model on burn (feature `train`): the router's normalization (DRN) as
+//! differentiable tensor ops, checked against the CPU reference's hand-derived backward;
+//! the dropless MoE feed-forward block, its gradients checked against finite
+//! differences; attention with RoPE; and the decoder-only model around them.
 
+mod attention;
+mod config;
+mod dense;
 mod drn;
+mod init;
+mod lm;
 mod moe;
+mod moe_layer;
+mod routing;
 
+pub use attention::{CausalSelfAttention, causal_mask};
+pub use config::ModelConfig;
+pub use dense::DenseFfn;
 pub use drn::drn_probs;
-pub use moe::{MoeForward, MoeWeights, Selector, moe_forward};
+pub use lm::{Block, LmOutput, MoeLanguageModel, RoutingPlan};
+pub use moe::{MoeForward, MoeWeights, moe_forward};
+pub use moe_layer::MoeLayer;
+pub use routing::{RouteEngine, Selector};

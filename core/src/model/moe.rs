@@ -4,15 +4,15 @@
 //! the combine weights `g_ij = P_ij / sum_{j in S_i} P_ij` (selection itself is not
 //! differentiable, as in the spec).
 //!
-//! Selection and the plan run on the host here (one read-back of P per layer); the
-//! device-side path through `RoutingOps` on wgpu/CUDA is the trainer's to wire.
+//! Selection and the plan run through the run's [`RouteEngine`] (the CPU reference or
+//! the WGSL kernels) on a host copy of P: one read-back of P per layer.
 
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::backend::Backend;
 use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorData};
 
 use super::drn::drn_probs;
-use crate::cpu;
+use super::routing::{RouteEngine, Selector};
 use crate::error::{Error, Result};
 use crate::ops::RouteShape;
 
@@ -31,27 +31,17 @@ pub struct MoeWeights<B: Backend> {
     pub down: Tensor<B, 3>,
 }
 
-/// How experts are selected.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Selector {
-    /// The `k` most probable experts.
-    TopK(usize),
-    /// Top-p at `threshold`, optionally capped at `k_max`.
-    TopP {
-        /// `p` in (0, 1].
-        threshold: f32,
-        /// Cap on experts per token.
-        k_max: Option<usize>,
-    },
-}
-
 /// What one MoE forward pass produces.
 #[derive(Clone, Debug)]
 pub struct MoeForward<B: Backend> {
     /// `[N, D]` the combined expert outputs.
     pub output: Tensor<B, 2>,
+    /// `[N, E]` raw router logits (for the z-loss).
+    pub logits: Tensor<B, 2>,
     /// `[N, E]` routing probabilities (for the auxiliary losses).
     pub probs: Tensor<B, 2>,
+    /// `[N, E]` selected experts of each token in rank order, padded with `-1`.
+    pub experts: Vec<i32>,
     /// `[N]` experts activated per token.
     pub counts: Vec<i32>,
     /// `[E]` tokens routed to each expert.
@@ -69,6 +59,7 @@ pub fn moe_forward<B: Backend>(
     w: &MoeWeights<B>,
     use_drn: bool,
     selector: Selector,
+    engine: &RouteEngine,
 ) -> Result<MoeForward<B>> {
     let device = x.device();
     let [n, d] = x.dims();
@@ -78,12 +69,12 @@ pub fn moe_forward<B: Backend>(
     // Router and normalization (differentiable).
     let logits = x.clone().matmul(w.router.clone());
     let probs = if use_drn {
-        drn_probs(logits, w.theta.clone())
+        drn_probs(logits.clone(), w.theta.clone())
     } else {
-        softmax(logits, 1)
+        softmax(logits.clone(), 1)
     };
 
-    // Selection and plan on the host (the spec's rules, exactly).
+    // Selection and plan through the run's routing ops (the spec's rules, exactly).
     let host: Vec<f32> = probs
         .clone()
         .into_data()
@@ -92,11 +83,7 @@ pub fn moe_forward<B: Backend>(
             backend: "burn",
             message: format!("{e:?}"),
         })?;
-    let selection = match selector {
-        Selector::TopK(k) => cpu::top_k(&host, shape, k)?,
-        Selector::TopP { threshold, k_max } => cpu::top_p(&host, shape, threshold, k_max)?,
-    };
-    let plan = cpu::dispatch_plan(&selection)?;
+    let (selection, plan) = engine.route(&host, shape, selector)?;
     let routes = plan.route_tokens.len();
 
     // Combine weights from P (differentiable): P at each route, renormalised per token.
@@ -150,7 +137,9 @@ pub fn moe_forward<B: Backend>(
     );
     Ok(MoeForward {
         output,
+        logits,
         probs,
+        experts: selection.experts,
         counts: selection.counts,
         expert_load: plan.expert_counts,
     })
@@ -161,7 +150,8 @@ mod tests {
     use burn::backend::{Autodiff, NdArray};
     use burn::tensor::{Tensor, TensorData};
 
-    use super::{MoeWeights, Selector, moe_forward};
+    use super::{MoeWeights, RouteEngine, Selector, moe_forward};
+    use crate::cpu::CpuReference;
     use crate::rng::SplitMix64;
 
     type B = Autodiff<NdArray>;
@@ -197,7 +187,8 @@ mod tests {
             up: t[4].clone(),
             down: t[5].clone(),
         };
-        let fwd = moe_forward(t[0].clone().reshape([5, 4]), &w, true, selector).unwrap();
+        let engine = RouteEngine::Cpu(CpuReference);
+        let fwd = moe_forward(t[0].clone().reshape([5, 4]), &w, true, selector, &engine).unwrap();
         let weights =
             Tensor::<B, 2>::from_data(TensorData::new(out_w.to_vec(), [5, 4]), &Default::default());
         let routing = fwd.counts.into_iter().chain(fwd.expert_load).collect();

@@ -1,0 +1,144 @@
+//! The decoder-only MoE language model: token embedding, pre-norm blocks of causal
+//! self-attention (RoPE) and a feed-forward that is MoE in every `moe_every`-th block,
+//! a final RMSNorm and an untied output head.
+
+use burn::module::{Module, Param};
+use burn::nn::{RmsNorm, RmsNormConfig};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor};
+
+use super::attention::{CausalSelfAttention, causal_mask};
+use super::config::ModelConfig;
+use super::dense::DenseFfn;
+use super::init::normal_param;
+use super::moe::MoeForward;
+use super::moe_layer::MoeLayer;
+use super::routing::{RouteEngine, Selector};
+use crate::error::{Error, Result};
+use crate::rng::SplitMix64;
+
+/// One pre-norm transformer block.
+#[derive(Module, Debug)]
+pub struct Block<B: Backend> {
+    attn_norm: RmsNorm<B>,
+    attn: CausalSelfAttention<B>,
+    ffn_norm: RmsNorm<B>,
+    /// Present in MoE blocks.
+    pub moe: Option<MoeLayer<B>>,
+    dense: Option<DenseFfn<B>>,
+}
+
+/// The whole model.
+#[derive(Module, Debug)]
+pub struct MoeLanguageModel<B: Backend> {
+    /// `[V, D]` token embedding.
+    pub embed: Param<Tensor<B, 2>>,
+    /// The blocks, first to last.
+    pub blocks: Vec<Block<B>>,
+    final_norm: RmsNorm<B>,
+    /// `[D, V]` output head.
+    pub head: Param<Tensor<B, 2>>,
+}
+
+/// How the MoE layers route in one forward pass.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RoutingPlan {
+    /// DRN (true) or plain softmax (false) on the router logits.
+    pub use_drn: bool,
+    /// One selector per MoE layer, first to last.
+    pub selectors: Vec<Selector>,
+}
+
+/// What a forward pass returns.
+#[derive(Debug)]
+pub struct LmOutput<B: Backend> {
+    /// `[B S, V]` next-token logits, row `b S + s`.
+    pub logits: Tensor<B, 2>,
+    /// One entry per MoE layer, first to last.
+    pub moe: Vec<MoeForward<B>>,
+}
+
+impl<B: Backend> MoeLanguageModel<B> {
+    /// A model with seeded weights (same seed, same weights on every backend).
+    pub fn new(config: &ModelConfig, seed: u64, device: &B::Device) -> Result<Self> {
+        config.validate()?;
+        let mut rng = SplitMix64::substream(seed, 0x4D4F_4445, 0);
+        let (d, v, std) = (config.d_model, config.vocab, config.init_std);
+        let norm = || RmsNormConfig::new(d).init(device);
+        let embed = normal_param(&mut rng, [v, d], std, device);
+        let blocks = (0..config.layers)
+            .map(|l| {
+                let moe = config.is_moe_block(l);
+                Block {
+                    attn_norm: norm(),
+                    attn: CausalSelfAttention::new(config, &mut rng, device),
+                    ffn_norm: norm(),
+                    moe: moe.then(|| MoeLayer::new(config, &mut rng, device)),
+                    dense: (!moe).then(|| DenseFfn::new(config, &mut rng, device)),
+                }
+            })
+            .collect();
+        let head = normal_param(&mut rng, [d, v], std, device);
+        Ok(Self {
+            embed,
+            blocks,
+            final_norm: norm(),
+            head,
+        })
+    }
+
+    /// The MoE layers, first to last.
+    pub fn moe_layers(&self) -> impl Iterator<Item = &MoeLayer<B>> {
+        self.blocks.iter().filter_map(|b| b.moe.as_ref())
+    }
+
+    /// Next-token logits for `tokens` `[B, S]`.
+    pub fn forward(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        routing: &RoutingPlan,
+        engine: &RouteEngine,
+    ) -> Result<LmOutput<B>> {
+        let [b, s] = tokens.dims();
+        let moe_layers = self.moe_layers().count();
+        if routing.selectors.len() != moe_layers {
+            return Err(Error::param(
+                "routing selectors",
+                routing.selectors.len(),
+                format!("one per MoE layer ({moe_layers})"),
+            ));
+        }
+        let device = tokens.device();
+        let d = self.embed.dims()[1];
+        let mask = causal_mask::<B>(s, &device);
+        let mut x = self
+            .embed
+            .val()
+            .select(0, tokens.reshape([b * s]))
+            .reshape([b, s, d]);
+        let mut selectors = routing.selectors.iter();
+        let mut moe = Vec::with_capacity(moe_layers);
+        for block in &self.blocks {
+            x = x.clone() + block.attn.forward(block.attn_norm.forward(x), mask.clone());
+            let h = block.ffn_norm.forward(x.clone()).reshape([b * s, d]);
+            let y = match (&block.moe, &block.dense) {
+                (Some(layer), _) => {
+                    let selector = *selectors.next().expect("one selector per MoE layer");
+                    let out = layer.forward(h, routing.use_drn, selector, engine)?;
+                    let y = out.output.clone();
+                    moe.push(out);
+                    y
+                }
+                (None, Some(dense)) => dense.forward(h),
+                (None, None) => unreachable!("every block has a feed-forward"),
+            };
+            x = x + y.reshape([b, s, d]);
+        }
+        let logits = self
+            .final_norm
+            .forward(x)
+            .reshape([b * s, d])
+            .matmul(self.head.val());
+        Ok(LmOutput { logits, moe })
+    }
+}

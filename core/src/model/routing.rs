@@ -1,0 +1,82 @@
+//! Where a training step's selection and dispatch plan run: the routing ops of the run's
+//! backend (the CPU reference, or the WGSL kernels on a wgpu adapter), never a silent
+//! substitute. The probabilities come from the model (burn, differentiable); the
+//! selection and plan come back as host arrays that index the burn tensors.
+
+use crate::cpu::CpuReference;
+use crate::error::Result;
+use crate::ops::{HostDispatchPlan, HostSelection, RouteShape, RoutingOps};
+
+/// How experts are selected.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Selector {
+    /// The `k` most probable experts.
+    TopK(usize),
+    /// Top-p at `threshold`, optionally capped at `k_max`.
+    TopP {
+        /// `p` in (0, 1].
+        threshold: f32,
+        /// Cap on experts per token.
+        k_max: Option<usize>,
+    },
+}
+
+/// The routing-ops implementation a run uses for Top-k/Top-p selection and the
+/// dispatch plan.
+pub enum RouteEngine {
+    /// The CPU reference (`dtopp::cpu`).
+    Cpu(CpuReference),
+    /// The WGSL kernels (`dtopp-shaders`) through wgpu.
+    #[cfg(feature = "wgpu")]
+    Wgpu(crate::backends::WgpuOps),
+}
+
+impl std::fmt::Debug for RouteEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.describe())
+    }
+}
+
+impl RouteEngine {
+    /// Which implementation runs, for the log (`cpu reference`, `wgpu WGSL kernels on
+    /// <adapter>`).
+    pub fn describe(&self) -> String {
+        match self {
+            RouteEngine::Cpu(_) => "dtopp CPU reference (plain loops)".to_string(),
+            #[cfg(feature = "wgpu")]
+            RouteEngine::Wgpu(ops) => format!("dtopp WGSL kernels on {}", ops.adapter_name()),
+        }
+    }
+
+    /// Selection and dispatch plan of probabilities `[N, E]` (host copy).
+    pub fn route(
+        &self,
+        probs: &[f32],
+        shape: RouteShape,
+        selector: Selector,
+    ) -> Result<(HostSelection, HostDispatchPlan)> {
+        match self {
+            RouteEngine::Cpu(ops) => route_with(ops, probs, shape, selector),
+            #[cfg(feature = "wgpu")]
+            RouteEngine::Wgpu(ops) => route_with(ops, probs, shape, selector),
+        }
+    }
+}
+
+fn route_with<O: RoutingOps>(
+    ops: &O,
+    probs: &[f32],
+    shape: RouteShape,
+    selector: Selector,
+) -> Result<(HostSelection, HostDispatchPlan)> {
+    let probs = ops.upload_floats(probs)?;
+    let selection = match selector {
+        Selector::TopK(k) => ops.top_k(&probs, shape, k)?,
+        Selector::TopP { threshold, k_max } => {
+            let threshold = ops.upload_floats(&[threshold])?;
+            ops.top_p(&probs, shape, &threshold, k_max)?
+        }
+    };
+    let plan = ops.dispatch_plan(&selection)?;
+    Ok((ops.read_selection(&selection)?, ops.read_plan(&plan)?))
+}

@@ -1,0 +1,153 @@
+//! AdamW with global-norm gradient clipping and decay on matrices only.
+//!
+//! burn's own AdamW decays every parameter and clips per tensor; pre-training recipes
+//! clip the norm of the whole gradient and leave norm gains and the DRN scale theta
+//! undecayed (decay would pull theta towards 0, flattening every router). The moments
+//! live here, keyed by parameter id, flattened to one dimension.
+
+use std::collections::HashMap;
+
+use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::optim::GradientsParams;
+use burn::tensor::Tensor;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+
+use super::config::OptimizerConfig;
+
+struct Moments<B: Backend> {
+    first: Tensor<B, 1>,
+    second: Tensor<B, 1>,
+}
+
+/// The optimizer state.
+pub struct AdamW<B: AutodiffBackend> {
+    config: OptimizerConfig,
+    step: u64,
+    moments: HashMap<ParamId, Moments<B::InnerBackend>>,
+}
+
+impl<B: AutodiffBackend> std::fmt::Debug for AdamW<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdamW")
+            .field("config", &self.config)
+            .field("step", &self.step)
+            .field("parameters_with_state", &self.moments.len())
+            .finish()
+    }
+}
+
+impl<B: AutodiffBackend> AdamW<B> {
+    /// A fresh optimizer.
+    pub fn new(config: OptimizerConfig) -> Self {
+        Self {
+            config,
+            step: 0,
+            moments: HashMap::new(),
+        }
+    }
+
+    /// Optimizer steps taken.
+    pub fn steps_taken(&self) -> u64 {
+        self.step
+    }
+
+    /// One update of `module` with learning rate `lr`. Returns the updated module and the
+    /// global gradient norm before clipping.
+    pub fn step<M: AutodiffModule<B>>(
+        &mut self,
+        module: M,
+        mut grads: GradientsParams,
+        lr: f64,
+    ) -> (M, f64) {
+        let mut norm = SquaredNorm::<B> {
+            grads: &grads,
+            total: None,
+        };
+        module.visit(&mut norm);
+        let grad_norm = norm
+            .total
+            .map(|t| f64::from(t.into_scalar().to_f32()).sqrt())
+            .unwrap_or(0.0);
+        let scale = match self.config.grad_clip {
+            Some(clip) if grad_norm > clip => clip / (grad_norm + 1e-6),
+            _ => 1.0,
+        };
+        self.step += 1;
+        let mut update = Update {
+            config: &self.config,
+            step: self.step,
+            lr,
+            scale,
+            grads: &mut grads,
+            moments: &mut self.moments,
+        };
+        (module.map(&mut update), grad_norm)
+    }
+}
+
+trait ToF32 {
+    fn to_f32(self) -> f32;
+}
+
+impl<E: burn::tensor::ElementConversion> ToF32 for E {
+    fn to_f32(self) -> f32 {
+        self.elem()
+    }
+}
+
+struct SquaredNorm<'a, B: AutodiffBackend> {
+    grads: &'a GradientsParams,
+    total: Option<Tensor<B::InnerBackend, 1>>,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for SquaredNorm<'_, B> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        if let Some(grad) = self.grads.get::<B::InnerBackend, D>(param.id) {
+            let squares = grad.square().sum();
+            self.total = Some(match self.total.take() {
+                Some(total) => total + squares,
+                None => squares,
+            });
+        }
+    }
+}
+
+struct Update<'a, B: AutodiffBackend> {
+    config: &'a OptimizerConfig,
+    step: u64,
+    lr: f64,
+    scale: f64,
+    grads: &'a mut GradientsParams,
+    moments: &'a mut HashMap<ParamId, Moments<B::InnerBackend>>,
+}
+
+impl<B: AutodiffBackend> ModuleMapper<B> for Update<'_, B> {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let (id, tensor, mapper) = param.consume();
+        let Some(grad) = self.grads.remove::<B::InnerBackend, D>(id) else {
+            return Param::from_mapped_value(id, tensor, mapper);
+        };
+        let c = self.config;
+        let dims = tensor.dims();
+        let n = dims.iter().product::<usize>();
+        let grad = grad.reshape([n]) * self.scale;
+        let Moments { first, second } = self.moments.remove(&id).unwrap_or_else(|| Moments {
+            first: grad.zeros_like(),
+            second: grad.zeros_like(),
+        });
+        let first = first * c.beta1 + grad.clone() * (1.0 - c.beta1);
+        let second = second * c.beta2 + grad.square() * (1.0 - c.beta2);
+        let t = self.step as i32;
+        let first_hat = first.clone() / (1.0 - c.beta1.powi(t));
+        let second_hat = second.clone() / (1.0 - c.beta2.powi(t));
+        let mut value = tensor.inner().reshape([n]);
+        // Matrices decay; vectors (norm gains, theta) do not.
+        if D >= 2 && c.weight_decay > 0.0 {
+            value = value * (1.0 - self.lr * c.weight_decay);
+        }
+        let value = value - first_hat / (second_hat.sqrt() + c.eps) * self.lr;
+        self.moments.insert(id, Moments { first, second });
+        let value = Tensor::<B, D>::from_inner(value.reshape(dims)).require_grad();
+        Param::from_mapped_value(id, value, mapper)
+    }
+}

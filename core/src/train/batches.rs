@@ -1,0 +1,155 @@
+//! Batches of next-token prediction windows, deterministic from the seed and the step
+//! (so a resumed run sees the same data as an uninterrupted one): the built-in
+//! synthetic language or a byte-level text file, each with a fixed validation set.
+
+use std::path::Path;
+
+use super::config::TrainConfig;
+use crate::data::{SyntheticLanguage, TextCorpus};
+use crate::error::Result;
+use crate::rng::SplitMix64;
+
+/// `B` windows of `S` input tokens and their `S` next tokens, row-major `[B, S]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Batch {
+    /// Sequences in the batch.
+    pub batch: usize,
+    /// Tokens per sequence.
+    pub seq_len: usize,
+    /// `[B, S]` input tokens.
+    pub inputs: Vec<i64>,
+    /// `[B, S]` target tokens (inputs shifted by one).
+    pub targets: Vec<i64>,
+    /// `[B, S]` difficulty in bits of each target (synthetic corpus only).
+    pub difficulty: Option<Vec<f32>>,
+}
+
+/// Where training windows come from.
+#[derive(Debug)]
+pub enum Corpus {
+    /// The built-in synthetic language; every window is its own stream.
+    Synthetic(SyntheticLanguage),
+    /// A byte-level text file, windows at random offsets of the training split.
+    Text(TextCorpus),
+}
+
+/// Stream seeds of validation windows live far from those of training windows.
+const VALIDATION_STREAMS: u64 = 1 << 62;
+
+impl Corpus {
+    /// Opens the corpus a config names (`"synthetic"` or a file path).
+    pub fn open(config: &TrainConfig) -> Result<Self> {
+        let data = &config.data;
+        if data.source == "synthetic" {
+            Ok(Corpus::Synthetic(SyntheticLanguage::new(
+                data.synthetic.clone(),
+            )?))
+        } else {
+            let min = config.model.seq_len + 1;
+            Ok(Corpus::Text(TextCorpus::load(
+                Path::new(&data.source),
+                data.val_fraction,
+                min,
+            )?))
+        }
+    }
+
+    /// A short description for the log.
+    pub fn describe(&self) -> String {
+        match self {
+            Corpus::Synthetic(lang) => {
+                let c = lang.config();
+                format!(
+                    "synthetic language (vocab {}, {} phrases of {} tokens, noise runs of {} with p = {})",
+                    c.vocab, c.phrases, c.phrase_len, c.noise_len, c.noise_prob
+                )
+            }
+            Corpus::Text(text) => format!(
+                "byte-level text: {} training and {} validation tokens",
+                text.train.len(),
+                text.validation.len()
+            ),
+        }
+    }
+
+    /// Micro-batch `micro` of optimizer step `step` (1-based).
+    pub fn train_batch(
+        &self,
+        seed: u64,
+        step: u64,
+        micro: usize,
+        batch: usize,
+        seq_len: usize,
+    ) -> Batch {
+        let window = |b: usize| {
+            let index = (step * 1_000_003 + micro as u64) * 4099 + b as u64;
+            match self {
+                Corpus::Synthetic(lang) => synthetic_window(lang, seed, index, seq_len),
+                Corpus::Text(text) => {
+                    let mut rng = SplitMix64::substream(seed, index, 0x7E47);
+                    let start = rng.below(text.train.len() - seq_len);
+                    (text.train[start..start + seq_len + 1].to_vec(), None)
+                }
+            }
+        };
+        assemble(batch, seq_len, window)
+    }
+
+    /// Validation batch `index`: the same windows at every evaluation.
+    pub fn validation_batch(&self, seed: u64, index: usize, batch: usize, seq_len: usize) -> Batch {
+        let window = |b: usize| {
+            let n = (index * batch + b) as u64;
+            match self {
+                Corpus::Synthetic(lang) => {
+                    synthetic_window(lang, seed, VALIDATION_STREAMS + n, seq_len)
+                }
+                Corpus::Text(text) => {
+                    // Evenly spaced windows over the validation split, wrapping around.
+                    let span = text.validation.len() - seq_len;
+                    let start = (n as usize * (seq_len / 2 + 1)) % span;
+                    (text.validation[start..start + seq_len + 1].to_vec(), None)
+                }
+            }
+        };
+        assemble(batch, seq_len, window)
+    }
+}
+
+fn synthetic_window(
+    lang: &SyntheticLanguage,
+    seed: u64,
+    index: u64,
+    seq_len: usize,
+) -> (Vec<u32>, Option<Vec<f32>>) {
+    let stream = lang.generate(seq_len + 1, seed.wrapping_mul(0x9E37).wrapping_add(index));
+    (stream.tokens, Some(stream.difficulty))
+}
+
+fn assemble(
+    batch: usize,
+    seq_len: usize,
+    window: impl Fn(usize) -> (Vec<u32>, Option<Vec<f32>>),
+) -> Batch {
+    let mut out = Batch {
+        batch,
+        seq_len,
+        inputs: Vec::with_capacity(batch * seq_len),
+        targets: Vec::with_capacity(batch * seq_len),
+        difficulty: None,
+    };
+    let mut difficulty = Vec::new();
+    for b in 0..batch {
+        let (tokens, diff) = window(b);
+        out.inputs
+            .extend(tokens[..seq_len].iter().map(|&t| i64::from(t)));
+        out.targets
+            .extend(tokens[1..].iter().map(|&t| i64::from(t)));
+        if let Some(d) = diff {
+            difficulty.extend_from_slice(&d[1..]);
+        }
+    }
+    if difficulty.len() == batch * seq_len {
+        out.difficulty = Some(difficulty);
+    }
+    out
+}

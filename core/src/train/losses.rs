@@ -1,0 +1,131 @@
+//! The training objective (DESIGN.md section 1): next-token cross-entropy plus, per MoE
+//! layer and averaged over layers, a Switch-style load-balancing loss, a router-entropy
+//! loss and (off by default) the router z-loss.
+
+use burn::tensor::activation::log_softmax;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorData};
+
+use super::config::LossConfig;
+use crate::model::MoeForward;
+
+/// Mean next-token cross-entropy of logits `[N, V]` against targets `[N]`.
+pub fn cross_entropy<B: Backend>(logits: Tensor<B, 2>, targets: Tensor<B, 1, Int>) -> Tensor<B, 1> {
+    let n = targets.dims()[0];
+    let picked = log_softmax(logits, 1).gather(1, targets.reshape([n, 1]));
+    picked.mean().neg()
+}
+
+/// Switch-style balance: `E * sum_j f_j * Pbar_j`, with `f_j` the fraction of routes
+/// that went to expert `j` (a constant; with variable `k` the routes, not the tokens,
+/// are what is balanced) and `Pbar_j` the mean router probability of expert `j`. Equal
+/// to 1 when both are uniform.
+pub fn load_balance<B: Backend>(probs: Tensor<B, 2>, expert_load: &[i32]) -> Tensor<B, 1> {
+    let e = expert_load.len();
+    let routes: i64 = expert_load.iter().map(|&c| i64::from(c)).sum();
+    let fraction: Vec<f32> = expert_load
+        .iter()
+        .map(|&c| c as f32 / routes.max(1) as f32)
+        .collect();
+    let fraction = Tensor::<B, 1>::from_data(TensorData::new(fraction, [e]), &probs.device());
+    (probs.mean_dim(0).reshape([e]) * fraction).sum() * e as f64
+}
+
+/// Mean over tokens of the routing entropy `-sum_j P_ij ln P_ij` (nats).
+pub fn router_entropy<B: Backend>(probs: Tensor<B, 2>) -> Tensor<B, 1> {
+    let log = probs.clone().clamp_min(1e-12).log();
+    (probs * log).sum_dim(1).mean().neg()
+}
+
+/// Mean over tokens of `logsumexp_j(z_ij)^2` of the raw router logits.
+pub fn z_loss<B: Backend>(logits: Tensor<B, 2>) -> Tensor<B, 1> {
+    let max = logits.clone().max_dim(1);
+    let lse = (logits - max.clone()).exp().sum_dim(1).log() + max;
+    lse.square().mean()
+}
+
+/// The parts of one micro-batch's loss.
+#[derive(Debug)]
+pub struct LossParts<B: Backend> {
+    /// The differentiated total.
+    pub total: Tensor<B, 1>,
+    /// Cross-entropy.
+    pub cross_entropy: Tensor<B, 1>,
+    /// Load balance averaged over MoE layers.
+    pub balance: Tensor<B, 1>,
+    /// Router entropy averaged over MoE layers.
+    pub entropy: Tensor<B, 1>,
+}
+
+/// Cross-entropy plus the weighted auxiliary losses of every MoE layer.
+pub fn total_loss<B: Backend>(
+    logits: Tensor<B, 2>,
+    targets: Tensor<B, 1, Int>,
+    moe: &[MoeForward<B>],
+    config: &LossConfig,
+) -> LossParts<B> {
+    let device = logits.device();
+    let ce = cross_entropy(logits, targets);
+    let layers = moe.len().max(1) as f64;
+    let zero = || Tensor::<B, 1>::zeros([1], &device);
+    let (mut balance, mut entropy, mut z) = (zero(), zero(), zero());
+    for layer in moe {
+        balance = balance + load_balance(layer.probs.clone(), &layer.expert_load);
+        entropy = entropy + router_entropy(layer.probs.clone());
+        if config.z_loss > 0.0 {
+            z = z + z_loss(layer.logits.clone());
+        }
+    }
+    let (balance, entropy, z) = (balance / layers, entropy / layers, z / layers);
+    let mut total =
+        ce.clone() + balance.clone() * config.balance + entropy.clone() * config.entropy;
+    if config.z_loss > 0.0 {
+        total = total + z * config.z_loss;
+    }
+    LossParts {
+        total,
+        cross_entropy: ce,
+        balance,
+        entropy,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::backend::NdArray;
+    use burn::tensor::{Int, Tensor, TensorData};
+
+    use super::{cross_entropy, load_balance, router_entropy, z_loss};
+
+    type B = NdArray;
+
+    fn t2(v: Vec<f32>, shape: [usize; 2]) -> Tensor<B, 2> {
+        Tensor::from_data(TensorData::new(v, shape), &Default::default())
+    }
+
+    fn scalar(t: Tensor<B, 1>) -> f32 {
+        t.into_data().to_vec::<f32>().unwrap()[0]
+    }
+
+    #[test]
+    fn losses_match_hand_computed_values() {
+        // Uniform logits over 4 classes: cross-entropy ln 4.
+        let targets = Tensor::<B, 1, Int>::from_data(
+            TensorData::new(vec![0i64, 3], [2]),
+            &Default::default(),
+        );
+        let ce = scalar(cross_entropy(t2(vec![0.0; 8], [2, 4]), targets));
+        assert!((ce - 4f32.ln()).abs() < 1e-6);
+        // Uniform probabilities and load: balance 1, entropy ln 4.
+        let probs = t2(vec![0.25; 8], [2, 4]);
+        assert!((scalar(load_balance(probs.clone(), &[1, 1, 1, 1])) - 1.0).abs() < 1e-6);
+        assert!((scalar(router_entropy(probs)) - 4f32.ln()).abs() < 1e-6);
+        // Everything on expert 0: balance E * 1 * 1 = 4, entropy 0.
+        let peaked = t2(vec![1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0], [2, 4]);
+        assert!((scalar(load_balance(peaked.clone(), &[2, 0, 0, 0])) - 4.0).abs() < 1e-6);
+        assert!(scalar(router_entropy(peaked)).abs() < 1e-6);
+        // z-loss of zero logits over 4 experts: (ln 4)^2.
+        let z = scalar(z_loss(t2(vec![0.0; 8], [2, 4])));
+        assert!((z - 4f32.ln().powi(2)).abs() < 1e-5);
+    }
+}

@@ -1,0 +1,25 @@
+//! Pre-training MoE language models with Top-k, fixed Top-p and DTop-p routing (feature
+//! `train`): configuration and presets, data batches, losses, AdamW with warmup +
+//! cosine schedule and global-norm clipping, the threshold policy, metrics and the loop.
+
+mod adamw;
+mod batches;
+mod config;
+mod losses;
+mod metrics;
+mod mode;
+mod schedule;
+mod threshold;
+mod trainer;
+
+pub use adamw::AdamW;
+pub use batches::{Batch, Corpus};
+pub use config::{
+    DataConfig, LossConfig, OptimizerConfig, Preset, RoutingConfig, RunConfig, TrainConfig,
+};
+pub use losses::{LossParts, cross_entropy, load_balance, router_entropy, total_loss, z_loss};
+pub use metrics::{JsonLines, RoutingSample, RunSummary, StepMetrics};
+pub use mode::RoutingMode;
+pub use schedule::learning_rate;
+pub use threshold::ThresholdPolicy;
+pub use trainer::{TrainOptions, train};

@@ -1,0 +1,90 @@
+//! The threshold side of a run: Top-k's fixed count, a fixed Top-p threshold, or the PI
+//! controller(s) moving it once per optimizer step.
+
+use super::config::TrainConfig;
+use super::mode::RoutingMode;
+use crate::controller::{ThresholdControl, ThresholdScope};
+use crate::error::Result;
+use crate::model::Selector;
+
+/// How the next step's selectors are chosen.
+#[derive(Debug)]
+pub enum ThresholdPolicy {
+    /// Top-k with this `k`.
+    TopK(usize),
+    /// Top-p at fixed thresholds, one per MoE layer.
+    Fixed(Vec<f64>),
+    /// Top-p with thresholds moved by the controller(s).
+    Controlled(ThresholdControl),
+}
+
+impl ThresholdPolicy {
+    /// The policy of `config`'s mode, starting from the calibrated (or configured)
+    /// per-layer thresholds `initial` (global scope: all equal).
+    pub fn new(config: &TrainConfig, layers: usize, initial: &[f64]) -> Result<Self> {
+        let r = &config.routing;
+        Ok(match r.mode {
+            RoutingMode::Topk => ThresholdPolicy::TopK(r.target as usize),
+            RoutingMode::Topp | RoutingMode::DrnOnly => ThresholdPolicy::Fixed(initial.to_vec()),
+            RoutingMode::Dtopp | RoutingMode::DtoppNoDrn => {
+                let starts = match r.scope {
+                    ThresholdScope::Global => vec![initial[0]],
+                    ThresholdScope::PerLayer => initial.to_vec(),
+                };
+                ThresholdPolicy::Controlled(ThresholdControl::new(
+                    &config.controller(),
+                    r.scope,
+                    layers,
+                    &starts,
+                )?)
+            }
+        })
+    }
+
+    /// The thresholds of the next step, one per layer (`None` for Top-k).
+    pub fn thresholds(&self) -> Option<Vec<f64>> {
+        match self {
+            ThresholdPolicy::TopK(_) => None,
+            ThresholdPolicy::Fixed(p) => Some(p.clone()),
+            ThresholdPolicy::Controlled(control) => Some(control.thresholds()),
+        }
+    }
+
+    /// The selectors of the next step, one per MoE layer.
+    pub fn selectors(&self, layers: usize, k_max: Option<usize>) -> Vec<Selector> {
+        match self.thresholds() {
+            None => {
+                let ThresholdPolicy::TopK(k) = self else {
+                    unreachable!("only Top-k has no thresholds")
+                };
+                vec![Selector::TopK(*k); layers]
+            }
+            Some(p) => p
+                .into_iter()
+                .map(|p| Selector::TopP {
+                    threshold: p as f32,
+                    k_max,
+                })
+                .collect(),
+        }
+    }
+
+    /// The controller's integral after the last update (mean over controllers).
+    pub fn integral(&self) -> Option<f64> {
+        match self {
+            ThresholdPolicy::Controlled(control) => {
+                let c = control.controllers();
+                Some(c.iter().map(|c| c.state().integral).sum::<f64>() / c.len() as f64)
+            }
+            _ => None,
+        }
+    }
+
+    /// One controller update from each layer's `a_t` (nothing to do without one).
+    pub fn update(&mut self, active_per_layer: &[f64]) -> Result<()> {
+        match self {
+            ThresholdPolicy::Controlled(control) => control.update(active_per_layer),
+            _ => Ok(()),
+        }
+    }
+}
