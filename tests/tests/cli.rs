@@ -374,3 +374,112 @@ fn simulate_on_wgpu_tracks_like_the_cpu() {
         assert!((c - g).abs() < 0.02, "step {step}: a_t cpu {c}, wgpu {g}");
     }
 }
+
+#[test]
+fn train_writes_a_run_directory_and_refuses_bad_input() {
+    let dir = scratch("train");
+    let config = dir.join("small.toml");
+    std::fs::write(
+        &config,
+        "[run]\nbatch_size = 4\neval_every = 5\nsample_every = 5\nlog_every = 5\n",
+    )
+    .unwrap();
+    let run = dir.join("run");
+    let args = |extra: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = ["train", "--config", config.to_str().unwrap()]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let run_str = run.to_str().unwrap();
+    let refs = |a: &[String]| -> Vec<String> { a.to_vec() };
+    let call = |a: Vec<String>| dtopp(&a.iter().map(String::as_str).collect::<Vec<_>>());
+
+    let out = call(refs(&args(&["--steps", "10", "--out", run_str])));
+    let (_, err) = text(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("selection and dispatch plan: dtopp CPU reference"),
+        "{err}"
+    );
+    assert!(err.contains("step 10/10"), "{err}");
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 10);
+    let last: serde_json::Value = serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
+    for field in [
+        "step",
+        "mode",
+        "target",
+        "threshold",
+        "integral",
+        "active_experts",
+        "active_experts_per_layer",
+        "theta_per_layer",
+        "k_histogram_per_layer",
+        "expert_load_per_layer",
+        "loss",
+        "val_loss",
+        "lr",
+        "tokens_per_sec",
+    ] {
+        assert!(!last[field].is_null(), "{field} missing from {last}");
+    }
+    assert_eq!(
+        last["k_histogram_per_layer"][0].as_array().unwrap().len(),
+        16
+    );
+    let samples = std::fs::read_to_string(run.join("routing_samples.jsonl")).unwrap();
+    let sample: serde_json::Value = serde_json::from_str(samples.lines().last().unwrap()).unwrap();
+    assert_eq!(sample["step"], 10);
+    assert_eq!(
+        sample["experts"].as_array().unwrap().len(),
+        2,
+        "two MoE layers"
+    );
+
+    // The same directory again: refused, the first run untouched.
+    let again = call(refs(&args(&["--steps", "3", "--out", run_str])));
+    assert!(!again.status.success());
+    assert!(text(&again).1.contains("already holds metrics.jsonl"));
+    assert_eq!(
+        std::fs::read_to_string(run.join("metrics.jsonl")).unwrap(),
+        metrics
+    );
+
+    let fresh = dir.join("fresh");
+    let fresh = fresh.to_str().unwrap();
+    for (extra, expected) in [
+        (vec!["--target", "20"], "routing.target"),
+        (vec!["--mode", "topk", "--target", "2.5"], "whole number"),
+        (
+            vec!["--data", "/nonexistent/corpus.txt"],
+            "/nonexistent/corpus.txt",
+        ),
+    ] {
+        let mut a = args(&extra);
+        a.extend(["--out".to_string(), fresh.to_string()]);
+        let out = call(a);
+        let (_, err) = text(&out);
+        assert!(!out.status.success(), "{extra:?} should fail");
+        assert!(err.contains(expected), "{extra:?}: {err}");
+    }
+    std::fs::write(&config, "[routing]\ntreshold = 0.5\n").unwrap();
+    let out = call(args(&["--out", fresh]));
+    assert!(text(&out).1.contains("treshold"), "{}", text(&out).1);
+    let tiny_text = dir.join("tiny.txt");
+    std::fs::write(&tiny_text, "too short").unwrap();
+    std::fs::write(&config, "").unwrap();
+    let out = call(args(&[
+        "--data",
+        tiny_text.to_str().unwrap(),
+        "--out",
+        fresh,
+    ]));
+    assert!(
+        text(&out).1.contains("use a larger file"),
+        "{}",
+        text(&out).1
+    );
+}

@@ -43,7 +43,12 @@ impl<B: Backend> CausalSelfAttention<B> {
     pub fn forward(&self, x: Tensor<B, 3>, mask: Tensor<B, 2, Bool>) -> Tensor<B, 3> {
         let [b, s, d] = x.dims();
         let (h, hd) = (self.heads, d / self.heads);
-        let qkv = x.matmul(self.qkv.val().unsqueeze());
+        // Projections as one [B S, D] matmul: a broadcast batched matmul would repack the
+        // weight for every sequence.
+        let qkv = x
+            .reshape([b * s, d])
+            .matmul(self.qkv.val())
+            .reshape([b, s, 3 * d]);
         let split = |i: usize| {
             qkv.clone()
                 .slice([0..b, 0..s, i * d..(i + 1) * d])
@@ -57,12 +62,15 @@ impl<B: Backend> CausalSelfAttention<B> {
         let context = softmax(scores, 3).matmul(v);
         context
             .swap_dims(1, 2)
+            .reshape([b * s, d])
+            .matmul(self.out.val())
             .reshape([b, s, d])
-            .matmul(self.out.val().unsqueeze())
     }
 }
 
-/// The causal mask `[S, S]`: true where a query would see a later key.
+/// The causal mask `[S, S]`: true where a query would see a later key. burn's
+/// `tril_mask` is true *outside* the lower triangle (diagonal included), which is
+/// exactly the strictly upper part (its `triu_mask` would hide the past instead).
 pub fn causal_mask<B: Backend>(seq: usize, device: &B::Device) -> Tensor<B, 2, Bool> {
-    Tensor::<B, 2, Bool>::triu_mask([seq, seq], 1, device)
+    Tensor::<B, 2, Bool>::tril_mask([seq, seq], 0, device)
 }

@@ -142,3 +142,54 @@ impl<B: Backend> MoeLanguageModel<B> {
         Ok(LmOutput { logits, moe })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use burn::backend::NdArray;
+    use burn::tensor::{Int, Tensor, TensorData};
+
+    use super::{MoeLanguageModel, RoutingPlan};
+    use crate::cpu::CpuReference;
+    use crate::model::{ModelConfig, RouteEngine, Selector};
+
+    type B = NdArray;
+
+    fn config() -> ModelConfig {
+        ModelConfig {
+            vocab: 32,
+            d_model: 16,
+            layers: 3,
+            heads: 2,
+            seq_len: 8,
+            experts: 5,
+            expert_hidden: 8,
+            moe_every: 2,
+            dense_hidden: 12,
+            rope_theta: 10_000.0,
+            init_std: 0.2,
+        }
+    }
+
+    #[test]
+    fn a_later_token_never_changes_an_earlier_prediction() {
+        let device = Default::default();
+        let c = config();
+        let model = MoeLanguageModel::<B>::new(&c, 3, &device).unwrap();
+        let plan = RoutingPlan {
+            use_drn: true,
+            selectors: vec![Selector::TopK(2); c.moe_layers()],
+        };
+        let engine = RouteEngine::Cpu(CpuReference);
+        let logits = |tokens: Vec<i64>| -> Vec<f32> {
+            let t = Tensor::<B, 2, Int>::from_data(TensorData::new(tokens, [1, 8]), &device);
+            let out = model.forward(t, &plan, &engine).unwrap();
+            out.logits.into_data().to_vec().unwrap()
+        };
+        let a = logits(vec![1, 2, 3, 4, 5, 6, 7, 8]);
+        let b = logits(vec![1, 2, 3, 4, 5, 9, 10, 11]);
+        let v = c.vocab;
+        // Positions 0..5 saw identical prefixes; position 5 onwards did not.
+        assert_eq!(a[..5 * v], b[..5 * v]);
+        assert_ne!(a[5 * v..6 * v], b[5 * v..6 * v]);
+    }
+}
