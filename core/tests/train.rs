@@ -198,10 +198,10 @@ fn router_and_theta_gradients_of_the_whole_model_match_finite_differences() {
 fn short_run(mode: RoutingMode, name: &str) -> RunSummary {
     let mut config = Preset::Tiny.config();
     config.routing.mode = mode;
-    config.run.steps = 160;
+    config.run.steps = 200;
     config.run.batch_size = 8;
-    config.run.eval_every = 80;
-    config.run.sample_every = 80;
+    config.run.eval_every = 100;
+    config.run.sample_every = 100;
     config.run.log_every = 1000;
     let out = std::env::temp_dir().join(format!("dtopp-train-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
@@ -225,7 +225,7 @@ fn short_run(mode: RoutingMode, name: &str) -> RunSummary {
         assert!(out.join(file).exists(), "{file} written");
     }
     let lines = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
-    assert_eq!(lines.lines().count(), 160);
+    assert_eq!(lines.lines().count(), 200);
     std::fs::remove_dir_all(&out).unwrap();
     summary
 }
@@ -313,4 +313,63 @@ fn bad_configurations_are_refused_with_the_field_named() {
     );
     let round_trip = base.overlay_toml(&base.to_toml().unwrap()).unwrap();
     assert_eq!(round_trip, base);
+}
+
+#[test]
+fn two_accumulated_micro_batches_equal_one_batch_of_twice_the_size() {
+    let run = |batch: usize, accum: usize, name: &str| -> Vec<(f64, f64)> {
+        let mut config = Preset::Tiny.config();
+        config.run.steps = 4;
+        config.run.batch_size = batch;
+        config.run.grad_accum = accum;
+        config.run.eval_every = 0;
+        config.run.eval_batches = 1;
+        config.run.sample_every = 0;
+        // Balance is a product of per-batch means, so it is the one term that differs
+        // between a batch and the mean over its halves; leave it out here.
+        config.loss.balance = 0.0;
+        let out = std::env::temp_dir().join(format!("dtopp-accum-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&out);
+        train::<B>(
+            &config,
+            &Default::default(),
+            &RouteEngine::Cpu(CpuReference),
+            &TrainOptions {
+                out: &out,
+                progress: false,
+                backend_name: "ndarray",
+            },
+        )
+        .unwrap();
+        let lines = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+        std::fs::remove_dir_all(&out).unwrap();
+        lines
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                (
+                    v["ce_loss"].as_f64().unwrap(),
+                    v["active_experts"].as_f64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let whole = run(8, 1, "whole");
+    let halves = run(4, 2, "halves");
+    for (step, (a, b)) in whole.iter().zip(&halves).enumerate() {
+        assert!(
+            (a.0 - b.0).abs() < 1e-4,
+            "step {}: cross-entropy {} vs {}",
+            step + 1,
+            a.0,
+            b.0
+        );
+        assert!(
+            (a.1 - b.1).abs() < 1e-2,
+            "step {}: a_t {} vs {}",
+            step + 1,
+            a.1,
+            b.1
+        );
+    }
 }

@@ -483,3 +483,60 @@ fn train_writes_a_run_directory_and_refuses_bad_input() {
         text(&out).1
     );
 }
+
+#[test]
+fn train_on_wgpu_follows_the_cpu_run() {
+    if dtopp_tests::wgpu_or_skip().is_none() {
+        return;
+    }
+    let dir = scratch("train-wgpu");
+    let config = dir.join("c.toml");
+    std::fs::write(
+        &config,
+        "[run]\nbatch_size = 4\neval_every = 0\nsample_every = 0\nlog_every = 1\n",
+    )
+    .unwrap();
+    let mut runs = Vec::new();
+    for backend in ["cpu", "wgpu"] {
+        let out_dir = dir.join(backend);
+        let out = dtopp(&[
+            "train",
+            "--config",
+            config.to_str().unwrap(),
+            "--steps",
+            "6",
+            "--backend",
+            backend,
+            "--out",
+            out_dir.to_str().unwrap(),
+        ]);
+        let (_, err) = text(&out);
+        assert!(out.status.success(), "{backend}: {err}");
+        if backend == "wgpu" {
+            assert!(
+                err.contains("selection and dispatch plan: dtopp WGSL kernels on"),
+                "{err}"
+            );
+        }
+        let metrics = std::fs::read_to_string(out_dir.join("metrics.jsonl")).unwrap();
+        let steps: Vec<serde_json::Value> = metrics
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        runs.push(steps);
+    }
+    // Same seed, same initial weights and data: the runs differ only by float rounding
+    // (and by any token whose probability mass sits on the threshold).
+    for (cpu, gpu) in runs[0].iter().zip(&runs[1]) {
+        let (a, b) = (cpu["loss"].as_f64().unwrap(), gpu["loss"].as_f64().unwrap());
+        assert!(
+            (a - b).abs() <= 1e-2 + 2e-3 * a.abs(),
+            "loss cpu {a} wgpu {b}"
+        );
+        let (a, b) = (
+            cpu["active_experts"].as_f64().unwrap(),
+            gpu["active_experts"].as_f64().unwrap(),
+        );
+        assert!((a - b).abs() <= 0.05, "a_t cpu {a} wgpu {b}");
+    }
+}

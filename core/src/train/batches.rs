@@ -81,8 +81,10 @@ impl Corpus {
         batch: usize,
         seq_len: usize,
     ) -> Batch {
+        // Windows are numbered by their place in the whole optimizer step, so `grad_accum`
+        // micro-batches of `B` see the same windows as one batch of `grad_accum * B`.
         let window = |b: usize| {
-            let index = (step * 1_000_003 + micro as u64) * 4099 + b as u64;
+            let index = step * 1_000_003 + (micro * batch + b) as u64;
             match self {
                 Corpus::Synthetic(lang) => synthetic_window(lang, seed, index, seq_len),
                 Corpus::Text(text) => {

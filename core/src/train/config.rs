@@ -156,7 +156,7 @@ fn tiny() -> TrainConfig {
             eval_every: 50,
             eval_batches: 4,
             sample_every: 50,
-            log_every: 10,
+            log_every: 1,
         },
         model: ModelConfig {
             vocab: 256,
@@ -215,7 +215,7 @@ fn small() -> TrainConfig {
         eval_every: 250,
         eval_batches: 8,
         sample_every: 250,
-        log_every: 10,
+        log_every: 1,
     };
     c.model = ModelConfig {
         vocab: 256,

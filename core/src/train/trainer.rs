@@ -349,7 +349,8 @@ fn host_f32<B: Backend, const D: usize>(t: Tensor<B, D>) -> Result<Vec<f32>> {
 }
 
 /// `p_0` per MoE layer: configured, or calibrated on the first training batch so it
-/// activates about `T` experts per token (global scope: one value over all layers).
+/// activates about `T` experts per token (global scope: one value over all layers). The
+/// probe routes Top-k with `k = ceil(T)`, which only shapes what later layers see.
 fn initial_thresholds<B: Backend>(
     config: &TrainConfig,
     model: &MoeLanguageModel<B>,
@@ -366,19 +367,22 @@ fn initial_thresholds<B: Backend>(
         return Ok(vec![1.0; layers]);
     }
     let run = &config.run;
-    let batch = corpus.train_batch(run.seed, 1, 0, run.batch_size, config.model.seq_len);
-    let (inputs, _) = batch_tensors::<B>(&batch, device);
     let probe = RoutingPlan {
         use_drn: r.mode.uses_drn(),
         selectors: vec![Selector::TopK(r.target.ceil() as usize); layers],
     };
-    let output = model.forward(inputs, &probe, engine)?;
+    // Every micro-batch of the first step, so the calibration does not depend on how
+    // the step is split.
+    let mut per_layer: Vec<Vec<f32>> = vec![Vec::new(); layers];
+    for micro in 0..run.grad_accum {
+        let batch = corpus.train_batch(run.seed, 1, micro, run.batch_size, config.model.seq_len);
+        let (inputs, _) = batch_tensors::<B>(&batch, device);
+        let output = model.forward(inputs, &probe, engine)?;
+        for (all, m) in per_layer.iter_mut().zip(output.moe) {
+            all.extend(host_f32(m.probs)?);
+        }
+    }
     let e = config.model.experts;
-    let per_layer: Vec<Vec<f32>> = output
-        .moe
-        .into_iter()
-        .map(|m| host_f32(m.probs))
-        .collect::<Result<_>>()?;
     let tokens = per_layer[0].len() / e;
     Ok(match r.scope {
         ThresholdScope::Global => {
