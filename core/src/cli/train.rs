@@ -86,7 +86,7 @@ pub(crate) fn run(args: TrainArgs) -> Result<()> {
         #[cfg(feature = "wgpu")]
         Backend::Wgpu => {
             use burn::backend::{Autodiff, Wgpu};
-            let engine = RouteEngine::Wgpu(super::wgpu_backend()?);
+            let engine = RouteEngine::Wgpu(Box::new(super::wgpu_backend()?));
             let device = Default::default();
             train::<Autodiff<Wgpu>>(&config, &device, &engine, &options("wgpu"))?;
         }

@@ -51,7 +51,9 @@ impl ModelConfig {
                 return Err(Error::param(name, 0, "at least 1"));
             }
         }
-        if self.d_model % self.heads != 0 || (self.d_model / self.heads) % 2 != 0 {
+        if !self.d_model.is_multiple_of(self.heads)
+            || !(self.d_model / self.heads).is_multiple_of(2)
+        {
             return Err(Error::param(
                 "model.heads",
                 self.heads,
@@ -87,7 +89,7 @@ impl ModelConfig {
 
     /// Whether block `index` (0-based) has an MoE feed-forward.
     pub fn is_moe_block(&self, index: usize) -> bool {
-        index % self.moe_every == 0
+        index.is_multiple_of(self.moe_every)
     }
 
     /// Number of MoE blocks.

@@ -28,7 +28,7 @@ pub enum RouteEngine {
     Cpu(CpuReference),
     /// The WGSL kernels (`dtopp-shaders`) through wgpu.
     #[cfg(feature = "wgpu")]
-    Wgpu(crate::backends::WgpuOps),
+    Wgpu(Box<crate::backends::WgpuOps>),
 }
 
 impl std::fmt::Debug for RouteEngine {
@@ -58,7 +58,7 @@ impl RouteEngine {
         match self {
             RouteEngine::Cpu(ops) => route_with(ops, probs, shape, selector),
             #[cfg(feature = "wgpu")]
-            RouteEngine::Wgpu(ops) => route_with(ops, probs, shape, selector),
+            RouteEngine::Wgpu(ops) => route_with(ops.as_ref(), probs, shape, selector),
         }
     }
 }
