@@ -9,6 +9,7 @@
 //! - [`io`]: `.npy` / `.npz` arrays and atomic writes;
 //! - `model` (feature `train`): the MoE language model on burn;
 //! - `train` (feature `train`): presets, losses, AdamW, the controller in the loop, metrics;
+//! - `reproduce` (feature `reproduce`): every routing mode on the same data, report, plots;
 //! - `cli` (feature `cli`): the `dtopp` command-line program.
 
 pub mod backends;
@@ -26,6 +27,9 @@ pub mod model;
 
 #[cfg(feature = "train")]
 pub mod train;
+
+#[cfg(feature = "reproduce")]
+pub mod reproduce;
 
 #[cfg(feature = "cli")]
 pub mod cli;

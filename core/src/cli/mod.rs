@@ -1,6 +1,8 @@
 //! The `dtopp` command-line program: one module per subcommand.
 
 mod bench;
+#[cfg(feature = "reproduce")]
+mod reproduce;
 mod route;
 mod simulate;
 #[cfg(feature = "train")]
@@ -25,6 +27,9 @@ enum Command {
     /// Pre-train an MoE language model (Top-k, fixed Top-p or DTop-p routing).
     #[cfg(feature = "train")]
     Train(train::TrainArgs),
+    /// Train every routing mode on the same data and write a report with plots.
+    #[cfg(feature = "reproduce")]
+    Reproduce(reproduce::ReproduceArgs),
     /// Run the PI controller in closed loop on synthetic router logits (no model).
     Simulate(simulate::SimulateArgs),
     /// Route a matrix of router logits from a .npy file and write the routing to .npz.
@@ -90,6 +95,8 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         #[cfg(feature = "train")]
         Command::Train(args) => train::run(args),
+        #[cfg(feature = "reproduce")]
+        Command::Reproduce(args) => reproduce::run(args),
         Command::Simulate(args) => simulate::run(args),
         Command::Route(args) => route::run(args),
         Command::Bench(command) => bench::run(command),

@@ -102,10 +102,30 @@ pub struct RunSummary {
     pub active_std_second_half: f64,
     /// The threshold at the end (`null` for Top-k).
     pub final_threshold: Option<f64>,
+    /// `a_t` of each MoE layer, mean over the last 10% of steps.
+    pub final_active_per_layer: Vec<f64>,
+    /// Theta of each MoE layer at the end.
+    pub final_theta_per_layer: Vec<f64>,
+    /// On the synthetic corpus: activated experts of the validation tokens, grouped by
+    /// the difficulty of the token they predict (empty for text corpora).
+    pub experts_by_difficulty: Vec<DifficultyBucket>,
     /// Mean training tokens per second (after the first step).
     pub tokens_per_sec: f64,
     /// Wall time of the run in seconds.
     pub elapsed_s: f64,
+}
+
+/// Routing of the validation tokens whose next token has one difficulty.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DifficultyBucket {
+    /// Entropy in bits of the predicted token under the generator.
+    pub difficulty_bits: f64,
+    /// Token positions in the bucket (over all validation batches).
+    pub tokens: u64,
+    /// Mean activated experts per token, over all MoE layers.
+    pub mean_active: f64,
+    /// Mean activated experts per token in each MoE layer.
+    pub mean_active_per_layer: Vec<f64>,
 }
 
 /// An append-only JSON-lines file.

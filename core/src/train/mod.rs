@@ -18,7 +18,7 @@ pub use config::{
     DataConfig, LossConfig, OptimizerConfig, Preset, RoutingConfig, RunConfig, TrainConfig,
 };
 pub use losses::{LossParts, cross_entropy, load_balance, router_entropy, total_loss, z_loss};
-pub use metrics::{JsonLines, RoutingSample, RunSummary, StepMetrics};
+pub use metrics::{DifficultyBucket, JsonLines, RoutingSample, RunSummary, StepMetrics};
 pub use mode::RoutingMode;
 pub use schedule::learning_rate;
 pub use threshold::ThresholdPolicy;

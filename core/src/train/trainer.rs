@@ -15,7 +15,7 @@ use super::adamw::AdamW;
 use super::batches::{Batch, Corpus};
 use super::config::TrainConfig;
 use super::losses::{cross_entropy, total_loss};
-use super::metrics::{JsonLines, RoutingSample, RunSummary, StepMetrics};
+use super::metrics::{DifficultyBucket, JsonLines, RoutingSample, RunSummary, StepMetrics};
 use super::schedule::learning_rate;
 use super::threshold::ThresholdPolicy;
 use crate::controller::{ThresholdScope, calibrate_threshold};
@@ -255,7 +255,15 @@ pub fn train<B: AutodiffBackend>(
         history.push(record);
     }
 
-    let summary = summarize(config, &history, initial_val, last_val, &policy, started);
+    let by_difficulty = experts_by_difficulty(
+        &model.valid(),
+        &validation,
+        &plan_of(&policy),
+        engine,
+        device,
+    )?;
+    let mut summary = summarize(config, &history, initial_val, last_val, &policy, started);
+    summary.experts_by_difficulty = by_difficulty;
     let json = serde_json::to_vec_pretty(&summary).map_err(|e| Error::Parse {
         what: "run summary",
         message: e.to_string(),
@@ -398,6 +406,48 @@ fn initial_thresholds<B: Backend>(
             })
             .collect::<Result<_>>()?,
     })
+}
+
+/// Activated experts of the validation tokens grouped by the difficulty of the token
+/// each predicts (synthetic corpus; empty otherwise).
+fn experts_by_difficulty<B: Backend>(
+    model: &MoeLanguageModel<B>,
+    batches: &[Batch],
+    plan: &RoutingPlan,
+    engine: &RouteEngine,
+    device: &B::Device,
+) -> Result<Vec<DifficultyBucket>> {
+    // Difficulty in hundredths of a bit -> (tokens, experts summed per layer).
+    let mut buckets: std::collections::BTreeMap<i64, (u64, Vec<u64>)> = Default::default();
+    for batch in batches {
+        let Some(difficulty) = &batch.difficulty else {
+            return Ok(Vec::new());
+        };
+        let (inputs, _) = batch_tensors::<B>(batch, device);
+        let output = model.forward(inputs, plan, engine)?;
+        let layers = output.moe.len();
+        for (i, d) in difficulty.iter().enumerate() {
+            let entry = buckets
+                .entry((f64::from(*d) * 100.0).round() as i64)
+                .or_insert_with(|| (0, vec![0; layers]));
+            entry.0 += 1;
+            for (sum, layer) in entry.1.iter_mut().zip(&output.moe) {
+                *sum += layer.counts[i] as u64;
+            }
+        }
+    }
+    Ok(buckets
+        .into_iter()
+        .map(|(key, (tokens, sums))| {
+            let per_layer: Vec<f64> = sums.iter().map(|&s| s as f64 / tokens as f64).collect();
+            DifficultyBucket {
+                difficulty_bits: key as f64 / 100.0,
+                tokens,
+                mean_active: per_layer.iter().sum::<f64>() / per_layer.len() as f64,
+                mean_active_per_layer: per_layer,
+            }
+        })
+        .collect())
 }
 
 /// Mean validation cross-entropy.
@@ -545,6 +595,19 @@ fn summarize(
         final_threshold: policy
             .thresholds()
             .map(|p| p.iter().sum::<f64>() / p.len() as f64),
+        final_active_per_layer: (0..history[0].active_experts_per_layer.len())
+            .map(|l| {
+                tail.iter()
+                    .map(|m| m.active_experts_per_layer[l])
+                    .sum::<f64>()
+                    / tail.len() as f64
+            })
+            .collect(),
+        final_theta_per_layer: history
+            .last()
+            .map(|m| m.theta_per_layer.clone())
+            .unwrap_or_default(),
+        experts_by_difficulty: Vec::new(),
         tokens_per_sec,
         elapsed_s: elapsed,
     }
