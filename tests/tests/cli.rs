@@ -540,3 +540,47 @@ fn train_on_wgpu_follows_the_cpu_run() {
         assert!((a - b).abs() <= 0.05, "a_t cpu {a} wgpu {b}");
     }
 }
+
+#[test]
+fn reproduce_ci_scale_writes_the_report_and_plots() {
+    let dir = scratch("reproduce");
+    let out = dir.join("repro");
+    let run = dtopp(&["reproduce", "--scale", "ci", "--out", out.to_str().unwrap()]);
+    let (_, err) = text(&run);
+    assert!(run.status.success(), "{err}");
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    for mode in ["topk", "topp", "dtopp", "dtopp-no-drn", "drn-only"] {
+        assert!(
+            report.contains(&format!("| {mode} |")),
+            "{mode} row missing"
+        );
+        assert!(
+            out.join("runs")
+                .join(format!("{mode}-seed0"))
+                .join("metrics.jsonl")
+                .exists()
+        );
+    }
+    for claim in [
+        "1. **DTop-p locks",
+        "2. **Fixed Top-p drifts",
+        "6. **Harder tokens",
+    ] {
+        assert!(report.contains(claim), "{claim} missing from the report");
+    }
+    for png in [
+        "active_experts.png",
+        "train_loss.png",
+        "val_loss.png",
+        "k_per_layer.png",
+        "theta.png",
+        "experts_by_difficulty.png",
+    ] {
+        let bytes = std::fs::read(out.join(png)).unwrap();
+        assert!(bytes.starts_with(b"\x89PNG"), "{png} is not a PNG");
+        assert!(bytes.len() > 10_000, "{png} is only {} bytes", bytes.len());
+    }
+    let again = dtopp(&["reproduce", "--scale", "ci", "--out", out.to_str().unwrap()]);
+    assert!(!again.status.success());
+    assert!(text(&again).1.contains("already holds runs/"));
+}

@@ -115,6 +115,24 @@ pub fn write(
                 .collect();
             let _ = writeln!(r, "| {} | {} |", x.mode, cells.join(" | "));
         }
+        let tokens: u64 = buckets.iter().map(|b| b.tokens).sum();
+        let bits: f64 = buckets
+            .iter()
+            .map(|b| b.tokens as f64 * b.difficulty_bits)
+            .sum::<f64>()
+            / tokens.max(1) as f64;
+        let floor = bits * std::f64::consts::LN_2;
+        let (lo, hi) = results.iter().fold((f64::MAX, f64::MIN), |(lo, hi), x| {
+            (lo.min(x.val_loss.0), hi.max(x.val_loss.0))
+        });
+        let _ = writeln!(
+            r,
+            "\nThe generator's entropy over these validation tokens is {floor:.4} nats per token \
+             ({bits:.3} bits): no model can do better on average. Final validation losses span \
+             {lo:.4}-{hi:.4}, i.e. {:+.4} to {:+.4} from that floor.",
+            lo - floor,
+            hi - floor
+        );
     }
     let _ = writeln!(r, "\n## The paper's claims against these runs\n");
     claims(&mut r, results, t);
