@@ -195,18 +195,12 @@ fn router_and_theta_gradients_of_the_whole_model_match_finite_differences() {
     }
 }
 
-fn short_run(mode: RoutingMode, name: &str) -> RunSummary {
-    let mut config = Preset::Tiny.config();
-    config.routing.mode = mode;
-    config.run.steps = 200;
-    config.run.batch_size = 8;
-    config.run.eval_every = 100;
-    config.run.sample_every = 100;
-    config.run.log_every = 1000;
+/// Trains `config` quietly on the CPU into a fresh temporary run directory.
+fn train_quietly(config: &TrainConfig, name: &str) -> (RunSummary, std::path::PathBuf) {
     let out = std::env::temp_dir().join(format!("dtopp-train-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
     let summary = train::<B>(
-        &config,
+        config,
         &Default::default(),
         &RouteEngine::Cpu(CpuReference),
         &TrainOptions {
@@ -216,6 +210,18 @@ fn short_run(mode: RoutingMode, name: &str) -> RunSummary {
         },
     )
     .unwrap();
+    (summary, out)
+}
+
+fn short_run(mode: RoutingMode, name: &str) -> RunSummary {
+    let mut config = Preset::Tiny.config();
+    config.routing.mode = mode;
+    config.run.steps = 200;
+    config.run.batch_size = 8;
+    config.run.eval_every = 100;
+    config.run.sample_every = 100;
+    config.run.log_every = 1000;
+    let (summary, out) = train_quietly(&config, name);
     for file in [
         "config.toml",
         "metrics.jsonl",
@@ -328,19 +334,7 @@ fn two_accumulated_micro_batches_equal_one_batch_of_twice_the_size() {
         // Balance is a product of per-batch means, so it is the one term that differs
         // between a batch and the mean over its halves; leave it out here.
         config.loss.balance = 0.0;
-        let out = std::env::temp_dir().join(format!("dtopp-accum-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&out);
-        train::<B>(
-            &config,
-            &Default::default(),
-            &RouteEngine::Cpu(CpuReference),
-            &TrainOptions {
-                out: &out,
-                progress: false,
-                backend_name: "ndarray",
-            },
-        )
-        .unwrap();
+        let (_, out) = train_quietly(&config, name);
         let lines = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
         std::fs::remove_dir_all(&out).unwrap();
         lines

@@ -112,24 +112,23 @@ pub fn train<B: AutodiffBackend>(
         use_drn,
         selectors: policy.selectors(layers, config.routing.k_max),
     };
-    let initial_val = evaluate(
-        &model.valid(),
-        &validation,
-        &plan_of(&policy),
-        engine,
-        device,
-    )?;
+    let validate = |model: &MoeLanguageModel<B>, policy: &ThresholdPolicy| {
+        evaluate(
+            &model.valid(),
+            &validation,
+            &plan_of(policy),
+            engine,
+            device,
+        )
+    };
+    let sample = |model: &MoeLanguageModel<B>, policy: &ThresholdPolicy, step: u64| {
+        let plan = plan_of(policy);
+        routing_sample(&model.valid(), &snippet, &corpus, &plan, engine, step)
+    };
+    let initial_val = validate(&model, &policy)?;
     say(format!("step 0: val loss {initial_val:.4}"));
     if run.sample_every > 0 {
-        let s = routing_sample(
-            &model.valid(),
-            &snippet,
-            &corpus,
-            &plan_of(&policy),
-            engine,
-            0,
-        )?;
-        samples.append(&s)?;
+        samples.append(&sample(&model, &policy, 0)?)?;
     }
 
     let mut optimizer = AdamW::<B>::new(config.optimizer.clone());
@@ -194,28 +193,13 @@ pub fn train<B: AutodiffBackend>(
 
         let evaluate_now = (run.eval_every > 0 && step % run.eval_every == 0) || step == run.steps;
         let val_loss = if evaluate_now {
-            let v = evaluate(
-                &model.valid(),
-                &validation,
-                &plan_of(&policy),
-                engine,
-                device,
-            )?;
-            last_val = v;
-            Some(v)
+            last_val = validate(&model, &policy)?;
+            Some(last_val)
         } else {
             None
         };
         if run.sample_every > 0 && (step % run.sample_every == 0 || step == run.steps) {
-            let s = routing_sample(
-                &model.valid(),
-                &snippet,
-                &corpus,
-                &plan_of(&policy),
-                engine,
-                step,
-            )?;
-            samples.append(&s)?;
+            samples.append(&sample(&model, &policy, step)?)?;
         }
 
         let step_time = step_start.elapsed().as_secs_f64();
