@@ -1,6 +1,6 @@
 //! From runs to numbers: per mode, over seeds, the statistics the report and plots show.
 
-use crate::sim::{SETTLE_BAND, SETTLE_WINDOW};
+use crate::sim::mean_std;
 use crate::train::{DifficultyBucket, RoutingMode, RunSummary, StepMetrics, TrainConfig};
 
 /// One finished run.
@@ -38,37 +38,13 @@ pub struct ModeResult {
     pub by_difficulty: Vec<DifficultyBucket>,
 }
 
-fn mean_std(values: &[f64]) -> (f64, f64) {
-    let n = values.len().max(1) as f64;
-    let mean = values.iter().sum::<f64>() / n;
-    let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n;
-    (mean, var.sqrt())
-}
-
 /// The first step of the warm-up-free window.
 pub fn warmup_end(steps: u64) -> u64 {
     steps / 5
 }
 
-/// First step from which the `SETTLE_WINDOW`-step running mean of `a_t` stays within
-/// `SETTLE_BAND` of `T` to the end.
-pub fn settled_at(history: &[StepMetrics], target: f64) -> Option<u64> {
-    let active: Vec<f64> = history.iter().map(|m| m.active_experts).collect();
-    let inside = |t: usize| {
-        let from = (t + 1).saturating_sub(SETTLE_WINDOW);
-        let mean = active[from..=t].iter().sum::<f64>() / (t + 1 - from) as f64;
-        (mean - target).abs() <= SETTLE_BAND * target
-    };
-    (0..active.len())
-        .rev()
-        .take_while(|&t| inside(t))
-        .last()
-        .map(|t| history[t].step)
-}
-
 /// Aggregates one mode's runs.
 pub fn summarize_mode(mode: RoutingMode, config: &TrainConfig, runs: Vec<RunRecord>) -> ModeResult {
-    let target = config.routing.target;
     let from = warmup_end(config.run.steps);
     let vals: Vec<f64> = runs.iter().map(|r| r.summary.final_val_loss).collect();
     let train: Vec<f64> = runs.iter().map(|r| r.summary.final_train_loss).collect();
@@ -123,9 +99,10 @@ pub fn summarize_mode(mode: RoutingMode, config: &TrainConfig, runs: Vec<RunReco
         train_loss: mean_std(&train).0,
         active_mean: mean_std(&means).0,
         active_std: mean_std(&stds).0,
+        // The trainer's tracking summary judges settling (an index into the run's steps).
         settled_at: runs
             .iter()
-            .map(|r| settled_at(&r.history, target))
+            .map(|r| r.summary.tracking.settled_at.map(|t| r.history[t].step))
             .collect(),
         active_per_layer,
         by_difficulty,

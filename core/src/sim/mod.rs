@@ -6,4 +6,4 @@ mod summary;
 
 pub use run::{SimConfig, SimMode, SimOutcome, StepRecord, run_simulation};
 pub use stream::StreamConfig;
-pub use summary::{SETTLE_BAND, SETTLE_WINDOW, TrackingSummary};
+pub use summary::{SETTLE_BAND, SETTLE_WINDOW, TrackingSummary, mean_std};

@@ -10,6 +10,14 @@ pub const SETTLE_BAND: f64 = 0.02;
 /// E=64, T=8) that no controller can remove, while its mean is what sets the compute.
 pub const SETTLE_WINDOW: usize = 10;
 
+/// Mean and population standard deviation (`0, 0` for no values).
+pub fn mean_std(values: &[f64]) -> (f64, f64) {
+    let n = values.len().max(1) as f64;
+    let mean = values.iter().sum::<f64>() / n;
+    let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n;
+    (mean, var.sqrt())
+}
+
 /// Statistics of an `a_t` trajectory against its target.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TrackingSummary {
@@ -48,10 +56,7 @@ impl TrackingSummary {
         let settled_at = settled(&smooth);
         let settled_at_raw = settled(active);
         let window_start = settled_at.unwrap_or(steps / 2);
-        let window = &active[window_start.min(steps)..];
-        let n = window.len().max(1) as f64;
-        let mean = window.iter().sum::<f64>() / n;
-        let var = window.iter().map(|a| (a - mean).powi(2)).sum::<f64>() / n;
+        let (mean, std) = mean_std(&active[window_start.min(steps)..]);
         let first_reach = (0..steps).find(|&t| inside(active, t));
         let overshoot = first_reach.map_or(0.0, |t0| {
             (t0..steps)
@@ -64,7 +69,7 @@ impl TrackingSummary {
             settled_at_raw,
             window_start,
             mean,
-            std: var.sqrt(),
+            std,
             overshoot,
         }
     }

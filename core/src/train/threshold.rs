@@ -52,14 +52,11 @@ impl ThresholdPolicy {
 
     /// The selectors of the next step, one per MoE layer.
     pub fn selectors(&self, layers: usize, k_max: Option<usize>) -> Vec<Selector> {
-        match self.thresholds() {
-            None => {
-                let ThresholdPolicy::TopK(k) = self else {
-                    unreachable!("only Top-k has no thresholds")
-                };
-                vec![Selector::TopK(*k); layers]
-            }
-            Some(p) => p
+        match self {
+            ThresholdPolicy::TopK(k) => vec![Selector::TopK(*k); layers],
+            _ => self
+                .thresholds()
+                .unwrap_or_default()
                 .into_iter()
                 .map(|p| Selector::TopP {
                     threshold: p as f32,

@@ -23,7 +23,7 @@ use crate::error::{Error, Result};
 use crate::io::write_atomic;
 use crate::model::{MoeLanguageModel, RouteEngine, RoutingPlan, Selector};
 use crate::ops::RouteShape;
-use crate::sim::TrackingSummary;
+use crate::sim::{TrackingSummary, mean_std};
 
 /// Where a run writes and how chatty it is.
 #[derive(Debug)]
@@ -125,7 +125,7 @@ pub fn train<B: AutodiffBackend>(
         let plan = plan_of(policy);
         routing_sample(&model.valid(), &snippet, &corpus, &plan, engine, step)
     };
-    let initial_val = validate(&model, &policy)?;
+    let initial_val = validate(&model, &policy)?.loss;
     say(format!("step 0: val loss {initial_val:.4}"));
     if run.sample_every > 0 {
         samples.append(&sample(&model, &policy, 0)?)?;
@@ -137,6 +137,8 @@ pub fn train<B: AutodiffBackend>(
     let started = Instant::now();
     let mut history: Vec<StepMetrics> = Vec::with_capacity(run.steps as usize);
     let mut last_val = initial_val;
+    // The last step always evaluates, so this ends as the final model's routing.
+    let mut by_difficulty = Vec::new();
     for step in 1..=run.steps {
         let step_start = Instant::now();
         let o = &config.optimizer;
@@ -186,14 +188,18 @@ pub fn train<B: AutodiffBackend>(
         let active_per_layer = stats.active_per_layer(tokens_per_micro * run.grad_accum);
         let active = active_per_layer.iter().sum::<f64>() / layers as f64;
         policy.update(&active_per_layer)?;
-        let theta_per_layer = model
-            .moe_layers()
-            .map(|m| host_f32(m.theta.val()).map(|v| f64::from(v[0])))
-            .collect::<Result<Vec<_>>>()?;
+        // One read-back for every layer's theta.
+        let thetas: Vec<Tensor<B, 1>> = model.moe_layers().map(|m| m.theta.val()).collect();
+        let theta_per_layer: Vec<f64> = host_f32(Tensor::cat(thetas, 0))?
+            .into_iter()
+            .map(f64::from)
+            .collect();
 
         let evaluate_now = (run.eval_every > 0 && step % run.eval_every == 0) || step == run.steps;
         let val_loss = if evaluate_now {
-            last_val = validate(&model, &policy)?;
+            let evaluation = validate(&model, &policy)?;
+            last_val = evaluation.loss;
+            by_difficulty = evaluation.by_difficulty;
             Some(last_val)
         } else {
             None
@@ -239,13 +245,6 @@ pub fn train<B: AutodiffBackend>(
         history.push(record);
     }
 
-    let by_difficulty = experts_by_difficulty(
-        &model.valid(),
-        &validation,
-        &plan_of(&policy),
-        engine,
-        device,
-    )?;
     let mut summary = summarize(config, &history, initial_val, last_val, &policy, started);
     summary.experts_by_difficulty = by_difficulty;
     let json = serde_json::to_vec_pretty(&summary).map_err(|e| Error::Parse {
@@ -392,35 +391,43 @@ fn initial_thresholds<B: Backend>(
     })
 }
 
-/// Activated experts of the validation tokens grouped by the difficulty of the token
-/// each predicts (synthetic corpus; empty otherwise).
-fn experts_by_difficulty<B: Backend>(
+/// One pass over the validation batches.
+struct Evaluation {
+    /// Mean cross-entropy.
+    loss: f64,
+    /// Activated experts grouped by the difficulty of the token each position predicts
+    /// (synthetic corpus; empty otherwise).
+    by_difficulty: Vec<DifficultyBucket>,
+}
+
+fn evaluate<B: Backend>(
     model: &MoeLanguageModel<B>,
     batches: &[Batch],
     plan: &RoutingPlan,
     engine: &RouteEngine,
     device: &B::Device,
-) -> Result<Vec<DifficultyBucket>> {
+) -> Result<Evaluation> {
+    let mut total = 0.0;
     // Difficulty in hundredths of a bit -> (tokens, experts summed per layer).
     let mut buckets: std::collections::BTreeMap<i64, (u64, Vec<u64>)> = Default::default();
     for batch in batches {
-        let Some(difficulty) = &batch.difficulty else {
-            return Ok(Vec::new());
-        };
-        let (inputs, _) = batch_tensors::<B>(batch, device);
+        let (inputs, targets) = batch_tensors::<B>(batch, device);
         let output = model.forward(inputs, plan, engine)?;
-        let layers = output.moe.len();
-        for (i, d) in difficulty.iter().enumerate() {
-            let entry = buckets
-                .entry((f64::from(*d) * 100.0).round() as i64)
-                .or_insert_with(|| (0, vec![0; layers]));
-            entry.0 += 1;
-            for (sum, layer) in entry.1.iter_mut().zip(&output.moe) {
-                *sum += layer.counts[i] as u64;
+        if let Some(difficulty) = &batch.difficulty {
+            let layers = output.moe.len();
+            for (i, d) in difficulty.iter().enumerate() {
+                let entry = buckets
+                    .entry((f64::from(*d) * 100.0).round() as i64)
+                    .or_insert_with(|| (0, vec![0; layers]));
+                entry.0 += 1;
+                for (sum, layer) in entry.1.iter_mut().zip(&output.moe) {
+                    *sum += layer.counts[i] as u64;
+                }
             }
         }
+        total += f64::from(host_f32(cross_entropy(output.logits, targets))?[0]);
     }
-    Ok(buckets
+    let by_difficulty = buckets
         .into_iter()
         .map(|(key, (tokens, sums))| {
             let per_layer: Vec<f64> = sums.iter().map(|&s| s as f64 / tokens as f64).collect();
@@ -431,24 +438,11 @@ fn experts_by_difficulty<B: Backend>(
                 mean_active_per_layer: per_layer,
             }
         })
-        .collect())
-}
-
-/// Mean validation cross-entropy.
-fn evaluate<B: Backend>(
-    model: &MoeLanguageModel<B>,
-    batches: &[Batch],
-    plan: &RoutingPlan,
-    engine: &RouteEngine,
-    device: &B::Device,
-) -> Result<f64> {
-    let mut total = 0.0;
-    for batch in batches {
-        let (inputs, targets) = batch_tensors::<B>(batch, device);
-        let output = model.forward(inputs, plan, engine)?;
-        total += f64::from(host_f32(cross_entropy(output.logits, targets))?[0]);
-    }
-    Ok(total / batches.len() as f64)
+        .collect();
+    Ok(Evaluation {
+        loss: total / batches.len() as f64,
+        by_difficulty,
+    })
 }
 
 fn routing_sample<B: Backend>(
@@ -559,9 +553,7 @@ fn summarize(
 ) -> RunSummary {
     let active: Vec<f64> = history.iter().map(|m| m.active_experts).collect();
     let targets = vec![config.routing.target; active.len()];
-    let half = &active[active.len() / 2..];
-    let mean = half.iter().sum::<f64>() / half.len().max(1) as f64;
-    let var = half.iter().map(|a| (a - mean).powi(2)).sum::<f64>() / half.len().max(1) as f64;
+    let (mean, std) = mean_std(&active[active.len() / 2..]);
     let tail = &history[history.len() - (history.len() / 10).max(1)..];
     let elapsed = started.elapsed().as_secs_f64();
     let later = &history[1.min(history.len() - 1)..];
@@ -575,7 +567,7 @@ fn summarize(
         final_train_loss: tail.iter().map(|m| m.ce_loss).sum::<f64>() / tail.len() as f64,
         tracking: TrackingSummary::of(&active, &targets),
         active_mean_second_half: mean,
-        active_std_second_half: var.sqrt(),
+        active_std_second_half: std,
         final_threshold: policy
             .thresholds()
             .map(|p| p.iter().sum::<f64>() / p.len() as f64),
