@@ -7,6 +7,8 @@
 //! - [`data`]: the built-in synthetic language and byte-level text corpora;
 //! - [`sim`]: the closed-loop simulator (controller on synthetic router logits);
 //! - [`io`]: `.npy` / `.npz` arrays and atomic writes;
+//! - [`metrics`]: what a training run writes (`metrics.jsonl`, routing samples, summary),
+//!   readable without burn (the desktop app and the browser demo);
 //! - `model` (feature `train`): the MoE language model on burn;
 //! - `train` (feature `train`): presets, losses, AdamW, the controller in the loop, metrics;
 //! - `reproduce` (feature `reproduce`): every routing mode on the same data, report, plots;
@@ -18,6 +20,7 @@ pub mod cpu;
 pub mod data;
 pub mod error;
 pub mod io;
+pub mod metrics;
 pub mod ops;
 pub mod rng;
 pub mod sim;

@@ -191,6 +191,20 @@ impl PiController {
         Ok(())
     }
 
+    /// Changes gains and clamps while running (the target is kept); a threshold outside
+    /// the new clamps is moved into them.
+    pub fn set_controller(&mut self, config: &ControllerConfig) -> Result<()> {
+        let config = ControllerConfig {
+            target: self.config.target,
+            num_experts: self.config.num_experts,
+            ..config.clone()
+        };
+        config.validate()?;
+        self.state.threshold = self.state.threshold.clamp(config.p_min, config.p_max);
+        self.config = config;
+        Ok(())
+    }
+
     /// One update after an optimizer step with measured mean activated experts `a_t`;
     /// returns `p_{t+1}`.
     pub fn update(&mut self, active_experts: f64) -> Result<f64> {

@@ -123,6 +123,20 @@ impl ThresholdControl {
             .try_for_each(|c| c.set_target(target))
     }
 
+    /// Changes the gains of every controller.
+    pub fn set_gains(&mut self, kp: f64, ki: f64) -> Result<()> {
+        self.controllers
+            .iter_mut()
+            .try_for_each(|c| c.set_gains(kp, ki))
+    }
+
+    /// Changes gains and clamps of every controller (its target is kept).
+    pub fn set_controller(&mut self, config: &ControllerConfig) -> Result<()> {
+        self.controllers
+            .iter_mut()
+            .try_for_each(|c| c.set_controller(config))
+    }
+
     /// One update from the mean activated experts of each layer, `[L]`. The global
     /// controller sees their mean, i.e. the mean over all tokens of all layers.
     pub fn update(&mut self, active_per_layer: &[f64]) -> Result<()> {

@@ -4,6 +4,6 @@ mod run;
 mod stream;
 mod summary;
 
-pub use run::{SimConfig, SimMode, SimOutcome, StepRecord, run_simulation};
+pub use run::{SimConfig, SimMode, SimOutcome, Simulation, StepRecord, run_simulation};
 pub use stream::StreamConfig;
 pub use summary::{SETTLE_BAND, SETTLE_WINDOW, TrackingSummary, mean_std};

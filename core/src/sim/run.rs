@@ -147,22 +147,98 @@ pub struct SimOutcome {
     pub final_threshold: Option<f64>,
 }
 
-/// Runs the closed loop on `ops`, calling `on_step` after every step.
-pub fn run_simulation<O: RoutingOps>(
-    ops: &O,
-    config: &SimConfig,
-    mut on_step: impl FnMut(&StepRecord) -> Result<()>,
-) -> Result<SimOutcome> {
-    config.validate()?;
-    let s = &config.stream;
-    let shape = RouteShape::new(s.tokens, s.experts)?;
-    let mut control: Option<ThresholdControl> = None;
-    let mut fixed: Vec<f64> = Vec::new();
-    let mut active = Vec::with_capacity(config.steps as usize);
-    let mut targets = Vec::with_capacity(config.steps as usize);
+/// A simulation advanced one step at a time; settings can change between steps.
+#[derive(Debug)]
+pub struct Simulation<'o, O: RoutingOps> {
+    ops: &'o O,
+    config: SimConfig,
+    shape: RouteShape,
+    step: u64,
+    control: Option<ThresholdControl>,
+    fixed: Vec<f64>,
+    active: Vec<f64>,
+    targets: Vec<f64>,
+    // A target set while running, overriding the configured schedule.
+    target_override: Option<f64>,
+}
 
-    for step in 0..config.steps {
-        let target = config.target_at(step);
+impl<'o, O: RoutingOps> Simulation<'o, O> {
+    /// A simulation of `config` on `ops`, before its first step.
+    pub fn new(ops: &'o O, config: &SimConfig) -> Result<Self> {
+        config.validate()?;
+        let s = &config.stream;
+        Ok(Self {
+            ops,
+            config: config.clone(),
+            shape: RouteShape::new(s.tokens, s.experts)?,
+            step: 0,
+            control: None,
+            fixed: Vec::new(),
+            active: Vec::new(),
+            targets: Vec::new(),
+            target_override: None,
+        })
+    }
+
+    /// The settings in force.
+    pub fn config(&self) -> &SimConfig {
+        &self.config
+    }
+
+    /// Steps taken.
+    pub fn steps_taken(&self) -> u64 {
+        self.step
+    }
+
+    /// The target of the next step.
+    pub fn target(&self) -> f64 {
+        self.target_override
+            .unwrap_or_else(|| self.config.target_at(self.step))
+    }
+
+    /// Sets `T` from the next step on (the controller keeps its integral).
+    pub fn set_target(&mut self, target: f64) -> Result<()> {
+        let mut config = self.config.clone();
+        config.controller.target = target;
+        config.target_change = None;
+        config.validate()?;
+        self.config = config;
+        self.target_override = Some(target);
+        Ok(())
+    }
+
+    /// Sets the controller's gains and clamps from the next update on.
+    pub fn set_controller(&mut self, kp: f64, ki: f64, p_min: f64, p_max: f64) -> Result<()> {
+        let mut config = self.config.clone();
+        config.controller.kp = kp;
+        config.controller.ki = ki;
+        config.controller.p_min = p_min;
+        config.controller.p_max = p_max;
+        config.validate()?;
+        if let Some(c) = self.control.as_mut() {
+            c.set_controller(&config.controller)?;
+        }
+        self.config = config;
+        Ok(())
+    }
+
+    /// Replaces the logit stream's margin, drift and horizon (the shape stays).
+    pub fn set_stream(&mut self, margin: f64, drift: f64, horizon: u64) -> Result<()> {
+        let mut config = self.config.clone();
+        config.stream.margin = margin;
+        config.stream.drift = drift;
+        config.stream.horizon = horizon;
+        config.validate()?;
+        self.config = config;
+        Ok(())
+    }
+
+    /// One step: route every layer's logits, count, update the controller.
+    pub fn step(&mut self) -> Result<StepRecord> {
+        let (ops, shape, step) = (self.ops, self.shape, self.step);
+        let target = self.target();
+        let config = &self.config;
+        let s = &config.stream;
         let probs: Vec<O::Floats> = (0..s.layers)
             .map(|layer| {
                 let (logits, _) = s.logits(step, layer);
@@ -174,26 +250,26 @@ pub fn run_simulation<O: RoutingOps>(
             let initial = initial_thresholds(ops, config, shape, &probs)?;
             match config.mode {
                 SimMode::Dtopp => {
-                    control = Some(ThresholdControl::new(
+                    self.control = Some(ThresholdControl::new(
                         &config.controller,
                         config.scope,
                         s.layers,
                         &initial,
                     )?);
                 }
-                _ => fixed = initial,
+                _ => self.fixed = initial,
             }
         }
-        if let Some(c) = control.as_mut() {
+        if let Some(c) = self.control.as_mut() {
             c.set_target(target)?;
         }
 
-        let thresholds: Option<Vec<f64>> = match (&control, config.mode) {
+        let thresholds: Option<Vec<f64>> = match (&self.control, config.mode) {
             (Some(c), _) => Some(c.thresholds()),
-            (None, SimMode::Topp) => Some(if fixed.len() == 1 {
-                vec![fixed[0]; s.layers]
+            (None, SimMode::Topp) => Some(if self.fixed.len() == 1 {
+                vec![self.fixed[0]; s.layers]
             } else {
-                fixed.clone()
+                self.fixed.clone()
             }),
             _ => None,
         };
@@ -212,10 +288,10 @@ pub fn run_simulation<O: RoutingOps>(
         }
         let a_t = per_layer.iter().sum::<f64>() / s.layers as f64;
 
-        if let Some(c) = control.as_mut() {
+        if let Some(c) = self.control.as_mut() {
             c.update(&per_layer)?;
         }
-        let (integral, error) = match &control {
+        let (integral, error) = match &self.control {
             Some(c) => {
                 let n = c.controllers().len() as f64;
                 let states = c.states();
@@ -239,20 +315,40 @@ pub fn run_simulation<O: RoutingOps>(
             integral,
             error,
         };
-        on_step(&record)?;
-        active.push(a_t);
-        targets.push(target);
+        self.active.push(a_t);
+        self.targets.push(target);
+        self.step += 1;
+        Ok(record)
     }
 
-    let final_threshold = match (&control, config.mode) {
-        (Some(c), _) => Some(c.thresholds().iter().sum::<f64>() / s.layers as f64),
-        (None, SimMode::Topp) => Some(fixed.iter().sum::<f64>() / fixed.len() as f64),
-        _ => None,
-    };
-    Ok(SimOutcome {
-        tracking: TrackingSummary::of(&active, &targets),
-        final_threshold,
-    })
+    /// Tracking so far and the current threshold.
+    pub fn outcome(&self) -> SimOutcome {
+        let layers = self.config.stream.layers as f64;
+        let final_threshold = match (&self.control, self.config.mode) {
+            (Some(c), _) => Some(c.thresholds().iter().sum::<f64>() / layers),
+            (None, SimMode::Topp) if !self.fixed.is_empty() => {
+                Some(self.fixed.iter().sum::<f64>() / self.fixed.len() as f64)
+            }
+            _ => None,
+        };
+        SimOutcome {
+            tracking: TrackingSummary::of(&self.active, &self.targets),
+            final_threshold,
+        }
+    }
+}
+
+/// Runs the closed loop on `ops`, calling `on_step` after every step.
+pub fn run_simulation<O: RoutingOps>(
+    ops: &O,
+    config: &SimConfig,
+    mut on_step: impl FnMut(&StepRecord) -> Result<()>,
+) -> Result<SimOutcome> {
+    let mut simulation = Simulation::new(ops, config)?;
+    for _ in 0..config.steps {
+        on_step(&simulation.step()?)?;
+    }
+    Ok(simulation.outcome())
 }
 
 /// `p_0`: given, or calibrated on the first batch (over all layers for one global

@@ -6,20 +6,21 @@ mod adamw;
 mod batches;
 mod config;
 mod losses;
-mod metrics;
 mod mode;
 mod schedule;
+mod session;
 mod threshold;
 mod trainer;
 
+pub use crate::metrics::{DifficultyBucket, JsonLines, RoutingSample, RunSummary, StepMetrics};
 pub use adamw::AdamW;
 pub use batches::{Batch, Corpus};
 pub use config::{
     DataConfig, LossConfig, OptimizerConfig, Preset, RoutingConfig, RunConfig, TrainConfig,
 };
 pub use losses::{LossParts, cross_entropy, load_balance, router_entropy, total_loss, z_loss};
-pub use metrics::{DifficultyBucket, JsonLines, RoutingSample, RunSummary, StepMetrics};
 pub use mode::RoutingMode;
 pub use schedule::learning_rate;
+pub use session::{StepOutput, TrainSession};
 pub use threshold::ThresholdPolicy;
 pub use trainer::{TrainOptions, train};

@@ -1,0 +1,644 @@
+//! One training run held in memory and advanced a step at a time: the model, the
+//! optimizer, the threshold policy and the data position. `train` drives it to the end
+//! and writes the run directory; the desktop app drives it live (pause, single step,
+//! target, gains and mode changed between steps).
+
+use std::time::Instant;
+
+use burn::module::AutodiffModule;
+use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Int, Tensor, TensorData};
+
+use super::adamw::AdamW;
+use super::batches::{Batch, Corpus};
+use super::config::TrainConfig;
+use super::losses::{cross_entropy, total_loss};
+use super::mode::RoutingMode;
+use super::schedule::learning_rate;
+use super::threshold::ThresholdPolicy;
+use crate::controller::{ThresholdScope, calibrate_threshold};
+use crate::error::{Error, Result};
+use crate::metrics::{DifficultyBucket, RoutingSample, RunSummary, StepMetrics};
+use crate::model::{MoeLanguageModel, RouteEngine, RoutingPlan, Selector};
+use crate::ops::RouteShape;
+use crate::sim::{TrackingSummary, mean_std};
+
+/// What one optimizer step produced.
+#[derive(Clone, Debug)]
+pub struct StepOutput {
+    /// The step's metrics (one line of `metrics.jsonl`).
+    pub metrics: StepMetrics,
+    /// The routing sample, on steps that take one.
+    pub sample: Option<RoutingSample>,
+}
+
+/// A run in progress.
+pub struct TrainSession<'e, B: AutodiffBackend> {
+    config: TrainConfig,
+    device: B::Device,
+    engine: &'e RouteEngine,
+    corpus: Corpus,
+    // `None` only while an optimizer step owns the model.
+    model: Option<MoeLanguageModel<B>>,
+    optimizer: AdamW<B>,
+    policy: ThresholdPolicy,
+    validation: Vec<Batch>,
+    snippet: Batch,
+    layers: usize,
+    step: u64,
+    initial_val: f64,
+    last_val: f64,
+    by_difficulty: Vec<DifficultyBucket>,
+    history: Vec<StepMetrics>,
+    busy_s: f64,
+}
+
+impl<B: AutodiffBackend> std::fmt::Debug for TrainSession<'_, B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TrainSession")
+            .field("mode", &self.config.routing.mode)
+            .field("step", &self.step)
+            .field("policy", &self.policy)
+            .finish()
+    }
+}
+
+impl<'e, B: AutodiffBackend> TrainSession<'e, B> {
+    /// Builds the model `config` describes on `device` (selecting experts through
+    /// `engine`), opens the corpus, calibrates the threshold and measures the initial
+    /// validation loss.
+    pub fn new(config: &TrainConfig, device: &B::Device, engine: &'e RouteEngine) -> Result<Self> {
+        config.validate()?;
+        let run = &config.run;
+        let corpus = Corpus::open(config)?;
+        let model = MoeLanguageModel::<B>::new(&config.model, run.seed, device)?;
+        let layers = model.moe_layers().count();
+        let validation: Vec<Batch> = (0..run.eval_batches)
+            .map(|i| corpus.validation_batch(run.seed, i, run.batch_size, config.model.seq_len))
+            .collect();
+        let snippet = corpus.validation_batch(run.seed ^ 0x5A4D, 0, 1, config.model.seq_len);
+        let initial = initial_thresholds(config, &model.valid(), &corpus, engine, device)?;
+        let policy = ThresholdPolicy::new(config, layers, &initial)?;
+        let mut session = Self {
+            config: config.clone(),
+            device: device.clone(),
+            engine,
+            corpus,
+            model: Some(model),
+            optimizer: AdamW::new(config.optimizer.clone()),
+            policy,
+            validation,
+            snippet,
+            layers,
+            step: 0,
+            initial_val: f64::NAN,
+            last_val: f64::NAN,
+            by_difficulty: Vec::new(),
+            history: Vec::new(),
+            busy_s: 0.0,
+        };
+        let evaluation = session.evaluate()?;
+        session.initial_val = evaluation.loss;
+        session.last_val = evaluation.loss;
+        session.by_difficulty = evaluation.by_difficulty;
+        Ok(session)
+    }
+
+    /// The configuration in force (with any target, gains or mode changed since).
+    pub fn config(&self) -> &TrainConfig {
+        &self.config
+    }
+
+    /// Optimizer steps taken.
+    pub fn step_index(&self) -> u64 {
+        self.step
+    }
+
+    /// Whether `run.steps` steps have been taken.
+    pub fn finished(&self) -> bool {
+        self.step >= self.config.run.steps
+    }
+
+    /// MoE layers of the model.
+    pub fn moe_layers(&self) -> usize {
+        self.layers
+    }
+
+    /// The corpus trained on.
+    pub fn corpus(&self) -> &Corpus {
+        &self.corpus
+    }
+
+    /// The routing engine's description, for the log.
+    pub fn engine(&self) -> &RouteEngine {
+        self.engine
+    }
+
+    /// The thresholds of the next step, one per MoE layer (`None` for Top-k).
+    pub fn thresholds(&self) -> Option<Vec<f64>> {
+        self.policy.thresholds()
+    }
+
+    /// Validation loss before the first step.
+    pub fn initial_val_loss(&self) -> f64 {
+        self.initial_val
+    }
+
+    /// The most recent validation loss.
+    pub fn last_val_loss(&self) -> f64 {
+        self.last_val
+    }
+
+    /// Every step's metrics so far.
+    pub fn history(&self) -> &[StepMetrics] {
+        &self.history
+    }
+
+    fn model(&self) -> &MoeLanguageModel<B> {
+        self.model
+            .as_ref()
+            .expect("the model is only taken inside an optimizer step")
+    }
+
+    fn plan(&self) -> RoutingPlan {
+        RoutingPlan {
+            use_drn: self.config.routing.mode.uses_drn(),
+            selectors: self
+                .policy
+                .selectors(self.layers, self.config.routing.k_max),
+        }
+    }
+
+    /// Changes `T` from the next step on. The controller keeps its integral (a bumpless
+    /// change); Top-k takes `k = T`; a fixed threshold ignores it, by design.
+    pub fn set_target(&mut self, target: f64) -> Result<()> {
+        let mut config = self.config.clone();
+        config.routing.target = target;
+        config.validate()?;
+        match &mut self.policy {
+            ThresholdPolicy::Controlled(control) => control.set_target(target)?,
+            ThresholdPolicy::TopK(k) => *k = target as usize,
+            ThresholdPolicy::Fixed(_) => {}
+        }
+        self.config = config;
+        Ok(())
+    }
+
+    /// Changes the controller's gains from the next update on.
+    pub fn set_gains(&mut self, kp: f64, ki: f64) -> Result<()> {
+        let mut config = self.config.clone();
+        config.routing.kp = kp;
+        config.routing.ki = ki;
+        config.validate()?;
+        if let ThresholdPolicy::Controlled(control) = &mut self.policy {
+            control.set_gains(kp, ki)?;
+        }
+        self.config = config;
+        Ok(())
+    }
+
+    /// Switches the routing mode from the next step on. A threshold mode continues
+    /// from the current threshold when there is one, otherwise it is calibrated to `T`
+    /// on the current model; the controller starts with an empty integral.
+    pub fn set_mode(&mut self, mode: RoutingMode) -> Result<()> {
+        if mode == self.config.routing.mode {
+            return Ok(());
+        }
+        let mut config = self.config.clone();
+        config.routing.mode = mode;
+        config.validate()?;
+        let initial = match self.policy.thresholds() {
+            Some(p) => p,
+            None => initial_thresholds(
+                &config,
+                &self.model().valid(),
+                &self.corpus,
+                self.engine,
+                &self.device,
+            )?,
+        };
+        self.policy = ThresholdPolicy::new(&config, self.layers, &initial)?;
+        self.config = config;
+        Ok(())
+    }
+
+    /// One optimizer step: the micro-batches forward and backward, one AdamW update,
+    /// one controller update from `a_t`, then validation and a routing sample when due.
+    pub fn step(&mut self) -> Result<StepOutput> {
+        let step_start = Instant::now();
+        let step = self.step + 1;
+        let config = &self.config;
+        let run = &config.run;
+        let o = &config.optimizer;
+        let lr = learning_rate(step, run.steps.max(step), o.warmup_steps, o.lr, o.min_lr);
+        let plan = self.plan();
+        let thresholds = self.policy.thresholds();
+        let layers = self.layers;
+        let device = &self.device;
+
+        let mut model = self
+            .model
+            .take()
+            .expect("a failed step leaves no model; start a new session");
+        let mut accumulator = GradientsAccumulator::new();
+        let mut stats = RoutingStats::new(layers, config.model.experts);
+        let mut losses = [0.0f64; 4];
+        for micro in 0..run.grad_accum {
+            let batch = self.corpus.train_batch(
+                run.seed,
+                step,
+                micro,
+                run.batch_size,
+                config.model.seq_len,
+            );
+            let (inputs, targets) = batch_tensors::<B>(&batch, device);
+            let output = model.forward(inputs, &plan, self.engine)?;
+            let parts = total_loss(output.logits, targets, &output.moe, &config.loss);
+            for (l, layer) in output.moe.iter().enumerate() {
+                stats.add(l, &layer.counts, &layer.expert_load);
+            }
+            let values = host_f32(Tensor::cat(
+                vec![
+                    parts.total.clone(),
+                    parts.cross_entropy,
+                    parts.balance,
+                    parts.entropy,
+                ],
+                0,
+            ))?;
+            if !values[0].is_finite() {
+                return Err(Error::Backend {
+                    backend: "trainer",
+                    message: format!(
+                        "the loss became {} at step {step}: training diverged (try a lower optimizer.lr or optimizer.grad_clip)",
+                        values[0]
+                    ),
+                });
+            }
+            for (sum, v) in losses.iter_mut().zip(&values) {
+                *sum += f64::from(*v) / run.grad_accum as f64;
+            }
+            let grads = (parts.total / run.grad_accum as f64).backward();
+            accumulator.accumulate(&model, GradientsParams::from_grads(grads, &model));
+        }
+        let grad_norm;
+        (model, grad_norm) = self.optimizer.step(model, accumulator.grads(), lr);
+
+        let tokens_per_micro = run.batch_size * config.model.seq_len;
+        let active_per_layer = stats.active_per_layer(tokens_per_micro * run.grad_accum);
+        let active = active_per_layer.iter().sum::<f64>() / layers as f64;
+        self.policy.update(&active_per_layer)?;
+        // One read-back for every layer's theta.
+        let thetas: Vec<Tensor<B, 1>> = model.moe_layers().map(|m| m.theta.val()).collect();
+        let theta_per_layer: Vec<f64> = host_f32(Tensor::cat(thetas, 0))?
+            .into_iter()
+            .map(f64::from)
+            .collect();
+        self.model = Some(model);
+        self.step = step;
+
+        let run = &self.config.run;
+        let evaluate_now = (run.eval_every > 0 && step % run.eval_every == 0) || step == run.steps;
+        let val_loss = if evaluate_now {
+            let evaluation = self.evaluate()?;
+            self.last_val = evaluation.loss;
+            self.by_difficulty = evaluation.by_difficulty;
+            Some(evaluation.loss)
+        } else {
+            None
+        };
+        let run = &self.config.run;
+        let sample = if run.sample_every > 0 && (step % run.sample_every == 0 || step == run.steps)
+        {
+            Some(self.routing_sample()?)
+        } else {
+            None
+        };
+
+        let step_time = step_start.elapsed().as_secs_f64();
+        self.busy_s += step_time;
+        let config = &self.config;
+        let tokens_per_step = config.tokens_per_step();
+        let per_layer_thresholds = thresholds
+            .clone()
+            .filter(|_| config.routing.scope == ThresholdScope::PerLayer);
+        let metrics = StepMetrics {
+            step,
+            mode: config.routing.mode.name().to_string(),
+            target: config.routing.target,
+            threshold: thresholds
+                .as_ref()
+                .map(|p| p.iter().sum::<f64>() / p.len() as f64),
+            threshold_per_layer: per_layer_thresholds,
+            integral: self.policy.integral(),
+            active_experts: active,
+            active_experts_per_layer: active_per_layer,
+            theta_per_layer,
+            k_histogram_per_layer: stats.k_histogram,
+            expert_load_per_layer: stats.expert_load,
+            loss: losses[0],
+            ce_loss: losses[1],
+            balance_loss: losses[2],
+            entropy_loss: losses[3],
+            val_loss,
+            lr,
+            grad_norm,
+            tokens_per_sec: tokens_per_step as f64 / step_time,
+            tokens: self.history.last().map_or(0, |m| m.tokens) + tokens_per_step as u64,
+            elapsed_s: self.busy_s,
+        };
+        self.history.push(metrics.clone());
+        Ok(StepOutput { metrics, sample })
+    }
+
+    /// The routing of the fixed validation snippet under the current model and policy.
+    pub fn routing_sample(&self) -> Result<RoutingSample> {
+        routing_sample(
+            &self.model().valid(),
+            &self.snippet,
+            &self.corpus,
+            &self.plan(),
+            self.engine,
+            self.step,
+        )
+    }
+
+    fn evaluate(&self) -> Result<Evaluation> {
+        evaluate(
+            &self.model().valid(),
+            &self.validation,
+            &self.plan(),
+            self.engine,
+            &self.device,
+        )
+    }
+
+    /// What `summary.json` holds, for the steps taken so far.
+    pub fn summary(&self) -> Result<RunSummary> {
+        let history = &self.history;
+        if history.is_empty() {
+            return Err(Error::param("steps taken", 0, "at least 1 for a summary"));
+        }
+        let active: Vec<f64> = history.iter().map(|m| m.active_experts).collect();
+        let targets: Vec<f64> = history.iter().map(|m| m.target).collect();
+        let (mean, std) = mean_std(&active[active.len() / 2..]);
+        let tail = &history[history.len() - (history.len() / 10).max(1)..];
+        let later = &history[1.min(history.len() - 1)..];
+        let tokens_per_sec =
+            later.iter().map(|m| m.tokens_per_sec).sum::<f64>() / later.len() as f64;
+        Ok(RunSummary {
+            mode: self.config.routing.mode.name().to_string(),
+            steps: self.step,
+            target: self.config.routing.target,
+            initial_val_loss: self.initial_val,
+            final_val_loss: self.last_val,
+            final_train_loss: tail.iter().map(|m| m.ce_loss).sum::<f64>() / tail.len() as f64,
+            tracking: TrackingSummary::of(&active, &targets),
+            active_mean_second_half: mean,
+            active_std_second_half: std,
+            final_threshold: self
+                .policy
+                .thresholds()
+                .map(|p| p.iter().sum::<f64>() / p.len() as f64),
+            final_active_per_layer: (0..self.layers)
+                .map(|l| {
+                    tail.iter()
+                        .map(|m| m.active_experts_per_layer[l])
+                        .sum::<f64>()
+                        / tail.len() as f64
+                })
+                .collect(),
+            final_theta_per_layer: history
+                .last()
+                .map(|m| m.theta_per_layer.clone())
+                .unwrap_or_default(),
+            experts_by_difficulty: self.by_difficulty.clone(),
+            tokens_per_sec,
+            elapsed_s: self.busy_s,
+        })
+    }
+}
+
+/// Per-layer counts of one optimizer step.
+struct RoutingStats {
+    k_sum: Vec<u64>,
+    k_histogram: Vec<Vec<u64>>,
+    expert_load: Vec<Vec<u64>>,
+}
+
+impl RoutingStats {
+    fn new(layers: usize, experts: usize) -> Self {
+        Self {
+            k_sum: vec![0; layers],
+            k_histogram: vec![vec![0; experts]; layers],
+            expert_load: vec![vec![0; experts]; layers],
+        }
+    }
+
+    fn add(&mut self, layer: usize, counts: &[i32], load: &[i32]) {
+        for &k in counts {
+            self.k_sum[layer] += k as u64;
+            self.k_histogram[layer][k as usize - 1] += 1;
+        }
+        for (sum, &c) in self.expert_load[layer].iter_mut().zip(load) {
+            *sum += c as u64;
+        }
+    }
+
+    fn active_per_layer(&self, tokens: usize) -> Vec<f64> {
+        self.k_sum
+            .iter()
+            .map(|&s| s as f64 / tokens as f64)
+            .collect()
+    }
+}
+
+fn batch_tensors<B: Backend>(
+    batch: &Batch,
+    device: &B::Device,
+) -> (Tensor<B, 2, Int>, Tensor<B, 1, Int>) {
+    let shape = [batch.batch, batch.seq_len];
+    let inputs = Tensor::from_data(TensorData::new(batch.inputs.clone(), shape), device);
+    let targets = Tensor::from_data(
+        TensorData::new(batch.targets.clone(), [batch.batch * batch.seq_len]),
+        device,
+    );
+    (inputs, targets)
+}
+
+fn host_f32<B: Backend, const D: usize>(t: Tensor<B, D>) -> Result<Vec<f32>> {
+    t.into_data()
+        .convert::<f32>()
+        .to_vec()
+        .map_err(|e| Error::Backend {
+            backend: "burn",
+            message: format!("reading a tensor back: {e:?}"),
+        })
+}
+
+/// `p_0` per MoE layer: configured, or calibrated on the first training batch so it
+/// activates about `T` experts per token (global scope: one value over all layers). The
+/// probe routes Top-k with `k = ceil(T)`, which only shapes what later layers see.
+fn initial_thresholds<B: Backend>(
+    config: &TrainConfig,
+    model: &MoeLanguageModel<B>,
+    corpus: &Corpus,
+    engine: &RouteEngine,
+    device: &B::Device,
+) -> Result<Vec<f64>> {
+    let layers = model.moe_layers().count();
+    let r = &config.routing;
+    if let Some(p) = r.threshold {
+        return Ok(vec![p; layers]);
+    }
+    if !r.mode.uses_threshold() {
+        return Ok(vec![1.0; layers]);
+    }
+    let run = &config.run;
+    let probe = RoutingPlan {
+        use_drn: r.mode.uses_drn(),
+        selectors: vec![Selector::TopK(r.target.ceil() as usize); layers],
+    };
+    // Every micro-batch of the first step, so the calibration does not depend on how
+    // the step is split.
+    let mut per_layer: Vec<Vec<f32>> = vec![Vec::new(); layers];
+    for micro in 0..run.grad_accum {
+        let batch = corpus.train_batch(run.seed, 1, micro, run.batch_size, config.model.seq_len);
+        let (inputs, _) = batch_tensors::<B>(&batch, device);
+        let output = model.forward(inputs, &probe, engine)?;
+        for (all, m) in per_layer.iter_mut().zip(output.moe) {
+            all.extend(host_f32(m.probs)?);
+        }
+    }
+    let e = config.model.experts;
+    let tokens = per_layer[0].len() / e;
+    Ok(match r.scope {
+        ThresholdScope::Global => {
+            let all: Vec<f32> = per_layer.concat();
+            let p = calibrate_threshold(&all, RouteShape::new(tokens * layers, e)?, r.target)?;
+            vec![p.clamp(r.p_min, r.p_max); layers]
+        }
+        ThresholdScope::PerLayer => per_layer
+            .iter()
+            .map(|probs| {
+                calibrate_threshold(probs, RouteShape::new(tokens, e)?, r.target)
+                    .map(|p| p.clamp(r.p_min, r.p_max))
+            })
+            .collect::<Result<_>>()?,
+    })
+}
+
+/// One pass over the validation batches.
+struct Evaluation {
+    /// Mean cross-entropy.
+    loss: f64,
+    /// Activated experts grouped by the difficulty of the token each position predicts
+    /// (synthetic corpus; empty otherwise).
+    by_difficulty: Vec<DifficultyBucket>,
+}
+
+fn evaluate<B: Backend>(
+    model: &MoeLanguageModel<B>,
+    batches: &[Batch],
+    plan: &RoutingPlan,
+    engine: &RouteEngine,
+    device: &B::Device,
+) -> Result<Evaluation> {
+    let mut total = 0.0;
+    // Difficulty in hundredths of a bit -> (tokens, experts summed per layer).
+    let mut buckets: std::collections::BTreeMap<i64, (u64, Vec<u64>)> = Default::default();
+    for batch in batches {
+        let (inputs, targets) = batch_tensors::<B>(batch, device);
+        let output = model.forward(inputs, plan, engine)?;
+        if let Some(difficulty) = &batch.difficulty {
+            let layers = output.moe.len();
+            for (i, d) in difficulty.iter().enumerate() {
+                let entry = buckets
+                    .entry((f64::from(*d) * 100.0).round() as i64)
+                    .or_insert_with(|| (0, vec![0; layers]));
+                entry.0 += 1;
+                for (sum, layer) in entry.1.iter_mut().zip(&output.moe) {
+                    *sum += layer.counts[i] as u64;
+                }
+            }
+        }
+        total += f64::from(host_f32(cross_entropy(output.logits, targets))?[0]);
+    }
+    let by_difficulty = buckets
+        .into_iter()
+        .map(|(key, (tokens, sums))| {
+            let per_layer: Vec<f64> = sums.iter().map(|&s| s as f64 / tokens as f64).collect();
+            DifficultyBucket {
+                difficulty_bits: key as f64 / 100.0,
+                tokens,
+                mean_active: per_layer.iter().sum::<f64>() / per_layer.len() as f64,
+                mean_active_per_layer: per_layer,
+            }
+        })
+        .collect();
+    Ok(Evaluation {
+        loss: total / batches.len() as f64,
+        by_difficulty,
+    })
+}
+
+fn routing_sample<B: Backend>(
+    model: &MoeLanguageModel<B>,
+    snippet: &Batch,
+    corpus: &Corpus,
+    plan: &RoutingPlan,
+    engine: &RouteEngine,
+    step: u64,
+) -> Result<RoutingSample> {
+    let device = model.embed.device();
+    let (inputs, _) = batch_tensors::<B>(snippet, &device);
+    let output = model.forward(inputs, plan, engine)?;
+    let tokens: Vec<u32> = snippet.inputs.iter().map(|&t| t as u32).collect();
+    let text = tokens
+        .iter()
+        .map(|&t| match corpus {
+            Corpus::Text(_) => printable_byte(t as u8),
+            Corpus::Synthetic(_) => format!("#{t}"),
+        })
+        .collect();
+    // The difficulty of each input token is that of the previous target.
+    let difficulty = snippet.difficulty.as_ref().map(|d| {
+        std::iter::once(0.0)
+            .chain(d[..d.len() - 1].iter().copied())
+            .collect()
+    });
+    let mut experts = Vec::new();
+    let mut probs = Vec::new();
+    for layer in output.moe {
+        let p = host_f32(layer.probs)?;
+        let e = p.len() / tokens.len();
+        let (mut ex, mut pr) = (Vec::new(), Vec::new());
+        for (i, &k) in layer.counts.iter().enumerate() {
+            let chosen: Vec<u32> = layer.experts[i * e..i * e + k as usize]
+                .iter()
+                .map(|&j| j as u32)
+                .collect();
+            pr.push(chosen.iter().map(|&j| p[i * e + j as usize]).collect());
+            ex.push(chosen);
+        }
+        experts.push(ex);
+        probs.push(pr);
+    }
+    Ok(RoutingSample {
+        step,
+        tokens,
+        text,
+        difficulty,
+        experts,
+        probs,
+    })
+}
+
+fn printable_byte(b: u8) -> String {
+    match b {
+        b' '..=b'~' => (b as char).to_string(),
+        b'\n' => "\\n".to_string(),
+        _ => format!("\\x{b:02x}"),
+    }
+}

@@ -1,0 +1,203 @@
+//! The app driven headless through egui_kittest, rendered by wgpu (lavapipe in CI):
+//! replaying the fixture runs (`tests/fixtures`, written by `dtopp train`), malformed
+//! and growing files, an unreadable directory, the simulator and live training. One
+//! snapshot image per view is compared against `tests/snapshots/`.
+//!
+//! Without a wgpu adapter the rendering tests print why they skip;
+//! `DTOPP_REQUIRE_WGPU=1` makes that a failure (CI sets it).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use dtopp_desktop::sources::SourceKind;
+use dtopp_desktop::views::View;
+use dtopp_desktop::{DesktopApp, StartOptions};
+use egui_kittest::Harness;
+use egui_kittest::kittest::Queryable;
+
+const SIZE: [f32; 2] = [1280.0, 820.0];
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+fn metrics_lines(dir: &Path) -> usize {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .count()
+}
+
+fn harness(app: DesktopApp, render: bool) -> Harness<'static, DesktopApp> {
+    let builder = Harness::builder().with_size(SIZE).with_max_steps(20);
+    let builder = if render { builder.wgpu() } else { builder };
+    builder.build_eframe(move |_| app)
+}
+
+/// Whether a wgpu adapter exists to render snapshots with.
+fn can_render(test: &str) -> bool {
+    match dtopp::backends::WgpuOps::new() {
+        Ok(_) => true,
+        Err(e) => {
+            assert!(
+                std::env::var("DTOPP_REQUIRE_WGPU").as_deref() != Ok("1"),
+                "{test}: no wgpu adapter ({e}), and DTOPP_REQUIRE_WGPU=1"
+            );
+            println!("SKIPPED {test}: no wgpu adapter to render with ({e})");
+            false
+        }
+    }
+}
+
+fn replay_app(dirs: Vec<PathBuf>) -> DesktopApp {
+    DesktopApp::with_settings(
+        dtopp_desktop::settings::Settings {
+            hide_frame_rate: true,
+            ..Default::default()
+        },
+        StartOptions {
+            replay_dirs: dirs,
+            ..Default::default()
+        },
+    )
+}
+
+#[test]
+fn replaying_a_run_draws_every_step_in_the_controller_plot() {
+    let dir = fixture("tiny-dtopp");
+    let mut h = harness(replay_app(vec![dir.clone()]), false);
+    h.run_steps(3);
+    let steps = metrics_lines(&dir);
+    assert!(steps >= 30, "fixture has {steps} steps");
+    assert_eq!(h.state().controller_points(), steps);
+    h.get_by_label(&format!("{steps} steps"));
+    h.get_by_label_contains("at step");
+    assert!(
+        h.state().messages().is_empty(),
+        "{:?}",
+        h.state().messages()
+    );
+}
+
+#[test]
+fn every_view_renders_a_snapshot() {
+    if !can_render("every_view_renders_a_snapshot") {
+        return;
+    }
+    let app = replay_app(vec![fixture("tiny-dtopp"), fixture("tiny-topp")]);
+    let mut h = harness(app, true);
+    let mut results = egui_kittest::SnapshotResults::new();
+    for view in View::ALL {
+        h.state_mut().settings_mut().view = view;
+        h.run_steps(3);
+        results.add(h.try_snapshot(format!("view-{}", view.label().to_lowercase())));
+    }
+    results.unwrap();
+}
+
+#[test]
+fn malformed_and_partial_lines_are_reported_not_fatal() {
+    let dir = std::env::temp_dir().join(format!("dtopp-desktop-malformed-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let source = fixture("tiny-dtopp");
+    let text = std::fs::read_to_string(source.join("metrics.jsonl")).unwrap();
+    let mut lines: Vec<&str> = text.lines().collect();
+    let last = lines.pop().unwrap();
+    let (head, tail) = last.split_at(last.len() / 2);
+    let mut body = String::new();
+    for (i, line) in lines.iter().enumerate() {
+        body.push_str(line);
+        body.push('\n');
+        if i == 3 {
+            body.push_str("{\"step\": oops}\n");
+        }
+    }
+    // The writer is mid-line: half of the last record, no newline yet.
+    body.push_str(head);
+    std::fs::write(dir.join("metrics.jsonl"), &body).unwrap();
+
+    let mut h = harness(replay_app(vec![dir.clone()]), false);
+    h.run_steps(2);
+    assert_eq!(h.state().controller_points(), lines.len());
+    h.get_by_label_contains("line 5: not a metrics record");
+
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(dir.join("metrics.jsonl"))
+        .unwrap();
+    writeln!(f, "{tail}").unwrap();
+    drop(f);
+    std::thread::sleep(dtopp_desktop::sources::replay::POLL_INTERVAL + Duration::from_millis(50));
+    h.run_steps(2);
+    assert_eq!(h.state().controller_points(), lines.len() + 1);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn an_unreadable_run_directory_is_a_message() {
+    let missing = std::env::temp_dir().join("dtopp-desktop-no-such-run");
+    let mut h = harness(replay_app(vec![missing]), false);
+    h.run_steps(2);
+    h.get_by_label_contains("cannot open run directory");
+    assert!(h.state().replays().is_empty());
+}
+
+#[test]
+fn the_simulator_runs_three_modes_side_by_side() {
+    let mut app = DesktopApp::with_settings(Default::default(), StartOptions::default());
+    app.settings_mut().source = SourceKind::Simulator;
+    app.settings_mut().sim.tokens = 128;
+    app.settings_mut().sim.steps_per_second = 500.0;
+    let mut h = harness(app, false);
+    let start = Instant::now();
+    while h.state().simulator().map_or(0, |s| s.runs[0].steps.len()) < 20 {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the simulator did not advance"
+        );
+        h.step();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let sim = h.state().simulator().unwrap();
+    let modes: Vec<&str> = sim.runs.iter().map(|r| r.mode.as_str()).collect();
+    assert_eq!(modes, ["dtopp", "topp", "topk"]);
+    assert!(h.state().controller_points() > 0);
+}
+
+#[test]
+fn live_training_advances_and_takes_a_new_target() {
+    let app = DesktopApp::with_settings(
+        Default::default(),
+        StartOptions {
+            live: true,
+            ..Default::default()
+        },
+    );
+    let mut h = harness(app, false);
+    let steps = |h: &Harness<'_, DesktopApp>| h.state().live().map_or(0, |l| l.run.steps.len());
+    let start = Instant::now();
+    while steps(&h) < 3 {
+        assert!(
+            start.elapsed() < Duration::from_secs(300),
+            "live training made {} steps in 300 s; problems: {:?}",
+            steps(&h),
+            h.state().live().map(|l| l.problems.clone())
+        );
+        h.step();
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let live = h.state().live().unwrap();
+    assert!(live.problems.is_empty(), "{:?}", live.problems);
+    assert!(!live.description.is_empty());
+    assert!(live.run.steps.iter().all(|s| s.threshold.is_some()));
+    assert!(h.state().controller_points() >= 1);
+    // The UI thread never waited for a step: every frame above returned at once.
+    h.get_by_label("⏸ Pause").click();
+    h.run_steps(2);
+    assert!(!h.state().live().unwrap().running);
+}
