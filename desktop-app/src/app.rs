@@ -40,6 +40,9 @@ pub struct DesktopApp {
     live: Option<LiveSource>,
     #[cfg(feature = "live")]
     live_history: Vec<RunData>,
+    // The live settings the worker was last told, to send only what changed.
+    #[cfg(feature = "live")]
+    live_sent: Option<crate::sources::live::LiveSettings>,
     replays: Vec<ReplaySource>,
     primary_replay: usize,
     sim: Option<SimSource>,
@@ -71,6 +74,8 @@ impl DesktopApp {
             live: None,
             #[cfg(feature = "live")]
             live_history: Vec::new(),
+            #[cfg(feature = "live")]
+            live_sent: None,
             replays: Vec::new(),
             primary_replay: 0,
             sim: None,
@@ -192,6 +197,30 @@ impl DesktopApp {
             }
         }
         self.live = Some(LiveSource::start(&self.settings.live));
+        self.live_sent = Some(self.settings.live.clone());
+    }
+
+    /// Sends the worker the mode, target and gains changed since it was last told.
+    #[cfg(feature = "live")]
+    fn sync_live(&mut self) {
+        use dtopp::train::RoutingMode;
+        let (Some(live), Some(sent)) = (self.live.as_mut(), self.live_sent.as_mut()) else {
+            return;
+        };
+        let wanted = &mut self.settings.live;
+        if wanted.mode == RoutingMode::Topk {
+            wanted.target = wanted.target.round();
+        }
+        if wanted.mode != sent.mode {
+            live.send(Command::SetMode(wanted.mode));
+        }
+        if wanted.target != sent.target {
+            live.send(Command::SetTarget(wanted.target));
+        }
+        if (wanted.kp, wanted.ki) != (sent.kp, sent.ki) {
+            live.send(Command::SetGains(wanted.kp, wanted.ki));
+        }
+        *sent = wanted.clone();
     }
 
     fn ensure_simulator(&mut self) {
@@ -210,6 +239,8 @@ impl DesktopApp {
         for replay in &mut self.replays {
             replay.poll_if_due();
         }
+        #[cfg(feature = "live")]
+        self.sync_live();
         #[cfg(feature = "live")]
         if let Some(live) = self.live.as_mut() {
             live.drain();
@@ -451,7 +482,6 @@ impl DesktopApp {
             }
         });
         let live = &mut self.settings.live;
-        let before = live.clone();
         egui::Grid::new("live-settings")
             .num_columns(2)
             .show(ui, |ui| {
@@ -500,23 +530,12 @@ impl DesktopApp {
                     });
                 ui.end_row();
             });
-        let after = live.clone();
-        if let Some(l) = self.live.as_mut() {
-            if after.mode == RoutingMode::Topk && after.target.fract() != 0.0 {
-                self.settings.live.target = after.target.round();
-            }
-            let after = self.settings.live.clone();
-            if after.mode != before.mode {
-                l.send(Command::SetMode(after.mode));
-            }
-            if after.target != before.target {
-                l.send(Command::SetTarget(after.target));
-            }
-            if (after.kp, after.ki) != (before.kp, before.ki) {
-                l.send(Command::SetGains(after.kp, after.ki));
-            }
-        }
-        if (after.steps, after.seed, after.backend) != (before.steps, before.seed, before.backend) {
+        let pending = |s: &crate::sources::live::LiveSettings| (s.steps, s.seed, s.backend);
+        if self
+            .live_sent
+            .as_ref()
+            .is_some_and(|sent| pending(sent) != pending(&self.settings.live))
+        {
             ui.label("Steps, seed and backend apply at the next Reset.");
         }
         ui.separator();

@@ -196,7 +196,22 @@ fn live_training_advances_and_takes_a_new_target() {
     assert!(!live.description.is_empty());
     assert!(live.run.steps.iter().all(|s| s.threshold.is_some()));
     assert!(h.state().controller_points() >= 1);
-    // The UI thread never waited for a step: every frame above returned at once.
+    // A new target reaches the worker between steps.
+    h.state_mut().settings_mut().live.target = 6.0;
+    let before = steps(&h);
+    let start = Instant::now();
+    while !h
+        .state()
+        .live()
+        .is_some_and(|l| l.run.steps[before..].iter().any(|s| s.target == 6.0))
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(300),
+            "T = 6 never arrived"
+        );
+        h.step();
+        std::thread::sleep(Duration::from_millis(50));
+    }
     h.get_by_label("⏸ Pause").click();
     h.run_steps(2);
     assert!(!h.state().live().unwrap().running);

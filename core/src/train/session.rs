@@ -299,7 +299,8 @@ impl<'e, B: AutodiffBackend> TrainSession<'e, B> {
         self.step = step;
 
         let run = &self.config.run;
-        let evaluate_now = (run.eval_every > 0 && step % run.eval_every == 0) || step == run.steps;
+        let evaluate_now =
+            (run.eval_every > 0 && step.is_multiple_of(run.eval_every)) || step == run.steps;
         let val_loss = if evaluate_now {
             let evaluation = self.evaluate()?;
             self.last_val = evaluation.loss;
@@ -309,7 +310,8 @@ impl<'e, B: AutodiffBackend> TrainSession<'e, B> {
             None
         };
         let run = &self.config.run;
-        let sample = if run.sample_every > 0 && (step % run.sample_every == 0 || step == run.steps)
+        let sample = if run.sample_every > 0
+            && (step.is_multiple_of(run.sample_every) || step == run.steps)
         {
             Some(self.routing_sample()?)
         } else {
