@@ -367,3 +367,58 @@ fn two_accumulated_micro_batches_equal_one_batch_of_twice_the_size() {
         );
     }
 }
+
+#[test]
+fn token_shards_train_and_out_of_vocabulary_tokens_are_named() {
+    let dir = std::env::temp_dir().join(format!("dtopp-shard-train-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    // A learnable stream: a repeating 13-token cycle through the tiny vocabulary.
+    let stream =
+        |offset: u16| -> Vec<u16> { (0..4000u16).map(|i| (i + offset) % 13 * 7).collect() };
+    dtopp::data::write_shard(&dir.join("toy_train_000.bin"), &stream(0)).unwrap();
+    dtopp::data::write_shard(&dir.join("toy_train_001.bin"), &stream(5)).unwrap();
+    dtopp::data::write_shard(&dir.join("toy_val_000.bin"), &stream(9)).unwrap();
+
+    let mut config = Preset::Tiny.config();
+    config.data.source = format!("shards:{}", dir.join("toy_train_*.bin").display());
+    config.data.validation = Some(format!("shards:{}", dir.join("toy_val_*.bin").display()));
+    config.run.steps = 30;
+    config.run.batch_size = 8;
+    config.run.eval_every = 30;
+    let (summary, out) = train_quietly(&config, "shards");
+    assert!(
+        summary.final_val_loss < summary.initial_val_loss - 1.0,
+        "val loss {} -> {}",
+        summary.initial_val_loss,
+        summary.final_val_loss
+    );
+    std::fs::remove_dir_all(&out).unwrap();
+
+    // A token the model's vocabulary cannot hold stops the run with the shard named.
+    let mut bad = stream(0);
+    for i in (0..bad.len()).step_by(50) {
+        bad[i] = 300;
+    }
+    dtopp::data::write_shard(&dir.join("toy_bad.bin"), &bad).unwrap();
+    config.data.source = format!("shards:{}", dir.join("toy_bad.bin").display());
+    let err = train::<B>(
+        &config,
+        &Default::default(),
+        &RouteEngine::Cpu(CpuReference),
+        &TrainOptions {
+            out: &dir.join("bad-run"),
+            progress: false,
+            backend_name: "ndarray",
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("toy_bad.bin")
+            && err.contains("token 300")
+            && err.contains("model.vocab = 256"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -20,7 +20,8 @@ pub(crate) struct TrainArgs {
     /// TOML file laid over the preset (only the fields it sets change; see README).
     #[arg(long, value_name = "FILE.toml")]
     config: Option<PathBuf>,
-    /// Training data: `synthetic` (built-in) or the path of a UTF-8 text file.
+    /// Training data: `synthetic` (built-in), the path of a UTF-8 text file, or
+    /// `shards:GLOB` (llm.c / nanoGPT token shards; see docs/data.md).
     #[arg(long, value_name = "synthetic|PATH")]
     data: Option<String>,
     /// Routing mode.

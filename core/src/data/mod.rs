@@ -1,7 +1,15 @@
-//! Training data: the built-in synthetic language and byte-level text files.
+//! Training data: the built-in synthetic language, byte-level text files and (feature
+//! `train`) pre-tokenized llm.c / nanoGPT token shards.
 
+#[cfg(feature = "train")]
+mod shards;
 mod synthetic;
 mod text;
 
+#[cfg(feature = "train")]
+pub use shards::{
+    HEADER_INTS, SHARD_MAGIC, SHARD_VERSION, ShardCorpus, ShardSet, TokenShard, expand_pattern,
+    write_shard,
+};
 pub use synthetic::{SyntheticConfig, SyntheticLanguage, TokenStream};
 pub use text::{BYTE_VOCAB, TextCorpus};

@@ -1,11 +1,12 @@
 //! Batches of next-token prediction windows, deterministic from the seed and the step
 //! (so a resumed run sees the same data as an uninterrupted one): the built-in
-//! synthetic language or a byte-level text file, each with a fixed validation set.
+//! synthetic language, a byte-level text file or token shards, each with a fixed
+//! validation set.
 
 use std::path::Path;
 
-use super::config::TrainConfig;
-use crate::data::{SyntheticLanguage, TextCorpus};
+use super::config::{SHARDS_PREFIX, TrainConfig};
+use crate::data::{ShardCorpus, SyntheticLanguage, TextCorpus};
 use crate::error::Result;
 use crate::rng::SplitMix64;
 
@@ -31,6 +32,14 @@ pub enum Corpus {
     Synthetic(SyntheticLanguage),
     /// A byte-level text file, windows at random offsets of the training split.
     Text(TextCorpus),
+    /// Token shards, windows at random places of the training shards; tokens are
+    /// checked against the vocabulary as they are read.
+    Shards {
+        /// The shards.
+        corpus: ShardCorpus,
+        /// `model.vocab`.
+        vocab: usize,
+    },
 }
 
 /// Stream seeds of validation windows live far from those of training windows.
@@ -44,6 +53,20 @@ impl Corpus {
             Ok(Corpus::Synthetic(SyntheticLanguage::new(
                 data.synthetic.clone(),
             )?))
+        } else if let Some(train) = data.source.strip_prefix(SHARDS_PREFIX) {
+            let validation = data
+                .validation
+                .as_deref()
+                .map(|v| v.strip_prefix(SHARDS_PREFIX).unwrap_or(v));
+            Ok(Corpus::Shards {
+                corpus: ShardCorpus::open(
+                    train,
+                    validation,
+                    data.val_fraction,
+                    config.model.seq_len + 1,
+                )?,
+                vocab: config.model.vocab,
+            })
         } else {
             let min = config.model.seq_len + 1;
             Ok(Corpus::Text(TextCorpus::load(
@@ -69,6 +92,12 @@ impl Corpus {
                 text.train.len(),
                 text.validation.len()
             ),
+            Corpus::Shards { corpus, .. } => format!(
+                "token shards: {} files, {} training and {} validation tokens (memory-mapped)",
+                corpus.files,
+                corpus.train.tokens(),
+                corpus.validation.tokens()
+            ),
         }
     }
 
@@ -80,17 +109,22 @@ impl Corpus {
         micro: usize,
         batch: usize,
         seq_len: usize,
-    ) -> Batch {
+    ) -> Result<Batch> {
         // Windows are numbered by their place in the whole optimizer step, so `grad_accum`
         // micro-batches of `B` see the same windows as one batch of `grad_accum * B`.
         let window = |b: usize| {
             let index = step * 1_000_003 + (micro * batch + b) as u64;
             match self {
-                Corpus::Synthetic(lang) => synthetic_window(lang, seed, index, seq_len),
+                Corpus::Synthetic(lang) => Ok(synthetic_window(lang, seed, index, seq_len)),
                 Corpus::Text(text) => {
                     let mut rng = SplitMix64::substream(seed, index, 0x7E47);
                     let start = rng.below(text.train.len() - seq_len);
-                    (text.train[start..start + seq_len + 1].to_vec(), None)
+                    Ok((text.train[start..start + seq_len + 1].to_vec(), None))
+                }
+                Corpus::Shards { corpus, vocab } => {
+                    let mut rng = SplitMix64::substream(seed, index, 0x7E47);
+                    let n = rng.below(corpus.train.windows());
+                    Ok((corpus.train.window(n, *vocab)?, None))
                 }
             }
         };
@@ -98,18 +132,32 @@ impl Corpus {
     }
 
     /// Validation batch `index`: the same windows at every evaluation.
-    pub fn validation_batch(&self, seed: u64, index: usize, batch: usize, seq_len: usize) -> Batch {
+    pub fn validation_batch(
+        &self,
+        seed: u64,
+        index: usize,
+        batch: usize,
+        seq_len: usize,
+    ) -> Result<Batch> {
         let window = |b: usize| {
             let n = (index * batch + b) as u64;
             match self {
-                Corpus::Synthetic(lang) => {
-                    synthetic_window(lang, seed, VALIDATION_STREAMS + n, seq_len)
-                }
+                Corpus::Synthetic(lang) => Ok(synthetic_window(
+                    lang,
+                    seed,
+                    VALIDATION_STREAMS + n,
+                    seq_len,
+                )),
                 Corpus::Text(text) => {
                     // Evenly spaced windows over the validation split, wrapping around.
                     let span = text.validation.len() - seq_len;
                     let start = (n as usize * (seq_len / 2 + 1)) % span;
-                    (text.validation[start..start + seq_len + 1].to_vec(), None)
+                    Ok((text.validation[start..start + seq_len + 1].to_vec(), None))
+                }
+                Corpus::Shards { corpus, vocab } => {
+                    // Windows half a sequence apart from the start of the validation set.
+                    let n = n as usize * (seq_len / 2 + 1);
+                    Ok((corpus.validation.window(n, *vocab)?, None))
                 }
             }
         };
@@ -127,11 +175,13 @@ fn synthetic_window(
     (stream.tokens, Some(stream.difficulty))
 }
 
+type Window = (Vec<u32>, Option<Vec<f32>>);
+
 fn assemble(
     batch: usize,
     seq_len: usize,
-    window: impl Fn(usize) -> (Vec<u32>, Option<Vec<f32>>),
-) -> Batch {
+    window: impl Fn(usize) -> Result<Window>,
+) -> Result<Batch> {
     let mut out = Batch {
         batch,
         seq_len,
@@ -141,7 +191,7 @@ fn assemble(
     };
     let mut difficulty = Vec::new();
     for b in 0..batch {
-        let (tokens, diff) = window(b);
+        let (tokens, diff) = window(b)?;
         out.inputs
             .extend(tokens[..seq_len].iter().map(|&t| i64::from(t)));
         out.targets
@@ -153,5 +203,5 @@ fn assemble(
     if difficulty.len() == batch * seq_len {
         out.difficulty = Some(difficulty);
     }
-    out
+    Ok(out)
 }

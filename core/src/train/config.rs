@@ -117,10 +117,15 @@ pub struct LossConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
-    /// `"synthetic"` (the built-in language) or the path of a UTF-8 text file
-    /// (byte-level tokens, vocabulary 256).
+    /// `"synthetic"` (the built-in language), `"shards:GLOB"` (llm.c / nanoGPT token
+    /// shards, e.g. `"shards:data/fineweb_train_*.bin"`), or the path of a UTF-8 text
+    /// file (byte-level tokens, vocabulary 256).
     pub source: String,
-    /// Fraction of a text file kept for validation (its tail).
+    /// Validation shards (`"shards:GLOB"`); without it the last `val_fraction` of the
+    /// last training shard is held out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validation: Option<String>,
+    /// Fraction of a text file (or of the last shard) kept for validation (its tail).
     pub val_fraction: f64,
     /// The synthetic language (used when `source = "synthetic"`).
     pub synthetic: SyntheticConfig,
@@ -199,6 +204,7 @@ fn tiny() -> TrainConfig {
         },
         data: DataConfig {
             source: "synthetic".to_string(),
+            validation: None,
             val_fraction: 0.1,
             synthetic: SyntheticConfig::default(),
         },
@@ -413,6 +419,22 @@ impl TrainConfig {
                     format!("the model's vocabulary, model.vocab = {}", self.model.vocab),
                 ));
             }
+        } else if d.source.starts_with(SHARDS_PREFIX) {
+            if let Some(v) = &d.validation
+                && !v.starts_with(SHARDS_PREFIX)
+            {
+                return Err(Error::param(
+                    "data.validation",
+                    v,
+                    "validation shards as \"shards:GLOB\"",
+                ));
+            }
+        } else if d.validation.is_some() {
+            return Err(Error::param(
+                "data.validation",
+                d.validation.as_deref().unwrap_or_default(),
+                "only with token shards (data.source = \"shards:GLOB\"); text files hold out their tail",
+            ));
         } else if self.model.vocab < crate::data::BYTE_VOCAB {
             return Err(Error::param(
                 "model.vocab",
@@ -427,6 +449,9 @@ impl TrainConfig {
         Ok(())
     }
 }
+
+/// `data.source` / `data.validation` prefix naming token shards.
+pub const SHARDS_PREFIX: &str = "shards:";
 
 fn merge(base: &mut toml::Table, overlay: toml::Table) {
     for (key, value) in overlay {

@@ -76,8 +76,8 @@ impl<'e, B: AutodiffBackend> TrainSession<'e, B> {
         let layers = model.moe_layers().count();
         let validation: Vec<Batch> = (0..run.eval_batches)
             .map(|i| corpus.validation_batch(run.seed, i, run.batch_size, config.model.seq_len))
-            .collect();
-        let snippet = corpus.validation_batch(run.seed ^ 0x5A4D, 0, 1, config.model.seq_len);
+            .collect::<Result<_>>()?;
+        let snippet = corpus.validation_batch(run.seed ^ 0x5A4D, 0, 1, config.model.seq_len)?;
         let initial = initial_thresholds(config, &model.valid(), &corpus, engine, device)?;
         let policy = ThresholdPolicy::new(config, layers, &initial)?;
         let mut session = Self {
@@ -237,6 +237,14 @@ impl<'e, B: AutodiffBackend> TrainSession<'e, B> {
         let layers = self.layers;
         let device = &self.device;
 
+        // Read before the model is taken, so a bad window (say, a token outside the
+        // vocabulary) leaves the session intact.
+        let batches: Vec<Batch> = (0..run.grad_accum)
+            .map(|micro| {
+                self.corpus
+                    .train_batch(run.seed, step, micro, run.batch_size, config.model.seq_len)
+            })
+            .collect::<Result<_>>()?;
         let mut model = self
             .model
             .take()
@@ -244,15 +252,8 @@ impl<'e, B: AutodiffBackend> TrainSession<'e, B> {
         let mut accumulator = GradientsAccumulator::new();
         let mut stats = RoutingStats::new(layers, config.model.experts);
         let mut losses = [0.0f64; 4];
-        for micro in 0..run.grad_accum {
-            let batch = self.corpus.train_batch(
-                run.seed,
-                step,
-                micro,
-                run.batch_size,
-                config.model.seq_len,
-            );
-            let (inputs, targets) = batch_tensors::<B>(&batch, device);
+        for batch in &batches {
+            let (inputs, targets) = batch_tensors::<B>(batch, device);
             let output = model.forward(inputs, &plan, self.engine)?;
             let parts = total_loss(output.logits, targets, &output.moe, &config.loss);
             for (l, layer) in output.moe.iter().enumerate() {
@@ -506,7 +507,7 @@ fn initial_thresholds<B: Backend>(
     // the step is split.
     let mut per_layer: Vec<Vec<f32>> = vec![Vec::new(); layers];
     for micro in 0..run.grad_accum {
-        let batch = corpus.train_batch(run.seed, 1, micro, run.batch_size, config.model.seq_len);
+        let batch = corpus.train_batch(run.seed, 1, micro, run.batch_size, config.model.seq_len)?;
         let (inputs, _) = batch_tensors::<B>(&batch, device);
         let output = model.forward(inputs, &probe, engine)?;
         for (all, m) in per_layer.iter_mut().zip(output.moe) {
@@ -601,7 +602,7 @@ fn routing_sample<B: Backend>(
         .iter()
         .map(|&t| match corpus {
             Corpus::Text(_) => printable_byte(t as u8),
-            Corpus::Synthetic(_) => format!("#{t}"),
+            Corpus::Synthetic(_) | Corpus::Shards { .. } => format!("#{t}"),
         })
         .collect();
     // The difficulty of each input token is that of the previous target.
