@@ -108,4 +108,14 @@ impl ModelConfig {
             .sum();
         2 * v * d + d + blocks
     }
+
+    /// Parameters one token uses when it activates `active` experts per MoE layer on
+    /// average (all attention, dense and embedding parameters, `active / E` of each MoE
+    /// layer's experts, the whole router).
+    pub fn active_parameters(&self, active: f64) -> f64 {
+        let experts = 3 * self.experts * self.d_model * self.expert_hidden;
+        let moe_blocks = (0..self.layers).filter(|&l| self.is_moe_block(l)).count();
+        let unused = experts as f64 * (1.0 - active / self.experts as f64);
+        self.parameters() as f64 - moe_blocks as f64 * unused
+    }
 }
