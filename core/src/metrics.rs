@@ -150,6 +150,18 @@ impl JsonLines {
         })
     }
 
+    /// Opens an existing file to add lines after the ones it holds (resume).
+    pub fn open_append(path: &Path) -> Result<Self> {
+        let file = OpenOptions::new()
+            .append(true)
+            .open(path)
+            .map_err(|e| Error::io("cannot open for appending", path, e))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            file,
+        })
+    }
+
     /// Appends one object as one line, written and flushed at once.
     pub fn append<T: Serialize>(&mut self, value: &T) -> Result<()> {
         let mut line = serde_json::to_vec(value).map_err(|e| Error::Parse {

@@ -10,7 +10,7 @@ use super::Backend;
 use crate::cpu::CpuReference;
 use crate::error::Result;
 use crate::model::RouteEngine;
-use crate::train::{Preset, RoutingMode, TrainConfig, TrainOptions, train};
+use crate::train::{Preset, RoutingMode, TrainConfig, TrainOptions, resume, train};
 
 #[derive(Debug, Args)]
 pub(crate) struct TrainArgs {
@@ -40,8 +40,20 @@ pub(crate) struct TrainArgs {
     #[arg(long, value_enum, default_value_t = Backend::Cpu)]
     backend: Backend,
     /// Run directory (created; must not already hold a run).
-    #[arg(long, value_name = "DIR")]
-    out: PathBuf,
+    #[arg(long, value_name = "DIR", required_unless_present = "resume")]
+    out: Option<PathBuf>,
+    /// Continue the run in DIR from its newest intact checkpoint (to --steps, default the
+    /// steps it was started with); the run's own config.toml is used.
+    #[arg(
+        long,
+        value_name = "DIR",
+        conflicts_with_all = ["out", "config", "data", "mode", "target", "seed", "checkpoint_every"]
+    )]
+    resume: Option<PathBuf>,
+    /// Write a checkpoint every K steps and at the end (0: none; presets: tiny 0,
+    /// small 250, paper-1.3b-64e8a 500).
+    #[arg(long, value_name = "K")]
+    checkpoint_every: Option<u64>,
     /// No progress lines.
     #[arg(long)]
     quiet: bool,
@@ -65,33 +77,58 @@ impl TrainArgs {
         if let Some(seed) = self.seed {
             c.run.seed = seed;
         }
+        if let Some(every) = self.checkpoint_every {
+            c.run.checkpoint_every = every;
+        }
         c.validate()?;
         Ok(c)
     }
 }
 
 pub(crate) fn run(args: TrainArgs) -> Result<()> {
-    let config = args.config()?;
+    let dir = match (&args.resume, &args.out) {
+        (Some(dir), _) | (None, Some(dir)) => dir.clone(),
+        (None, None) => unreachable!("clap requires --out or --resume"),
+    };
     let options = |backend_name| TrainOptions {
-        out: &args.out,
+        out: &dir,
         progress: !args.quiet,
         backend_name,
     };
+    macro_rules! go {
+        ($backend:ty, $engine:expr, $name:expr) => {{
+            let engine = $engine;
+            let device = Default::default();
+            match &args.resume {
+                Some(run_dir) => {
+                    resume::<$backend>(run_dir, args.steps, &device, &engine, &options($name))?;
+                }
+                None => {
+                    let config = args.config()?;
+                    train::<$backend>(&config, &device, &engine, &options($name))?;
+                }
+            }
+        }};
+    }
     match args.backend {
         Backend::Cpu => {
             use burn::backend::{Autodiff, NdArray};
-            let engine = RouteEngine::Cpu(CpuReference);
-            let device = Default::default();
-            train::<Autodiff<NdArray>>(&config, &device, &engine, &options("ndarray (CPU)"))?;
+            go!(
+                Autodiff<NdArray>,
+                RouteEngine::Cpu(CpuReference),
+                "ndarray (CPU)"
+            );
         }
         #[cfg(feature = "wgpu")]
         Backend::Wgpu => {
             use burn::backend::{Autodiff, Wgpu};
-            let engine = RouteEngine::Wgpu(Box::new(super::wgpu_backend()?));
-            let device = Default::default();
-            train::<Autodiff<Wgpu>>(&config, &device, &engine, &options("wgpu"))?;
+            go!(
+                Autodiff<Wgpu>,
+                RouteEngine::Wgpu(Box::new(super::wgpu_backend()?)),
+                "wgpu"
+            );
         }
     }
-    eprintln!("run directory: {}", args.out.display());
+    eprintln!("run directory: {}", dir.display());
     Ok(())
 }

@@ -51,6 +51,43 @@ impl<B: AutodiffBackend> AdamW<B> {
         self.step
     }
 
+    /// The `(first, second)` moments of one parameter, flattened (checkpoints).
+    pub fn moments_of(&self, id: &ParamId) -> Option<(Vec<f32>, Vec<f32>)> {
+        let m = self.moments.get(id)?;
+        let read =
+            |t: &Tensor<B::InnerBackend, 1>| t.to_data().convert::<f32>().to_vec::<f32>().ok();
+        Some((read(&m.first)?, read(&m.second)?))
+    }
+
+    /// Restores the step count and the moments of the given parameters (resume).
+    pub fn restore(
+        &mut self,
+        step: u64,
+        moments: Vec<(ParamId, Vec<f32>, Vec<f32>)>,
+        device: &B::Device,
+    ) {
+        self.step = step;
+        self.moments = moments
+            .into_iter()
+            .map(|(id, first, second)| {
+                let n = first.len();
+                let tensor = |v: Vec<f32>| {
+                    Tensor::<B::InnerBackend, 1>::from_data(
+                        burn::tensor::TensorData::new(v, [n]),
+                        device,
+                    )
+                };
+                (
+                    id,
+                    Moments {
+                        first: tensor(first),
+                        second: tensor(second),
+                    },
+                )
+            })
+            .collect();
+    }
+
     /// One update of `module` with learning rate `lr`. Returns the updated module and the
     /// global gradient norm before clipping.
     pub fn step<M: AutodiffModule<B>>(

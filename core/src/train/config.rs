@@ -52,6 +52,16 @@ pub struct RunConfig {
     pub sample_every: u64,
     /// Progress line every this many steps.
     pub log_every: u64,
+    /// A checkpoint every this many steps and at the end; 0: none.
+    #[serde(default)]
+    pub checkpoint_every: u64,
+    /// Checkpoints kept (the newest).
+    #[serde(default = "default_keep_checkpoints")]
+    pub keep_checkpoints: usize,
+}
+
+fn default_keep_checkpoints() -> usize {
+    3
 }
 
 /// Expert selection and the threshold controller.
@@ -168,6 +178,8 @@ fn tiny() -> TrainConfig {
             eval_batches: 4,
             sample_every: 50,
             log_every: 1,
+            checkpoint_every: 0,
+            keep_checkpoints: 3,
         },
         model: ModelConfig {
             vocab: 256,
@@ -228,6 +240,8 @@ fn small() -> TrainConfig {
         eval_batches: 8,
         sample_every: 250,
         log_every: 1,
+        checkpoint_every: 250,
+        keep_checkpoints: 3,
     };
     c.model = ModelConfig {
         vocab: 256,
@@ -266,6 +280,8 @@ fn paper_13b() -> TrainConfig {
         eval_batches: 16,
         sample_every: 1000,
         log_every: 1,
+        checkpoint_every: 500,
+        keep_checkpoints: 3,
     };
     c.model = ModelConfig {
         vocab: 50_304,

@@ -4,6 +4,7 @@
 
 mod adamw;
 mod batches;
+mod checkpoint;
 mod config;
 mod losses;
 mod mode;
@@ -15,6 +16,10 @@ mod trainer;
 pub use crate::metrics::{DifficultyBucket, JsonLines, RoutingSample, RunSummary, StepMetrics};
 pub use adamw::AdamW;
 pub use batches::{Batch, Corpus};
+pub use checkpoint::{
+    ABORT_IN_CHECKPOINT_ENV, Checkpoint, CheckpointHeader, PolicyState, checkpoint_dir,
+    latest_checkpoint, list_checkpoints, write_checkpoint,
+};
 pub use config::{
     DataConfig, LossConfig, OptimizerConfig, Preset, RoutingConfig, RunConfig, TrainConfig,
 };
@@ -23,4 +28,4 @@ pub use mode::RoutingMode;
 pub use schedule::learning_rate;
 pub use session::{StepOutput, TrainSession};
 pub use threshold::ThresholdPolicy;
-pub use trainer::{TrainOptions, train};
+pub use trainer::{TrainOptions, resume, train};

@@ -5,13 +5,14 @@
 
 use std::time::Instant;
 
-use burn::module::AutodiffModule;
+use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
 
 use super::adamw::AdamW;
 use super::batches::{Batch, Corpus};
+use super::checkpoint::{Checkpoint, CheckpointHeader};
 use super::config::TrainConfig;
 use super::losses::{cross_entropy, total_loss};
 use super::mode::RoutingMode;
@@ -71,13 +72,9 @@ impl<'e, B: AutodiffBackend> TrainSession<'e, B> {
     pub fn new(config: &TrainConfig, device: &B::Device, engine: &'e RouteEngine) -> Result<Self> {
         config.validate()?;
         let run = &config.run;
-        let corpus = Corpus::open(config)?;
+        let (corpus, validation, snippet) = open_data(config)?;
         let model = MoeLanguageModel::<B>::new(&config.model, run.seed, device)?;
         let layers = model.moe_layers().count();
-        let validation: Vec<Batch> = (0..run.eval_batches)
-            .map(|i| corpus.validation_batch(run.seed, i, run.batch_size, config.model.seq_len))
-            .collect::<Result<_>>()?;
-        let snippet = corpus.validation_batch(run.seed ^ 0x5A4D, 0, 1, config.model.seq_len)?;
         let initial = initial_thresholds(config, &model.valid(), &corpus, engine, device)?;
         let policy = ThresholdPolicy::new(config, layers, &initial)?;
         let mut session = Self {
@@ -103,6 +100,131 @@ impl<'e, B: AutodiffBackend> TrainSession<'e, B> {
         session.last_val = evaluation.loss;
         session.by_difficulty = evaluation.by_difficulty;
         Ok(session)
+    }
+
+    /// Continues a run from `checkpoint` (whose model must be `config`'s) with the
+    /// metrics of its steps so far (`history`, steps `1..=checkpoint step`). Routing
+    /// settings come from the checkpoint; the rest (such as `run.steps`) from `config`.
+    pub fn restore(
+        config: &TrainConfig,
+        device: &B::Device,
+        engine: &'e RouteEngine,
+        checkpoint: Checkpoint,
+        history: Vec<StepMetrics>,
+    ) -> Result<Self> {
+        let Checkpoint {
+            header,
+            params,
+            moments,
+        } = checkpoint;
+        if header.model != config.model {
+            return Err(Error::Parse {
+                what: "checkpoint",
+                message: "its model differs from the run's config.toml [model]; resume with the config the run was started with".into(),
+            });
+        }
+        if history.len() as u64 != header.step {
+            return Err(Error::Parse {
+                what: "checkpoint",
+                message: format!(
+                    "metrics.jsonl holds {} steps up to the checkpoint's step {}: the run directory is incomplete",
+                    history.len(),
+                    header.step
+                ),
+            });
+        }
+        let mut config = config.clone();
+        config.routing = header.routing.clone();
+        config.validate()?;
+        let (corpus, validation, snippet) = open_data(&config)?;
+        let fresh = MoeLanguageModel::<B>::new(&config.model, config.run.seed, device)?;
+        let mut load = LoadParams {
+            values: params.into_iter(),
+            shapes: &header.shapes,
+            ids: Vec::new(),
+            error: None,
+        };
+        let model = fresh.map(&mut load);
+        if let Some(e) = load.error.or_else(|| {
+            (load.ids.len() != header.shapes.len()).then(|| {
+                format!(
+                    "the checkpoint has {} parameters, the model {}",
+                    header.shapes.len(),
+                    load.ids.len()
+                )
+            })
+        }) {
+            return Err(Error::Parse {
+                what: "checkpoint",
+                message: e,
+            });
+        }
+        let layers = model.moe_layers().count();
+        let mut optimizer = AdamW::new(config.optimizer.clone());
+        let with_moments = load
+            .ids
+            .iter()
+            .zip(&header.has_moments)
+            .filter(|(_, has)| **has)
+            .zip(moments)
+            .map(|((id, _), (first, second))| (*id, first, second))
+            .collect();
+        optimizer.restore(header.adam_step, with_moments, device);
+        let policy = ThresholdPolicy::from_state(&config, layers, header.policy)?;
+        Ok(Self {
+            config,
+            device: device.clone(),
+            engine,
+            corpus,
+            model: Some(model),
+            optimizer,
+            policy,
+            validation,
+            snippet,
+            layers,
+            step: header.step,
+            initial_val: header.initial_val,
+            last_val: header.last_val,
+            by_difficulty: header.by_difficulty,
+            history,
+            busy_s: header.busy_s,
+        })
+    }
+
+    /// Everything needed to continue this run exactly (see [`TrainSession::restore`]).
+    pub fn checkpoint(&self) -> Result<Checkpoint> {
+        let mut collect = CollectParams::<B> {
+            optimizer: &self.optimizer,
+            shapes: Vec::new(),
+            values: Vec::new(),
+            moments: Vec::new(),
+            error: None,
+        };
+        self.model().visit(&mut collect);
+        if let Some(e) = collect.error {
+            return Err(Error::Backend {
+                backend: "burn",
+                message: format!("reading parameters for a checkpoint: {e}"),
+            });
+        }
+        let has_moments: Vec<bool> = collect.moments.iter().map(Option::is_some).collect();
+        Ok(Checkpoint {
+            header: CheckpointHeader {
+                step: self.step,
+                model: self.config.model.clone(),
+                routing: self.config.routing.clone(),
+                shapes: collect.shapes,
+                has_moments,
+                adam_step: self.optimizer.steps_taken(),
+                policy: self.policy.state(),
+                initial_val: self.initial_val,
+                last_val: self.last_val,
+                busy_s: self.busy_s,
+                by_difficulty: self.by_difficulty.clone(),
+            },
+            params: collect.values,
+            moments: collect.moments.into_iter().flatten().collect(),
+        })
     }
 
     /// The configuration in force (with any target, gains or mode changed since).
@@ -420,6 +542,72 @@ impl<'e, B: AutodiffBackend> TrainSession<'e, B> {
             tokens_per_sec,
             elapsed_s: self.busy_s,
         })
+    }
+}
+
+/// The corpus, the validation batches and the routing-sample snippet of `config`.
+fn open_data(config: &TrainConfig) -> Result<(Corpus, Vec<Batch>, Batch)> {
+    let run = &config.run;
+    let corpus = Corpus::open(config)?;
+    let validation = (0..run.eval_batches)
+        .map(|i| corpus.validation_batch(run.seed, i, run.batch_size, config.model.seq_len))
+        .collect::<Result<_>>()?;
+    let snippet = corpus.validation_batch(run.seed ^ 0x5A4D, 0, 1, config.model.seq_len)?;
+    Ok((corpus, validation, snippet))
+}
+
+/// Reads every parameter (and its AdamW moments) in visiting order.
+struct CollectParams<'a, B: AutodiffBackend> {
+    optimizer: &'a AdamW<B>,
+    shapes: Vec<Vec<usize>>,
+    values: Vec<Vec<f32>>,
+    moments: Vec<Option<(Vec<f32>, Vec<f32>)>>,
+    error: Option<String>,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for CollectParams<'_, B> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let tensor = param.val();
+        self.shapes.push(tensor.dims().to_vec());
+        match tensor.into_data().convert::<f32>().to_vec::<f32>() {
+            Ok(v) => self.values.push(v),
+            Err(e) => {
+                self.error.get_or_insert(format!("{e:?}"));
+                self.values.push(Vec::new());
+            }
+        }
+        self.moments.push(self.optimizer.moments_of(&param.id));
+    }
+}
+
+/// Replaces every parameter's value, in visiting order, keeping the fresh model's ids.
+struct LoadParams<'a> {
+    values: std::vec::IntoIter<Vec<f32>>,
+    shapes: &'a [Vec<usize>],
+    ids: Vec<ParamId>,
+    error: Option<String>,
+}
+
+impl<B: AutodiffBackend> ModuleMapper<B> for LoadParams<'_> {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let (id, tensor, mapper) = param.consume();
+        let index = self.ids.len();
+        self.ids.push(id);
+        let dims = tensor.dims();
+        match (self.values.next(), self.shapes.get(index)) {
+            (Some(values), Some(shape)) if shape.as_slice() == dims.as_slice() => {
+                let device = tensor.device();
+                let loaded = Tensor::<B, D>::from_data(TensorData::new(values, dims), &device)
+                    .require_grad();
+                Param::from_mapped_value(id, loaded, mapper)
+            }
+            (_, shape) => {
+                self.error.get_or_insert(format!(
+                    "parameter {index} has shape {dims:?} in the model but {shape:?} in the checkpoint"
+                ));
+                Param::from_mapped_value(id, tensor, mapper)
+            }
+        }
     }
 }
 

@@ -1,6 +1,7 @@
 //! The threshold side of a run: Top-k's fixed count, a fixed Top-p threshold, or the PI
 //! controller(s) moving it once per optimizer step.
 
+use super::checkpoint::PolicyState;
 use super::config::TrainConfig;
 use super::mode::RoutingMode;
 use crate::controller::{ThresholdControl, ThresholdScope};
@@ -38,6 +39,26 @@ impl ThresholdPolicy {
                     &starts,
                 )?)
             }
+        })
+    }
+
+    /// The state a checkpoint keeps.
+    pub fn state(&self) -> PolicyState {
+        match self {
+            ThresholdPolicy::TopK(k) => PolicyState::TopK(*k),
+            ThresholdPolicy::Fixed(p) => PolicyState::Fixed(p.clone()),
+            ThresholdPolicy::Controlled(control) => PolicyState::Controlled(control.states()),
+        }
+    }
+
+    /// The policy a checkpoint saved, under `config`'s controller settings.
+    pub fn from_state(config: &TrainConfig, layers: usize, state: PolicyState) -> Result<Self> {
+        Ok(match state {
+            PolicyState::TopK(k) => ThresholdPolicy::TopK(k),
+            PolicyState::Fixed(p) => ThresholdPolicy::Fixed(p),
+            PolicyState::Controlled(states) => ThresholdPolicy::Controlled(
+                ThresholdControl::from_states(&config.controller(), layers, states)?,
+            ),
         })
     }
 

@@ -5,6 +5,7 @@ use std::path::Path;
 
 use burn::tensor::backend::AutodiffBackend;
 
+use super::checkpoint::{latest_checkpoint, write_checkpoint};
 use super::config::TrainConfig;
 use super::session::TrainSession;
 use crate::error::{Error, Result};
@@ -90,6 +91,109 @@ pub fn train<B: AutodiffBackend>(
     if run.sample_every > 0 {
         samples.append(&session.routing_sample()?)?;
     }
+    run_to_end(&mut session, out, &mut metrics, &mut samples, &say)
+}
+
+/// Continues the run in `dir` from its newest intact checkpoint up to `steps` (default:
+/// the `run.steps` it was started with). Metrics and routing samples written after that
+/// checkpoint (by a process that then crashed) are dropped, so on the CPU backend the
+/// continued run's losses equal those of an uninterrupted run exactly.
+pub fn resume<B: AutodiffBackend>(
+    dir: &Path,
+    steps: Option<u64>,
+    device: &B::Device,
+    engine: &RouteEngine,
+    options: &TrainOptions,
+) -> Result<RunSummary> {
+    let say = |line: String| {
+        if options.progress {
+            eprintln!("{line}");
+        }
+    };
+    let config_path = dir.join("config.toml");
+    let text = std::fs::read_to_string(&config_path)
+        .map_err(|e| Error::io("cannot read the run's config", &config_path, e))?;
+    let mut config: TrainConfig = toml::from_str(&text).map_err(|e| Error::Parse {
+        what: "run config.toml",
+        message: format!("{}: {e}", config_path.display()),
+    })?;
+    if let Some(steps) = steps {
+        config.run.steps = steps;
+    }
+    config.validate()?;
+    let (checkpoint, path, skipped) = latest_checkpoint(dir)?;
+    for damaged in &skipped {
+        say(format!("skipping a damaged checkpoint: {damaged}"));
+    }
+    let step = checkpoint.header.step;
+    if step >= config.run.steps {
+        return Err(Error::param(
+            "--steps",
+            config.run.steps,
+            format!("more than the {step} steps the run has already taken"),
+        ));
+    }
+    say(format!(
+        "resuming {} from {} (step {step} of {})",
+        dir.display(),
+        path.display(),
+        config.run.steps
+    ));
+    let metrics_path = dir.join("metrics.jsonl");
+    let history: Vec<StepMetrics> = keep_lines_up_to(&metrics_path, step)?
+        .iter()
+        .map(|line| {
+            serde_json::from_str(line).map_err(|e| Error::Parse {
+                what: "metrics.jsonl",
+                message: format!("{}: {e}", metrics_path.display()),
+            })
+        })
+        .collect::<Result<_>>()?;
+    keep_lines_up_to(&dir.join("routing_samples.jsonl"), step)?;
+    write_atomic(&config_path, config.to_toml()?.as_bytes())?;
+
+    let mut session = TrainSession::<B>::restore(&config, device, engine, checkpoint, history)?;
+    let mut metrics = JsonLines::open_append(&metrics_path)?;
+    let mut samples = JsonLines::open_append(&dir.join("routing_samples.jsonl"))?;
+    run_to_end(&mut session, dir, &mut metrics, &mut samples, &say)
+}
+
+/// Keeps the lines of a JSON-lines file whose `step` is at most `step` (rewritten
+/// atomically); returns them.
+fn keep_lines_up_to(path: &Path, step: u64) -> Result<Vec<String>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(Error::io("cannot read", path, e)),
+    };
+    let kept: Vec<String> = text
+        .lines()
+        .filter(|line| {
+            serde_json::from_str::<serde_json::Value>(line)
+                .ok()
+                .and_then(|v| v.get("step").and_then(serde_json::Value::as_u64))
+                .is_some_and(|s| s <= step)
+        })
+        .map(str::to_string)
+        .collect();
+    let mut bytes = kept.join("\n").into_bytes();
+    if !kept.is_empty() {
+        bytes.push(b'\n');
+    }
+    write_atomic(path, &bytes)?;
+    Ok(kept)
+}
+
+/// Steps `session` to its last step, appending metrics and samples, writing
+/// checkpoints when due, then the summary.
+fn run_to_end<B: AutodiffBackend>(
+    session: &mut TrainSession<'_, B>,
+    out: &Path,
+    metrics: &mut JsonLines,
+    samples: &mut JsonLines,
+    say: &dyn Fn(String),
+) -> Result<RunSummary> {
+    let run = session.config().run.clone();
     while !session.finished() {
         let output = session.step()?;
         metrics.append(&output.metrics)?;
@@ -97,13 +201,19 @@ pub fn train<B: AutodiffBackend>(
             samples.append(sample)?;
         }
         let m = &output.metrics;
-        if m.step == 1 || m.step % run.log_every == 0 || m.step == run.steps {
+        if m.step == 1 || m.step.is_multiple_of(run.log_every) || m.step == run.steps {
             say(progress_line(
                 m,
                 run.steps,
                 session.last_val_loss(),
                 m.elapsed_s,
             ));
+        }
+        if run.checkpoint_every > 0
+            && (m.step.is_multiple_of(run.checkpoint_every) || m.step == run.steps)
+        {
+            let path = write_checkpoint(out, &session.checkpoint()?, run.keep_checkpoints)?;
+            say(format!("checkpoint: {}", path.display()));
         }
     }
 
