@@ -80,12 +80,13 @@ impl StepPoint {
         }
     }
 
-    /// Parses one line of a `metrics.jsonl`: a training step, else a simulator step.
-    pub fn parse_line(line: &str) -> Result<Self, String> {
+    /// Parses one line of a `metrics.jsonl`: a training step, else a simulator step;
+    /// returns the step and the routing mode the line names.
+    pub fn parse_line(line: &str) -> Result<(Self, String), String> {
         match serde_json::from_str::<StepMetrics>(line) {
-            Ok(m) => Ok(Self::from_training(&m)),
+            Ok(m) => Ok((Self::from_training(&m), m.mode)),
             Err(training) => match serde_json::from_str::<StepRecord>(line) {
-                Ok(r) => Ok(Self::from_simulation(&r)),
+                Ok(r) => Ok((Self::from_simulation(&r), r.mode)),
                 Err(_) => Err(training.to_string()),
             },
         }
@@ -188,7 +189,8 @@ mod tests {
     #[test]
     fn parses_simulator_and_training_lines_and_names_bad_ones() {
         let sim = r#"{"step":0,"mode":"dtopp","target":8.0,"threshold":0.5,"active_experts":7.5,"active_experts_per_layer":[7.0,8.0],"integral":0.01,"error":0.0078}"#;
-        let p = StepPoint::parse_line(sim).unwrap();
+        let (p, mode) = StepPoint::parse_line(sim).unwrap();
+        assert_eq!(mode, "dtopp");
         assert_eq!(p.active_per_layer, vec![7.0, 8.0]);
         assert_eq!(p.error, Some(0.0078));
         assert!(StepPoint::parse_line("{\"step\": 1").is_err());

@@ -77,9 +77,9 @@ impl ReplaySource {
                 }
                 for line in polled.lines {
                     match StepPoint::parse_line(&line.text) {
-                        Ok(point) => {
+                        Ok((point, mode)) => {
                             if self.run.mode.is_empty() {
-                                self.run.mode = mode_of(&line.text);
+                                self.run.mode = mode;
                             }
                             self.run.steps.push(point);
                             changed = true;
@@ -133,11 +133,4 @@ impl ReplaySource {
             self.problems.remove(0);
         }
     }
-}
-
-fn mode_of(line: &str) -> String {
-    serde_json::from_str::<serde_json::Value>(line)
-        .ok()
-        .and_then(|v| v.get("mode").and_then(|m| m.as_str()).map(str::to_string))
-        .unwrap_or_default()
 }

@@ -70,11 +70,7 @@ impl Default for SimSettings {
 
 impl SimSettings {
     fn config(&self, mode: SimMode) -> SimConfig {
-        let target = if mode == SimMode::Topk {
-            self.target.round().max(1.0)
-        } else {
-            self.target
-        };
+        let target = sim_target(self.target, mode);
         SimConfig {
             stream: StreamConfig {
                 layers: self.layers,

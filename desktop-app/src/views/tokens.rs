@@ -45,15 +45,7 @@ pub fn show(ui: &mut Ui, run: &RunData, visible: Option<usize>, choice: &mut Tok
                 ui.spacing_mut().item_spacing = Vec2::new(2.0, 4.0);
                 for i in 0..sample.tokens.len() {
                     let k = count(sample, *choice, i);
-                    let bg = count_color(k, 1.0, high);
-                    let text = RichText::new(display(&sample.text[i]))
-                        .monospace()
-                        .background_color(bg)
-                        .color(if k > high * 0.55 {
-                            Color32::WHITE
-                        } else {
-                            Color32::BLACK
-                        });
+                    let text = chip(display(&sample.text[i]), k, high);
                     ui.label(text)
                         .on_hover_ui(|ui| token_details(ui, sample, i));
                 }
@@ -64,6 +56,18 @@ pub fn show(ui: &mut Ui, run: &RunData, visible: Option<usize>, choice: &mut Tok
         "experts per token: tokens (columns) x MoE layers (rows, shallow at top); E = {experts}"
     ));
     heatmap(ui, sample, high);
+}
+
+/// `text` on the colour of `k` experts, in a text colour that stays readable on it.
+fn chip(text: String, k: f64, high: f64) -> RichText {
+    RichText::new(text)
+        .monospace()
+        .background_color(count_color(k, 1.0, high))
+        .color(if k > high * 0.55 {
+            Color32::WHITE
+        } else {
+            Color32::BLACK
+        })
 }
 
 fn display(text: &str) -> String {
@@ -98,17 +102,7 @@ fn legend(ui: &mut Ui, high: f64) {
         ui.label("experts:");
         let steps = high.round() as usize;
         for k in 1..=steps {
-            let c = count_color(k as f64, 1.0, high);
-            ui.label(
-                RichText::new(format!(" {k} "))
-                    .monospace()
-                    .background_color(c)
-                    .color(if k as f64 > high * 0.55 {
-                        Color32::WHITE
-                    } else {
-                        Color32::BLACK
-                    }),
-            );
+            ui.label(chip(format!(" {k} "), k as f64, high));
         }
     });
 }
