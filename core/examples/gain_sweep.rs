@@ -32,6 +32,7 @@ fn config(
             experts: 64,
             seed: 7,
             margin: 3.0,
+            noise: 1.0,
             drift,
             horizon: steps,
             shock,

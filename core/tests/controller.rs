@@ -185,6 +185,7 @@ fn sim(mode: SimMode, steps: u64) -> SimConfig {
             experts: 24,
             seed: 3,
             margin: 3.0,
+            noise: 1.0,
             drift: 1.0,
             horizon: steps,
             shock: None,

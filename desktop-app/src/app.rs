@@ -2,9 +2,12 @@
 //! controls on the left, the replay cursor and messages at the bottom, the view in the
 //! middle.
 
+use std::cell::RefCell;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::rc::Rc;
+use web_time::{Duration, Instant};
 
+use dtopp::backends::WgpuOps;
 use eframe::egui::{self, Color32, RichText, Ui};
 
 use crate::fps::FrameStats;
@@ -14,7 +17,7 @@ use crate::sources::SourceKind;
 #[cfg(feature = "live")]
 use crate::sources::live::{Command, LiveBackend, LiveSource};
 use crate::sources::replay::ReplaySource;
-use crate::sources::simulator::SimSource;
+use crate::sources::simulator::{SimCompute, SimSource};
 use crate::views::{self, View};
 
 /// Live runs kept for the compare view after a reset.
@@ -32,6 +35,18 @@ pub struct StartOptions {
     pub exit_after: Option<f64>,
 }
 
+type GpuSlot = Rc<RefCell<Option<Result<WgpuOps, String>>>>;
+
+/// The GPU the simulator may route on, requested the first time it is wanted.
+#[derive(Debug, Default)]
+enum GpuState {
+    #[default]
+    NotRequested,
+    Requested(GpuSlot),
+    Ready(Rc<WgpuOps>),
+    Unavailable(String),
+}
+
 /// The app.
 #[derive(Debug)]
 pub struct DesktopApp {
@@ -46,6 +61,7 @@ pub struct DesktopApp {
     replays: Vec<ReplaySource>,
     primary_replay: usize,
     sim: Option<SimSource>,
+    gpu: GpuState,
     messages: Vec<String>,
     replay_path: String,
     playhead: Option<f64>,
@@ -79,6 +95,7 @@ impl DesktopApp {
             replays: Vec::new(),
             primary_replay: 0,
             sim: None,
+            gpu: GpuState::NotRequested,
             messages: Vec::new(),
             replay_path: String::new(),
             playhead: None,
@@ -113,7 +130,7 @@ impl DesktopApp {
             app.message("live training is not in this build (feature `live`)".into());
         }
         if !SourceKind::all().contains(&app.settings.source) {
-            app.settings.source = SourceKind::Replay;
+            app.settings.source = SourceKind::fallback();
         }
         app
     }
@@ -152,6 +169,11 @@ impl DesktopApp {
     /// The simulator, once started.
     pub fn simulator(&self) -> Option<&SimSource> {
         self.sim.as_ref()
+    }
+
+    /// The simulator, to run or pause from outside (the browser page's controls).
+    pub fn simulator_mut(&mut self) -> Option<&mut SimSource> {
+        self.sim.as_mut()
     }
 
     /// The frame statistics.
@@ -223,12 +245,78 @@ impl DesktopApp {
         *sent = wanted.clone();
     }
 
-    fn ensure_simulator(&mut self) {
-        if self.sim.is_none() {
-            match SimSource::new(&self.settings.sim) {
-                Ok(sim) => self.sim = Some(sim),
-                Err(e) => self.message(format!("simulator: {e}")),
+    /// Starts the simulator over (the next frame builds it from the settings).
+    pub fn reset_simulator(&mut self) {
+        self.sim = None;
+        self.playhead = None;
+    }
+
+    /// Builds the simulator, or brings it up to date with changed settings and the GPU
+    /// state (every frame while it is shown).
+    pub fn sync_simulator(&mut self) {
+        let compute = self.sim_compute();
+        if let Some(sim) = self.sim.as_mut() {
+            sim.set_compute(compute);
+            let wanted = &self.settings.sim;
+            if sim.settings() != wanted
+                && let Err(e) = sim.apply(wanted)
+            {
+                self.settings.sim = sim.settings().clone();
+                self.message(format!("simulator: {e}"));
             }
+            return;
+        }
+        match SimSource::new(&self.settings.sim, compute) {
+            Ok(sim) => self.sim = Some(sim),
+            Err(e) => self.message(format!("simulator: {e}")),
+        }
+    }
+
+    /// Where the simulator routes now: the GPU when asked for and ready, else the CPU
+    /// reference. The first request for the GPU asks for an adapter (asynchronously in
+    /// the browser; the CPU routes until it has answered).
+    fn sim_compute(&mut self) -> SimCompute {
+        if !self.settings.sim.gpu {
+            return SimCompute::Cpu;
+        }
+        if matches!(self.gpu, GpuState::NotRequested) {
+            let slot: GpuSlot = Rc::default();
+            let filled = slot.clone();
+            crate::spawn::spawn_local(async move {
+                let ops = WgpuOps::request().await.map_err(|e| e.to_string());
+                *filled.borrow_mut() = Some(ops);
+            });
+            self.gpu = GpuState::Requested(slot);
+        }
+        if let GpuState::Requested(slot) = &self.gpu {
+            let answer = slot.borrow_mut().take();
+            match answer {
+                Some(Ok(ops)) => self.gpu = GpuState::Ready(Rc::new(ops)),
+                Some(Err(e)) => {
+                    self.message(format!("simulator: no GPU, routing on the CPU: {e}"));
+                    self.gpu = GpuState::Unavailable(e);
+                }
+                None => {}
+            }
+        }
+        match &self.gpu {
+            GpuState::Ready(ops) => SimCompute::Gpu(ops.clone()),
+            _ => SimCompute::Cpu,
+        }
+    }
+
+    /// What the simulator routes on, in words (the badge).
+    pub fn sim_routing_label(&self) -> String {
+        let gpu = match &self.gpu {
+            GpuState::Ready(ops) => format!("GPU: {}", ops.adapter_name()),
+            GpuState::Requested(_) => "CPU reference (GPU adapter requested)".into(),
+            GpuState::Unavailable(e) => format!("CPU reference (no GPU: {e})"),
+            GpuState::NotRequested => "CPU reference".into(),
+        };
+        match (&self.sim, self.settings.sim.gpu) {
+            (Some(sim), true) if matches!(sim.compute(), SimCompute::Gpu(_)) => gpu,
+            (_, true) if !matches!(self.gpu, GpuState::Ready(_)) => gpu,
+            _ => "CPU reference".into(),
         }
     }
 
@@ -247,7 +335,7 @@ impl DesktopApp {
             moving |= live.running;
         }
         if self.settings.source == SourceKind::Simulator {
-            self.ensure_simulator();
+            self.sync_simulator();
             if let Some(sim) = self.sim.as_mut() {
                 if let Err(e) = sim.advance() {
                     sim.running = false;
@@ -621,10 +709,18 @@ impl DesktopApp {
                 self.messages.push(format!("simulator: {e}"));
             }
             if ui.button("⟲ Reset").clicked() {
-                self.sim = None;
-                self.playhead = None;
+                self.reset_simulator();
             }
         });
+        let (target, experts) = (self.settings.sim.target, self.settings.sim.experts);
+        let stepped = step_change(target, experts);
+        if ui
+            .button(format!("step change: T {target} to {stepped}"))
+            .on_hover_text("Moves T at once, to watch the controller follow.")
+            .clicked()
+        {
+            self.settings.sim.target = stepped;
+        }
         let s = &mut self.settings.sim;
         egui::Grid::new("sim-settings")
             .num_columns(2)
@@ -647,6 +743,9 @@ impl DesktopApp {
                 ui.label("margin");
                 ui.add(egui::Slider::new(&mut s.margin, 0.0..=8.0));
                 ui.end_row();
+                ui.label("noise");
+                ui.add(egui::Slider::new(&mut s.noise, 0.1..=4.0));
+                ui.end_row();
                 ui.label("drift");
                 ui.add(egui::Slider::new(&mut s.drift, -0.9..=4.0));
                 ui.end_row();
@@ -668,14 +767,22 @@ impl DesktopApp {
             });
         s.p_max = s.p_max.max(s.p_min);
         s.target = s.target.min(s.experts as f64);
-        let wanted = s.clone();
-        if let Some(sim) = self.sim.as_mut()
-            && *sim.settings() != wanted
-            && let Err(e) = sim.apply(&wanted)
-        {
-            self.messages.push(format!("simulator: {e}"));
-            self.settings.sim = sim.settings().clone();
-        }
+        ui.separator();
+        ui.checkbox(
+            &mut self.settings.sim.gpu,
+            "route on the GPU (WGSL kernels)",
+        );
+        let badge = self.sim_routing_label();
+        let colour = if badge.starts_with("GPU") {
+            Color32::from_rgb(60, 160, 90)
+        } else {
+            Color32::from_rgb(120, 120, 130)
+        };
+        ui.label(
+            RichText::new(format!("routing: {badge}"))
+                .color(Color32::WHITE)
+                .background_color(colour),
+        );
     }
 
     fn view(&mut self, ui: &mut Ui) {
@@ -718,6 +825,17 @@ impl DesktopApp {
         self.settings.histogram_layer = layer;
         self.settings.token_layer = token_layer;
     }
+}
+
+/// The target a step change moves `t` to: double it while that stays within a quarter
+/// of the experts, else halve it (so two presses come back), on a 0.25 grid.
+pub fn step_change(t: f64, experts: usize) -> f64 {
+    let to = if 2.0 * t <= experts as f64 / 4.0 {
+        2.0 * t
+    } else {
+        t / 2.0
+    };
+    ((to * 4.0).round() / 4.0).clamp(1.0, experts as f64)
 }
 
 impl eframe::App for DesktopApp {

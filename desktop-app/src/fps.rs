@@ -2,7 +2,7 @@
 //! the status bar and printed by `--exit-after`.
 
 use std::collections::VecDeque;
-use std::time::{Duration, Instant};
+use web_time::{Duration, Instant};
 
 const WINDOW: Duration = Duration::from_secs(2);
 

@@ -18,6 +18,7 @@ pub mod jsonl_tail;
 pub mod run_data;
 pub mod settings;
 pub mod sources;
+pub mod spawn;
 pub mod views;
 
 pub use app::{DesktopApp, StartOptions};

@@ -170,6 +170,49 @@ fn the_simulator_runs_three_modes_side_by_side() {
 }
 
 #[test]
+fn the_simulator_routes_on_the_gpu_when_asked_and_says_so() {
+    if !can_render("the_simulator_routes_on_the_gpu_when_asked_and_says_so") {
+        return;
+    }
+    let run = |gpu: bool| {
+        let mut app = DesktopApp::with_settings(Default::default(), StartOptions::default());
+        let s = app.settings_mut();
+        s.source = SourceKind::Simulator;
+        s.sim.tokens = 128;
+        s.sim.gpu = gpu;
+        app.sync_simulator();
+        let sim = app.simulator_mut().unwrap();
+        for _ in 0..40 {
+            sim.step().unwrap();
+        }
+        let backend = sim.last_backend;
+        let active: Vec<Vec<f64>> = sim
+            .runs
+            .iter()
+            .map(|r| r.steps.iter().map(|p| p.active).collect())
+            .collect();
+        (backend, app.sim_routing_label(), active)
+    };
+    let (cpu_backend, cpu_label, cpu) = run(false);
+    let (gpu_backend, gpu_label, gpu) = run(true);
+    assert_eq!(cpu_backend, Some("cpu"));
+    assert_eq!(cpu_label, "CPU reference");
+    assert_eq!(gpu_backend, Some("gpu"), "{gpu_label}");
+    assert!(gpu_label.starts_with("GPU: "), "{gpu_label}");
+    // Top-k counts are exact; the Top-p modes differ only where a token sits within
+    // float rounding of the threshold.
+    assert_eq!(cpu[2], gpu[2]);
+    for mode in 0..2 {
+        let worst = cpu[mode]
+            .iter()
+            .zip(&gpu[mode])
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        assert!(worst < 0.05, "mode {mode}: a_t differs by {worst}");
+    }
+}
+
+#[test]
 fn live_training_advances_and_takes_a_new_target() {
     let app = DesktopApp::with_settings(
         Default::default(),

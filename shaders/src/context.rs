@@ -60,11 +60,13 @@ impl GpuContext {
         pollster::block_on(Self::request())
     }
 
-    /// "name (backend, driver)" of the adapter.
+    /// "name (backend, driver)" of the adapter; browsers tell no name or driver
+    /// ("WebGPU (browser adapter)").
     pub fn adapter_name(&self) -> String {
-        format!(
-            "{} ({:?}, {})",
-            self.info.name, self.info.backend, self.info.driver
-        )
+        let info = &self.info;
+        if info.backend == wgpu::Backend::BrowserWebGpu && info.name.is_empty() {
+            return "WebGPU (browser adapter)".into();
+        }
+        format!("{} ({:?}, {})", info.name, info.backend, info.driver)
     }
 }

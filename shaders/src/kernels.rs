@@ -331,21 +331,46 @@ impl RoutingKernels {
         buffer: &wgpu::Buffer,
         len: usize,
     ) -> Result<Vec<T>, ShaderError> {
-        let bytes = (len * size_of::<T>()) as u64;
-        if len == 0 {
-            return Ok(Vec::new());
+        let mut out = self.read_many_async::<T>(&[(buffer, len)]).await?;
+        Ok(out.pop().unwrap_or_default())
+    }
+
+    /// Copies the first `len` values of each buffer back to the host through one staging
+    /// buffer and one mapping: in the browser every mapping waits for the event loop, so
+    /// a step's results are read together.
+    pub async fn read_many_async<T: Pod>(
+        &self,
+        buffers: &[(&wgpu::Buffer, usize)],
+    ) -> Result<Vec<Vec<T>>, ShaderError> {
+        let sizes: Vec<u64> = buffers
+            .iter()
+            .map(|&(_, len)| (len * size_of::<T>()) as u64)
+            .collect();
+        // Copies start on 4-byte boundaries (wgpu::COPY_BUFFER_ALIGNMENT).
+        let mut offsets = Vec::with_capacity(sizes.len());
+        let mut total = 0u64;
+        for &bytes in &sizes {
+            offsets.push(total);
+            total += bytes.next_multiple_of(wgpu::COPY_BUFFER_ALIGNMENT);
+        }
+        if total == 0 {
+            return Ok(vec![Vec::new(); buffers.len()]);
         }
         let device = &self.ctx.device;
         let staging = device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("read back"),
-            size: bytes,
+            size: total,
             usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
         let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
             label: Some("read back"),
         });
-        encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, bytes);
+        for ((&(buffer, _), &bytes), &offset) in buffers.iter().zip(&sizes).zip(&offsets) {
+            if bytes > 0 {
+                encoder.copy_buffer_to_buffer(buffer, 0, &staging, offset, bytes);
+            }
+        }
         self.ctx.queue.submit([encoder.finish()]);
         let mapped = MapFuture::default();
         let done = mapped.clone();
@@ -359,7 +384,17 @@ impl RoutingKernels {
             .poll(wgpu::PollType::wait_indefinitely())
             .map_err(|e| ShaderError::ReadBack(e.to_string()))?;
         mapped.await.map_err(ShaderError::ReadBack)?;
-        let out = bytemuck::cast_slice::<u8, T>(&staging.slice(..).get_mapped_range()).to_vec();
+        let out = {
+            let view = staging.slice(..).get_mapped_range();
+            sizes
+                .iter()
+                .zip(&offsets)
+                .map(|(&bytes, &offset)| {
+                    let range = offset as usize..(offset + bytes) as usize;
+                    bytemuck::cast_slice::<u8, T>(&view[range]).to_vec()
+                })
+                .collect()
+        };
         staging.unmap();
         Ok(out)
     }

@@ -86,6 +86,14 @@ impl WgpuOps {
         ))
     }
 
+    /// Requests an adapter and device and compiles the kernels (await it; in the browser
+    /// this asks for WebGPU and fails, naming why, where the browser offers none).
+    pub async fn request() -> Result<Self> {
+        Ok(Self::with_context(
+            GpuContext::request().await.map_err(backend_error)?,
+        ))
+    }
+
     /// Uses a device the caller already has (the trainer's, the app's, a test's).
     pub fn with_context(ctx: GpuContext) -> Self {
         Self {
@@ -138,6 +146,43 @@ impl WgpuOps {
             }
         }
         Ok(())
+    }
+
+    /// Reads several integer arrays with one mapping (awaitable in the browser, where the
+    /// synchronous trait reads cannot block), with the same non-finite checks as
+    /// [`RoutingOps::read_ints`].
+    pub async fn read_ints_async(&self, arrays: &[&DeviceArray]) -> Result<Vec<Vec<i32>>> {
+        let checks: Vec<&FiniteCheck> = arrays.iter().flat_map(|a| &a.checks).collect();
+        let requests: Vec<(&wgpu::Buffer, usize)> = checks
+            .iter()
+            .map(|c| (&c.status, 1))
+            .chain(arrays.iter().map(|a| (&a.buffer, a.len)))
+            .collect();
+        let mut values: Vec<Vec<i32>> = self
+            .kernels
+            .read_many_async(&requests)
+            .await
+            .map_err(backend_error)?;
+        let out = values.split_off(checks.len());
+        for (c, status) in checks.iter().zip(&values) {
+            let at = status[0] as u32;
+            if at != u32::MAX {
+                let at = at as usize;
+                let source: Vec<f32> = self
+                    .kernels
+                    .read_async(&c.source, at + 1)
+                    .await
+                    .map_err(backend_error)?;
+                return Err(Error::NonFinite {
+                    op: c.op,
+                    what: c.what,
+                    token: at / c.width,
+                    column: at % c.width,
+                    value: source[at],
+                });
+            }
+        }
+        Ok(out)
     }
 
     fn array(&self, buffer: wgpu::Buffer, len: usize) -> DeviceArray {

@@ -78,6 +78,9 @@ pub(crate) struct SimulateArgs {
     /// Base margin of preferred experts (router sharpness at step 0).
     #[arg(long, default_value_t = 3.0)]
     margin: f64,
+    /// Scale of the Gaussian noise on every logit (larger: flatter routing, more experts).
+    #[arg(long, default_value_t = 1.0)]
+    noise: f64,
     /// Relative sharpening of the routers over the run (1.0: the margin doubles).
     #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     drift: f64,
@@ -127,6 +130,7 @@ impl SimulateArgs {
                 experts: self.experts,
                 seed: self.seed,
                 margin: self.margin,
+                noise: self.noise,
                 drift: self.drift,
                 horizon: self.steps,
                 shock: self.shock,

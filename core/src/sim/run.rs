@@ -3,11 +3,12 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::closed_loop::{ClosedLoop, launch_selection, mean_count};
 use super::stream::StreamConfig;
 use super::summary::TrackingSummary;
-use crate::controller::{ControllerConfig, ThresholdControl, ThresholdScope, calibrate_threshold};
+use crate::controller::{ControllerConfig, ThresholdScope};
 use crate::error::{Error, Result};
-use crate::ops::{Normalization, RouteShape, RoutingOps};
+use crate::ops::{Normalization, RoutingOps};
 
 /// How experts are selected.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -147,194 +148,81 @@ pub struct SimOutcome {
     pub final_threshold: Option<f64>,
 }
 
-/// A simulation advanced one step at a time; settings can change between steps.
+/// A simulation advanced one step at a time on one routing backend; settings can change
+/// between steps. The bookkeeping is [`ClosedLoop`]'s; this adds the routing.
 #[derive(Debug)]
 pub struct Simulation<'o, O: RoutingOps> {
     ops: &'o O,
-    config: SimConfig,
-    shape: RouteShape,
-    step: u64,
-    control: Option<ThresholdControl>,
-    fixed: Vec<f64>,
-    active: Vec<f64>,
-    targets: Vec<f64>,
-    // A target set while running, overriding the configured schedule.
-    target_override: Option<f64>,
+    inner: ClosedLoop,
 }
 
 impl<'o, O: RoutingOps> Simulation<'o, O> {
     /// A simulation of `config` on `ops`, before its first step.
     pub fn new(ops: &'o O, config: &SimConfig) -> Result<Self> {
-        config.validate()?;
-        let s = &config.stream;
         Ok(Self {
             ops,
-            config: config.clone(),
-            shape: RouteShape::new(s.tokens, s.experts)?,
-            step: 0,
-            control: None,
-            fixed: Vec::new(),
-            active: Vec::new(),
-            targets: Vec::new(),
-            target_override: None,
+            inner: ClosedLoop::new(config)?,
         })
     }
 
     /// The settings in force.
     pub fn config(&self) -> &SimConfig {
-        &self.config
+        self.inner.config()
     }
 
     /// Steps taken.
     pub fn steps_taken(&self) -> u64 {
-        self.step
+        self.inner.steps_taken()
     }
 
     /// The target of the next step.
     pub fn target(&self) -> f64 {
-        self.target_override
-            .unwrap_or_else(|| self.config.target_at(self.step))
+        self.inner.target()
     }
 
     /// Sets `T` from the next step on (the controller keeps its integral).
     pub fn set_target(&mut self, target: f64) -> Result<()> {
-        let mut config = self.config.clone();
-        config.controller.target = target;
-        config.target_change = None;
-        config.validate()?;
-        self.config = config;
-        self.target_override = Some(target);
-        Ok(())
+        self.inner.set_target(target)
     }
 
     /// Sets the controller's gains and clamps from the next update on.
     pub fn set_controller(&mut self, kp: f64, ki: f64, p_min: f64, p_max: f64) -> Result<()> {
-        let mut config = self.config.clone();
-        config.controller.kp = kp;
-        config.controller.ki = ki;
-        config.controller.p_min = p_min;
-        config.controller.p_max = p_max;
-        config.validate()?;
-        if let Some(c) = self.control.as_mut() {
-            c.set_controller(&config.controller)?;
-        }
-        self.config = config;
-        Ok(())
+        self.inner.set_controller(kp, ki, p_min, p_max)
     }
 
-    /// Replaces the logit stream's margin, drift and horizon (the shape stays).
-    pub fn set_stream(&mut self, margin: f64, drift: f64, horizon: u64) -> Result<()> {
-        let mut config = self.config.clone();
-        config.stream.margin = margin;
-        config.stream.drift = drift;
-        config.stream.horizon = horizon;
-        config.validate()?;
-        self.config = config;
-        Ok(())
+    /// Replaces the logit stream's margin, noise, drift and horizon (the shape stays).
+    pub fn set_stream(&mut self, margin: f64, noise: f64, drift: f64, horizon: u64) -> Result<()> {
+        self.inner.set_stream(margin, noise, drift, horizon)
     }
 
     /// One step: route every layer's logits, count, update the controller.
     pub fn step(&mut self) -> Result<StepRecord> {
-        let (ops, shape, step) = (self.ops, self.shape, self.step);
-        let target = self.target();
-        let config = &self.config;
-        let s = &config.stream;
-        let probs: Vec<O::Floats> = (0..s.layers)
+        let ops = self.ops;
+        let (shape, normalization, k_max) = self.inner.routing();
+        let probs: Vec<O::Floats> = (0..self.inner.config().stream.layers)
             .map(|layer| {
-                let (logits, _) = s.logits(step, layer);
-                ops.drn_forward(&ops.upload_floats(&logits)?, shape, config.normalization)
+                let logits = self.inner.logits(layer);
+                ops.drn_forward(&ops.upload_floats(&logits)?, shape, normalization)
             })
             .collect::<Result<_>>()?;
-
-        if step == 0 && config.mode != SimMode::Topk {
-            let initial = initial_thresholds(ops, config, shape, &probs)?;
-            match config.mode {
-                SimMode::Dtopp => {
-                    self.control = Some(ThresholdControl::new(
-                        &config.controller,
-                        config.scope,
-                        s.layers,
-                        &initial,
-                    )?);
-                }
-                _ => self.fixed = initial,
-            }
+        if self.inner.needs_calibration() {
+            let host = probs
+                .iter()
+                .map(|p| ops.read_floats(p))
+                .collect::<Result<Vec<_>>>()?;
+            self.inner.calibrate(&host)?;
         }
-        if let Some(c) = self.control.as_mut() {
-            c.set_target(target)?;
-        }
-
-        let thresholds: Option<Vec<f64>> = match (&self.control, config.mode) {
-            (Some(c), _) => Some(c.thresholds()),
-            (None, SimMode::Topp) => Some(if self.fixed.len() == 1 {
-                vec![self.fixed[0]; s.layers]
-            } else {
-                self.fixed.clone()
-            }),
-            _ => None,
-        };
-
-        let mut per_layer = Vec::with_capacity(s.layers);
-        for (layer, p) in probs.iter().enumerate() {
-            let selection = match &thresholds {
-                Some(t) => {
-                    let threshold = ops.upload_floats(&[t[layer] as f32])?;
-                    ops.top_p(p, shape, &threshold, config.k_max)?
-                }
-                None => ops.top_k(p, shape, target as usize)?,
-            };
-            let counts = ops.read_ints(&selection.counts)?;
-            per_layer.push(counts.iter().map(|&k| f64::from(k)).sum::<f64>() / s.tokens as f64);
-        }
-        let a_t = per_layer.iter().sum::<f64>() / s.layers as f64;
-
-        if let Some(c) = self.control.as_mut() {
-            c.update(&per_layer)?;
-        }
-        let (integral, error) = match &self.control {
-            Some(c) => {
-                let n = c.controllers().len() as f64;
-                let states = c.states();
-                (
-                    Some(states.iter().map(|st| st.integral).sum::<f64>() / n),
-                    Some(states.iter().map(|st| st.last_error).sum::<f64>() / n),
-                )
-            }
-            None => (None, None),
-        };
-        let record = StepRecord {
-            step,
-            mode: config.mode.name().to_string(),
-            target,
-            threshold: thresholds
-                .as_ref()
-                .map(|t| t.iter().sum::<f64>() / t.len() as f64),
-            threshold_per_layer: thresholds.filter(|_| config.scope == ThresholdScope::PerLayer),
-            active_experts: a_t,
-            active_experts_per_layer: per_layer,
-            integral,
-            error,
-        };
-        self.active.push(a_t);
-        self.targets.push(target);
-        self.step += 1;
-        Ok(record)
+        let rule = self.inner.begin()?;
+        let per_layer = launch_selection(ops, shape, &probs, &rule, k_max)?
+            .iter()
+            .map(|counts| Ok(mean_count(&ops.read_ints(counts)?)))
+            .collect::<Result<Vec<f64>>>()?;
+        self.inner.finish(per_layer)
     }
 
     /// Tracking so far and the current threshold.
     pub fn outcome(&self) -> SimOutcome {
-        let layers = self.config.stream.layers as f64;
-        let final_threshold = match (&self.control, self.config.mode) {
-            (Some(c), _) => Some(c.thresholds().iter().sum::<f64>() / layers),
-            (None, SimMode::Topp) if !self.fixed.is_empty() => {
-                Some(self.fixed.iter().sum::<f64>() / self.fixed.len() as f64)
-            }
-            _ => None,
-        };
-        SimOutcome {
-            tracking: TrackingSummary::of(&self.active, &self.targets),
-            final_threshold,
-        }
+        self.inner.outcome()
     }
 }
 
@@ -349,28 +237,4 @@ pub fn run_simulation<O: RoutingOps>(
         on_step(&simulation.step()?)?;
     }
     Ok(simulation.outcome())
-}
-
-/// `p_0`: given, or calibrated on the first batch (over all layers for one global
-/// threshold, per layer for the per-layer variant).
-fn initial_thresholds<O: RoutingOps>(
-    ops: &O,
-    config: &SimConfig,
-    shape: RouteShape,
-    probs: &[O::Floats],
-) -> Result<Vec<f64>> {
-    let per_layer = config.scope == ThresholdScope::PerLayer && config.mode == SimMode::Dtopp;
-    if let Some(p) = config.threshold {
-        return Ok(vec![p; if per_layer { probs.len() } else { 1 }]);
-    }
-    let target = config.controller.target;
-    let calibrated = probs
-        .iter()
-        .map(|p| calibrate_threshold(&ops.read_floats(p)?, shape, target))
-        .collect::<Result<Vec<f64>>>()?;
-    Ok(if per_layer {
-        calibrated
-    } else {
-        vec![calibrated.iter().sum::<f64>() / calibrated.len() as f64]
-    })
 }

@@ -4,8 +4,9 @@
 //! Its logits are unit Gaussian noise plus a margin on the preferred experts that
 //! shrinks with difficulty:
 //!
-//!   z_ij = n_ij + m_l(t) (1 - d_i) [j preferred by i],  n_ij ~ N(0, 1)
+//!   z_ij = s n_ij + m_l(t) (1 - d_i) [j preferred by i],  n_ij ~ N(0, 1)
 //!
+//! with noise scale `s` (1 by default; larger spreads every token's mass).
 //! so easy tokens put their mass on a few experts and hard tokens spread it. The margin
 //! differs by layer (shallow layers sharper) and grows over the run, as routers sharpen
 //! while training; an optional shock multiplies it at one step. A fixed threshold then
@@ -30,6 +31,9 @@ pub struct StreamConfig {
     pub seed: u64,
     /// Margin of preferred experts at step 0 in the middle layer.
     pub margin: f64,
+    /// Scale `s` of the Gaussian noise on every logit.
+    #[serde(default = "unit_noise")]
+    pub noise: f64,
     /// Relative growth of the margin over `horizon` steps (1.0: it doubles).
     pub drift: f64,
     /// Steps over which `drift` is reached (growth continues linearly past it).
@@ -52,6 +56,9 @@ impl StreamConfig {
         }
         if !(self.margin.is_finite() && self.margin >= 0.0) {
             return Err(Error::param("margin", self.margin, "a finite value >= 0"));
+        }
+        if !(self.noise.is_finite() && self.noise >= 0.0) {
+            return Err(Error::param("noise", self.noise, "a finite value >= 0"));
         }
         if !(self.drift.is_finite() && self.drift > -1.0) {
             return Err(Error::param("drift", self.drift, "a finite value > -1"));
@@ -91,7 +98,7 @@ impl StreamConfig {
             let d = rng.uniform();
             *d_out = d as f32;
             for z in row.iter_mut() {
-                *z = rng.normal() as f32;
+                *z = (self.noise * rng.normal()) as f32;
             }
             let preferred = 1 + rng.below(4);
             for _ in 0..preferred {
@@ -101,4 +108,8 @@ impl StreamConfig {
         }
         (logits, difficulty)
     }
+}
+
+fn unit_noise() -> f64 {
+    1.0
 }

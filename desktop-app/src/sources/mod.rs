@@ -27,8 +27,21 @@ impl SourceKind {
         if cfg!(feature = "live") {
             all.push(SourceKind::Live);
         }
-        all.extend([SourceKind::Replay, SourceKind::Simulator]);
+        // A browser page has no run directories to follow.
+        if !cfg!(target_arch = "wasm32") {
+            all.push(SourceKind::Replay);
+        }
+        all.push(SourceKind::Simulator);
         all
+    }
+
+    /// The source shown when the remembered one is not in this build.
+    pub fn fallback() -> SourceKind {
+        if cfg!(target_arch = "wasm32") {
+            SourceKind::Simulator
+        } else {
+            SourceKind::Replay
+        }
     }
 
     /// Tab label.

@@ -2,7 +2,7 @@
 //! (copied or mounted from a training server), followed while it grows.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use web_time::{Duration, Instant};
 
 use dtopp::metrics::RoutingSample;
 

@@ -1,19 +1,60 @@
 //! The simulator: the controller on synthetic router logits, as `dtopp simulate`, with
-//! fixed Top-p and Top-k stepped beside it on the same logits. Routing runs on the CPU
-//! reference; a step at the default size takes about a millisecond, so the app steps it
-//! between frames at a set rate.
+//! fixed Top-p and Top-k stepped beside it on the same logits. Each step's logits are
+//! generated and normalised once and selected three times (one rule per mode), on the
+//! CPU reference or on the WGSL kernels (WebGPU in the browser). GPU results are read
+//! back asynchronously: a step is launched, and finished on a later frame once its
+//! counts have arrived (on native the read-back completes at once).
 
-use std::time::Instant;
+use std::cell::RefCell;
+use std::rc::Rc;
 
+use dtopp::backends::{DeviceArray, WgpuOps};
 use dtopp::controller::{ControllerConfig, ThresholdScope};
 use dtopp::cpu::CpuReference;
-use dtopp::ops::Normalization;
-use dtopp::sim::{SimConfig, SimMode, Simulation, StreamConfig};
+use dtopp::ops::{Normalization, RoutingOps};
+use dtopp::sim::{ClosedLoop, SimConfig, SimMode, StreamConfig, launch_selection, mean_count};
 use serde::{Deserialize, Serialize};
+use web_time::Instant;
 
 use crate::run_data::RunData;
 
 static CPU: CpuReference = CpuReference;
+
+/// Where the simulator routes.
+#[derive(Clone, Debug)]
+pub enum SimCompute {
+    /// The CPU reference.
+    Cpu,
+    /// The WGSL kernels on a GPU (WebGPU in the browser).
+    Gpu(Rc<WgpuOps>),
+}
+
+impl SimCompute {
+    /// `cpu` or `gpu`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SimCompute::Cpu => "cpu",
+            SimCompute::Gpu(_) => "gpu",
+        }
+    }
+
+    fn same(&self, other: &SimCompute) -> bool {
+        match (self, other) {
+            (SimCompute::Cpu, SimCompute::Cpu) => true,
+            (SimCompute::Gpu(a), SimCompute::Gpu(b)) => Rc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+}
+
+type CountsSlot = Rc<RefCell<Option<Result<Vec<Vec<i32>>, String>>>>;
+
+/// A step whose GPU counts are on their way back.
+#[derive(Debug)]
+struct InFlight {
+    counts: CountsSlot,
+    backend: &'static str,
+}
 
 /// The simulator's settings (persisted).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -37,6 +78,8 @@ pub struct SimSettings {
     pub p_max: f64,
     /// Margin of preferred experts (how peaked routing is).
     pub margin: f64,
+    /// Scale of the noise on every logit (how spread routing is).
+    pub noise: f64,
     /// Relative growth of the margin over `horizon` steps (routers sharpening).
     pub drift: f64,
     /// Steps over which `drift` is reached.
@@ -45,6 +88,8 @@ pub struct SimSettings {
     pub steps_per_second: f64,
     /// Seed of the logit stream.
     pub seed: u64,
+    /// Route on the GPU (WGSL kernels) when one is available.
+    pub gpu: bool,
 }
 
 impl Default for SimSettings {
@@ -60,10 +105,12 @@ impl Default for SimSettings {
             p_min: c.p_min,
             p_max: c.p_max,
             margin: 3.0,
+            noise: 1.0,
             drift: 1.0,
             horizon: 1000,
             steps_per_second: 60.0,
             seed: 0,
+            gpu: false,
         }
     }
 }
@@ -78,6 +125,7 @@ impl SimSettings {
                 experts: self.experts,
                 seed: self.seed,
                 margin: self.margin,
+                noise: self.noise,
                 drift: self.drift,
                 horizon: self.horizon,
                 shock: None,
@@ -107,25 +155,29 @@ const MODES: [SimMode; 3] = [SimMode::Dtopp, SimMode::Topp, SimMode::Topk];
 #[derive(Debug)]
 pub struct SimSource {
     settings: SimSettings,
-    simulations: Vec<Simulation<'static, CpuReference>>,
+    loops: Vec<ClosedLoop>,
     /// One run per mode, DTop-p first.
     pub runs: Vec<RunData>,
     /// Whether steps advance on their own.
     pub running: bool,
     last_advance: Option<Instant>,
     owed: f64,
+    compute: SimCompute,
+    in_flight: Option<InFlight>,
+    /// `cpu` or `gpu`: what routed the last finished step.
+    pub last_backend: Option<&'static str>,
 }
 
 impl SimSource {
-    /// Fresh simulations of `settings`.
-    pub fn new(settings: &SimSettings) -> Result<Self, String> {
-        let simulations = MODES
+    /// Fresh simulations of `settings`, routed on `compute`.
+    pub fn new(settings: &SimSettings, compute: SimCompute) -> Result<Self, String> {
+        let loops = MODES
             .iter()
-            .map(|&m| Simulation::new(&CPU, &settings.config(m)).map_err(|e| e.to_string()))
+            .map(|&m| ClosedLoop::new(&settings.config(m)).map_err(|e| e.to_string()))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
             settings: settings.clone(),
-            simulations,
+            loops,
             runs: MODES
                 .iter()
                 .map(|m| {
@@ -137,12 +189,32 @@ impl SimSource {
             running: true,
             last_advance: None,
             owed: 0.0,
+            compute,
+            in_flight: None,
+            last_backend: None,
         })
     }
 
     /// The settings the simulations run with.
     pub fn settings(&self) -> &SimSettings {
         &self.settings
+    }
+
+    /// Where the next step routes.
+    pub fn compute(&self) -> &SimCompute {
+        &self.compute
+    }
+
+    /// Routes the next steps on `compute` (a step in flight still finishes).
+    pub fn set_compute(&mut self, compute: SimCompute) {
+        if !self.compute.same(&compute) {
+            self.compute = compute;
+        }
+    }
+
+    /// Whether a step waits for its GPU counts.
+    pub fn waiting(&self) -> bool {
+        self.in_flight.is_some()
     }
 
     /// Applies changed settings: target, gains, clamps and the stream's drift act from
@@ -153,36 +225,128 @@ impl SimSource {
             != (new.experts, new.layers, new.tokens, new.seed);
         if restart {
             let running = self.running;
-            *self = Self::new(new)?;
+            *self = Self::new(new, self.compute.clone())?;
             self.running = running;
             return Ok(());
         }
-        for (sim, mode) in self.simulations.iter_mut().zip(MODES) {
+        for (sim, mode) in self.loops.iter_mut().zip(MODES) {
             let target = sim_target(new.target, mode);
             if target != sim.target() {
                 sim.set_target(target).map_err(|e| e.to_string())?;
             }
             sim.set_controller(new.kp, new.ki, new.p_min, new.p_max)
                 .map_err(|e| e.to_string())?;
-            sim.set_stream(new.margin, new.drift, new.horizon)
+            sim.set_stream(new.margin, new.noise, new.drift, new.horizon)
                 .map_err(|e| e.to_string())?;
         }
         self.settings = new.clone();
         Ok(())
     }
 
-    /// One step of every simulation.
-    pub fn step(&mut self) -> Result<(), String> {
-        for (sim, run) in self.simulations.iter_mut().zip(&mut self.runs) {
-            let record = sim.step().map_err(|e| e.to_string())?;
-            run.push_simulation(&record);
+    /// One step of every simulation (or, with a GPU step in flight, its completion when
+    /// its counts are back); returns how many steps finished.
+    pub fn step(&mut self) -> Result<usize, String> {
+        if self.in_flight.is_some() {
+            return self.collect();
         }
+        self.launch()?;
+        self.collect()
+    }
+
+    /// Starts the next step: logits and normalisation once, one selection per mode.
+    fn launch(&mut self) -> Result<(), String> {
+        let err = |e: dtopp::Error| e.to_string();
+        let (shape, normalization, k_max) = self.loops[0].routing();
+        // Every mode steps in lockstep on the same stream: one set of logits serves all.
+        let logits: Vec<Vec<f32>> = (0..self.settings.layers)
+            .map(|layer| self.loops[0].logits(layer))
+            .collect();
+        let cpu_probs = || {
+            logits
+                .iter()
+                .map(|z| CPU.drn_forward(z, shape, normalization))
+                .collect::<dtopp::Result<Vec<_>>>()
+        };
+        if self.loops.iter().any(ClosedLoop::needs_calibration) {
+            // p_0 is an initial guess, calibrated on the CPU whatever routes the steps.
+            let probs = cpu_probs().map_err(err)?;
+            for l in self.loops.iter_mut().filter(|l| l.needs_calibration()) {
+                l.calibrate(&probs).map_err(err)?;
+            }
+        }
+        let rules = self
+            .loops
+            .iter_mut()
+            .map(ClosedLoop::begin)
+            .collect::<dtopp::Result<Vec<_>>>()
+            .map_err(err)?;
+        let slot: CountsSlot = Rc::default();
+        match &self.compute {
+            SimCompute::Cpu => {
+                let probs = cpu_probs().map_err(err)?;
+                let mut counts = Vec::new();
+                for rule in &rules {
+                    counts.extend(launch_selection(&CPU, shape, &probs, rule, k_max).map_err(err)?);
+                }
+                *slot.borrow_mut() = Some(Ok(counts));
+            }
+            SimCompute::Gpu(ops) => {
+                let probs = logits
+                    .iter()
+                    .map(|z| ops.drn_forward(&ops.upload_floats(z)?, shape, normalization))
+                    .collect::<dtopp::Result<Vec<_>>>()
+                    .map_err(err)?;
+                let mut arrays: Vec<DeviceArray> = Vec::new();
+                for rule in &rules {
+                    arrays
+                        .extend(launch_selection(&**ops, shape, &probs, rule, k_max).map_err(err)?);
+                }
+                let (ops, filled) = (ops.clone(), slot.clone());
+                crate::spawn::spawn_local(async move {
+                    let refs: Vec<&DeviceArray> = arrays.iter().collect();
+                    let counts = ops.read_ints_async(&refs).await.map_err(err);
+                    *filled.borrow_mut() = Some(counts);
+                });
+            }
+        }
+        self.in_flight = Some(InFlight {
+            counts: slot,
+            backend: self.compute.kind(),
+        });
         Ok(())
     }
 
+    /// Finishes the step in flight if its counts are back; returns 1 if it did.
+    fn collect(&mut self) -> Result<usize, String> {
+        let Some(flight) = &self.in_flight else {
+            return Ok(0);
+        };
+        let Some(result) = flight.counts.borrow_mut().take() else {
+            return Ok(0);
+        };
+        let backend = flight.backend;
+        self.in_flight = None;
+        let counts = result?;
+        let layers = self.settings.layers;
+        for ((l, run), chunk) in self
+            .loops
+            .iter_mut()
+            .zip(&mut self.runs)
+            .zip(counts.chunks(layers))
+        {
+            let per_layer = chunk.iter().map(|c| mean_count(c)).collect();
+            let record = l.finish(per_layer).map_err(|e| e.to_string())?;
+            run.push_simulation(&record);
+        }
+        self.last_backend = Some(backend);
+        Ok(1)
+    }
+
     /// Steps owed at the set rate since the last call (at most a few per frame, so a
-    /// slow frame never stalls the UI); returns how many ran.
+    /// slow frame never stalls the UI; one GPU step in flight at a time); returns how
+    /// many finished.
     pub fn advance(&mut self) -> Result<usize, String> {
+        let mut done = self.collect()?;
         let now = Instant::now();
         let elapsed = self
             .last_advance
@@ -190,14 +354,13 @@ impl SimSource {
         self.last_advance = Some(now);
         if !self.running {
             self.owed = 0.0;
-            return Ok(0);
+            return Ok(done);
         }
         self.owed = (self.owed + elapsed * self.settings.steps_per_second).min(8.0);
-        let mut done = 0;
-        while self.owed >= 1.0 {
-            self.step()?;
+        while self.owed >= 1.0 && self.in_flight.is_none() {
+            self.launch()?;
             self.owed -= 1.0;
-            done += 1;
+            done += self.collect()?;
         }
         Ok(done)
     }
@@ -217,10 +380,13 @@ mod tests {
 
     #[test]
     fn dtopp_tracks_a_changed_target_while_topk_follows_exactly() {
-        let mut sim = SimSource::new(&SimSettings {
-            tokens: 256,
-            ..SimSettings::default()
-        })
+        let mut sim = SimSource::new(
+            &SimSettings {
+                tokens: 256,
+                ..SimSettings::default()
+            },
+            SimCompute::Cpu,
+        )
         .unwrap();
         for _ in 0..150 {
             sim.step().unwrap();
