@@ -439,6 +439,9 @@ fn train_writes_a_run_directory_and_refuses_bad_input() {
         "two MoE layers"
     );
 
+    // The run ends with a checkpoint, which `dtopp export` writes as safetensors.
+    export_loads_in_numpy(&dir, &run);
+
     // The same directory again: refused, the first run untouched.
     let again = call(refs(&args(&["--steps", "3", "--out", run_str])));
     assert!(!again.status.success());
@@ -583,4 +586,134 @@ fn reproduce_ci_scale_writes_the_report_and_plots() {
     let again = dtopp(&["reproduce", "--scale", "ci", "--out", out.to_str().unwrap()]);
     assert!(!again.status.success());
     assert!(text(&again).1.contains("already holds runs/"));
+}
+
+/// `dtopp export` of a finished run: the weights file follows the safetensors layout, its
+/// tensors match the JSON config, and (where Python has numpy and safetensors; required
+/// with DTOPP_REQUIRE_SAFETENSORS_PY=1, which CI sets) `safetensors.numpy.load_file`
+/// reads every tensor with the documented names and shapes. Bad requests fail clearly.
+fn export_loads_in_numpy(dir: &Path, run: &Path) {
+    let weights = dir.join("export/tiny.safetensors");
+    let out = dtopp(&[
+        "export",
+        run.to_str().unwrap(),
+        "--safetensors",
+        weights.to_str().unwrap(),
+    ]);
+    let (stdout, err) = text(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(stdout.contains("(step 10)"), "{stdout}");
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("export/tiny.json")).unwrap()).unwrap();
+    assert_eq!(config["step"], 10);
+    assert!(
+        config["policy"]["Controlled"].is_array(),
+        "{}",
+        config["policy"]
+    );
+    let tensors = config["tensors"].as_array().unwrap();
+    let names: Vec<&str> = tensors
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    for expected in ["embed", "head", "final_norm.gamma", "blocks.1.moe.router"] {
+        assert!(
+            names.iter().any(|n| n.starts_with(expected)),
+            "{expected} not among {names:?}"
+        );
+    }
+
+    // The layout, read back by hand: header length, JSON header, contiguous data.
+    let bytes = std::fs::read(&weights).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let mut total = 0u64;
+    for t in tensors {
+        let entry = &header[t["name"].as_str().unwrap()];
+        assert_eq!(entry["dtype"], "F32");
+        assert_eq!(entry["shape"], t["shape"]);
+        let [begin, end] = [0, 1].map(|i| entry["data_offsets"][i].as_u64().unwrap());
+        let elements: u64 = t["shape"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d.as_u64().unwrap())
+            .product();
+        assert_eq!(end - begin, 4 * elements);
+        total += end - begin;
+    }
+    assert_eq!(bytes.len() as u64, 8 + n as u64 + total);
+
+    let script = r#"
+import json, sys
+import numpy
+from safetensors.numpy import load_file
+t = load_file(sys.argv[1])
+c = json.load(open(sys.argv[2]))
+assert sorted(t) == sorted(e["name"] for e in c["tensors"]), "names differ"
+for e in c["tensors"]:
+    a = t[e["name"]]
+    assert list(a.shape) == e["shape"], (e["name"], a.shape)
+    assert str(a.dtype) == "float32" and numpy.isfinite(a).all(), e["name"]
+print(len(t), sum(a.size for a in t.values()))
+"#;
+    let py = Command::new("python3")
+        .args(["-c", script])
+        .arg(&weights)
+        .arg(dir.join("export/tiny.json"))
+        .output();
+    match py {
+        Ok(o) if o.status.success() => {
+            let printed = String::from_utf8_lossy(&o.stdout);
+            assert_eq!(
+                printed.split_whitespace().next(),
+                Some(&*tensors.len().to_string())
+            );
+            println!("numpy loaded the export: {printed}");
+        }
+        Ok(o) => {
+            let err = String::from_utf8_lossy(&o.stderr);
+            let missing = err.contains("No module named");
+            if !missing || std::env::var("DTOPP_REQUIRE_SAFETENSORS_PY").as_deref() == Ok("1") {
+                panic!("python could not load the export: {err}");
+            }
+            eprintln!(
+                "SKIPPED the numpy load of the export: {}",
+                err.lines().last().unwrap_or("")
+            );
+        }
+        Err(e) => {
+            assert!(
+                std::env::var("DTOPP_REQUIRE_SAFETENSORS_PY").as_deref() != Ok("1"),
+                "no python3: {e}"
+            );
+            eprintln!("SKIPPED the numpy load of the export: no python3 ({e})");
+        }
+    }
+
+    // A directory without checkpoints, and a weights path that would collide with the
+    // config, are refused by name.
+    let empty = dir.join("no-run");
+    std::fs::create_dir_all(&empty).unwrap();
+    let out = dtopp(&[
+        "export",
+        empty.to_str().unwrap(),
+        "--safetensors",
+        dir.join("x.safetensors").to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(text(&out).1.contains("no-run"), "{}", text(&out).1);
+    let out = dtopp(&[
+        "export",
+        run.to_str().unwrap(),
+        "--safetensors",
+        dir.join("x.json").to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).1.contains("extension is not .json"),
+        "{}",
+        text(&out).1
+    );
+    assert!(!dir.join("x.json").exists());
 }

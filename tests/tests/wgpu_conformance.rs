@@ -146,7 +146,7 @@ fn the_closed_loop_on_the_gpu_tracks_like_the_cpu_reference() {
     );
 }
 
-fn pollster_block_on<F: std::future::Future>(future: F) -> F::Output {
+fn pollster_block_on<F: Future>(future: F) -> F::Output {
     // The read-back future completes once the device is polled, which it does itself on
     // native: a no-op waker suffices.
     let mut future = std::pin::pin!(future);

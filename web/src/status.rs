@@ -96,8 +96,10 @@ mod tests {
 
     #[test]
     fn status_reports_the_last_step_and_the_settling_after_a_target_change() {
-        let mut settings = Settings::default();
-        settings.source = SourceKind::Simulator;
+        let mut settings = Settings {
+            source: SourceKind::Simulator,
+            ..Settings::default()
+        };
         settings.sim.tokens = 256;
         let mut app = DesktopApp::with_settings(settings, StartOptions::default());
         app.sync_simulator();

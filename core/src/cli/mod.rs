@@ -1,6 +1,8 @@
 //! The `dtopp` command-line program: one module per subcommand.
 
 mod bench;
+#[cfg(feature = "train")]
+mod export;
 #[cfg(feature = "reproduce")]
 mod reproduce;
 mod route;
@@ -27,6 +29,9 @@ enum Command {
     /// Pre-train an MoE language model (Top-k, fixed Top-p or DTop-p routing).
     #[cfg(feature = "train")]
     Train(train::TrainArgs),
+    /// Write a run's newest checkpoint as safetensors weights plus a JSON config.
+    #[cfg(feature = "train")]
+    Export(export::ExportArgs),
     /// Train every routing mode on the same data and write a report with plots.
     #[cfg(feature = "reproduce")]
     Reproduce(reproduce::ReproduceArgs),
@@ -95,6 +100,8 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         #[cfg(feature = "train")]
         Command::Train(args) => train::run(args),
+        #[cfg(feature = "train")]
+        Command::Export(args) => export::run(args),
         #[cfg(feature = "reproduce")]
         Command::Reproduce(args) => reproduce::run(args),
         Command::Simulate(args) => simulate::run(args),

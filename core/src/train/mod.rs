@@ -1,11 +1,13 @@
 //! Pre-training MoE language models with Top-k, fixed Top-p and DTop-p routing (feature
 //! `train`): configuration and presets, data batches, losses, AdamW with warmup +
-//! cosine schedule and global-norm clipping, the threshold policy, metrics and the loop.
+//! cosine schedule and global-norm clipping, the threshold policy, metrics, the loop,
+//! checkpoints and the safetensors export.
 
 mod adamw;
 mod batches;
 mod checkpoint;
 mod config;
+mod export;
 mod losses;
 mod mode;
 mod schedule;
@@ -23,6 +25,7 @@ pub use checkpoint::{
 pub use config::{
     DataConfig, LossConfig, OptimizerConfig, Preset, RoutingConfig, RunConfig, TrainConfig,
 };
+pub use export::{ExportReport, export_safetensors, parameter_names};
 pub use losses::{LossParts, cross_entropy, load_balance, router_entropy, total_loss, z_loss};
 pub use mode::RoutingMode;
 pub use schedule::learning_rate;

@@ -209,8 +209,10 @@ fn run_to_end<B: AutodiffBackend>(
                 m.elapsed_s,
             ));
         }
-        if run.checkpoint_every > 0
-            && (m.step.is_multiple_of(run.checkpoint_every) || m.step == run.steps)
+        // Every K steps, and always at the end (what `dtopp export` and a later
+        // `--resume --steps N` start from).
+        if (run.checkpoint_every > 0 && m.step.is_multiple_of(run.checkpoint_every))
+            || m.step == run.steps
         {
             let path = write_checkpoint(out, &session.checkpoint()?, run.keep_checkpoints)?;
             say(format!("checkpoint: {}", path.display()));
