@@ -90,10 +90,12 @@ pub fn nvrtc_present() -> bool {
     unsafe { cudarc::nvrtc::sys::is_culib_present() }
 }
 
+/// Each module's file and PTX, or the file NVRTC rejected and its log.
+type CompiledModules = Result<Vec<(&'static str, Ptx)>, (&'static str, String)>;
+
 /// PTX of every module, compiled by NVRTC once per process. Needs NVRTC, not a GPU.
 pub fn compiled_modules() -> Result<&'static [(&'static str, Ptx)], CudaError> {
-    static CACHE: OnceLock<Result<Vec<(&'static str, Ptx)>, (&'static str, String)>> =
-        OnceLock::new();
+    static CACHE: OnceLock<CompiledModules> = OnceLock::new();
     if !nvrtc_present() {
         return Err(CudaError::MissingLibrary {
             library: "NVRTC (libnvrtc)",

@@ -52,6 +52,9 @@ pub(crate) enum Backend {
     /// The WGSL kernels through wgpu (Vulkan, Metal, DX12; lavapipe without a GPU).
     #[cfg(feature = "wgpu")]
     Wgpu,
+    /// The CUDA kernels (NVIDIA GPUs; NVRTC at run time). Builds without the `cuda`
+    /// feature report that the backend is not in the build.
+    Cuda,
 }
 
 impl Backend {
@@ -60,6 +63,7 @@ impl Backend {
             Backend::Cpu => "cpu",
             #[cfg(feature = "wgpu")]
             Backend::Wgpu => "wgpu",
+            Backend::Cuda => "cuda",
         }
     }
 }
@@ -69,6 +73,14 @@ impl Backend {
 pub(crate) fn wgpu_backend() -> Result<crate::backends::WgpuOps> {
     let ops = crate::backends::WgpuOps::new()?;
     eprintln!("wgpu adapter: {}", ops.adapter_name());
+    Ok(ops)
+}
+
+/// Creates the CUDA backend on device 0 and says which GPU it runs on (never silently
+/// another backend).
+pub(crate) fn cuda_backend() -> Result<crate::backends::CudaOps> {
+    let ops = crate::backends::CudaOps::new(0)?;
+    eprintln!("cuda device: {}", ops.device_name());
     Ok(ops)
 }
 

@@ -204,6 +204,7 @@ pub(crate) fn run(args: SimulateArgs) -> Result<()> {
         Backend::Cpu => run_simulation(&CpuReference, &config, on_step)?,
         #[cfg(feature = "wgpu")]
         Backend::Wgpu => run_simulation(&super::wgpu_backend()?, &config, on_step)?,
+        Backend::Cuda => run_simulation(&super::cuda_backend()?, &config, on_step)?,
     };
     if let Some((file, path)) = metrics.as_mut() {
         file.flush()
