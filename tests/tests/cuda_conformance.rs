@@ -30,3 +30,22 @@ fn without_the_backend_the_error_names_what_is_missing() {
         "{err}"
     );
 }
+
+#[test]
+fn the_cli_names_what_the_cuda_backend_lacks_and_writes_nothing() {
+    if cuda_or_skip().is_some() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("dtopp-cuda-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = std::process::Command::new(dtopp_tests::dtopp_binary())
+        .args(["simulate", "--steps", "3", "--backend", "cuda", "--out"])
+        .arg(dir.join("sim"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("error: backend cuda:"), "{err}");
+    assert!(!dir.join("sim/metrics.jsonl").exists());
+    std::fs::remove_dir_all(&dir).ok();
+}

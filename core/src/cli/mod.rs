@@ -84,6 +84,16 @@ pub(crate) fn cuda_backend() -> Result<crate::backends::CudaOps> {
     Ok(ops)
 }
 
+/// `train` / `reproduce` with `--backend cuda`: the trainer's routing engine has no CUDA
+/// path yet, and the backend must not silently become another one.
+#[cfg(feature = "train")]
+pub(crate) fn cuda_training_unavailable() -> crate::error::Error {
+    crate::error::Error::Backend {
+        backend: "cuda",
+        message: "training on the CUDA backend is not available yet (the routing kernels are, for route, simulate and bench); train with --backend wgpu (Vulkan on NVIDIA GPUs) or cpu".into(),
+    }
+}
+
 /// The router normalization chosen by `--no-drn` / `--theta`.
 pub(crate) fn normalization(no_drn: bool, theta: f32) -> Result<crate::ops::Normalization> {
     use crate::ops::Normalization;
