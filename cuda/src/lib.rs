@@ -1,7 +1,30 @@
-//! dtopp-cuda: the CUDA kernels of the routing ops (`.cu` files compiled at run time
-//! through NVRTC, the driver loaded dynamically) behind `dtopp::ops::RoutingOps`.
+//! dtopp-cuda: the CUDA kernels of the DTop-p routing ops (`src/kernels/*.cu`, one file
+//! per op family, mirroring the WGSL kernels op for op) and the host code that compiles
+//! them with NVRTC and launches them through cudarc.
 //!
-//! This crate is a member of the workspace from the start so that the dependency layout
-//! (DESIGN.md section 2) is fixed; the kernels arrive with the CUDA issue. Until then it
-//! exports nothing, and `dtopp --backend` offers only `cpu`. burn's own CUDA backend
-//! already builds here (feature `cuda` of the `dtopp` crate, checked in CI).
+//! With the `cuda` feature the driver and NVRTC are loaded at run time, so the crate
+//! builds on machines with no CUDA toolkit and no GPU; [`CudaKernels::new`] then reports
+//! which of driver, NVRTC or device is missing. Without the feature the same types exist
+//! as a stand-in whose constructor says the backend is not in the build, so callers need
+//! no `#[cfg]`.
+//!
+//! The ops contract (`dtopp::ops::RoutingOps`) is implemented on top of this crate by
+//! `dtopp::backends::CudaOps`.
+
+#[cfg(feature = "cuda")]
+mod device;
+mod error;
+pub mod source;
+#[cfg(not(feature = "cuda"))]
+mod stand_in;
+
+#[cfg(feature = "cuda")]
+pub use device::{
+    CudaKernels, DeviceBuffer, DispatchBuffers, SelectionBuffers, compiled_modules, driver_present,
+    nvrtc_present,
+};
+pub use error::CudaError;
+#[cfg(not(feature = "cuda"))]
+pub use stand_in::{
+    CudaKernels, DeviceBuffer, DispatchBuffers, SelectionBuffers, driver_present, nvrtc_present,
+};

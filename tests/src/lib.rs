@@ -554,3 +554,22 @@ pub fn wgpu_or_skip() -> Option<dtopp::backends::WgpuOps> {
         }
     }
 }
+
+/// The CUDA backend on device 0, or `None` with the reason printed (no `cuda` feature,
+/// no driver, no NVRTC, no device). With `DTOPP_REQUIRE_GPU=1` a missing device fails.
+pub fn cuda_or_skip() -> Option<dtopp::backends::CudaOps> {
+    match dtopp::backends::CudaOps::new(0) {
+        Ok(ops) => {
+            println!("cuda device: {}", ops.device_name());
+            Some(ops)
+        }
+        Err(e) => {
+            assert!(
+                !gpu_required(),
+                "DTOPP_REQUIRE_GPU is set but the CUDA backend cannot start: {e}"
+            );
+            println!("SKIPPED: no CUDA backend: {e}");
+            None
+        }
+    }
+}

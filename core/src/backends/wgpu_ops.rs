@@ -113,11 +113,7 @@ impl WgpuOps {
 
     /// Blocking read-back (native). In the browser a read must be awaited
     /// (`RoutingKernels::read_async`), which the synchronous ops trait cannot do.
-    fn read<T: dtopp_shaders::bytemuck::Pod>(
-        &self,
-        buffer: &wgpu::Buffer,
-        len: usize,
-    ) -> Result<Vec<T>> {
+    fn read<T: bytemuck::Pod>(&self, buffer: &wgpu::Buffer, len: usize) -> Result<Vec<T>> {
         #[cfg(not(target_arch = "wasm32"))]
         return self.kernels.read(buffer, len).map_err(backend_error);
         #[cfg(target_arch = "wasm32")]

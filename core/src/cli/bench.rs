@@ -97,6 +97,15 @@ pub(crate) fn run(command: BenchCommand) -> Result<()> {
                 Some(measure(&ops, shape, &args, k_max, [1, 1, 3, 1])?),
             )
         }
+        Backend::Cuda => {
+            let ops = super::cuda_backend()?;
+            // Launches per op of the CUDA kernels: drn, select, plan (count, scan,
+            // scatter), gather, combine (see cuda/src/device.rs).
+            (
+                "cuda",
+                Some(measure(&ops, shape, &args, k_max, [1, 1, 3, 1])?),
+            )
+        }
     };
     let rows: Vec<(&str, &Timing)> = match &device {
         Some(d) => d

@@ -52,6 +52,9 @@ pub(crate) enum Backend {
     /// The WGSL kernels through wgpu (Vulkan, Metal, DX12; lavapipe without a GPU).
     #[cfg(feature = "wgpu")]
     Wgpu,
+    /// The CUDA kernels (NVIDIA GPUs; NVRTC at run time). Builds without the `cuda`
+    /// feature report that the backend is not in the build.
+    Cuda,
 }
 
 impl Backend {
@@ -60,6 +63,7 @@ impl Backend {
             Backend::Cpu => "cpu",
             #[cfg(feature = "wgpu")]
             Backend::Wgpu => "wgpu",
+            Backend::Cuda => "cuda",
         }
     }
 }
@@ -70,6 +74,24 @@ pub(crate) fn wgpu_backend() -> Result<crate::backends::WgpuOps> {
     let ops = crate::backends::WgpuOps::new()?;
     eprintln!("wgpu adapter: {}", ops.adapter_name());
     Ok(ops)
+}
+
+/// Creates the CUDA backend on device 0 and says which GPU it runs on (never silently
+/// another backend).
+pub(crate) fn cuda_backend() -> Result<crate::backends::CudaOps> {
+    let ops = crate::backends::CudaOps::new(0)?;
+    eprintln!("cuda device: {}", ops.device_name());
+    Ok(ops)
+}
+
+/// `train` / `reproduce` with `--backend cuda`: the trainer's routing engine has no CUDA
+/// path yet, and the backend must not silently become another one.
+#[cfg(feature = "train")]
+pub(crate) fn cuda_training_unavailable() -> crate::error::Error {
+    crate::error::Error::Backend {
+        backend: "cuda",
+        message: "training on the CUDA backend is not available yet (the routing kernels are, for route, simulate and bench); train with --backend wgpu (Vulkan on NVIDIA GPUs) or cpu".into(),
+    }
 }
 
 /// The router normalization chosen by `--no-drn` / `--theta`.

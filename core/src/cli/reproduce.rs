@@ -62,6 +62,7 @@ pub(crate) fn run(args: ReproduceArgs) -> Result<()> {
             let engine = RouteEngine::Wgpu(Box::new(ops));
             reproduce::<Autodiff<Wgpu>>(&options(&name), &Default::default(), &engine)?;
         }
+        Backend::Cuda => return Err(super::cuda_training_unavailable()),
     }
     Ok(())
 }

@@ -89,6 +89,14 @@ pub(crate) fn run(args: RouteArgs) -> Result<()> {
             &rule,
             args.k_max,
         )?,
+        Backend::Cuda => route_arrays(
+            &super::cuda_backend()?,
+            &logits,
+            shape,
+            norm,
+            &rule,
+            args.k_max,
+        )?,
     };
     write_npz(&args.out, &arrays)?;
     // M = sum_i k_i, the length of the route arrays.

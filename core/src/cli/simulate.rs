@@ -13,6 +13,7 @@ use crate::controller::{
 };
 use crate::cpu::CpuReference;
 use crate::error::{Error, Result};
+use crate::ops::RoutingOps;
 use crate::sim::{
     SETTLE_BAND, SETTLE_WINDOW, SimConfig, SimMode, SimOutcome, StepRecord, StreamConfig,
     run_simulation,
@@ -166,8 +167,18 @@ impl SimulateArgs {
 
 pub(crate) fn run(args: SimulateArgs) -> Result<()> {
     let config = args.config()?;
+    // The backend first: if it cannot start, no run directory is created.
+    match args.backend {
+        Backend::Cpu => simulate_on(&CpuReference, &args, &config),
+        #[cfg(feature = "wgpu")]
+        Backend::Wgpu => simulate_on(&super::wgpu_backend()?, &args, &config),
+        Backend::Cuda => simulate_on(&super::cuda_backend()?, &args, &config),
+    }
+}
+
+fn simulate_on<O: RoutingOps>(ops: &O, args: &SimulateArgs, config: &SimConfig) -> Result<()> {
     let mut metrics = match &args.out {
-        Some(dir) => Some(open_run_dir(dir, &config)?),
+        Some(dir) => Some(open_run_dir(dir, config)?),
         None => None,
     };
     let log_every = if args.log_every == 0 {
@@ -200,16 +211,12 @@ pub(crate) fn run(args: SimulateArgs) -> Result<()> {
         }
         Ok(())
     };
-    let outcome = match args.backend {
-        Backend::Cpu => run_simulation(&CpuReference, &config, on_step)?,
-        #[cfg(feature = "wgpu")]
-        Backend::Wgpu => run_simulation(&super::wgpu_backend()?, &config, on_step)?,
-    };
+    let outcome = run_simulation(ops, config, on_step)?;
     if let Some((file, path)) = metrics.as_mut() {
         file.flush()
             .map_err(|e| Error::io("cannot write", &*path, e))?;
     }
-    let summary = summary_text(&config, &outcome);
+    let summary = summary_text(config, &outcome);
     println!("{summary}");
     if let Some(dir) = &args.out {
         let json = serde_json::json!({

@@ -128,6 +128,7 @@ pub(crate) fn run(args: TrainArgs) -> Result<()> {
                 "wgpu"
             );
         }
+        Backend::Cuda => return Err(super::cuda_training_unavailable()),
     }
     eprintln!("run directory: {}", dir.display());
     Ok(())

@@ -1,0 +1,563 @@
+//! The kernels on a CUDA device through cudarc: the driver and NVRTC are loaded at run
+//! time (no toolkit at build time), the `.cu` sources compiled once per process to PTX
+//! (targeting compute_80, JIT-compiled by the driver for Ampere, Hopper and newer) and
+//! loaded once per device. Every launch is asynchronous on one stream; nothing waits for
+//! the device until a buffer is read.
+//
+// Launches are `unsafe` in cudarc (the argument list must match the kernel's
+// signature); each launch below passes exactly the kernel's parameters, in order, with
+// the C types they are declared with (pointers, `unsigned`, `int`, `float`).
+#![allow(unsafe_code)]
+
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
+
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
+};
+use cudarc::nvrtc::{CompileOptions, Ptx, compile_ptx_with_opts};
+
+use crate::error::CudaError;
+use crate::source::MODULES;
+
+/// Warps per block of the warp-per-token kernels (`WARPS` in drn.cu / select.cu).
+const WARPS: u32 = 8;
+/// Threads per block of the other kernels.
+const BLOCK: u32 = 256;
+/// Tokens per chunk of the dispatch plan.
+const PLAN_CHUNK: usize = 32;
+/// `status` value meaning "no non-finite input seen".
+const STATUS_CLEAN: u32 = u32::MAX;
+/// Largest element count the kernels index with 32-bit integers.
+const MAX_ELEMENTS: u64 = u32::MAX as u64;
+
+/// A device buffer of 4-byte values (f32, i32 or u32 by use), cheap to clone.
+#[derive(Clone, Debug)]
+pub struct DeviceBuffer {
+    slice: Arc<CudaSlice<u32>>,
+    len: usize,
+}
+
+impl DeviceBuffer {
+    /// Values held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether it holds no values.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// The buffers of a selection.
+#[derive(Clone, Debug)]
+pub struct SelectionBuffers {
+    /// `[N, E]` i32.
+    pub experts: DeviceBuffer,
+    /// `[N, E]` f32.
+    pub weights: DeviceBuffer,
+    /// `[N]` i32.
+    pub counts: DeviceBuffer,
+    /// `[1]` u32: index of the first non-finite probability, or `u32::MAX`.
+    pub status: DeviceBuffer,
+}
+
+/// The buffers of a dispatch plan (see `dtopp::ops::DispatchPlan`).
+#[derive(Clone, Debug)]
+pub struct DispatchBuffers {
+    /// `[E]` i32.
+    pub expert_counts: DeviceBuffer,
+    /// `[E + 1]` i32.
+    pub expert_offsets: DeviceBuffer,
+    /// `[capacity]` i32.
+    pub route_tokens: DeviceBuffer,
+    /// `[capacity]` f32.
+    pub route_weights: DeviceBuffer,
+    /// `[N, E]` i32.
+    pub token_routes: DeviceBuffer,
+}
+
+/// Whether the driver library (libcuda) can be loaded.
+pub fn driver_present() -> bool {
+    // SAFETY: only tries to dlopen the library; no symbol is called.
+    unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+/// Whether NVRTC (libnvrtc) can be loaded.
+pub fn nvrtc_present() -> bool {
+    // SAFETY: only tries to dlopen the library; no symbol is called.
+    unsafe { cudarc::nvrtc::sys::is_culib_present() }
+}
+
+/// Each module's file and PTX, or the file NVRTC rejected and its log.
+type CompiledModules = Result<Vec<(&'static str, Ptx)>, (&'static str, String)>;
+
+/// PTX of every module, compiled by NVRTC once per process. Needs NVRTC, not a GPU.
+pub fn compiled_modules() -> Result<&'static [(&'static str, Ptx)], CudaError> {
+    static CACHE: OnceLock<CompiledModules> = OnceLock::new();
+    if !nvrtc_present() {
+        return Err(CudaError::MissingLibrary {
+            library: "NVRTC (libnvrtc)",
+            hint: "install the CUDA runtime compiler (e.g. the nvidia-cuda-nvrtc wheel or a CUDA toolkit) and put its lib directory on LD_LIBRARY_PATH",
+        });
+    }
+    let cached = CACHE.get_or_init(|| {
+        MODULES
+            .iter()
+            .map(|&(file, src, _)| {
+                let opts = CompileOptions {
+                    arch: Some("compute_80"),
+                    options: vec!["--std=c++17".into()],
+                    name: Some(file.into()),
+                    ..Default::default()
+                };
+                compile_ptx_with_opts(src, opts)
+                    .map(|ptx| (file, ptx))
+                    .map_err(|e| (file, e.to_string()))
+            })
+            .collect()
+    });
+    match cached {
+        Ok(modules) => Ok(modules),
+        Err((file, log)) => Err(CudaError::Compile {
+            file,
+            log: log.clone(),
+        }),
+    }
+}
+
+fn driver(what: &'static str) -> impl Fn(cudarc::driver::DriverError) -> CudaError {
+    move |e| CudaError::Driver {
+        what,
+        message: e.to_string(),
+    }
+}
+
+/// Every routing kernel, loaded on one device.
+#[derive(Debug)]
+pub struct CudaKernels {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    functions: HashMap<&'static str, CudaFunction>,
+    name: String,
+}
+
+impl CudaKernels {
+    /// Opens device `ordinal` and loads the kernels (compiled once per process). Without
+    /// a driver, NVRTC or the device, an error says which is missing.
+    pub fn new(ordinal: usize) -> Result<Self, CudaError> {
+        if !driver_present() {
+            return Err(CudaError::MissingLibrary {
+                library: "the NVIDIA driver (libcuda)",
+                hint: "this machine has no NVIDIA driver; use --backend wgpu or cpu",
+            });
+        }
+        let modules = compiled_modules()?;
+        let count = CudaContext::device_count().map_err(driver("device count"))?;
+        if ordinal >= usize::try_from(count).unwrap_or(0) {
+            return Err(CudaError::NoDevice {
+                ordinal,
+                message: format!("the driver reports {count} device(s)"),
+            });
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| CudaError::NoDevice {
+            ordinal,
+            message: e.to_string(),
+        })?;
+        let name = ctx.name().map_err(driver("device name"))?;
+        let stream = ctx.default_stream();
+        let mut functions = HashMap::new();
+        for ((_, ptx), (_, _, kernels)) in modules.iter().zip(MODULES.iter()) {
+            let module = ctx
+                .load_module(ptx.clone())
+                .map_err(driver("load module"))?;
+            for &k in kernels.iter() {
+                functions.insert(k, module.load_function(k).map_err(driver("load kernel"))?);
+            }
+        }
+        Ok(Self {
+            ctx,
+            stream,
+            functions,
+            name,
+        })
+    }
+
+    /// "name (device N)".
+    pub fn device_name(&self) -> String {
+        format!("{} (device {})", self.name, self.ctx.ordinal())
+    }
+
+    fn function(&self, name: &str) -> &CudaFunction {
+        &self.functions[name]
+    }
+
+    fn check_size(what: &str, elements: usize) -> Result<(), CudaError> {
+        if elements as u64 > MAX_ELEMENTS {
+            return Err(CudaError::TooLarge {
+                what: what.to_string(),
+                elements: elements as u64,
+                limit: MAX_ELEMENTS,
+            });
+        }
+        Ok(())
+    }
+
+    /// A buffer holding `data` (f32, i32 or u32).
+    pub fn upload<T: bytemuck::Pod>(
+        &self,
+        what: &str,
+        data: &[T],
+    ) -> Result<DeviceBuffer, CudaError> {
+        assert_eq!(size_of::<T>(), 4, "4-byte values only");
+        Self::check_size(what, data.len())?;
+        let words: &[u32] = bytemuck::cast_slice(data);
+        // An empty buffer still gets one word, so a kernel can be passed a valid pointer.
+        let slice = if words.is_empty() {
+            self.stream.alloc_zeros::<u32>(1)
+        } else {
+            self.stream.clone_htod(words)
+        }
+        .map_err(driver("upload"))?;
+        Ok(DeviceBuffer {
+            slice: Arc::new(slice),
+            len: data.len(),
+        })
+    }
+
+    /// A zeroed buffer of `len` values.
+    pub fn zeros(&self, what: &str, len: usize) -> Result<DeviceBuffer, CudaError> {
+        Self::check_size(what, len)?;
+        let slice = self
+            .stream
+            .alloc_zeros::<u32>(len.max(1))
+            .map_err(driver("allocate"))?;
+        Ok(DeviceBuffer {
+            slice: Arc::new(slice),
+            len,
+        })
+    }
+
+    /// Copies the first `len` values back (waits for the stream).
+    pub fn read<T: bytemuck::Pod>(
+        &self,
+        buffer: &DeviceBuffer,
+        len: usize,
+    ) -> Result<Vec<T>, CudaError> {
+        assert_eq!(size_of::<T>(), 4, "4-byte values only");
+        let words = self
+            .stream
+            .clone_dtoh(&*buffer.slice)
+            .map_err(driver("read back"))?;
+        Ok(bytemuck::cast_slice(&words[..len.min(buffer.len)]).to_vec())
+    }
+
+    /// Waits until every launched kernel has finished.
+    pub fn synchronize(&self) -> Result<(), CudaError> {
+        self.stream.synchronize().map_err(driver("synchronize"))
+    }
+
+    fn status(&self) -> Result<DeviceBuffer, CudaError> {
+        self.upload("status", &[STATUS_CLEAN])
+    }
+
+    fn warp_grid(tokens: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: ((tokens as u32).div_ceil(WARPS).max(1), 1, 1),
+            block_dim: (WARPS * 32, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    fn thread_grid(threads: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (
+                (threads as u64).div_ceil(u64::from(BLOCK)).max(1) as u32,
+                1,
+                1,
+            ),
+            block_dim: (BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    fn one_block() -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    /// DRN (`theta: Some`) or plain softmax (`None`) of `[N, E]` logits: the
+    /// probabilities and a status buffer (first non-finite logit, or `u32::MAX`).
+    pub fn drn_forward(
+        &self,
+        logits: &DeviceBuffer,
+        tokens: usize,
+        experts: usize,
+        theta: Option<f32>,
+    ) -> Result<(DeviceBuffer, DeviceBuffer), CudaError> {
+        let probs = self.zeros("probs", tokens * experts)?;
+        let status = self.status()?;
+        let (n, e) = (tokens as u32, experts as u32);
+        let (theta_v, use_drn, eps) = (theta.unwrap_or(1.0), i32::from(theta.is_some()), 1e-6f32);
+        let mut b = self.stream.launch_builder(self.function("drn_forward"));
+        b.arg(&*logits.slice)
+            .arg(&*probs.slice)
+            .arg(&*status.slice)
+            .arg(&n)
+            .arg(&e)
+            .arg(&theta_v)
+            .arg(&use_drn)
+            .arg(&eps);
+        // SAFETY: drn_forward(const float*, float*, unsigned*, unsigned, unsigned, float, int, float).
+        unsafe { b.launch(Self::warp_grid(tokens)) }.map_err(driver("drn_forward"))?;
+        Ok((probs, status))
+    }
+
+    /// Backward of [`CudaKernels::drn_forward`]: dL/dz `[N, E]`, dL/dtheta `[1]`, and a
+    /// status buffer (first non-finite logit or gradient).
+    pub fn drn_backward(
+        &self,
+        logits: &DeviceBuffer,
+        probs: &DeviceBuffer,
+        grad_probs: &DeviceBuffer,
+        tokens: usize,
+        experts: usize,
+        theta: Option<f32>,
+    ) -> Result<(DeviceBuffer, DeviceBuffer, DeviceBuffer), CudaError> {
+        let grad_logits = self.zeros("grad logits", tokens * experts)?;
+        let partials = self.zeros("theta partials", tokens)?;
+        let grad_theta = self.zeros("grad theta", 1)?;
+        let status = self.status()?;
+        let (n, e) = (tokens as u32, experts as u32);
+        let (theta_v, use_drn, eps) = (theta.unwrap_or(1.0), i32::from(theta.is_some()), 1e-6f32);
+        let mut b = self.stream.launch_builder(self.function("drn_backward"));
+        b.arg(&*logits.slice)
+            .arg(&*probs.slice)
+            .arg(&*grad_probs.slice)
+            .arg(&*grad_logits.slice)
+            .arg(&*partials.slice)
+            .arg(&*status.slice)
+            .arg(&n)
+            .arg(&e)
+            .arg(&theta_v)
+            .arg(&use_drn)
+            .arg(&eps);
+        // SAFETY: drn_backward(const float* x3, float* x2, unsigned*, unsigned, unsigned,
+        // float, int, float).
+        unsafe { b.launch(Self::warp_grid(tokens)) }.map_err(driver("drn_backward"))?;
+        let mut b = self.stream.launch_builder(self.function("drn_theta_sum"));
+        b.arg(&*partials.slice).arg(&*grad_theta.slice).arg(&n);
+        // SAFETY: drn_theta_sum(const float*, float*, unsigned), one block of 256 threads.
+        unsafe { b.launch(Self::one_block()) }.map_err(driver("drn_theta_sum"))?;
+        Ok((grad_logits, grad_theta, status))
+    }
+
+    fn selection_buffers(
+        &self,
+        tokens: usize,
+        experts: usize,
+    ) -> Result<SelectionBuffers, CudaError> {
+        Ok(SelectionBuffers {
+            experts: self.zeros("selected experts", tokens * experts)?,
+            weights: self.zeros("combine weights", tokens * experts)?,
+            counts: self.zeros("expert counts", tokens)?,
+            status: self.status()?,
+        })
+    }
+
+    /// Top-p selection of `[N, E]` probabilities with `p = threshold[0]`.
+    pub fn top_p(
+        &self,
+        probs: &DeviceBuffer,
+        tokens: usize,
+        experts: usize,
+        threshold: &DeviceBuffer,
+        k_max: Option<usize>,
+    ) -> Result<SelectionBuffers, CudaError> {
+        let out = self.selection_buffers(tokens, experts)?;
+        let (n, e, cap) = (tokens as u32, experts as u32, k_max.unwrap_or(0) as u32);
+        let mut b = self.stream.launch_builder(self.function("top_p"));
+        b.arg(&*probs.slice)
+            .arg(&*threshold.slice)
+            .arg(&*out.experts.slice)
+            .arg(&*out.weights.slice)
+            .arg(&*out.counts.slice)
+            .arg(&*out.status.slice)
+            .arg(&n)
+            .arg(&e)
+            .arg(&cap);
+        // SAFETY: top_p(const float*, const float*, int*, float*, int*, unsigned*,
+        // unsigned, unsigned, unsigned).
+        unsafe { b.launch(Self::warp_grid(tokens)) }.map_err(driver("top_p"))?;
+        Ok(out)
+    }
+
+    /// Top-k selection of `[N, E]` probabilities.
+    pub fn top_k(
+        &self,
+        probs: &DeviceBuffer,
+        tokens: usize,
+        experts: usize,
+        k: usize,
+    ) -> Result<SelectionBuffers, CudaError> {
+        let out = self.selection_buffers(tokens, experts)?;
+        let (n, e, k) = (tokens as u32, experts as u32, k as u32);
+        let mut b = self.stream.launch_builder(self.function("top_k"));
+        b.arg(&*probs.slice)
+            .arg(&*out.experts.slice)
+            .arg(&*out.weights.slice)
+            .arg(&*out.counts.slice)
+            .arg(&*out.status.slice)
+            .arg(&n)
+            .arg(&e)
+            .arg(&k);
+        // SAFETY: top_k(const float*, int*, float*, int*, unsigned*, unsigned, unsigned,
+        // unsigned).
+        unsafe { b.launch(Self::warp_grid(tokens)) }.map_err(driver("top_k"))?;
+        Ok(out)
+    }
+
+    /// The expert-major dispatch plan of a selection, route arrays of `capacity`.
+    pub fn dispatch_plan(
+        &self,
+        experts_sel: &DeviceBuffer,
+        weights_sel: &DeviceBuffer,
+        counts_sel: &DeviceBuffer,
+        tokens: usize,
+        experts: usize,
+        capacity: usize,
+    ) -> Result<DispatchBuffers, CudaError> {
+        let chunks = tokens.div_ceil(PLAN_CHUNK);
+        let table = self.zeros("chunk offsets", chunks * experts)?;
+        let plan = DispatchBuffers {
+            expert_counts: self.zeros("expert counts", experts)?,
+            expert_offsets: self.zeros("expert offsets", experts + 1)?,
+            route_tokens: self.zeros("route tokens", capacity)?,
+            route_weights: self.zeros("route weights", capacity)?,
+            token_routes: self.zeros("token routes", tokens * experts)?,
+        };
+        let (n, e, c, nc) = (
+            tokens as u32,
+            experts as u32,
+            PLAN_CHUNK as u32,
+            chunks as u32,
+        );
+        let mut b = self.stream.launch_builder(self.function("plan_count"));
+        b.arg(&*experts_sel.slice)
+            .arg(&*counts_sel.slice)
+            .arg(&*table.slice)
+            .arg(&n)
+            .arg(&e)
+            .arg(&c)
+            .arg(&nc);
+        // SAFETY: plan_count(const int*, const int*, unsigned*, unsigned x4).
+        unsafe { b.launch(Self::thread_grid(chunks)) }.map_err(driver("plan_count"))?;
+        let mut b = self.stream.launch_builder(self.function("plan_scan"));
+        b.arg(&*table.slice)
+            .arg(&*plan.expert_counts.slice)
+            .arg(&*plan.expert_offsets.slice)
+            .arg(&e)
+            .arg(&nc);
+        // SAFETY: plan_scan(unsigned*, int*, int*, unsigned, unsigned), one block.
+        unsafe { b.launch(Self::one_block()) }.map_err(driver("plan_scan"))?;
+        let mut b = self.stream.launch_builder(self.function("plan_scatter"));
+        b.arg(&*experts_sel.slice)
+            .arg(&*weights_sel.slice)
+            .arg(&*counts_sel.slice)
+            .arg(&*table.slice)
+            .arg(&*plan.route_tokens.slice)
+            .arg(&*plan.route_weights.slice)
+            .arg(&*plan.token_routes.slice)
+            .arg(&n)
+            .arg(&e)
+            .arg(&c)
+            .arg(&nc);
+        // SAFETY: plan_scatter(const int*, const float*, const int*, unsigned*, int*,
+        // float*, int*, unsigned x4).
+        unsafe { b.launch(Self::thread_grid(chunks)) }.map_err(driver("plan_scatter"))?;
+        Ok(plan)
+    }
+
+    /// `out[m] = x[route_tokens[m]]` for `rows` routes of `hidden` values.
+    pub fn gather(
+        &self,
+        x: &DeviceBuffer,
+        hidden: usize,
+        plan: &DispatchBuffers,
+        rows: usize,
+        experts: usize,
+    ) -> Result<DeviceBuffer, CudaError> {
+        let out = self.zeros("gathered rows", rows * hidden)?;
+        let (r, h, e) = (rows as u32, hidden as u32, experts as u32);
+        let mut b = self.stream.launch_builder(self.function("gather"));
+        b.arg(&*plan.route_tokens.slice)
+            .arg(&*plan.expert_offsets.slice)
+            .arg(&*x.slice)
+            .arg(&*out.slice)
+            .arg(&r)
+            .arg(&h)
+            .arg(&e);
+        // SAFETY: gather(const int*, const int*, const float*, float*, unsigned x3).
+        unsafe { b.launch(Self::thread_grid(rows * hidden)) }.map_err(driver("gather"))?;
+        Ok(out)
+    }
+
+    /// `out[i] = sum_s route_weights[m] y[m]`, `m = token_routes[i, s]`, for `rows` tokens.
+    pub fn combine(
+        &self,
+        y: &DeviceBuffer,
+        hidden: usize,
+        plan: &DispatchBuffers,
+        rows: usize,
+        experts: usize,
+    ) -> Result<DeviceBuffer, CudaError> {
+        let out = self.zeros("combined rows", rows * hidden)?;
+        let (r, h, e) = (rows as u32, hidden as u32, experts as u32);
+        let mut b = self.stream.launch_builder(self.function("combine"));
+        b.arg(&*plan.token_routes.slice)
+            .arg(&*plan.route_weights.slice)
+            .arg(&*y.slice)
+            .arg(&*out.slice)
+            .arg(&r)
+            .arg(&h)
+            .arg(&e);
+        // SAFETY: combine(const int*, const float*, const float*, float*, unsigned x3).
+        unsafe { b.launch(Self::thread_grid(rows * hidden)) }.map_err(driver("combine"))?;
+        Ok(out)
+    }
+
+    /// One PI update of the device-resident `state` from `len` per-token counts.
+    #[allow(clippy::too_many_arguments)]
+    pub fn controller_update(
+        &self,
+        state: &DeviceBuffer,
+        counts: &DeviceBuffer,
+        len: usize,
+        experts: usize,
+        target: f32,
+        (kp, ki): (f32, f32),
+        (p_min, p_max): (f32, f32),
+    ) -> Result<(), CudaError> {
+        let (l, e) = (len as u32, experts as u32);
+        let mut b = self
+            .stream
+            .launch_builder(self.function("controller_update"));
+        b.arg(&*counts.slice)
+            .arg(&*state.slice)
+            .arg(&l)
+            .arg(&e)
+            .arg(&target)
+            .arg(&kp)
+            .arg(&ki)
+            .arg(&p_min)
+            .arg(&p_max);
+        // SAFETY: controller_update(const int*, float*, unsigned, unsigned, float x5),
+        // one block of 256 threads (its shared array is 256 long).
+        unsafe { b.launch(Self::one_block()) }.map_err(driver("controller_update"))?;
+        Ok(())
+    }
+}

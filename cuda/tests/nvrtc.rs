@@ -1,0 +1,40 @@
+//! The `.cu` sources compile with NVRTC (no GPU needed), and every kernel the host code
+//! launches is in the PTX. Skips, saying why, where NVRTC cannot be loaded (put its lib
+//! directory on LD_LIBRARY_PATH); DTOPP_REQUIRE_NVRTC=1 (set by CI, which installs it)
+//! makes that a failure.
+#![cfg(feature = "cuda")]
+
+use dtopp_cuda::source::MODULES;
+use dtopp_cuda::{compiled_modules, nvrtc_present};
+
+#[test]
+fn every_kernel_compiles_with_nvrtc() {
+    if !nvrtc_present() {
+        assert!(
+            std::env::var("DTOPP_REQUIRE_NVRTC").as_deref() != Ok("1"),
+            "NVRTC is required (DTOPP_REQUIRE_NVRTC=1) but libnvrtc could not be loaded"
+        );
+        eprintln!("SKIPPED NVRTC compile test: libnvrtc could not be loaded (LD_LIBRARY_PATH)");
+        return;
+    }
+    let modules = compiled_modules().unwrap_or_else(|e| panic!("{e}"));
+    for ((file, ptx), (_, _, kernels)) in modules.iter().zip(MODULES.iter()) {
+        let text = ptx.to_src();
+        for k in kernels.iter() {
+            assert!(
+                text.contains(&format!(".entry {k}(")),
+                "{file}: no kernel {k} in the PTX"
+            );
+        }
+        println!("{file}: {} bytes of PTX, kernels {kernels:?}", text.len());
+    }
+}
+
+#[test]
+fn without_a_driver_the_backend_says_what_is_missing() {
+    if dtopp_cuda::driver_present() {
+        return;
+    }
+    let err = dtopp_cuda::CudaKernels::new(0).unwrap_err().to_string();
+    assert!(err.contains("NVIDIA driver (libcuda)"), "{err}");
+}
