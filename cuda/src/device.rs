@@ -491,19 +491,8 @@ impl CudaKernels {
         rows: usize,
         experts: usize,
     ) -> Result<DeviceBuffer, CudaError> {
-        let out = self.zeros("gathered rows", rows * hidden)?;
-        let (r, h, e) = (rows as u32, hidden as u32, experts as u32);
-        let mut b = self.stream.launch_builder(self.function("gather"));
-        b.arg(&*plan.route_tokens.slice)
-            .arg(&*plan.expert_offsets.slice)
-            .arg(&*x.slice)
-            .arg(&*out.slice)
-            .arg(&r)
-            .arg(&h)
-            .arg(&e);
-        // SAFETY: gather(const int*, const int*, const float*, float*, unsigned x3).
-        unsafe { b.launch(Self::thread_grid(rows * hidden)) }.map_err(driver("gather"))?;
-        Ok(out)
+        let index = [&plan.route_tokens, &plan.expert_offsets];
+        self.move_rows("gather", index, x, hidden, rows, experts)
     }
 
     /// `out[i] = sum_s route_weights[m] y[m]`, `m = token_routes[i, s]`, for `rows` tokens.
@@ -515,18 +504,36 @@ impl CudaKernels {
         rows: usize,
         experts: usize,
     ) -> Result<DeviceBuffer, CudaError> {
-        let out = self.zeros("combined rows", rows * hidden)?;
+        let index = [&plan.token_routes, &plan.route_weights];
+        self.move_rows("combine", index, y, hidden, rows, experts)
+    }
+
+    /// Launches `gather` or `combine`, which share one signature: two plan arrays, the
+    /// rows to move, the output, then rows, hidden and experts; one thread per output
+    /// element.
+    fn move_rows(
+        &self,
+        kernel: &'static str,
+        [plan_a, plan_b]: [&DeviceBuffer; 2],
+        src: &DeviceBuffer,
+        hidden: usize,
+        rows: usize,
+        experts: usize,
+    ) -> Result<DeviceBuffer, CudaError> {
+        let out = self.zeros(kernel, rows * hidden)?;
         let (r, h, e) = (rows as u32, hidden as u32, experts as u32);
-        let mut b = self.stream.launch_builder(self.function("combine"));
-        b.arg(&*plan.token_routes.slice)
-            .arg(&*plan.route_weights.slice)
-            .arg(&*y.slice)
+        let mut b = self.stream.launch_builder(self.function(kernel));
+        b.arg(&*plan_a.slice)
+            .arg(&*plan_b.slice)
+            .arg(&*src.slice)
             .arg(&*out.slice)
             .arg(&r)
             .arg(&h)
             .arg(&e);
-        // SAFETY: combine(const int*, const float*, const float*, float*, unsigned x3).
-        unsafe { b.launch(Self::thread_grid(rows * hidden)) }.map_err(driver("combine"))?;
+        // SAFETY: gather(const int*, const int*, const float*, float*, unsigned x3) and
+        // combine(const int*, const float*, const float*, float*, unsigned x3): four
+        // device pointers then three unsigned, as pushed above.
+        unsafe { b.launch(Self::thread_grid(rows * hidden)) }.map_err(driver(kernel))?;
         Ok(out)
     }
 

@@ -307,16 +307,17 @@ impl DesktopApp {
 
     /// What the simulator routes on, in words (the badge).
     pub fn sim_routing_label(&self) -> String {
-        let gpu = match &self.gpu {
-            GpuState::Ready(ops) => format!("GPU: {}", ops.adapter_name()),
-            GpuState::Requested(_) => "CPU reference (GPU adapter requested)".into(),
-            GpuState::Unavailable(e) => format!("CPU reference (no GPU: {e})"),
-            GpuState::NotRequested => "CPU reference".into(),
-        };
-        match (&self.sim, self.settings.sim.gpu) {
-            (Some(sim), true) if matches!(sim.compute(), SimCompute::Gpu(_)) => gpu,
-            (_, true) if !matches!(self.gpu, GpuState::Ready(_)) => gpu,
-            _ => "CPU reference".into(),
+        match (
+            self.settings.sim.gpu,
+            self.sim.as_ref().map(SimSource::compute),
+        ) {
+            (false, _) => "CPU reference".into(),
+            (true, Some(SimCompute::Gpu(ops))) => format!("GPU: {}", ops.adapter_name()),
+            (true, _) => match &self.gpu {
+                GpuState::Requested(_) => "CPU reference (GPU adapter requested)".into(),
+                GpuState::Unavailable(e) => format!("CPU reference (no GPU: {e})"),
+                GpuState::NotRequested | GpuState::Ready(_) => "CPU reference".into(),
+            },
         }
     }
 

@@ -54,14 +54,12 @@ impl WebApp {
         if !changed {
             return;
         }
-        if steps.len() > published.steps.len()
-            && published.steps.last().map(|s| s.step)
-                == steps
-                    .get(published.steps.len().wrapping_sub(1))
-                    .map(|s| s.step)
-        {
-            let from = published.steps.len();
-            published.steps.extend_from_slice(&steps[from..]);
+        // The run grows step by step, or starts over after a reset.
+        let have = published.steps.len();
+        let grew = steps.len() > have
+            && (have == 0 || steps[have - 1].step == published.steps[have - 1].step);
+        if grew {
+            published.steps.extend_from_slice(&steps[have..]);
         } else {
             published.steps = steps.to_vec();
         }

@@ -66,6 +66,14 @@ torch.nn.Linear.weight); expert weights are stacked [E, in, out]; see docs/expor
 /// Writes the newest intact checkpoint of the run in `run` to `weights` (safetensors)
 /// and its config to the same path with extension `.json`, both atomically.
 pub fn export_safetensors(run: &Path, weights: &Path) -> Result<ExportReport> {
+    let config_path = weights.with_extension("json");
+    if config_path == weights {
+        return Err(Error::param(
+            "--safetensors",
+            weights.display(),
+            "a file name whose extension is not .json (the config is written beside it as NAME.json)",
+        ));
+    }
     let (checkpoint, path, skipped) = latest_checkpoint(run)?;
     let header = &checkpoint.header;
     let names = parameter_names(&header.model)?;
@@ -102,14 +110,6 @@ pub fn export_safetensors(run: &Path, weights: &Path) -> Result<ExportReport> {
     metadata.insert("dtopp_step".to_string(), header.step.to_string());
     metadata.insert("layout".to_string(), LAYOUT.to_string());
     let bytes = encode_safetensors(&tensors, &metadata)?;
-    let config_path = weights.with_extension("json");
-    if config_path == weights {
-        return Err(Error::param(
-            "--safetensors",
-            weights.display(),
-            "a file name whose extension is not .json (the config is written beside it as NAME.json)",
-        ));
-    }
     let config = ExportConfig {
         format: "dtopp-export-1",
         dtopp_version: env!("CARGO_PKG_VERSION"),

@@ -37,14 +37,6 @@ impl SimCompute {
             SimCompute::Gpu(_) => "gpu",
         }
     }
-
-    fn same(&self, other: &SimCompute) -> bool {
-        match (self, other) {
-            (SimCompute::Cpu, SimCompute::Cpu) => true,
-            (SimCompute::Gpu(a), SimCompute::Gpu(b)) => Rc::ptr_eq(a, b),
-            _ => false,
-        }
-    }
 }
 
 type CountsSlot = Rc<RefCell<Option<Result<Vec<Vec<i32>>, String>>>>;
@@ -207,9 +199,7 @@ impl SimSource {
 
     /// Routes the next steps on `compute` (a step in flight still finishes).
     pub fn set_compute(&mut self, compute: SimCompute) {
-        if !self.compute.same(&compute) {
-            self.compute = compute;
-        }
+        self.compute = compute;
     }
 
     /// Whether a step waits for its GPU counts.
