@@ -2,6 +2,8 @@
 
 mod bench;
 #[cfg(feature = "train")]
+mod devices;
+#[cfg(feature = "train")]
 mod export;
 #[cfg(feature = "reproduce")]
 mod reproduce;

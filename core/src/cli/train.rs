@@ -7,10 +7,14 @@ use std::path::PathBuf;
 use clap::Args;
 
 use super::Backend;
+use super::devices::{DeviceSpec, parse_devices};
 use crate::cpu::CpuReference;
 use crate::error::Result;
 use crate::model::RouteEngine;
-use crate::train::{Preset, RoutingMode, TrainConfig, TrainOptions, resume, train};
+use crate::train::{
+    Preset, RoutingMode, TrainConfig, TrainOptions, resume, resume_data_parallel, train,
+    train_data_parallel,
+};
 
 #[derive(Debug, Args)]
 pub(crate) struct TrainArgs {
@@ -39,6 +43,12 @@ pub(crate) struct TrainArgs {
     /// Where the model and the routing ops run.
     #[arg(long, value_enum, default_value_t = Backend::Cpu)]
     backend: Backend,
+    /// Data-parallel training, one rank per device: `cuda:0,cuda:1`, `wgpu:0,wgpu:1`
+    /// (also `wgpu:cpu`, `wgpu:default`) or `cpu:0,cpu:1` (ranks sharing the host). The
+    /// backend is the devices'; `batch_size` is per device. A single device runs through
+    /// the same data-parallel path. See docs/distributed.md.
+    #[arg(long, value_name = "LIST", conflicts_with = "backend")]
+    devices: Option<String>,
     /// Run directory (created; must not already hold a run).
     #[arg(long, value_name = "DIR", required_unless_present = "resume")]
     out: Option<PathBuf>,
@@ -86,6 +96,9 @@ impl TrainArgs {
 }
 
 pub(crate) fn run(args: TrainArgs) -> Result<()> {
+    if let Some(list) = &args.devices {
+        return run_data_parallel(&args, &parse_devices(list)?);
+    }
     let dir = match (&args.resume, &args.out) {
         (Some(dir), _) | (None, Some(dir)) => dir.clone(),
         (None, None) => unreachable!("clap requires --out or --resume"),
@@ -125,6 +138,67 @@ pub(crate) fn run(args: TrainArgs) -> Result<()> {
             go!(
                 Autodiff<Wgpu>,
                 RouteEngine::Wgpu(Box::new(super::wgpu_backend()?)),
+                "wgpu"
+            );
+        }
+        Backend::Cuda => return Err(super::cuda_training_unavailable()),
+    }
+    eprintln!("run directory: {}", dir.display());
+    Ok(())
+}
+
+/// `dtopp train --devices LIST`.
+fn run_data_parallel(args: &TrainArgs, specs: &[DeviceSpec]) -> Result<()> {
+    let dir = match (&args.resume, &args.out) {
+        (Some(dir), _) | (None, Some(dir)) => dir.clone(),
+        (None, None) => unreachable!("clap requires --out or --resume"),
+    };
+    let options = |backend_name| TrainOptions {
+        out: &dir,
+        progress: !args.quiet,
+        backend_name,
+    };
+    macro_rules! go {
+        ($backend:ty, $devices:expr, $engine:expr, $name:expr) => {{
+            let devices: Vec<_> = $devices;
+            // One routing engine per rank: each rank's thread routes its own tokens.
+            let engines = (0..devices.len())
+                .map(|_| $engine)
+                .collect::<Result<Vec<RouteEngine>>>()?;
+            match &args.resume {
+                Some(run_dir) => {
+                    resume_data_parallel::<$backend>(
+                        run_dir,
+                        args.steps,
+                        &devices,
+                        engines,
+                        &options($name),
+                    )?;
+                }
+                None => {
+                    let config = args.config()?;
+                    train_data_parallel::<$backend>(&config, &devices, engines, &options($name))?;
+                }
+            }
+        }};
+    }
+    match specs[0].backend() {
+        Backend::Cpu => {
+            use burn::backend::{Autodiff, NdArray};
+            go!(
+                Autodiff<NdArray>,
+                specs.iter().map(|_| Default::default()).collect(),
+                Ok(RouteEngine::Cpu(CpuReference)),
+                "ndarray (CPU)"
+            );
+        }
+        #[cfg(feature = "wgpu")]
+        Backend::Wgpu => {
+            use burn::backend::{Autodiff, Wgpu};
+            go!(
+                Autodiff<Wgpu>,
+                specs.iter().map(|d| d.wgpu_device()).collect(),
+                super::wgpu_backend().map(|ops| RouteEngine::Wgpu(Box::new(ops))),
                 "wgpu"
             );
         }

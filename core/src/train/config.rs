@@ -38,7 +38,7 @@ pub struct TrainConfig {
 pub struct RunConfig {
     /// Optimizer steps.
     pub steps: u64,
-    /// Sequences per micro-batch.
+    /// Sequences per micro-batch on each device.
     pub batch_size: usize,
     /// Micro-batches per optimizer step (gradient accumulation).
     pub grad_accum: usize,
@@ -58,10 +58,19 @@ pub struct RunConfig {
     /// Checkpoints kept (the newest).
     #[serde(default = "default_keep_checkpoints")]
     pub keep_checkpoints: usize,
+    /// Data-parallel ranks (devices): each takes `batch_size` sequences of every
+    /// micro-batch, so the global batch is `devices * batch_size * grad_accum`. Set by
+    /// `dtopp train --devices`; a resumed run needs the same count.
+    #[serde(default = "default_devices")]
+    pub devices: usize,
 }
 
 fn default_keep_checkpoints() -> usize {
     3
+}
+
+fn default_devices() -> usize {
+    1
 }
 
 /// Expert selection and the threshold controller.
@@ -180,6 +189,7 @@ fn tiny() -> TrainConfig {
             log_every: 1,
             checkpoint_every: 0,
             keep_checkpoints: 3,
+            devices: 1,
         },
         model: ModelConfig {
             vocab: 256,
@@ -242,6 +252,7 @@ fn small() -> TrainConfig {
         log_every: 1,
         checkpoint_every: 250,
         keep_checkpoints: 3,
+        devices: 1,
     };
     c.model = ModelConfig {
         vocab: 256,
@@ -282,6 +293,7 @@ fn paper_13b() -> TrainConfig {
         log_every: 1,
         checkpoint_every: 500,
         keep_checkpoints: 3,
+        devices: 1,
     };
     c.model = ModelConfig {
         vocab: 50_304,
@@ -370,9 +382,9 @@ impl TrainConfig {
         }
     }
 
-    /// Tokens per optimizer step.
+    /// Tokens per optimizer step, over all devices.
     pub fn tokens_per_step(&self) -> usize {
-        self.run.batch_size * self.run.grad_accum * self.model.seq_len
+        self.run.devices * self.run.batch_size * self.run.grad_accum * self.model.seq_len
     }
 
     /// Checks every field; the error names the field, its value and what is expected.
@@ -383,6 +395,7 @@ impl TrainConfig {
             ("run.steps", run.steps as usize),
             ("run.batch_size", run.batch_size),
             ("run.grad_accum", run.grad_accum),
+            ("run.devices", run.devices),
             ("run.eval_batches", run.eval_batches),
             ("run.log_every", run.log_every as usize),
         ] {

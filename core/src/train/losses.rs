@@ -19,10 +19,12 @@ pub fn cross_entropy<B: Backend>(logits: Tensor<B, 2>, targets: Tensor<B, 1, Int
 /// Switch-style balance: `E * sum_j f_j * Pbar_j`, with `f_j` the fraction of routes
 /// that went to expert `j` (a constant; with variable `k` the routes, not the tokens,
 /// are what is balanced) and `Pbar_j` the mean router probability of expert `j`. Equal
-/// to 1 when both are uniform.
-pub fn load_balance<B: Backend>(probs: Tensor<B, 2>, expert_load: &[i32]) -> Tensor<B, 1> {
+/// to 1 when both are uniform. In a data-parallel run `expert_load` is the global
+/// batch's (summed over ranks), so the mean of the ranks' gradients is the gradient of
+/// the global batch's balance loss.
+pub fn load_balance<B: Backend>(probs: Tensor<B, 2>, expert_load: &[u64]) -> Tensor<B, 1> {
     let e = expert_load.len();
-    let routes: i64 = expert_load.iter().map(|&c| i64::from(c)).sum();
+    let routes: u64 = expert_load.iter().sum();
     let fraction: Vec<f32> = expert_load
         .iter()
         .map(|&c| c as f32 / routes.max(1) as f32)
@@ -57,11 +59,14 @@ pub struct LossParts<B: Backend> {
     pub entropy: Tensor<B, 1>,
 }
 
-/// Cross-entropy plus the weighted auxiliary losses of every MoE layer.
+/// Cross-entropy plus the weighted auxiliary losses of every MoE layer; `expert_load`
+/// holds each layer's routes per expert (of this micro-batch, or of the global batch in
+/// a data-parallel run).
 pub fn total_loss<B: Backend>(
     logits: Tensor<B, 2>,
     targets: Tensor<B, 1, Int>,
     moe: &[MoeForward<B>],
+    expert_load: &[Vec<u64>],
     config: &LossConfig,
 ) -> LossParts<B> {
     let device = logits.device();
@@ -69,8 +74,8 @@ pub fn total_loss<B: Backend>(
     let layers = moe.len().max(1) as f64;
     let zero = || Tensor::<B, 1>::zeros([1], &device);
     let (mut balance, mut entropy, mut z) = (zero(), zero(), zero());
-    for layer in moe {
-        balance = balance + load_balance(layer.probs.clone(), &layer.expert_load);
+    for (layer, load) in moe.iter().zip(expert_load) {
+        balance = balance + load_balance(layer.probs.clone(), load);
         entropy = entropy + router_entropy(layer.probs.clone());
         if config.z_loss > 0.0 {
             z = z + z_loss(layer.logits.clone());

@@ -1,12 +1,14 @@
 //! Pre-training MoE language models with Top-k, fixed Top-p and DTop-p routing (feature
 //! `train`): configuration and presets, data batches, losses, AdamW with warmup +
 //! cosine schedule and global-norm clipping, the threshold policy, metrics, the loop,
-//! checkpoints and the safetensors export.
+//! checkpoints, data-parallel training over several devices and the safetensors export.
 
 mod adamw;
 mod batches;
 mod checkpoint;
+mod collective;
 mod config;
+mod data_parallel;
 mod export;
 mod losses;
 mod mode;
@@ -22,9 +24,11 @@ pub use checkpoint::{
     ABORT_IN_CHECKPOINT_ENV, Checkpoint, CheckpointHeader, PolicyState, checkpoint_dir,
     latest_checkpoint, list_checkpoints, write_checkpoint,
 };
+pub use collective::Rank;
 pub use config::{
     DataConfig, LossConfig, OptimizerConfig, Preset, RoutingConfig, RunConfig, TrainConfig,
 };
+pub use data_parallel::{resume_data_parallel, train_data_parallel};
 pub use export::{ExportReport, export_safetensors, parameter_names};
 pub use losses::{LossParts, cross_entropy, load_balance, router_entropy, total_loss, z_loss};
 pub use mode::RoutingMode;

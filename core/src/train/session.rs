@@ -13,6 +13,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 use super::adamw::AdamW;
 use super::batches::{Batch, Corpus};
 use super::checkpoint::{Checkpoint, CheckpointHeader};
+use super::collective::Rank;
 use super::config::TrainConfig;
 use super::losses::{cross_entropy, total_loss};
 use super::mode::RoutingMode;
@@ -21,7 +22,7 @@ use super::threshold::ThresholdPolicy;
 use crate::controller::{ThresholdScope, calibrate_threshold};
 use crate::error::{Error, Result};
 use crate::metrics::{DifficultyBucket, RoutingSample, RunSummary, StepMetrics};
-use crate::model::{MoeLanguageModel, RouteEngine, RoutingPlan, Selector};
+use crate::model::{MoeForward, MoeLanguageModel, RouteEngine, RoutingPlan, Selector};
 use crate::ops::RouteShape;
 use crate::sim::{TrackingSummary, mean_std};
 
@@ -53,6 +54,8 @@ pub struct TrainSession<'e, B: AutodiffBackend> {
     by_difficulty: Vec<DifficultyBucket>,
     history: Vec<StepMetrics>,
     busy_s: f64,
+    // `Some` in a data-parallel run (even of one rank: the same code path).
+    rank: Option<Rank>,
 }
 
 impl<B: AutodiffBackend> std::fmt::Debug for TrainSession<'_, B> {
@@ -61,6 +64,7 @@ impl<B: AutodiffBackend> std::fmt::Debug for TrainSession<'_, B> {
             .field("mode", &self.config.routing.mode)
             .field("step", &self.step)
             .field("policy", &self.policy)
+            .field("rank", &self.rank)
             .finish()
     }
 }
@@ -70,10 +74,34 @@ impl<'e, B: AutodiffBackend> TrainSession<'e, B> {
     /// `engine`), opens the corpus, calibrates the threshold and measures the initial
     /// validation loss.
     pub fn new(config: &TrainConfig, device: &B::Device, engine: &'e RouteEngine) -> Result<Self> {
+        Self::start(config, device, engine, None)
+    }
+
+    /// [`TrainSession::new`] for rank `rank` of a data-parallel run, which must have
+    /// joined the collective ([`Rank::join`]). Every rank builds the same model (same
+    /// seed) and calibrates the same `p_0` (on the whole global batch); only the leader
+    /// evaluates.
+    pub fn new_rank(
+        config: &TrainConfig,
+        device: &B::Device,
+        engine: &'e RouteEngine,
+        rank: Rank,
+    ) -> Result<Self> {
+        Self::start(config, device, engine, Some(rank))
+    }
+
+    fn start(
+        config: &TrainConfig,
+        device: &B::Device,
+        engine: &'e RouteEngine,
+        rank: Option<Rank>,
+    ) -> Result<Self> {
         config.validate()?;
+        check_world(config, rank)?;
         let run = &config.run;
         let (corpus, validation, snippet) = open_data(config)?;
-        let model = MoeLanguageModel::<B>::new(&config.model, run.seed, device)?;
+        let model =
+            MoeLanguageModel::<B>::new(&config.model, run.seed, device)?.map(&mut NumberParams(0));
         let layers = model.moe_layers().count();
         let initial = initial_thresholds(config, &model.valid(), &corpus, engine, device)?;
         let policy = ThresholdPolicy::new(config, layers, &initial)?;
@@ -94,23 +122,28 @@ impl<'e, B: AutodiffBackend> TrainSession<'e, B> {
             by_difficulty: Vec::new(),
             history: Vec::new(),
             busy_s: 0.0,
+            rank,
         };
-        let evaluation = session.evaluate()?;
-        session.initial_val = evaluation.loss;
-        session.last_val = evaluation.loss;
-        session.by_difficulty = evaluation.by_difficulty;
+        if session.is_leader() {
+            let evaluation = session.evaluate()?;
+            session.initial_val = evaluation.loss;
+            session.last_val = evaluation.loss;
+            session.by_difficulty = evaluation.by_difficulty;
+        }
         Ok(session)
     }
 
     /// Continues a run from `checkpoint` (whose model must be `config`'s) with the
     /// metrics of its steps so far (`history`, steps `1..=checkpoint step`). Routing
     /// settings come from the checkpoint; the rest (such as `run.steps`) from `config`.
+    /// `rank`: as in [`TrainSession::new_rank`] (every rank restores the same checkpoint).
     pub fn restore(
         config: &TrainConfig,
         device: &B::Device,
         engine: &'e RouteEngine,
-        checkpoint: Checkpoint,
+        checkpoint: &Checkpoint,
         history: Vec<StepMetrics>,
+        rank: Option<Rank>,
     ) -> Result<Self> {
         let Checkpoint {
             header,
@@ -136,10 +169,11 @@ impl<'e, B: AutodiffBackend> TrainSession<'e, B> {
         let mut config = config.clone();
         config.routing = header.routing.clone();
         config.validate()?;
+        check_world(&config, rank)?;
         let (corpus, validation, snippet) = open_data(&config)?;
         let fresh = MoeLanguageModel::<B>::new(&config.model, config.run.seed, device)?;
         let mut load = LoadParams {
-            values: params.into_iter(),
+            values: params.iter(),
             shapes: &header.shapes,
             ids: Vec::new(),
             error: None,
@@ -167,10 +201,10 @@ impl<'e, B: AutodiffBackend> TrainSession<'e, B> {
             .zip(&header.has_moments)
             .filter(|(_, has)| **has)
             .zip(moments)
-            .map(|((id, _), (first, second))| (*id, first, second))
+            .map(|((id, _), (first, second))| (*id, first.clone(), second.clone()))
             .collect();
         optimizer.restore(header.adam_step, with_moments, device);
-        let policy = ThresholdPolicy::from_state(&config, layers, header.policy)?;
+        let policy = ThresholdPolicy::from_state(&config, layers, header.policy.clone())?;
         Ok(Self {
             config,
             device: device.clone(),
@@ -185,9 +219,10 @@ impl<'e, B: AutodiffBackend> TrainSession<'e, B> {
             step: header.step,
             initial_val: header.initial_val,
             last_val: header.last_val,
-            by_difficulty: header.by_difficulty,
+            by_difficulty: header.by_difficulty.clone(),
             history,
             busy_s: header.busy_s,
+            rank,
         })
     }
 
@@ -225,6 +260,12 @@ impl<'e, B: AutodiffBackend> TrainSession<'e, B> {
             params: collect.values,
             moments: collect.moments.into_iter().flatten().collect(),
         })
+    }
+
+    /// Whether this session evaluates and takes routing samples (the only one, or rank 0
+    /// of a data-parallel run: the other ranks' validation numbers are left `NaN`).
+    pub fn is_leader(&self) -> bool {
+        self.rank.is_none_or(|r| r.is_leader())
     }
 
     /// The configuration in force (with any target, gains or mode changed since).
@@ -350,6 +391,17 @@ impl<'e, B: AutodiffBackend> TrainSession<'e, B> {
     pub fn step(&mut self) -> Result<StepOutput> {
         let step_start = Instant::now();
         let step = self.step + 1;
+        if let Some(rank) = self.rank
+            && fails_here(rank, step)
+        {
+            return Err(Error::Backend {
+                backend: "trainer",
+                message: format!(
+                    "rank {}: failure injected at step {step} ({FAIL_RANK_ENV})",
+                    rank.index
+                ),
+            });
+        }
         let config = &self.config;
         let run = &config.run;
         let o = &config.optimizer;
@@ -361,26 +413,46 @@ impl<'e, B: AutodiffBackend> TrainSession<'e, B> {
 
         // Read before the model is taken, so a bad window (say, a token outside the
         // vocabulary) leaves the session intact.
+        // Rank r of W takes micro-batch `m * W + r` of B sequences: the windows one
+        // device would see with a batch of W * B.
+        let (index, world) = self.rank.map_or((0, 1), |r| (r.index, r.world));
         let batches: Vec<Batch> = (0..run.grad_accum)
             .map(|micro| {
-                self.corpus
-                    .train_batch(run.seed, step, micro, run.batch_size, config.model.seq_len)
+                self.corpus.train_batch(
+                    run.seed,
+                    step,
+                    micro * world + index,
+                    run.batch_size,
+                    config.model.seq_len,
+                )
             })
             .collect::<Result<_>>()?;
         let mut model = self
             .model
             .take()
             .expect("a failed step leaves no model; start a new session");
+        let experts = config.model.experts;
         let mut accumulator = GradientsAccumulator::new();
-        let mut stats = RoutingStats::new(layers, config.model.experts);
+        let mut stats = RoutingStats::new(layers, experts);
         let mut losses = [0.0f64; 4];
         for batch in &batches {
             let (inputs, targets) = batch_tensors::<B>(batch, device);
             let output = model.forward(inputs, &plan, self.engine)?;
-            let parts = total_loss(output.logits, targets, &output.moe, &config.loss);
-            for (l, layer) in output.moe.iter().enumerate() {
-                stats.add(l, &layer.counts, &layer.expert_load);
+            // The global batch's counts: they drive the controller (every rank the same
+            // a_t, so the same p) and the balance loss's expert fractions.
+            let mut counts = RoutingStats::of_micro_batch(&output.moe, experts);
+            if let Some(rank) = self.rank {
+                let summed = rank.sum_counts::<B>(&counts.flatten(), device)?;
+                counts = RoutingStats::unflatten(&summed, layers, experts);
             }
+            let parts = total_loss(
+                output.logits,
+                targets,
+                &output.moe,
+                &counts.expert_load,
+                &config.loss,
+            );
+            stats.accumulate(&counts);
             let values = host_f32(Tensor::cat(
                 vec![
                     parts.total.clone(),
@@ -390,26 +462,37 @@ impl<'e, B: AutodiffBackend> TrainSession<'e, B> {
                 ],
                 0,
             ))?;
-            if !values[0].is_finite() {
-                return Err(Error::Backend {
-                    backend: "trainer",
-                    message: format!(
-                        "the loss became {} at step {step}: training diverged (try a lower optimizer.lr or optimizer.grad_clip)",
-                        values[0]
-                    ),
-                });
-            }
             for (sum, v) in losses.iter_mut().zip(&values) {
                 *sum += f64::from(*v) / run.grad_accum as f64;
             }
             let grads = (parts.total / run.grad_accum as f64).backward();
             accumulator.accumulate(&model, GradientsParams::from_grads(grads, &model));
         }
+        let mut grads = accumulator.grads();
+        if let Some(rank) = self.rank {
+            let local: Vec<f32> = losses.iter().map(|&v| v as f32).collect();
+            for (sum, mean) in losses.iter_mut().zip(rank.mean::<B>(&local, device)?) {
+                *sum = f64::from(mean);
+            }
+        }
+        // After the all-reduce, so every rank stops at the same step.
+        if !losses[0].is_finite() {
+            return Err(Error::Backend {
+                backend: "trainer",
+                message: format!(
+                    "the loss became {} at step {step}: training diverged (try a lower optimizer.lr or optimizer.grad_clip)",
+                    losses[0]
+                ),
+            });
+        }
+        if let Some(rank) = self.rank {
+            grads = rank.mean_gradients::<B>(grads)?;
+        }
         let grad_norm;
-        (model, grad_norm) = self.optimizer.step(model, accumulator.grads(), lr);
+        (model, grad_norm) = self.optimizer.step(model, grads, lr);
 
-        let tokens_per_micro = run.batch_size * config.model.seq_len;
-        let active_per_layer = stats.active_per_layer(tokens_per_micro * run.grad_accum);
+        let tokens = run.batch_size * config.model.seq_len * run.grad_accum * world;
+        let active_per_layer = stats.active_per_layer(tokens);
         let active = active_per_layer.iter().sum::<f64>() / layers as f64;
         self.policy.update(&active_per_layer)?;
         // One read-back for every layer's theta.
@@ -422,8 +505,8 @@ impl<'e, B: AutodiffBackend> TrainSession<'e, B> {
         self.step = step;
 
         let run = &self.config.run;
-        let evaluate_now =
-            (run.eval_every > 0 && step.is_multiple_of(run.eval_every)) || step == run.steps;
+        let evaluate_now = self.is_leader()
+            && ((run.eval_every > 0 && step.is_multiple_of(run.eval_every)) || step == run.steps);
         let val_loss = if evaluate_now {
             let evaluation = self.evaluate()?;
             self.last_val = evaluation.loss;
@@ -433,7 +516,8 @@ impl<'e, B: AutodiffBackend> TrainSession<'e, B> {
             None
         };
         let run = &self.config.run;
-        let sample = if run.sample_every > 0
+        let sample = if self.is_leader()
+            && run.sample_every > 0
             && (step.is_multiple_of(run.sample_every) || step == run.steps)
         {
             Some(self.routing_sample()?)
@@ -545,11 +629,34 @@ impl<'e, B: AutodiffBackend> TrainSession<'e, B> {
     }
 }
 
+/// Test hook: `rank:step` makes that rank fail at the start of that step (how the tests
+/// show that a failing rank stops the others instead of hanging them).
+pub const FAIL_RANK_ENV: &str = "DTOPP_TEST_FAIL_RANK";
+
+fn fails_here(rank: Rank, step: u64) -> bool {
+    std::env::var(FAIL_RANK_ENV).is_ok_and(|v| v == format!("{}:{step}", rank.index))
+}
+
+/// A session without a rank runs alone; with one, `run.devices` must be its world.
+fn check_world(config: &TrainConfig, rank: Option<Rank>) -> Result<()> {
+    let world = rank.map_or(1, |r| r.world);
+    if config.run.devices != world {
+        return Err(Error::param(
+            "run.devices",
+            config.run.devices,
+            format!("{world}, the number of devices the run is given (--devices)"),
+        ));
+    }
+    Ok(())
+}
+
 /// The corpus, the validation batches and the routing-sample snippet of `config`.
 fn open_data(config: &TrainConfig) -> Result<(Corpus, Vec<Batch>, Batch)> {
     let run = &config.run;
     let corpus = Corpus::open(config)?;
-    let validation = (0..run.eval_batches)
+    // Batches of one rank's size, as many as make `eval_batches` global batches: the
+    // same windows and mean for any number of ranks.
+    let validation = (0..run.eval_batches * run.devices)
         .map(|i| corpus.validation_batch(run.seed, i, run.batch_size, config.model.seq_len))
         .collect::<Result<_>>()?;
     let snippet = corpus.validation_batch(run.seed ^ 0x5A4D, 0, 1, config.model.seq_len)?;
@@ -580,9 +687,26 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for CollectParams<'_, B> {
     }
 }
 
-/// Replaces every parameter's value, in visiting order, keeping the fresh model's ids.
+/// Parameter ids numbered in visiting order: the same on every rank of a data-parallel
+/// run, which all-reduces gradients by id (burn's own ids are unique per process).
+fn param_id(index: usize) -> ParamId {
+    ParamId::from(index as u64)
+}
+
+/// Gives every parameter its [`param_id`].
+struct NumberParams(usize);
+
+impl<B: Backend> ModuleMapper<B> for NumberParams {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let (_, tensor, mapper) = param.consume();
+        self.0 += 1;
+        Param::from_mapped_value(param_id(self.0 - 1), tensor, mapper)
+    }
+}
+
+/// Replaces every parameter's value and id ([`param_id`]), in visiting order.
 struct LoadParams<'a> {
-    values: std::vec::IntoIter<Vec<f32>>,
+    values: std::slice::Iter<'a, Vec<f32>>,
     shapes: &'a [Vec<usize>],
     ids: Vec<ParamId>,
     error: Option<String>,
@@ -590,15 +714,17 @@ struct LoadParams<'a> {
 
 impl<B: AutodiffBackend> ModuleMapper<B> for LoadParams<'_> {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-        let (id, tensor, mapper) = param.consume();
+        let (_, tensor, mapper) = param.consume();
         let index = self.ids.len();
+        let id = param_id(index);
         self.ids.push(id);
         let dims = tensor.dims();
         match (self.values.next(), self.shapes.get(index)) {
             (Some(values), Some(shape)) if shape.as_slice() == dims.as_slice() => {
                 let device = tensor.device();
-                let loaded = Tensor::<B, D>::from_data(TensorData::new(values, dims), &device)
-                    .require_grad();
+                let loaded =
+                    Tensor::<B, D>::from_data(TensorData::new(values.clone(), dims), &device)
+                        .require_grad();
                 Param::from_mapped_value(id, loaded, mapper)
             }
             (_, shape) => {
@@ -611,7 +737,8 @@ impl<B: AutodiffBackend> ModuleMapper<B> for LoadParams<'_> {
     }
 }
 
-/// Per-layer counts of one optimizer step.
+/// Per-layer routing counts (of a micro-batch, or summed over a step).
+#[derive(Debug, PartialEq)]
 struct RoutingStats {
     k_sum: Vec<u64>,
     k_histogram: Vec<Vec<u64>>,
@@ -627,14 +754,52 @@ impl RoutingStats {
         }
     }
 
-    fn add(&mut self, layer: usize, counts: &[i32], load: &[i32]) {
-        for &k in counts {
-            self.k_sum[layer] += k as u64;
-            self.k_histogram[layer][k as usize - 1] += 1;
+    fn of_micro_batch<B: Backend>(moe: &[MoeForward<B>], experts: usize) -> Self {
+        let mut stats = Self::new(moe.len(), experts);
+        for (l, layer) in moe.iter().enumerate() {
+            for &k in &layer.counts {
+                stats.k_sum[l] += k as u64;
+                stats.k_histogram[l][k as usize - 1] += 1;
+            }
+            for (sum, &c) in stats.expert_load[l].iter_mut().zip(&layer.expert_load) {
+                *sum += c as u64;
+            }
         }
-        for (sum, &c) in self.expert_load[layer].iter_mut().zip(load) {
-            *sum += c as u64;
+        stats
+    }
+
+    fn accumulate(&mut self, other: &Self) {
+        let add = |a: &mut [u64], b: &[u64]| a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+        add(&mut self.k_sum, &other.k_sum);
+        for l in 0..self.k_sum.len() {
+            add(&mut self.k_histogram[l], &other.k_histogram[l]);
+            add(&mut self.expert_load[l], &other.expert_load[l]);
         }
+    }
+
+    /// Per layer: `k_sum`, the histogram, the loads (one all-reduce for all of them).
+    fn flatten(&self) -> Vec<u64> {
+        (0..self.k_sum.len())
+            .flat_map(|l| {
+                std::iter::once(self.k_sum[l])
+                    .chain(self.k_histogram[l].iter().copied())
+                    .chain(self.expert_load[l].iter().copied())
+            })
+            .collect()
+    }
+
+    fn unflatten(values: &[u64], layers: usize, experts: usize) -> Self {
+        let mut stats = Self::new(layers, experts);
+        for (l, chunk) in values
+            .chunks_exact(1 + 2 * experts)
+            .enumerate()
+            .take(layers)
+        {
+            stats.k_sum[l] = chunk[0];
+            stats.k_histogram[l].copy_from_slice(&chunk[1..=experts]);
+            stats.expert_load[l].copy_from_slice(&chunk[1 + experts..]);
+        }
+        stats
     }
 
     fn active_per_layer(&self, tokens: usize) -> Vec<f64> {
@@ -692,9 +857,9 @@ fn initial_thresholds<B: Backend>(
         selectors: vec![Selector::TopK(r.target.ceil() as usize); layers],
     };
     // Every micro-batch of the first step, so the calibration does not depend on how
-    // the step is split.
+    // the step is split, and every rank of a data-parallel run finds the same `p_0`.
     let mut per_layer: Vec<Vec<f32>> = vec![Vec::new(); layers];
-    for micro in 0..run.grad_accum {
+    for micro in 0..run.grad_accum * run.devices {
         let batch = corpus.train_batch(run.seed, 1, micro, run.batch_size, config.model.seq_len)?;
         let (inputs, _) = batch_tensors::<B>(&batch, device);
         let output = model.forward(inputs, &probe, engine)?;

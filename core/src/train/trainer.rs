@@ -5,7 +5,7 @@ use std::path::Path;
 
 use burn::tensor::backend::AutodiffBackend;
 
-use super::checkpoint::{latest_checkpoint, write_checkpoint};
+use super::checkpoint::{Checkpoint, latest_checkpoint, write_checkpoint};
 use super::config::TrainConfig;
 use super::session::TrainSession;
 use crate::error::{Error, Result};
@@ -24,6 +24,15 @@ pub struct TrainOptions<'a> {
     pub backend_name: &'a str,
 }
 
+impl TrainOptions<'_> {
+    /// Prints a progress line (when asked to).
+    pub(super) fn say(&self, line: String) {
+        if self.progress {
+            eprintln!("{line}");
+        }
+    }
+}
+
 /// Trains the model `config` describes on `device`, selecting experts through `engine`.
 pub fn train<B: AutodiffBackend>(
     config: &TrainConfig,
@@ -31,18 +40,19 @@ pub fn train<B: AutodiffBackend>(
     engine: &RouteEngine,
     options: &TrainOptions,
 ) -> Result<RunSummary> {
+    begin_run(config, options)?;
+    let session = TrainSession::<B>::new(config, device, engine)?;
+    lead(session, options)
+}
+
+/// Checks `config`, creates the run directory (refusing one that holds a run) and
+/// writes `config.toml`.
+pub(super) fn begin_run(config: &TrainConfig, options: &TrainOptions) -> Result<()> {
     config.validate()?;
     let out = options.out;
-    let say = |line: String| {
-        if options.progress {
-            eprintln!("{line}");
-        }
-    };
     prepare_run_dir(out)?;
     write_atomic(&out.join("config.toml"), config.to_toml()?.as_bytes())?;
-
-    let (run, mode) = (&config.run, config.routing.mode);
-    say(format!(
+    options.say(format!(
         "model: {} parameters ({} blocks, {} MoE layers x {} experts of width {}), d_model {}",
         config.model.parameters(),
         config.model.layers,
@@ -51,7 +61,19 @@ pub fn train<B: AutodiffBackend>(
         config.model.expert_hidden,
         config.model.d_model
     ));
-    let mut session = TrainSession::<B>::new(config, device, engine)?;
+    Ok(())
+}
+
+/// Logs how `session` (new, of a run begun by [`begin_run`]) routes, then drives it to
+/// the end, writing the run directory.
+pub(super) fn lead<B: AutodiffBackend>(
+    mut session: TrainSession<'_, B>,
+    options: &TrainOptions,
+) -> Result<RunSummary> {
+    let out = options.out;
+    let say = |line: String| options.say(line);
+    let config = session.config().clone();
+    let (run, mode, engine) = (&config.run, config.routing.mode, session.engine());
     say(format!("data: {}", session.corpus().describe()));
     say(format!(
         "ops: attention, experts, {}, gather/combine (select, select_assign) and backward: burn {} (autodiff)",
@@ -105,57 +127,118 @@ pub fn resume<B: AutodiffBackend>(
     engine: &RouteEngine,
     options: &TrainOptions,
 ) -> Result<RunSummary> {
-    let say = |line: String| {
-        if options.progress {
-            eprintln!("{line}");
-        }
-    };
-    let config_path = dir.join("config.toml");
-    let text = std::fs::read_to_string(&config_path)
-        .map_err(|e| Error::io("cannot read the run's config", &config_path, e))?;
-    let mut config: TrainConfig = toml::from_str(&text).map_err(|e| Error::Parse {
-        what: "run config.toml",
-        message: format!("{}: {e}", config_path.display()),
-    })?;
-    if let Some(steps) = steps {
-        config.run.steps = steps;
-    }
-    config.validate()?;
-    let (checkpoint, path, skipped) = latest_checkpoint(dir)?;
-    for damaged in &skipped {
-        say(format!("skipping a damaged checkpoint: {damaged}"));
-    }
-    let step = checkpoint.header.step;
-    if step >= config.run.steps {
-        return Err(Error::param(
-            "--steps",
-            config.run.steps,
-            format!("more than the {step} steps the run has already taken"),
-        ));
-    }
-    say(format!(
-        "resuming {} from {} (step {step} of {})",
-        dir.display(),
-        path.display(),
-        config.run.steps
-    ));
-    let metrics_path = dir.join("metrics.jsonl");
-    let history: Vec<StepMetrics> = keep_lines_up_to(&metrics_path, step)?
-        .iter()
-        .map(|line| {
-            serde_json::from_str(line).map_err(|e| Error::Parse {
-                what: "metrics.jsonl",
-                message: format!("{}: {e}", metrics_path.display()),
-            })
-        })
-        .collect::<Result<_>>()?;
-    keep_lines_up_to(&dir.join("routing_samples.jsonl"), step)?;
-    write_atomic(&config_path, config.to_toml()?.as_bytes())?;
+    let point = ResumePoint::prepare(dir, steps, 1, options)?;
+    let session = TrainSession::<B>::restore(
+        &point.config,
+        device,
+        engine,
+        &point.checkpoint,
+        point.history,
+        None,
+    )?;
+    continue_run(session, dir, options)
+}
 
-    let mut session = TrainSession::<B>::restore(&config, device, engine, checkpoint, history)?;
-    let mut metrics = JsonLines::open_append(&metrics_path)?;
+/// Where a resumed run continues from, with the run directory made consistent with it.
+pub(super) struct ResumePoint {
+    /// The run's config (with the new `run.steps`).
+    pub config: TrainConfig,
+    /// The newest intact checkpoint.
+    pub checkpoint: Checkpoint,
+    /// The metrics of steps `1..=checkpoint step`.
+    pub history: Vec<StepMetrics>,
+}
+
+impl ResumePoint {
+    /// Reads the run in `dir`, checks it was trained on `devices` devices, finds its
+    /// newest intact checkpoint and drops the metrics and samples written after it.
+    pub(super) fn prepare(
+        dir: &Path,
+        steps: Option<u64>,
+        devices: usize,
+        options: &TrainOptions,
+    ) -> Result<Self> {
+        let say = |line: String| options.say(line);
+        let config_path = dir.join("config.toml");
+        let text = std::fs::read_to_string(&config_path)
+            .map_err(|e| Error::io("cannot read the run's config", &config_path, e))?;
+        let mut config: TrainConfig = toml::from_str(&text).map_err(|e| Error::Parse {
+            what: "run config.toml",
+            message: format!("{}: {e}", config_path.display()),
+        })?;
+        if let Some(steps) = steps {
+            config.run.steps = steps;
+        }
+        config.validate()?;
+        if config.run.devices != devices {
+            return Err(Error::param(
+                "--devices",
+                devices,
+                format!(
+                    "the {} device(s) the run in {} was trained on (run.devices): resume with the same count",
+                    config.run.devices,
+                    dir.display()
+                ),
+            ));
+        }
+        let (checkpoint, path, skipped) = latest_checkpoint(dir)?;
+        for damaged in &skipped {
+            say(format!("skipping a damaged checkpoint: {damaged}"));
+        }
+        let step = checkpoint.header.step;
+        if step >= config.run.steps {
+            return Err(Error::param(
+                "--steps",
+                config.run.steps,
+                format!("more than the {step} steps the run has already taken"),
+            ));
+        }
+        say(format!(
+            "resuming {} from {} (step {step} of {})",
+            dir.display(),
+            path.display(),
+            config.run.steps
+        ));
+        let metrics_path = dir.join("metrics.jsonl");
+        let history: Vec<StepMetrics> = keep_lines_up_to(&metrics_path, step)?
+            .iter()
+            .map(|line| {
+                serde_json::from_str(line).map_err(|e| Error::Parse {
+                    what: "metrics.jsonl",
+                    message: format!("{}: {e}", metrics_path.display()),
+                })
+            })
+            .collect::<Result<_>>()?;
+        keep_lines_up_to(&dir.join("routing_samples.jsonl"), step)?;
+        write_atomic(&config_path, config.to_toml()?.as_bytes())?;
+        Ok(Self {
+            config,
+            checkpoint,
+            history,
+        })
+    }
+}
+
+/// Drives a restored `session` to the end, appending to the run directory `dir`.
+pub(super) fn continue_run<B: AutodiffBackend>(
+    mut session: TrainSession<'_, B>,
+    dir: &Path,
+    options: &TrainOptions,
+) -> Result<RunSummary> {
+    let mut metrics = JsonLines::open_append(&dir.join("metrics.jsonl"))?;
     let mut samples = JsonLines::open_append(&dir.join("routing_samples.jsonl"))?;
-    run_to_end(&mut session, dir, &mut metrics, &mut samples, &say)
+    run_to_end(&mut session, dir, &mut metrics, &mut samples, &|line| {
+        options.say(line)
+    })
+}
+
+/// Steps a session that is not the leader of its data-parallel run to the end: it takes
+/// part in every all-reduce and writes nothing.
+pub(super) fn follow<B: AutodiffBackend>(mut session: TrainSession<'_, B>) -> Result<()> {
+    while !session.finished() {
+        session.step()?;
+    }
+    Ok(())
 }
 
 /// Keeps the lines of a JSON-lines file whose `step` is at most `step` (rewritten
