@@ -189,6 +189,13 @@ impl CudaKernels {
         format!("{} (device {})", self.name, self.ctx.ordinal())
     }
 
+    /// Bytes of device memory in use (by every process and memory pool on the device:
+    /// total minus free, as the driver reports them).
+    pub fn memory_in_use(&self) -> Result<u64, CudaError> {
+        let (free, total) = self.ctx.mem_get_info().map_err(driver("memory info"))?;
+        Ok((total - free) as u64)
+    }
+
     fn function(&self, name: &str) -> &CudaFunction {
         &self.functions[name]
     }

@@ -717,3 +717,48 @@ print(len(t), sum(a.size for a in t.values()))
     );
     assert!(!dir.join("x.json").exists());
 }
+
+#[test]
+fn bench_train_reports_throughput_mfu_and_memory() {
+    let dir = scratch("bench-train");
+    let config = dir.join("tiny.json");
+    let out = dtopp(&[
+        "bench",
+        "train",
+        "--preset",
+        "tiny",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--peak-tflops",
+        "0.5",
+        "--json",
+        "--write-config",
+        config.to_str().unwrap(),
+    ]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    let r: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    let tokens_per_sec = r["tokens_per_sec"].as_f64().unwrap();
+    assert!(tokens_per_sec > 0.0, "{r}");
+    assert_eq!(r["tokens_per_step"], 16 * 64);
+    assert_eq!(r["steps"], 2);
+    let active = r["active_experts"].as_f64().unwrap();
+    assert!((1.0..=16.0).contains(&active), "{r}");
+    // The FLOP count is the model's, at the measured a_t; MFU is against the given peak.
+    let model = dtopp::train::Preset::Tiny.config().model;
+    let flops = model.training_flops_per_token(active);
+    assert!((r["flops_per_token"].as_f64().unwrap() - flops).abs() < 1e-6 * flops);
+    let tflops = flops * tokens_per_sec / 1e12;
+    assert!((r["mfu"].as_f64().unwrap() - tflops / 0.5).abs() < 1e-9 + 1e-9 * tflops);
+    assert!(r["peak_memory_bytes"].as_u64().unwrap() > 1 << 20, "{r}");
+    assert!(r["last_loss"].as_f64().unwrap().is_finite());
+    // The config handed to bench/torch_moe.py is the resolved one.
+    let written: dtopp::train::TrainConfig =
+        serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    assert_eq!(written, dtopp::train::Preset::Tiny.config());
+    let bad = dtopp(&["bench", "train", "--preset", "tiny", "--steps", "0"]);
+    assert!(text(&bad).1.contains("--steps"), "{}", text(&bad).1);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

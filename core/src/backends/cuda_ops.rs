@@ -49,4 +49,9 @@ impl CudaOps {
     pub fn device_name(&self) -> String {
         self.kernels.device_name()
     }
+
+    /// Bytes of device memory in use on this GPU (all processes, memory pools included).
+    pub fn memory_in_use(&self) -> Result<u64> {
+        self.kernels.memory_in_use().map_err(|e| backend_error(&e))
+    }
 }

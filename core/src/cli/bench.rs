@@ -17,6 +17,10 @@ pub(crate) enum BenchCommand {
     /// Time DRN, selection, dispatch plan, gather, combine, the controller update and the
     /// whole routing step on one backend, beside the CPU reference.
     Routing(RoutingBenchArgs),
+    /// Time real training steps of a preset: tokens/s, MFU and peak memory (beside
+    /// `bench/torch_moe.py`, the PyTorch eager baseline of the same model).
+    #[cfg(feature = "train")]
+    Train(super::bench_train::TrainBenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -65,7 +69,11 @@ struct Timing {
 }
 
 pub(crate) fn run(command: BenchCommand) -> Result<()> {
-    let BenchCommand::Routing(args) = command;
+    let args = match command {
+        BenchCommand::Routing(args) => args,
+        #[cfg(feature = "train")]
+        BenchCommand::Train(args) => return super::bench_train::run(args),
+    };
     if args.iters == 0 || args.tokens == 0 || args.experts == 0 || args.hidden == 0 {
         return Err(Error::param(
             "bench sizes",

@@ -2,6 +2,8 @@
 
 mod bench;
 #[cfg(feature = "train")]
+mod bench_train;
+#[cfg(feature = "train")]
 mod devices;
 #[cfg(feature = "train")]
 mod export;
@@ -81,19 +83,14 @@ pub(crate) fn wgpu_backend() -> Result<crate::backends::WgpuOps> {
 /// Creates the CUDA backend on device 0 and says which GPU it runs on (never silently
 /// another backend).
 pub(crate) fn cuda_backend() -> Result<crate::backends::CudaOps> {
-    let ops = crate::backends::CudaOps::new(0)?;
-    eprintln!("cuda device: {}", ops.device_name());
-    Ok(ops)
+    cuda_backend_on(0)
 }
 
-/// `train` / `reproduce` with `--backend cuda`: the trainer's routing engine has no CUDA
-/// path yet, and the backend must not silently become another one.
-#[cfg(feature = "train")]
-pub(crate) fn cuda_training_unavailable() -> crate::error::Error {
-    crate::error::Error::Backend {
-        backend: "cuda",
-        message: "training on the CUDA backend is not available yet (the routing kernels are, for route, simulate and bench); train with --backend wgpu (Vulkan on NVIDIA GPUs) or cpu".into(),
-    }
+/// [`cuda_backend`] on device `ordinal`.
+pub(crate) fn cuda_backend_on(ordinal: usize) -> Result<crate::backends::CudaOps> {
+    let ops = crate::backends::CudaOps::new(ordinal)?;
+    eprintln!("cuda device: {}", ops.device_name());
+    Ok(ops)
 }
 
 /// The router normalization chosen by `--no-drn` / `--theta`.

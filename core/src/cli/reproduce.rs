@@ -62,7 +62,20 @@ pub(crate) fn run(args: ReproduceArgs) -> Result<()> {
             let engine = RouteEngine::Wgpu(Box::new(ops));
             reproduce::<Autodiff<Wgpu>>(&options(&name), &Default::default(), &engine)?;
         }
-        Backend::Cuda => return Err(super::cuda_training_unavailable()),
+        #[cfg(feature = "cuda")]
+        Backend::Cuda => {
+            use burn::backend::{Autodiff, Cuda};
+            let ops = super::cuda_backend()?;
+            let name = format!("cuda + dtopp CUDA kernels on {}", ops.device_name());
+            let engine = RouteEngine::Cuda(Box::new(ops));
+            reproduce::<Autodiff<Cuda>>(&options(&name), &Default::default(), &engine)?;
+        }
+        #[cfg(not(feature = "cuda"))]
+        Backend::Cuda => {
+            return Err(super::cuda_backend()
+                .err()
+                .expect("the CUDA stand-in never constructs"));
+        }
     }
     Ok(())
 }

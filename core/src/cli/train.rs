@@ -141,11 +141,27 @@ pub(crate) fn run(args: TrainArgs) -> Result<()> {
                 "wgpu"
             );
         }
-        Backend::Cuda => return Err(super::cuda_training_unavailable()),
+        #[cfg(feature = "cuda")]
+        Backend::Cuda => {
+            use burn::backend::{Autodiff, Cuda};
+            // The routing engine first: it checks for the driver and the device, which
+            // burn-cuda would only discover by panicking inside its first operation.
+            go!(
+                Autodiff<Cuda>,
+                RouteEngine::Cuda(Box::new(super::cuda_backend()?)),
+                "cuda"
+            );
+        }
+        #[cfg(not(feature = "cuda"))]
+        Backend::Cuda => return Err(super::cuda_backend().err().expect(NO_CUDA_STAND_IN)),
     }
     eprintln!("run directory: {}", dir.display());
     Ok(())
 }
+
+/// Without the `cuda` feature the CUDA backend is a stand-in that never constructs.
+#[cfg(not(feature = "cuda"))]
+const NO_CUDA_STAND_IN: &str = "the CUDA stand-in never constructs";
 
 /// `dtopp train --devices LIST`.
 fn run_data_parallel(args: &TrainArgs, specs: &[DeviceSpec]) -> Result<()> {
@@ -161,9 +177,9 @@ fn run_data_parallel(args: &TrainArgs, specs: &[DeviceSpec]) -> Result<()> {
     macro_rules! go {
         ($backend:ty, $devices:expr, $engine:expr, $name:expr) => {{
             let devices: Vec<_> = $devices;
-            // One routing engine per rank: each rank's thread routes its own tokens.
+            // One routing engine per rank (on its device): each rank routes its tokens.
             let engines = (0..devices.len())
-                .map(|_| $engine)
+                .map($engine)
                 .collect::<Result<Vec<RouteEngine>>>()?;
             match &args.resume {
                 Some(run_dir) => {
@@ -188,7 +204,7 @@ fn run_data_parallel(args: &TrainArgs, specs: &[DeviceSpec]) -> Result<()> {
             go!(
                 Autodiff<NdArray>,
                 specs.iter().map(|_| Default::default()).collect(),
-                Ok(RouteEngine::Cpu(CpuReference)),
+                |_| Ok(RouteEngine::Cpu(CpuReference)),
                 "ndarray (CPU)"
             );
         }
@@ -198,11 +214,30 @@ fn run_data_parallel(args: &TrainArgs, specs: &[DeviceSpec]) -> Result<()> {
             go!(
                 Autodiff<Wgpu>,
                 specs.iter().map(|d| d.wgpu_device()).collect(),
-                super::wgpu_backend().map(|ops| RouteEngine::Wgpu(Box::new(ops))),
+                |_| super::wgpu_backend().map(|ops| RouteEngine::Wgpu(Box::new(ops))),
                 "wgpu"
             );
         }
-        Backend::Cuda => return Err(super::cuda_training_unavailable()),
+        #[cfg(feature = "cuda")]
+        Backend::Cuda => {
+            use burn::backend::{Autodiff, Cuda, cuda::CudaDevice};
+            let ordinals: Vec<usize> = specs
+                .iter()
+                .map(|d| match d {
+                    DeviceSpec::Cuda(i) => *i,
+                    _ => unreachable!("parse_devices keeps one backend"),
+                })
+                .collect();
+            go!(
+                Autodiff<Cuda>,
+                ordinals.iter().map(|&i| CudaDevice::new(i)).collect(),
+                |rank: usize| super::cuda_backend_on(ordinals[rank])
+                    .map(|ops| RouteEngine::Cuda(Box::new(ops))),
+                "cuda"
+            );
+        }
+        #[cfg(not(feature = "cuda"))]
+        Backend::Cuda => return Err(super::cuda_backend().err().expect(NO_CUDA_STAND_IN)),
     }
     eprintln!("run directory: {}", dir.display());
     Ok(())

@@ -109,6 +109,20 @@ impl ModelConfig {
         2 * v * d + d + blocks
     }
 
+    /// Model FLOPs of one training token (forward and backward) when it activates
+    /// `active` experts per MoE layer on average: `6 N + 12 L d S` (PaLM's definition),
+    /// `N` the parameters of the matrix products the token passes through (attention,
+    /// dense and active expert matrices, routers, the output head; not the embedding
+    /// lookup, norms or theta), `L` blocks, `d` d_model, `S` seq_len (attention scores
+    /// and values, counted over the whole window as is customary).
+    pub fn training_flops_per_token(&self, active: f64) -> f64 {
+        let (d, l) = (self.d_model as f64, self.layers as f64);
+        let lookups_and_norms = self.vocab as f64 * d + (2.0 * l + 1.0) * d;
+        let thetas = self.moe_layers() as f64;
+        let matmul = self.active_parameters(active) - lookups_and_norms - thetas;
+        6.0 * matmul + 12.0 * l * d * self.seq_len as f64
+    }
+
     /// Parameters one token uses when it activates `active` experts per MoE layer on
     /// average (all attention, dense and embedding parameters, `active / E` of each MoE
     /// layer's experts, the whole router).

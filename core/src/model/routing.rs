@@ -1,5 +1,6 @@
 //! Where a training step's selection and dispatch plan run: the routing ops of the run's
-//! backend (the CPU reference, or the WGSL kernels on a wgpu adapter), never a silent
+//! backend (the CPU reference, the WGSL kernels on a wgpu adapter or the CUDA kernels
+//! on an NVIDIA GPU), never a silent
 //! substitute. The probabilities come from the model (burn, differentiable); the
 //! selection and plan come back as host arrays that index the burn tensors.
 
@@ -29,6 +30,8 @@ pub enum RouteEngine {
     /// The WGSL kernels (`dtopp-shaders`) through wgpu.
     #[cfg(feature = "wgpu")]
     Wgpu(Box<crate::backends::WgpuOps>),
+    /// The CUDA kernels (`dtopp-cuda`).
+    Cuda(Box<crate::backends::CudaOps>),
 }
 
 impl std::fmt::Debug for RouteEngine {
@@ -45,6 +48,7 @@ impl RouteEngine {
             RouteEngine::Cpu(_) => "dtopp CPU reference (plain loops)".to_string(),
             #[cfg(feature = "wgpu")]
             RouteEngine::Wgpu(ops) => format!("dtopp WGSL kernels on {}", ops.adapter_name()),
+            RouteEngine::Cuda(ops) => format!("dtopp CUDA kernels on {}", ops.device_name()),
         }
     }
 
@@ -59,6 +63,7 @@ impl RouteEngine {
             RouteEngine::Cpu(ops) => route_with(ops, probs, shape, selector),
             #[cfg(feature = "wgpu")]
             RouteEngine::Wgpu(ops) => route_with(ops.as_ref(), probs, shape, selector),
+            RouteEngine::Cuda(ops) => route_with(ops.as_ref(), probs, shape, selector),
         }
     }
 }

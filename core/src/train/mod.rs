@@ -15,6 +15,7 @@ mod mode;
 mod schedule;
 mod session;
 mod threshold;
+mod throughput;
 mod trainer;
 
 pub use crate::metrics::{DifficultyBucket, JsonLines, RoutingSample, RunSummary, StepMetrics};
@@ -35,4 +36,5 @@ pub use mode::RoutingMode;
 pub use schedule::learning_rate;
 pub use session::{StepOutput, TrainSession};
 pub use threshold::ThresholdPolicy;
+pub use throughput::{Throughput, ThroughputPlan, measure_throughput, process_peak_rss};
 pub use trainer::{TrainOptions, resume, train};

@@ -1,0 +1,187 @@
+//! `dtopp bench train`: tokens/s, MFU and peak memory of real training steps of a preset
+//! on a backend; `--write-config` hands the same model and routing to
+//! `bench/torch_moe.py`, the PyTorch eager baseline run beside it.
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use super::Backend;
+use crate::cpu::CpuReference;
+use crate::error::{Error, Result};
+use crate::io::write_atomic;
+use crate::model::RouteEngine;
+use crate::train::{
+    Preset, RoutingMode, Throughput, ThroughputPlan, TrainConfig, measure_throughput,
+    process_peak_rss,
+};
+
+#[derive(Debug, Args)]
+pub(crate) struct TrainBenchArgs {
+    /// Model, routing and batch.
+    #[arg(long, value_enum, default_value_t = Preset::Small)]
+    preset: Preset,
+    /// TOML file laid over the preset (as for `dtopp train`).
+    #[arg(long, value_name = "FILE.toml")]
+    config: Option<PathBuf>,
+    /// Routing mode.
+    #[arg(long, value_enum)]
+    mode: Option<RoutingMode>,
+    /// Sequences per step (default: the preset's).
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Where the model and the routing ops run.
+    #[arg(long, value_enum, default_value_t = Backend::Cpu)]
+    backend: Backend,
+    /// Timed optimizer steps (the median is reported).
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
+    /// Untimed steps first (kernel compilation, allocator growth).
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    /// The device's peak dense TFLOP/s, for MFU (for example 989 for an H100/H200's bf16
+    /// tensor cores); without it MFU is not reported.
+    #[arg(long, value_name = "TFLOPS")]
+    peak_tflops: Option<f64>,
+    /// Also write the resolved configuration as JSON (for `bench/torch_moe.py --config`).
+    #[arg(long, value_name = "FILE.json")]
+    write_config: Option<PathBuf>,
+    /// One JSON object instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
+impl TrainBenchArgs {
+    fn config(&self) -> Result<TrainConfig> {
+        let mut c = TrainConfig::from_preset_and_file(self.preset, self.config.as_deref())?;
+        if let Some(mode) = self.mode {
+            c.routing.mode = mode;
+        }
+        if let Some(batch) = self.batch_size {
+            c.run.batch_size = batch;
+        }
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+pub(crate) fn run(args: TrainBenchArgs) -> Result<()> {
+    let config = args.config()?;
+    if let Some(path) = &args.write_config {
+        let json = serde_json::to_vec_pretty(&config).map_err(|e| Error::Parse {
+            what: "bench config",
+            message: e.to_string(),
+        })?;
+        write_atomic(path, &json)?;
+    }
+    let progress = |line: String| {
+        if !args.json {
+            eprintln!("{line}");
+        }
+    };
+    progress(format!(
+        "bench train: {} ({} parameters, {} tokens per step), mode {}, {} warm-up + {} timed steps on {}",
+        clap::ValueEnum::to_possible_value(&args.preset)
+            .map_or_else(String::new, |v| v.get_name().to_string()),
+        config.model.parameters(),
+        config.tokens_per_step(),
+        config.routing.mode,
+        args.warmup,
+        args.steps,
+        args.backend.name()
+    ));
+    let plan = ThroughputPlan {
+        warmup: args.warmup,
+        steps: args.steps,
+        peak_tflops: args.peak_tflops,
+    };
+    let (result, backend) = match args.backend {
+        Backend::Cpu => {
+            use burn::backend::{Autodiff, NdArray};
+            let mut t = measure_throughput::<Autodiff<NdArray>>(
+                &config,
+                &Default::default(),
+                &RouteEngine::Cpu(CpuReference),
+                plan,
+                &process_peak_rss,
+                &progress,
+            )?;
+            t.peak_memory_kind = "process peak RSS (VmHWM)".into();
+            (t, "ndarray (CPU) + dtopp CPU reference".to_string())
+        }
+        #[cfg(feature = "wgpu")]
+        Backend::Wgpu => {
+            use burn::backend::{Autodiff, Wgpu};
+            let ops = super::wgpu_backend()?;
+            let name = format!("wgpu + dtopp WGSL kernels on {}", ops.adapter_name());
+            let mut t = measure_throughput::<Autodiff<Wgpu>>(
+                &config,
+                &Default::default(),
+                &RouteEngine::Wgpu(Box::new(ops)),
+                plan,
+                &|| None,
+                &progress,
+            )?;
+            t.peak_memory_kind = "not measured (wgpu has no memory counters)".into();
+            (t, name)
+        }
+        #[cfg(feature = "cuda")]
+        Backend::Cuda => {
+            use burn::backend::{Autodiff, Cuda};
+            let ops = super::cuda_backend()?;
+            let name = format!("cuda + dtopp CUDA kernels on {}", ops.device_name());
+            let engine = RouteEngine::Cuda(Box::new(ops));
+            let RouteEngine::Cuda(ops) = &engine else {
+                unreachable!("just built")
+            };
+            let mut t = measure_throughput::<Autodiff<Cuda>>(
+                &config,
+                &Default::default(),
+                &engine,
+                plan,
+                &|| ops.memory_in_use().ok(),
+                &progress,
+            )?;
+            t.peak_memory_kind =
+                "device memory in use, sampled after every step (burn's pool included)".into();
+            (t, name)
+        }
+        #[cfg(not(feature = "cuda"))]
+        Backend::Cuda => {
+            return Err(super::cuda_backend()
+                .err()
+                .expect("the CUDA stand-in never constructs"));
+        }
+    };
+    report(&result, &backend, args.json);
+    Ok(())
+}
+
+fn report(t: &Throughput, backend: &str, json: bool) {
+    if json {
+        let mut value = serde_json::to_value(t).unwrap_or_default();
+        value["backend"] = backend.into();
+        println!("{value}");
+        return;
+    }
+    let memory = t.peak_memory_bytes.map_or_else(
+        || "-".to_string(),
+        |b| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64),
+    );
+    let mfu = t
+        .mfu
+        .map_or_else(|| "-".to_string(), |m| format!("{:.1} %", 100.0 * m));
+    println!(
+        "| backend | mode | tokens/s | median step | a_t | model TFLOP/s | MFU | peak memory |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    println!(
+        "| {backend} | {} | {:.0} | {:.3} s | {:.3} | {:.3} | {mfu} | {memory} ({}) |",
+        t.mode,
+        t.tokens_per_sec,
+        t.median_step_s,
+        t.active_experts,
+        t.model_tflops,
+        t.peak_memory_kind
+    );
+}

@@ -1,0 +1,140 @@
+//! `dtopp bench train`: training throughput of a config on a backend — tokens/s, model
+//! FLOPs utilisation and peak memory — measured on real optimizer steps (forward,
+//! backward, AdamW, controller), nothing written to disk.
+
+use std::time::Instant;
+
+use burn::tensor::backend::AutodiffBackend;
+use serde::Serialize;
+
+use super::config::TrainConfig;
+use super::session::TrainSession;
+use crate::error::{Error, Result};
+use crate::model::RouteEngine;
+
+/// What a throughput run measured.
+#[derive(Clone, Debug, Serialize)]
+pub struct Throughput {
+    /// Routing mode.
+    pub mode: String,
+    /// Total parameters.
+    pub parameters: usize,
+    /// Tokens per optimizer step.
+    pub tokens_per_step: usize,
+    /// Timed steps (after the warm-up).
+    pub steps: usize,
+    /// Median wall time of a step, seconds.
+    pub median_step_s: f64,
+    /// Tokens per second at the median step.
+    pub tokens_per_sec: f64,
+    /// Mean activated experts per token over the timed steps (`a_t`).
+    pub active_experts: f64,
+    /// Model FLOPs per token at that `a_t` ([`crate::model::ModelConfig::training_flops_per_token`]).
+    pub flops_per_token: f64,
+    /// Achieved model TFLOP/s.
+    pub model_tflops: f64,
+    /// `model_tflops / peak`, when a peak was given.
+    pub mfu: Option<f64>,
+    /// Peak memory in bytes and what it is (process RSS, device memory in use).
+    pub peak_memory_bytes: Option<u64>,
+    /// How `peak_memory_bytes` was measured.
+    pub peak_memory_kind: String,
+    /// Final training loss (sanity: the steps really trained).
+    pub last_loss: f64,
+}
+
+/// How a throughput run is timed.
+#[derive(Clone, Copy, Debug)]
+pub struct ThroughputPlan {
+    /// Untimed steps first (compilation, autotuning, allocator growth).
+    pub warmup: usize,
+    /// Timed steps.
+    pub steps: usize,
+    /// The device's peak TFLOP/s, to turn the achieved FLOP rate into MFU.
+    pub peak_tflops: Option<f64>,
+}
+
+/// Measures the optimizer steps `plan` asks for on `config`. `memory` is sampled after
+/// every step and the largest value kept.
+pub fn measure_throughput<B: AutodiffBackend>(
+    config: &TrainConfig,
+    device: &B::Device,
+    engine: &RouteEngine,
+    plan: ThroughputPlan,
+    memory: &dyn Fn() -> Option<u64>,
+    progress: &dyn Fn(String),
+) -> Result<Throughput> {
+    let ThroughputPlan {
+        warmup,
+        steps,
+        peak_tflops,
+    } = plan;
+    if steps == 0 {
+        return Err(Error::param("--steps", 0, "at least 1 timed step"));
+    }
+    if let Some(peak) = peak_tflops
+        && !(peak.is_finite() && peak > 0.0)
+    {
+        return Err(Error::param("--peak-tflops", peak, "a finite value > 0"));
+    }
+    let mut config = config.clone();
+    // Every step is a training step: no evaluation, samples or checkpoints in between.
+    config.run.steps = (warmup + steps) as u64;
+    config.run.eval_every = 0;
+    config.run.eval_batches = 1;
+    config.run.sample_every = 0;
+    config.validate()?;
+    let mut session = TrainSession::<B>::new(&config, device, engine)?;
+    let mut times = Vec::with_capacity(steps);
+    let (mut active, mut last_loss, mut peak_memory) = (0.0, f64::NAN, memory());
+    for i in 0..warmup + steps {
+        let start = Instant::now();
+        // The step reads its losses back, so it has finished on the device when it returns.
+        let output = session.step()?;
+        let elapsed = start.elapsed().as_secs_f64();
+        peak_memory = peak_memory.max(memory());
+        let timed = i >= warmup;
+        if timed {
+            times.push(elapsed);
+            active += output.metrics.active_experts / steps as f64;
+        }
+        last_loss = output.metrics.loss;
+        progress(format!(
+            "{} step {}/{}: {elapsed:.3} s, loss {:.4}, a_t {:.3}",
+            if timed { "timed" } else { "warm-up" },
+            i + 1,
+            warmup + steps,
+            output.metrics.loss,
+            output.metrics.active_experts
+        ));
+    }
+    times.sort_by(f64::total_cmp);
+    let median_step_s = times[times.len() / 2];
+    let tokens_per_step = config.tokens_per_step();
+    let tokens_per_sec = tokens_per_step as f64 / median_step_s;
+    let flops_per_token = config.model.training_flops_per_token(active);
+    let model_tflops = flops_per_token * tokens_per_sec / 1e12;
+    Ok(Throughput {
+        mode: config.routing.mode.name().to_string(),
+        parameters: config.model.parameters(),
+        tokens_per_step,
+        steps,
+        median_step_s,
+        tokens_per_sec,
+        active_experts: active,
+        flops_per_token,
+        model_tflops,
+        mfu: peak_tflops.map(|peak| model_tflops / peak),
+        peak_memory_bytes: peak_memory,
+        peak_memory_kind: String::new(),
+        last_loss,
+    })
+}
+
+/// The process's peak resident memory (`VmHWM`, Linux), in bytes.
+pub fn process_peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}

@@ -1,0 +1,78 @@
+//! `dtopp train --backend cuda` (burn-cuda for the model, the dtopp CUDA kernels for the
+//! selection and dispatch plan) against the CPU run of the same config, also through the
+//! data-parallel path with one device. Without a GPU: the error names what is missing
+//! and no run directory is written (`DTOPP_REQUIRE_GPU=1` makes that a failure).
+
+use std::path::Path;
+use std::process::Command;
+
+use dtopp::metrics::StepMetrics;
+use dtopp_tests::{cuda_or_skip, dtopp_binary};
+
+fn train(out: &Path, extra: &[&str]) -> std::process::Output {
+    let out = out.display().to_string();
+    let mut args = vec![
+        "train", "--preset", "tiny", "--steps", "8", "--quiet", "--out", &out,
+    ];
+    args.extend_from_slice(extra);
+    Command::new(dtopp_binary())
+        .args(&args)
+        .output()
+        .expect("dtopp runs")
+}
+
+fn metrics(dir: &Path) -> Vec<StepMetrics> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn cuda_training_follows_the_cpu_run_or_names_what_is_missing() {
+    let root = std::env::temp_dir().join(format!("dtopp-cuda-train-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(&root).unwrap();
+    if cuda_or_skip().is_none() {
+        for extra in [&["--backend", "cuda"][..], &["--devices", "cuda:0"][..]] {
+            let dir = root.join("refused");
+            let out = train(&dir, extra);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success());
+            assert!(err.contains("error: backend cuda:"), "{extra:?}: {err}");
+            assert!(!dir.exists(), "{extra:?}: nothing is written");
+        }
+        std::fs::remove_dir_all(&root).unwrap();
+        return;
+    }
+    let cpu = root.join("cpu");
+    assert!(train(&cpu, &[]).status.success());
+    let reference = metrics(&cpu);
+    for (name, extra) in [
+        ("cuda", &["--backend", "cuda"][..]),
+        ("cuda-dp", &["--devices", "cuda:0"][..]),
+    ] {
+        let dir = root.join(name);
+        let out = train(&dir, extra);
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let got = metrics(&dir);
+        assert_eq!(got.len(), reference.len());
+        let mut worst = (0.0f64, 0.0f64);
+        for (g, r) in got.iter().zip(&reference) {
+            worst.0 = worst.0.max((g.loss - r.loss).abs());
+            worst.1 = worst.1.max((g.active_experts - r.active_experts).abs());
+        }
+        println!(
+            "{name} vs cpu, 8 steps: max |d loss| {:.2e}, max |d a_t| {:.4}",
+            worst.0, worst.1
+        );
+        // Another summation order on another device: close, not equal.
+        assert!(worst.0 < 1e-2 && worst.1 < 0.1, "{name}: {worst:?}");
+    }
+    std::fs::remove_dir_all(&root).unwrap();
+}
