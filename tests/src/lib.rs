@@ -573,3 +573,13 @@ pub fn cuda_or_skip() -> Option<dtopp::backends::CudaOps> {
         }
     }
 }
+
+/// The `metrics.jsonl` of a run directory, one entry per optimizer step.
+pub fn read_metrics(dir: &std::path::Path) -> Vec<dtopp::metrics::StepMetrics> {
+    let path = dir.join("metrics.jsonl");
+    std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a metrics line"))
+        .collect()
+}

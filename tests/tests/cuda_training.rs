@@ -6,8 +6,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use dtopp::metrics::StepMetrics;
-use dtopp_tests::{cuda_or_skip, dtopp_binary};
+use dtopp_tests::{cuda_or_skip, dtopp_binary, read_metrics};
 
 fn train(out: &Path, extra: &[&str]) -> std::process::Output {
     let out = out.display().to_string();
@@ -19,14 +18,6 @@ fn train(out: &Path, extra: &[&str]) -> std::process::Output {
         .args(&args)
         .output()
         .expect("dtopp runs")
-}
-
-fn metrics(dir: &Path) -> Vec<StepMetrics> {
-    std::fs::read_to_string(dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
 }
 
 #[test]
@@ -48,7 +39,7 @@ fn cuda_training_follows_the_cpu_run_or_names_what_is_missing() {
     }
     let cpu = root.join("cpu");
     assert!(train(&cpu, &[]).status.success());
-    let reference = metrics(&cpu);
+    let reference = read_metrics(&cpu);
     for (name, extra) in [
         ("cuda", &["--backend", "cuda"][..]),
         ("cuda-dp", &["--devices", "cuda:0"][..]),
@@ -60,7 +51,7 @@ fn cuda_training_follows_the_cpu_run_or_names_what_is_missing() {
             "{name}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let got = metrics(&dir);
+        let got = read_metrics(&dir);
         assert_eq!(got.len(), reference.len());
         let mut worst = (0.0f64, 0.0f64);
         for (g, r) in got.iter().zip(&reference) {

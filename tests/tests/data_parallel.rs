@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use dtopp::metrics::StepMetrics;
-use dtopp_tests::dtopp_binary;
+use dtopp_tests::{dtopp_binary, read_metrics};
 
 const STEPS: usize = 16;
 
@@ -54,14 +54,6 @@ fn batch_config(root: &Path, batch: usize) -> String {
     path.display().to_string()
 }
 
-fn metrics(dir: &Path) -> Vec<StepMetrics> {
-    std::fs::read_to_string(dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 /// The largest step-by-step differences of the quantities the issue names.
 #[derive(Debug, Default)]
 struct Deviation {
@@ -69,6 +61,17 @@ struct Deviation {
     val_loss: f64,
     threshold: f64,
     active: f64,
+}
+
+impl Deviation {
+    fn assert_within_tolerance(&self) {
+        assert!(
+            self.loss <= LOSS_TOL && self.val_loss <= LOSS_TOL,
+            "losses differ: {self:?}"
+        );
+        assert!(self.threshold <= THRESHOLD_TOL, "p differs: {self:?}");
+        assert!(self.active <= ACTIVE_TOL, "a_t differs: {self:?}");
+    }
 }
 
 fn deviation(a: &[StepMetrics], b: &[StepMetrics]) -> Deviation {
@@ -123,17 +126,12 @@ fn two_ranks_of_batch_b_follow_one_device_of_batch_2b() {
         "--quiet prints nothing: {log}"
     );
 
-    let d = deviation(&metrics(&two), &metrics(&single));
+    let d = deviation(&read_metrics(&two), &read_metrics(&single));
     println!(
         "2 ranks x batch 8 vs 1 device x batch 16, {STEPS} steps: max |d loss| {:.2e}, |d val loss| {:.2e}, |d p| {:.2e}, |d a_t| {:.4} ({two_s:.1} s vs {single_s:.1} s)",
         d.loss, d.val_loss, d.threshold, d.active
     );
-    assert!(
-        d.loss <= LOSS_TOL && d.val_loss <= LOSS_TOL,
-        "losses differ: {d:?}"
-    );
-    assert!(d.threshold <= THRESHOLD_TOL, "p differs: {d:?}");
-    assert!(d.active <= ACTIVE_TOL, "a_t differs: {d:?}");
+    d.assert_within_tolerance();
 
     // The run directory is written once, by rank 0, and records the device count.
     let config = std::fs::read_to_string(two.join("config.toml")).unwrap();
@@ -152,7 +150,7 @@ fn two_ranks_of_batch_b_follow_one_device_of_batch_2b() {
     // through an f32 all-reduce.
     let one = root.join("one");
     train(&one, &b16, STEPS, &["--devices", "cpu:0"]);
-    for (x, y) in metrics(&one).iter().zip(&metrics(&single)) {
+    for (x, y) in read_metrics(&one).iter().zip(&read_metrics(&single)) {
         assert_eq!(x.threshold, y.threshold, "step {}", x.step);
         assert_eq!(x.active_experts, y.active_experts, "step {}", x.step);
         assert_eq!(x.theta_per_layer, y.theta_per_layer, "step {}", x.step);
@@ -200,7 +198,7 @@ fn a_two_rank_run_resumes_exactly_and_only_with_two_devices() {
         "train", "--resume", &dir, "--steps", "8", "--quiet", devices[0], devices[1],
     ];
     succeeded(&dtopp(&args, None));
-    let (a, b) = (metrics(&resumed), metrics(&reference));
+    let (a, b) = (read_metrics(&resumed), read_metrics(&reference));
     assert_eq!(a.len(), 8);
     for (x, y) in a.iter().zip(&b) {
         let key = |m: &StepMetrics| {
@@ -249,7 +247,7 @@ fn a_failing_rank_stops_the_others_with_its_error() {
     );
     assert!(started.elapsed() < Duration::from_secs(300));
     // Steps 1 and 2 were written by rank 0 before rank 2 failed in step 3.
-    assert_eq!(metrics(&out_dir).len(), 2);
+    assert_eq!(read_metrics(&out_dir).len(), 2);
     std::fs::remove_dir_all(&root).unwrap();
 }
 
@@ -265,16 +263,11 @@ fn two_wgpu_ranks_follow_one_wgpu_device() {
     let (two, single) = (root.join("two"), root.join("single"));
     train(&two, &b4, 4, &["--devices", "wgpu:default,wgpu:default"]);
     train(&single, &b8, 4, &["--backend", "wgpu"]);
-    let d = deviation(&metrics(&two), &metrics(&single));
+    let d = deviation(&read_metrics(&two), &read_metrics(&single));
     println!(
         "wgpu: 2 ranks x batch 4 vs 1 device x batch 8, 4 steps: max |d loss| {:.2e}, |d val loss| {:.2e}, |d p| {:.2e}, |d a_t| {:.4}",
         d.loss, d.val_loss, d.threshold, d.active
     );
-    assert!(
-        d.loss <= LOSS_TOL && d.val_loss <= LOSS_TOL,
-        "losses differ: {d:?}"
-    );
-    assert!(d.threshold <= THRESHOLD_TOL, "p differs: {d:?}");
-    assert!(d.active <= ACTIVE_TOL, "a_t differs: {d:?}");
+    d.assert_within_tolerance();
     std::fs::remove_dir_all(&root).unwrap();
 }

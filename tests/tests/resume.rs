@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use dtopp::metrics::StepMetrics;
-use dtopp_tests::dtopp_binary;
+use dtopp_tests::{dtopp_binary, read_metrics};
 
 const STEPS: &str = "12";
 
@@ -44,14 +44,6 @@ fn run(args: &[String], env: Option<(&str, &str)>) -> std::process::Output {
         command.env(k, v);
     }
     command.output().expect("dtopp runs")
-}
-
-fn metrics(dir: &Path) -> Vec<StepMetrics> {
-    std::fs::read_to_string(dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
 }
 
 /// Every quantity that does not depend on wall time, step by step, bit for bit.
@@ -100,7 +92,7 @@ fn killed_runs_resume_to_exactly_the_uninterrupted_losses() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let reference = metrics(&reference_dir);
+    let reference = read_metrics(&reference_dir);
     assert_eq!(reference.len(), 12);
 
     // 1. Aborted halfway through writing the step-9 checkpoint: the half-written
@@ -116,14 +108,14 @@ fn killed_runs_resume_to_exactly_the_uninterrupted_losses() {
         .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
         .collect();
     assert!(names.iter().any(|n| n.contains(".tmp")), "{names:?}");
-    assert_eq!(metrics(&aborted).len(), 9, "metrics up to the crash");
+    assert_eq!(read_metrics(&aborted).len(), 9, "metrics up to the crash");
     let out = resume(&aborted);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_same_run(&metrics(&aborted), &reference);
+    assert_same_run(&read_metrics(&aborted), &reference);
 
     // 2. SIGKILL at an arbitrary moment after the first checkpoint.
     let killed = root.join("killed");
@@ -143,7 +135,7 @@ fn killed_runs_resume_to_exactly_the_uninterrupted_losses() {
     std::thread::sleep(Duration::from_millis(700));
     child.kill().unwrap();
     let status = child.wait().unwrap();
-    let done = metrics(&killed).len();
+    let done = read_metrics(&killed).len();
     println!("SIGKILL after {done} of 12 steps ({status})");
     let out = resume(&killed);
     if done == 12 && status.success() {
@@ -157,7 +149,7 @@ fn killed_runs_resume_to_exactly_the_uninterrupted_losses() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    assert_same_run(&metrics(&killed), &reference);
+    assert_same_run(&read_metrics(&killed), &reference);
 
     // 3. The newest checkpoint corrupted on disk: named, skipped, the previous one used.
     let damaged = root.join("damaged");
@@ -184,7 +176,7 @@ fn killed_runs_resume_to_exactly_the_uninterrupted_losses() {
         "{err}"
     );
     assert!(out.status.success(), "{err}");
-    assert_same_run(&metrics(&damaged), &reference);
+    assert_same_run(&read_metrics(&damaged), &reference);
 
     // Only the newest checkpoints are kept (keep_checkpoints = 3).
     let kept = std::fs::read_dir(reference_dir.join("checkpoints"))

@@ -2,7 +2,7 @@
 //! routing and write a run directory (config.toml, metrics.jsonl,
 //! routing_samples.jsonl, summary.json).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::Args;
 
@@ -95,19 +95,30 @@ impl TrainArgs {
     }
 }
 
+impl TrainArgs {
+    /// The run directory: `--resume DIR` or `--out DIR`.
+    fn run_dir(&self) -> PathBuf {
+        match (&self.resume, &self.out) {
+            (Some(dir), _) | (None, Some(dir)) => dir.clone(),
+            (None, None) => unreachable!("clap requires --out or --resume"),
+        }
+    }
+
+    fn options<'a>(&self, dir: &'a Path, backend_name: &'a str) -> TrainOptions<'a> {
+        TrainOptions {
+            out: dir,
+            progress: !self.quiet,
+            backend_name,
+        }
+    }
+}
+
 pub(crate) fn run(args: TrainArgs) -> Result<()> {
     if let Some(list) = &args.devices {
         return run_data_parallel(&args, &parse_devices(list)?);
     }
-    let dir = match (&args.resume, &args.out) {
-        (Some(dir), _) | (None, Some(dir)) => dir.clone(),
-        (None, None) => unreachable!("clap requires --out or --resume"),
-    };
-    let options = |backend_name| TrainOptions {
-        out: &dir,
-        progress: !args.quiet,
-        backend_name,
-    };
+    let dir = args.run_dir();
+    let options = |backend_name| args.options(&dir, backend_name);
     macro_rules! go {
         ($backend:ty, $engine:expr, $name:expr) => {{
             let engine = $engine;
@@ -165,15 +176,8 @@ const NO_CUDA_STAND_IN: &str = "the CUDA stand-in never constructs";
 
 /// `dtopp train --devices LIST`.
 fn run_data_parallel(args: &TrainArgs, specs: &[DeviceSpec]) -> Result<()> {
-    let dir = match (&args.resume, &args.out) {
-        (Some(dir), _) | (None, Some(dir)) => dir.clone(),
-        (None, None) => unreachable!("clap requires --out or --resume"),
-    };
-    let options = |backend_name| TrainOptions {
-        out: &dir,
-        progress: !args.quiet,
-        backend_name,
-    };
+    let dir = args.run_dir();
+    let options = |backend_name| args.options(&dir, backend_name);
     macro_rules! go {
         ($backend:ty, $devices:expr, $engine:expr, $name:expr) => {{
             let devices: Vec<_> = $devices;
