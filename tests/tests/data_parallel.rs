@@ -18,9 +18,25 @@ const STEPS: usize = 16;
 /// global routing counts and balance loss, sums taken in another order (per-rank means
 /// then the mean of the two, instead of one mean over 16 sequences), so the trajectories
 /// agree to float rounding that grows slowly with the steps.
-const LOSS_TOL: f64 = 1e-5;
-const THRESHOLD_TOL: f64 = 1e-6;
-const ACTIVE_TOL: f64 = 2e-3;
+const CPU_TOL: Tolerances = Tolerances {
+    loss: 1e-5,
+    threshold: 1e-6,
+    active: 2e-3,
+};
+/// On a GPU adapter the matrix products of a batch of B and of 2B may sum in different
+/// orders (lavapipe measured: as on the CPU), so a few tokens near the threshold may
+/// change their count.
+const GPU_TOL: Tolerances = Tolerances {
+    loss: 1e-4,
+    threshold: 1e-4,
+    active: 2e-2,
+};
+
+struct Tolerances {
+    loss: f64,
+    threshold: f64,
+    active: f64,
+}
 
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("dtopp-dp-{name}-{}", std::process::id()));
@@ -64,13 +80,13 @@ struct Deviation {
 }
 
 impl Deviation {
-    fn assert_within_tolerance(&self) {
+    fn assert_within(&self, tol: &Tolerances) {
         assert!(
-            self.loss <= LOSS_TOL && self.val_loss <= LOSS_TOL,
+            self.loss <= tol.loss && self.val_loss <= tol.loss,
             "losses differ: {self:?}"
         );
-        assert!(self.threshold <= THRESHOLD_TOL, "p differs: {self:?}");
-        assert!(self.active <= ACTIVE_TOL, "a_t differs: {self:?}");
+        assert!(self.threshold <= tol.threshold, "p differs: {self:?}");
+        assert!(self.active <= tol.active, "a_t differs: {self:?}");
     }
 }
 
@@ -131,7 +147,7 @@ fn two_ranks_of_batch_b_follow_one_device_of_batch_2b() {
         "2 ranks x batch 8 vs 1 device x batch 16, {STEPS} steps: max |d loss| {:.2e}, |d val loss| {:.2e}, |d p| {:.2e}, |d a_t| {:.4} ({two_s:.1} s vs {single_s:.1} s)",
         d.loss, d.val_loss, d.threshold, d.active
     );
-    d.assert_within_tolerance();
+    d.assert_within(&CPU_TOL);
 
     // The run directory is written once, by rank 0, and records the device count.
     let config = std::fs::read_to_string(two.join("config.toml")).unwrap();
@@ -268,6 +284,6 @@ fn two_wgpu_ranks_follow_one_wgpu_device() {
         "wgpu: 2 ranks x batch 4 vs 1 device x batch 8, 4 steps: max |d loss| {:.2e}, |d val loss| {:.2e}, |d p| {:.2e}, |d a_t| {:.4}",
         d.loss, d.val_loss, d.threshold, d.active
     );
-    d.assert_within_tolerance();
+    d.assert_within(&GPU_TOL);
     std::fs::remove_dir_all(&root).unwrap();
 }

@@ -72,9 +72,7 @@ pub(crate) fn run(args: ReproduceArgs) -> Result<()> {
         }
         #[cfg(not(feature = "cuda"))]
         Backend::Cuda => {
-            return Err(super::cuda_backend()
-                .err()
-                .expect("the CUDA stand-in never constructs"));
+            return Err(super::cuda_backend().expect_err("the CUDA stand-in never constructs"));
         }
     }
     Ok(())

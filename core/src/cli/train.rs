@@ -164,7 +164,7 @@ pub(crate) fn run(args: TrainArgs) -> Result<()> {
             );
         }
         #[cfg(not(feature = "cuda"))]
-        Backend::Cuda => return Err(super::cuda_backend().err().expect(NO_CUDA_STAND_IN)),
+        Backend::Cuda => return Err(super::cuda_backend().expect_err(NO_CUDA_STAND_IN)),
     }
     eprintln!("run directory: {}", dir.display());
     Ok(())
@@ -241,7 +241,7 @@ fn run_data_parallel(args: &TrainArgs, specs: &[DeviceSpec]) -> Result<()> {
             );
         }
         #[cfg(not(feature = "cuda"))]
-        Backend::Cuda => return Err(super::cuda_backend().err().expect(NO_CUDA_STAND_IN)),
+        Backend::Cuda => return Err(super::cuda_backend().expect_err(NO_CUDA_STAND_IN)),
     }
     eprintln!("run directory: {}", dir.display());
     Ok(())
