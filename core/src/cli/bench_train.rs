@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 use crate::io::write_atomic;
 use crate::model::RouteEngine;
 use crate::train::{
-    Preset, RoutingMode, Throughput, ThroughputPlan, TrainConfig, measure_throughput,
+    MemoryProbe, Preset, RoutingMode, Throughput, ThroughputPlan, TrainConfig, measure_throughput,
     process_peak_rss,
 };
 
@@ -98,15 +98,18 @@ pub(crate) fn run(args: TrainBenchArgs) -> Result<()> {
     let (result, backend) = match args.backend {
         Backend::Cpu => {
             use burn::backend::{Autodiff, NdArray};
-            let mut t = measure_throughput::<Autodiff<NdArray>>(
+            let memory = MemoryProbe {
+                kind: "process peak RSS (VmHWM)",
+                sample: &process_peak_rss,
+            };
+            let t = measure_throughput::<Autodiff<NdArray>>(
                 &config,
                 &Default::default(),
                 &RouteEngine::Cpu(CpuReference),
                 plan,
-                &process_peak_rss,
+                memory,
                 &progress,
             )?;
-            t.peak_memory_kind = "process peak RSS (VmHWM)".into();
             (t, "ndarray (CPU) + dtopp CPU reference".to_string())
         }
         #[cfg(feature = "wgpu")]
@@ -114,15 +117,18 @@ pub(crate) fn run(args: TrainBenchArgs) -> Result<()> {
             use burn::backend::{Autodiff, Wgpu};
             let ops = super::wgpu_backend()?;
             let name = format!("wgpu + dtopp WGSL kernels on {}", ops.adapter_name());
-            let mut t = measure_throughput::<Autodiff<Wgpu>>(
+            let memory = MemoryProbe {
+                kind: "not measured (wgpu has no memory counters)",
+                sample: &|| None,
+            };
+            let t = measure_throughput::<Autodiff<Wgpu>>(
                 &config,
                 &Default::default(),
                 &RouteEngine::Wgpu(Box::new(ops)),
                 plan,
-                &|| None,
+                memory,
                 &progress,
             )?;
-            t.peak_memory_kind = "not measured (wgpu has no memory counters)".into();
             (t, name)
         }
         #[cfg(feature = "cuda")]
@@ -131,19 +137,23 @@ pub(crate) fn run(args: TrainBenchArgs) -> Result<()> {
             let ops = super::cuda_backend()?;
             let name = format!("cuda + dtopp CUDA kernels on {}", ops.device_name());
             let engine = RouteEngine::Cuda(Box::new(ops));
-            let RouteEngine::Cuda(ops) = &engine else {
-                unreachable!("just built")
+            // The GPU the engine routes on, read through its own handle.
+            let in_use = || match &engine {
+                RouteEngine::Cuda(ops) => ops.memory_in_use().ok(),
+                _ => None,
             };
-            let mut t = measure_throughput::<Autodiff<Cuda>>(
+            let memory = MemoryProbe {
+                kind: "device memory in use, sampled after every step (burn's pool included)",
+                sample: &in_use,
+            };
+            let t = measure_throughput::<Autodiff<Cuda>>(
                 &config,
                 &Default::default(),
                 &engine,
                 plan,
-                &|| ops.memory_in_use().ok(),
+                memory,
                 &progress,
             )?;
-            t.peak_memory_kind =
-                "device memory in use, sampled after every step (burn's pool included)".into();
             (t, name)
         }
         #[cfg(not(feature = "cuda"))]

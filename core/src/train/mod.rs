@@ -36,5 +36,7 @@ pub use mode::RoutingMode;
 pub use schedule::learning_rate;
 pub use session::{StepOutput, TrainSession};
 pub use threshold::ThresholdPolicy;
-pub use throughput::{Throughput, ThroughputPlan, measure_throughput, process_peak_rss};
+pub use throughput::{
+    MemoryProbe, Throughput, ThroughputPlan, measure_throughput, process_peak_rss,
+};
 pub use trainer::{TrainOptions, resume, train};

@@ -54,6 +54,20 @@ pub struct ThroughputPlan {
     pub peak_tflops: Option<f64>,
 }
 
+/// How peak memory is read on a backend.
+pub struct MemoryProbe<'a> {
+    /// What the number is (process RSS, device memory in use, not measured).
+    pub kind: &'a str,
+    /// Bytes now, or `None` where the backend cannot tell.
+    pub sample: &'a dyn Fn() -> Option<u64>,
+}
+
+impl std::fmt::Debug for MemoryProbe<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.kind)
+    }
+}
+
 /// Measures the optimizer steps `plan` asks for on `config`. `memory` is sampled after
 /// every step and the largest value kept.
 pub fn measure_throughput<B: AutodiffBackend>(
@@ -61,7 +75,7 @@ pub fn measure_throughput<B: AutodiffBackend>(
     device: &B::Device,
     engine: &RouteEngine,
     plan: ThroughputPlan,
-    memory: &dyn Fn() -> Option<u64>,
+    memory: MemoryProbe,
     progress: &dyn Fn(String),
 ) -> Result<Throughput> {
     let ThroughputPlan {
@@ -86,13 +100,13 @@ pub fn measure_throughput<B: AutodiffBackend>(
     config.validate()?;
     let mut session = TrainSession::<B>::new(&config, device, engine)?;
     let mut times = Vec::with_capacity(steps);
-    let (mut active, mut last_loss, mut peak_memory) = (0.0, f64::NAN, memory());
+    let (mut active, mut last_loss, mut peak_memory) = (0.0, f64::NAN, (memory.sample)());
     for i in 0..warmup + steps {
         let start = Instant::now();
         // The step reads its losses back, so it has finished on the device when it returns.
         let output = session.step()?;
         let elapsed = start.elapsed().as_secs_f64();
-        peak_memory = peak_memory.max(memory());
+        peak_memory = peak_memory.max((memory.sample)());
         let timed = i >= warmup;
         if timed {
             times.push(elapsed);
@@ -126,7 +140,7 @@ pub fn measure_throughput<B: AutodiffBackend>(
         model_tflops,
         mfu: peak_tflops.map(|peak| model_tflops / peak),
         peak_memory_bytes: peak_memory,
-        peak_memory_kind: String::new(),
+        peak_memory_kind: memory.kind.to_string(),
         last_loss,
     })
 }
