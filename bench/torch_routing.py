@@ -10,12 +10,18 @@ The composite a PyTorch MoE layer runs for Top-p routing with DRN, op for op as
 Also measures device-to-device copy bandwidth for the floor: bytes moved by the step
 (logits read, probabilities written, selection written) / copy bandwidth.
 
-Usage (on the GPU machine, beside `dtopp bench routing --backend cuda --json`):
+Usage (on the GPU machine):
   python3 bench/torch_routing.py [--tokens 4096 16384 65536] [--experts 64 128 256]
-                                 [--target 8] [--iters 20] [--json]
+                                 [--target 8] [--iters 20] [--json] [--dtopp PATH]
+With --dtopp (the dtopp binary, built with `--features cuda`) each shape is also run
+through `dtopp bench routing --backend cuda --no-cpu-baseline --json` in the same call,
+and the side-by-side table is printed: dtopp's routing step (fused DRN + Top-p at the
+device threshold, dispatch plan, controller update) against PyTorch's composite, the
+ratio, and both against the bandwidth floor.
 """
 import argparse
 import json
+import subprocess
 import sys
 
 import torch
@@ -77,6 +83,19 @@ def copy_bandwidth_gbps():
     return 2 * a.numel() * 4 / (ms * 1e-3) / 1e9
 
 
+def dtopp_step_ms(binary, n, e, target, iters):
+    """Median time of dtopp's whole routing step on CUDA for one shape, in ms."""
+    cmd = [binary, "bench", "routing", "--backend", "cuda", "--no-cpu-baseline", "--json",
+           "--tokens", str(n), "--experts", str(e), "--target", str(target),
+           "--iters", str(iters)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.exit(f"error: {' '.join(cmd)} failed:\n{out.stderr}")
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    ops = {r["op"]: r["median_us"] / 1e3 for r in rows if r["backend"] == "cuda"}
+    return ops["step"], ops
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384, 65536])
@@ -84,6 +103,7 @@ def main():
     ap.add_argument("--target", type=float, default=8.0)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--dtopp", help="path of the dtopp binary (built with --features cuda)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("error: no CUDA device visible to PyTorch")
@@ -103,8 +123,20 @@ def main():
             row = {"impl": "torch-eager", "tokens": n, "experts": e, "median_ms": ms,
                    "floor_ms": floor_ms, "copy_gbps": bandwidth,
                    "gpu": torch.cuda.get_device_name()}
+            if args.dtopp:
+                ours, ops = dtopp_step_ms(args.dtopp, n, e, args.target, args.iters)
+                row.update({"dtopp_step_ms": ours, "dtopp_ops_ms": ops,
+                            "speedup_vs_torch": ms / ours, "dtopp_over_floor": ours / floor_ms})
             if args.json:
                 print(json.dumps(row))
+            elif args.dtopp:
+                if (e, n) == (args.experts[0], args.tokens[0]):
+                    print(f"GPU: {row['gpu']}, device copy bandwidth {bandwidth:.0f} GB/s")
+                    print("| N | E | dtopp step ms | PyTorch eager ms | speed-up | floor ms"
+                          " | dtopp / floor | dtopp drn+select ms |")
+                    print("|---|---|---|---|---|---|---|---|")
+                print(f"| {n} | {e} | {ours:.4f} | {ms:.4f} | {ms / ours:.1f}x | {floor_ms:.4f}"
+                      f" | {ours / floor_ms:.1f}x | {ops['drn+select']:.4f} |")
             else:
                 print(f"N={n:6d} E={e:4d}  torch eager {ms:8.3f} ms   floor {floor_ms:7.4f} ms"
                       f"   (copy {bandwidth:.0f} GB/s)")

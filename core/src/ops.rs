@@ -132,6 +132,16 @@ pub struct DispatchPlan<F, I> {
     pub token_routes: I,
 }
 
+/// Routing probabilities and the selection made from them ([`RoutingOps::drn_top_p`],
+/// [`RoutingOps::drn_top_k`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Routed<F, I> {
+    /// `[N, E]` f32: what [`RoutingOps::drn_forward`] returns.
+    pub probs: F,
+    /// What the selection op returns on those probabilities.
+    pub selection: Selection<F, I>,
+}
+
 /// Gradients of a DRN (or softmax) forward pass.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DrnGrads<F> {
@@ -206,6 +216,36 @@ pub trait RoutingOps {
         shape: RouteShape,
         k: usize,
     ) -> Result<Selection<Self::Floats, Self::Ints>>;
+
+    /// [`RoutingOps::drn_forward`] then [`RoutingOps::top_p`] in one call: the same
+    /// results and errors as the two calls, which a device backend may fuse into one
+    /// kernel (CUDA: one pass per token for `E <= 256`).
+    fn drn_top_p(
+        &self,
+        logits: &Self::Floats,
+        shape: RouteShape,
+        norm: Normalization,
+        threshold: &Self::Floats,
+        k_max: Option<usize>,
+    ) -> Result<Routed<Self::Floats, Self::Ints>> {
+        let probs = self.drn_forward(logits, shape, norm)?;
+        let selection = self.top_p(&probs, shape, threshold, k_max)?;
+        Ok(Routed { probs, selection })
+    }
+
+    /// [`RoutingOps::drn_forward`] then [`RoutingOps::top_k`] in one call (fused like
+    /// [`RoutingOps::drn_top_p`]).
+    fn drn_top_k(
+        &self,
+        logits: &Self::Floats,
+        shape: RouteShape,
+        norm: Normalization,
+        k: usize,
+    ) -> Result<Routed<Self::Floats, Self::Ints>> {
+        let probs = self.drn_forward(logits, shape, norm)?;
+        let selection = self.top_k(&probs, shape, k)?;
+        Ok(Routed { probs, selection })
+    }
 
     /// The expert-major dispatch plan of a selection.
     fn dispatch_plan(

@@ -28,6 +28,8 @@ const BLOCK: u32 = 256;
 const PLAN_CHUNK: usize = 32;
 /// `status` value meaning "no non-finite input seen".
 const STATUS_CLEAN: u32 = u32::MAX;
+/// Largest `E` the fused DRN + selection kernels serve (8 values per lane in registers).
+pub const FUSED_MAX_EXPERTS: usize = 256;
 /// Largest element count the kernels index with 32-bit integers.
 const MAX_ELEMENTS: u64 = u32::MAX as u64;
 
@@ -61,6 +63,17 @@ pub struct SelectionBuffers {
     pub counts: DeviceBuffer,
     /// `[1]` u32: index of the first non-finite probability, or `u32::MAX`.
     pub status: DeviceBuffer,
+}
+
+/// The buffers of a fused DRN + selection ([`CudaKernels::drn_select`]).
+#[derive(Clone, Debug)]
+pub struct RoutedBuffers {
+    /// `[N, E]` f32 probabilities.
+    pub probs: DeviceBuffer,
+    /// `[1]` u32: index of the first non-finite logit, or `u32::MAX`.
+    pub logit_status: DeviceBuffer,
+    /// The selection; its status names the first non-finite probability.
+    pub selection: SelectionBuffers,
 }
 
 /// The buffers of a dispatch plan (see `dtopp::ops::DispatchPlan`).
@@ -112,7 +125,7 @@ pub fn compiled_modules() -> Result<&'static [(&'static str, Ptx)], CudaError> {
                     name: Some(file.into()),
                     ..Default::default()
                 };
-                compile_ptx_with_opts(src, opts)
+                compile_ptx_with_opts(crate::source::expanded(src), opts)
                     .map(|ptx| (file, ptx))
                     .map_err(|e| (file, e.to_string()))
             })
@@ -400,6 +413,64 @@ impl CudaKernels {
         // SAFETY: top_p(const float*, const float*, int*, float*, int*, unsigned*,
         // unsigned, unsigned, unsigned).
         unsafe { b.launch(Self::warp_grid(tokens)) }.map_err(driver("top_p"))?;
+        Ok(out)
+    }
+
+    /// DRN (`theta: Some`) or softmax, then selection, in one kernel (`route.cu`):
+    /// Top-p at `p = threshold[0]` capped at `limit` experts when `threshold` is given,
+    /// else the top `limit`. `experts` must be at most [`FUSED_MAX_EXPERTS`].
+    pub fn drn_select(
+        &self,
+        logits: &DeviceBuffer,
+        tokens: usize,
+        experts: usize,
+        theta: Option<f32>,
+        threshold: Option<&DeviceBuffer>,
+        limit: usize,
+    ) -> Result<RoutedBuffers, CudaError> {
+        let kernel = match experts {
+            0..=32 => "drn_select_r1",
+            33..=64 => "drn_select_r2",
+            65..=128 => "drn_select_r4",
+            129..=FUSED_MAX_EXPERTS => "drn_select_r8",
+            _ => {
+                return Err(CudaError::TooLarge {
+                    what: "experts per token of the fused routing kernel".into(),
+                    elements: experts as u64,
+                    limit: FUSED_MAX_EXPERTS as u64,
+                });
+            }
+        };
+        let out = RoutedBuffers {
+            probs: self.zeros("probs", tokens * experts)?,
+            logit_status: self.status()?,
+            selection: self.selection_buffers(tokens, experts)?,
+        };
+        let (n, e, limit) = (tokens as u32, experts as u32, limit as u32);
+        let (theta_v, use_drn, eps) = (theta.unwrap_or(1.0), i32::from(theta.is_some()), 1e-6f32);
+        let use_p = i32::from(threshold.is_some());
+        // Top-k never reads the threshold; any valid device pointer fills the slot.
+        let threshold = threshold.unwrap_or(logits);
+        let sel = &out.selection;
+        let mut b = self.stream.launch_builder(self.function(kernel));
+        b.arg(&*logits.slice)
+            .arg(&*threshold.slice)
+            .arg(&*out.probs.slice)
+            .arg(&*sel.experts.slice)
+            .arg(&*sel.weights.slice)
+            .arg(&*sel.counts.slice)
+            .arg(&*out.logit_status.slice)
+            .arg(&*sel.status.slice)
+            .arg(&n)
+            .arg(&e)
+            .arg(&theta_v)
+            .arg(&use_drn)
+            .arg(&eps)
+            .arg(&limit)
+            .arg(&use_p);
+        // SAFETY: drn_select_rR(const float* x2, float*, int*, float*, int*, unsigned* x2,
+        // unsigned, unsigned, float, int, float, unsigned, int).
+        unsafe { b.launch(Self::warp_grid(tokens)) }.map_err(driver(kernel))?;
         Ok(out)
     }
 

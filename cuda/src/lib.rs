@@ -20,11 +20,12 @@ mod stand_in;
 
 #[cfg(feature = "cuda")]
 pub use device::{
-    CudaKernels, DeviceBuffer, DispatchBuffers, SelectionBuffers, compiled_modules, driver_present,
-    nvrtc_present,
+    CudaKernels, DeviceBuffer, DispatchBuffers, FUSED_MAX_EXPERTS, RoutedBuffers, SelectionBuffers,
+    compiled_modules, driver_present, nvrtc_present,
 };
 pub use error::CudaError;
 #[cfg(not(feature = "cuda"))]
 pub use stand_in::{
-    CudaKernels, DeviceBuffer, DispatchBuffers, SelectionBuffers, driver_present, nvrtc_present,
+    CudaKernels, DeviceBuffer, DispatchBuffers, FUSED_MAX_EXPERTS, RoutedBuffers, SelectionBuffers,
+    driver_present, nvrtc_present,
 };

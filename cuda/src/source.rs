@@ -1,9 +1,14 @@
 //! The CUDA C++ sources, compiled at run time by NVRTC (one module per file).
 
+/// Device helpers shared by the warp-per-token kernels; pasted into each module that
+/// includes it (NVRTC compiles from memory and cannot open the file).
+pub const COMMON: &str = include_str!("kernels/common.cuh");
 /// DRN forward/backward and the dL/dtheta sum.
 pub const DRN: &str = include_str!("kernels/drn.cu");
 /// Top-p and Top-k selection.
 pub const SELECT: &str = include_str!("kernels/select.cu");
+/// DRN and selection fused, one pass per token (E <= 256).
+pub const ROUTE: &str = include_str!("kernels/route.cu");
 /// The dispatch plan (count, scan, scatter).
 pub const DISPATCH: &str = include_str!("kernels/dispatch.cu");
 /// Gather and combine.
@@ -11,14 +16,27 @@ pub const GATHER_COMBINE: &str = include_str!("kernels/gather_combine.cu");
 /// The device-resident PI controller.
 pub const CONTROLLER: &str = include_str!("kernels/controller.cu");
 
+/// The line a `.cu` file uses to include [`COMMON`].
+const INCLUDE_COMMON: &str = "#include \"common.cuh\"";
+
 /// Every module: file name, source, and the kernels it defines.
-pub const MODULES: [(&str, &str, &[&str]); 5] = [
+pub const MODULES: [(&str, &str, &[&str]); 6] = [
     (
         "drn.cu",
         DRN,
         &["drn_forward", "drn_backward", "drn_theta_sum"],
     ),
     ("select.cu", SELECT, &["top_p", "top_k"]),
+    (
+        "route.cu",
+        ROUTE,
+        &[
+            "drn_select_r1",
+            "drn_select_r2",
+            "drn_select_r4",
+            "drn_select_r8",
+        ],
+    ),
     (
         "dispatch.cu",
         DISPATCH,
@@ -27,3 +45,24 @@ pub const MODULES: [(&str, &str, &[&str]); 5] = [
     ("gather_combine.cu", GATHER_COMBINE, &["gather", "combine"]),
     ("controller.cu", CONTROLLER, &["controller_update"]),
 ];
+
+/// A module's source as NVRTC compiles it: the `#include "common.cuh"` line replaced by
+/// the header's text.
+pub fn expanded(source: &str) -> String {
+    source.replace(INCLUDE_COMMON, COMMON)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn includes_are_expanded() {
+        for (file, src, _) in MODULES {
+            let text = expanded(src);
+            let includes = text.lines().any(|l| l.trim_start().starts_with("#include"));
+            assert!(!includes, "{file} still includes a file");
+        }
+        assert!(expanded(ROUTE).contains("__device__ __forceinline__ void warp_best"));
+    }
+}

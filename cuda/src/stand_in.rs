@@ -36,6 +36,20 @@ pub struct SelectionBuffers {
     pub status: DeviceBuffer,
 }
 
+/// The buffers of a fused DRN + selection.
+#[derive(Clone, Debug)]
+pub struct RoutedBuffers {
+    /// `[N, E]` f32.
+    pub probs: DeviceBuffer,
+    /// `[1]` u32.
+    pub logit_status: DeviceBuffer,
+    /// The selection.
+    pub selection: SelectionBuffers,
+}
+
+/// Largest `E` of the fused kernels (as in the `cuda` build).
+pub const FUSED_MAX_EXPERTS: usize = 256;
+
 /// The buffers of a dispatch plan.
 #[derive(Clone, Debug)]
 pub struct DispatchBuffers {
@@ -142,6 +156,19 @@ impl CudaKernels {
         _threshold: &DeviceBuffer,
         _k_max: Option<usize>,
     ) -> Result<SelectionBuffers, CudaError> {
+        match self.0 {}
+    }
+
+    /// Unreachable.
+    pub fn drn_select(
+        &self,
+        _logits: &DeviceBuffer,
+        _tokens: usize,
+        _experts: usize,
+        _theta: Option<f32>,
+        _threshold: Option<&DeviceBuffer>,
+        _limit: usize,
+    ) -> Result<RoutedBuffers, CudaError> {
         match self.0 {}
     }
 

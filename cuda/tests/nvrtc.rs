@@ -38,3 +38,28 @@ fn without_a_driver_the_backend_says_what_is_missing() {
     let err = dtopp_cuda::CudaKernels::new(0).unwrap_err().to_string();
     assert!(err.contains("NVIDIA driver (libcuda)"), "{err}");
 }
+
+/// The fused kernels keep each token's row in registers: an array the compiler could not
+/// promote (indexed by a run-time value) would show up as a `.local` stack in the PTX.
+#[test]
+fn fused_routing_kernels_keep_rows_in_registers() {
+    if !nvrtc_present() {
+        eprintln!("SKIPPED: libnvrtc could not be loaded (LD_LIBRARY_PATH)");
+        return;
+    }
+    let modules = compiled_modules().unwrap_or_else(|e| panic!("{e}"));
+    let (_, ptx) = modules
+        .iter()
+        .find(|(file, _)| *file == "route.cu")
+        .expect("route.cu is a module");
+    let text = ptx.to_src();
+    let entries: Vec<&str> = text.split(".entry ").skip(1).collect();
+    assert_eq!(entries.len(), 4, "one entry per register width");
+    for entry in entries {
+        let name = entry.split('(').next().unwrap_or_default();
+        assert!(
+            !entry.contains(".local"),
+            "{name} uses local memory: its row does not stay in registers"
+        );
+    }
+}

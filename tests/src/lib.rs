@@ -63,7 +63,7 @@ pub struct Case {
 pub const LARGE_CASE: usize = 1 << 16;
 
 /// The suite's problems: N in {1, 7, 1000, 65536} x E in {1, 8, 60, 64, 256}, plus a few
-/// more awkward shapes, each with normal, wide (6x) and tied (rounded) logits.
+/// more awkward shapes (E = 5, 100, 255, 300), each with normal, wide (6x) and tied (rounded) logits.
 pub fn cases(seed: u64) -> Vec<Case> {
     let mut shapes = vec![(5, 1), (33, 5), (128, 64), (17, 100), (9, 255)];
     for n in [1, 7, 1000, 65536] {
@@ -71,6 +71,9 @@ pub fn cases(seed: u64) -> Vec<Case> {
             shapes.push((n, e));
         }
     }
+    // More experts than the fused CUDA kernels hold in registers (last, so the random
+    // streams of the shapes above stay as they were).
+    shapes.push((3, 300));
     let mut out = Vec::new();
     for (i, &(n, e)) in shapes.iter().enumerate() {
         for (variant, scale, quantise) in [
@@ -307,6 +310,7 @@ pub fn conformance_report<O: RoutingOps>(ops: &O, cases: Vec<Case>, seed: u64) -
                     );
                 }
             }
+            check_fused(ops, &mut report, &what, &logits, &want_probs, shape, norm)?;
             for &k in &ks {
                 let want = cpu.top_k(&want_probs, shape, k)?;
                 let got = ops.read_selection(&ops.top_k(&probs_ref, shape, k)?)?;
@@ -403,6 +407,49 @@ pub fn conformance_report<O: RoutingOps>(ops: &O, cases: Vec<Case>, seed: u64) -
     Ok(report)
 }
 
+/// DRN and selection in one call (`drn_top_p`, `drn_top_k`; one kernel on CUDA):
+/// probabilities within tolerance of the reference's, and the selection exactly the
+/// reference's selection on the probabilities the backend returned (on the reference's
+/// own probabilities, experts a few ulps apart may swap ranks).
+fn check_fused<O: RoutingOps>(
+    ops: &O,
+    report: &mut Report,
+    what: &str,
+    logits: &O::Floats,
+    want_probs: &[f32],
+    shape: RouteShape,
+    norm: Normalization,
+) -> Result<()> {
+    let large = shape.len() > LARGE_CASE;
+    let rules: &[(f32, Option<usize>)] = if large {
+        &[(0.5, None)]
+    } else {
+        &[
+            (0.05, None),
+            (0.9, None),
+            (1.0, Some(shape.experts.div_ceil(2))),
+        ]
+    };
+    for &(p, k_max) in rules {
+        let got = ops.drn_top_p(logits, shape, norm, &ops.upload_floats(&[p])?, k_max)?;
+        let label = format!("{what} drn_top_p p={p} k_max={k_max:?}");
+        let probs = ops.read_floats(&got.probs)?;
+        report.floats(&format!("{label} probs"), &probs, want_probs, PROBS_TOL);
+        let want = dtopp::cpu::top_p(&probs, shape, p, k_max)?;
+        let got = ops.read_selection(&got.selection)?;
+        compare_selection(report, &label, &got, &want, &probs, Some(p));
+    }
+    let k = shape.experts.div_ceil(3);
+    let got = ops.drn_top_k(logits, shape, norm, k)?;
+    let label = format!("{what} drn_top_k k={k}");
+    let probs = ops.read_floats(&got.probs)?;
+    report.floats(&format!("{label} probs"), &probs, want_probs, PROBS_TOL);
+    let want = dtopp::cpu::top_k(&probs, shape, k)?;
+    let got = ops.read_selection(&got.selection)?;
+    compare_selection(report, &label, &got, &want, &probs, None);
+    Ok(())
+}
+
 /// The device-resident controller: the same state after the same updates, including
 /// updates that saturate the clamp.
 fn check_controller<O: RoutingOps>(ops: &O, report: &mut Report) -> Result<()> {
@@ -450,7 +497,6 @@ fn check_non_finite<O: RoutingOps>(ops: &O, report: &mut Report) -> Result<()> {
         let mut logits = vec![0.5f32; shape.len()];
         logits[at] = bad;
         logits[at + 1..].iter_mut().for_each(|v| *v = f32::NAN);
-        report.checks += 1;
         // A device backend may report it when the result is read, not in the op itself.
         let probs = ops
             .drn_forward(
@@ -459,14 +505,32 @@ fn check_non_finite<O: RoutingOps>(ops: &O, report: &mut Report) -> Result<()> {
                 Normalization::Drn { theta: 1.0 },
             )
             .and_then(|p| ops.read_floats(&p));
-        match probs {
-            Err(Error::NonFinite { token, column, .. }) if (token, column) == (at / 6, at % 6) => {}
-            other => report.fail(format!(
-                "non-finite logit {bad} at {at}: expected NonFinite at token {}, column {}, got {:?}",
-                at / 6,
-                at % 6,
-                other.map(|_| "a result")
-            )),
+        // The fused op reports the logit too, from the selection as from the probabilities.
+        let logits = ops.upload_floats(&logits)?;
+        let threshold = ops.upload_floats(&[0.5])?;
+        let norm = Normalization::Drn { theta: 1.0 };
+        let fused = ops
+            .drn_top_p(&logits, shape, norm, &threshold, None)
+            .and_then(|r| ops.read_selection(&r.selection));
+        let fused_probs = ops
+            .drn_top_k(&logits, shape, norm, 2)
+            .and_then(|r| ops.read_floats(&r.probs));
+        for (op, result) in [
+            ("drn_forward", probs.map(drop)),
+            ("drn_top_p", fused.map(drop)),
+            ("drn_top_k", fused_probs.map(drop)),
+        ] {
+            report.checks += 1;
+            match result {
+                Err(Error::NonFinite { token, column, .. })
+                    if (token, column) == (at / 6, at % 6) => {}
+                other => report.fail(format!(
+                    "{op}: non-finite logit {bad} at {at}: expected NonFinite at token {}, column {}, got {:?}",
+                    at / 6,
+                    at % 6,
+                    other.map(|_| "a result")
+                )),
+            }
         }
     }
     Ok(())

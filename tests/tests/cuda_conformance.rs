@@ -2,6 +2,7 @@
 //! feature, a driver, NVRTC or a device the tests skip and say why, unless
 //! DTOPP_REQUIRE_GPU=1 (set on the GPU machine), which makes that a failure.
 
+use dtopp::ops::{Normalization, RouteShape, RoutingOps};
 use dtopp_tests::{assert_conforms, cases, cuda_or_skip};
 
 #[test]
@@ -13,6 +14,45 @@ fn cuda_kernels_conform_to_the_cpu_reference() {
         "cuda conformance took {:.1} s",
         started.elapsed().as_secs_f64()
     );
+}
+
+/// The fused kernel (route.cu) does drn_forward's and top_p's arithmetic operation for
+/// operation, so its outputs equal the two-kernel path's bit for bit, on every register
+/// width and on the fallback above 256 experts.
+#[test]
+fn fused_routing_equals_the_two_kernel_path_bit_for_bit() {
+    let Some(ops) = cuda_or_skip() else { return };
+    let mut compared = 0;
+    for case in cases(7).into_iter().filter(|c| c.shape.tokens <= 1000) {
+        let shape: RouteShape = case.shape;
+        let logits = ops.upload_floats(&case.logits).unwrap();
+        for norm in [Normalization::Drn { theta: 1.7 }, Normalization::Softmax] {
+            for (p, k_max) in [(0.3f32, None), (0.95, Some(shape.experts.div_ceil(2)))] {
+                let threshold = ops.upload_floats(&[p]).unwrap();
+                let probs = ops.drn_forward(&logits, shape, norm).unwrap();
+                let two = ops.top_p(&probs, shape, &threshold, k_max).unwrap();
+                let fused = ops
+                    .drn_top_p(&logits, shape, norm, &threshold, k_max)
+                    .unwrap();
+                let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
+                let what = format!("{} {norm:?} p={p} k_max={k_max:?}", case.name);
+                assert_eq!(
+                    bits(ops.read_floats(&fused.probs).unwrap()),
+                    bits(ops.read_floats(&probs).unwrap()),
+                    "{what}: probabilities"
+                );
+                let (f, t) = (
+                    ops.read_selection(&fused.selection).unwrap(),
+                    ops.read_selection(&two).unwrap(),
+                );
+                assert_eq!(f.counts, t.counts, "{what}: counts");
+                assert_eq!(f.experts, t.experts, "{what}: experts");
+                assert_eq!(bits(f.weights), bits(t.weights), "{what}: weights");
+                compared += 1;
+            }
+        }
+    }
+    println!("fused == two kernels, bit for bit, in {compared} comparisons");
 }
 
 #[test]

@@ -2,10 +2,10 @@
 //! whose constructor says so in builds without the `cuda` feature): [`super::DeviceOps`]
 //! over `CudaKernels`.
 
-use dtopp_cuda::{CudaKernels, DeviceBuffer, DispatchBuffers, SelectionBuffers};
+use dtopp_cuda::{CudaKernels, DeviceBuffer, DispatchBuffers, FUSED_MAX_EXPERTS, SelectionBuffers};
 
 use super::device_ops::{DeviceOps, GpuArray};
-use super::kernel_set::forward_kernel_set;
+use super::kernel_set::{Keep, KernelSet, RoutedBuffers, forward_kernel_set};
 use crate::error::Result;
 
 /// The CUDA backend: kernels loaded once on one device.
@@ -21,7 +21,46 @@ forward_kernel_set!(
     plan: DispatchBuffers,
     read: read,
     synchronize: synchronize,
+    fused: (drn_select, fuses_drn_select),
 );
+
+/// DRN and selection in one kernel (`route.cu`) up to [`FUSED_MAX_EXPERTS`] experts, the
+/// two kernels above that.
+fn drn_select(
+    kernels: &CudaKernels,
+    logits: &DeviceBuffer,
+    tokens: usize,
+    experts: usize,
+    theta: Option<f32>,
+    keep: Keep<'_, DeviceBuffer>,
+) -> Result<RoutedBuffers<DeviceBuffer>> {
+    if !fuses_drn_select(kernels, experts) {
+        return kernels.drn_then_select(logits, tokens, experts, theta, keep);
+    }
+    let (threshold, limit) = match keep {
+        Keep::TopP { threshold, k_max } => (Some(threshold), k_max.unwrap_or(experts)),
+        Keep::TopK(k) => (None, k),
+    };
+    let out = kernels
+        .drn_select(
+            logits,
+            tokens,
+            experts,
+            theta,
+            threshold,
+            limit.min(experts),
+        )
+        .map_err(|e| backend_error(&e))?;
+    Ok(RoutedBuffers {
+        probs: out.probs,
+        logit_status: out.logit_status,
+        selection: selection_of(out.selection),
+    })
+}
+
+fn fuses_drn_select(_kernels: &CudaKernels, experts: usize) -> bool {
+    experts <= FUSED_MAX_EXPERTS
+}
 
 fn read<T: bytemuck::Pod>(
     kernels: &CudaKernels,

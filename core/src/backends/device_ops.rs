@@ -6,10 +6,12 @@
 //! is read. Non-finite inputs are recorded by the kernels in status buffers that travel
 //! with every result computed from them, and are reported when such a result is read.
 
-use super::kernel_set::{KernelSet, PlanBuffers, SelectionBuffers};
+use super::kernel_set::{Keep, KernelSet, PlanBuffers, RoutedBuffers, SelectionBuffers};
 use crate::controller::{ControllerConfig, DEVICE_STATE_LEN};
 use crate::error::{Error, Result};
-use crate::ops::{DispatchPlan, DrnGrads, Normalization, RouteShape, RoutingOps, Selection};
+use crate::ops::{
+    DispatchPlan, DrnGrads, Normalization, RouteShape, Routed, RoutingOps, Selection,
+};
 
 /// A non-finite input check recorded by a kernel: `status[0]` is the first offending
 /// row-major index of `source` (`u32::MAX` if none).
@@ -166,19 +168,7 @@ impl<K: KernelSet> RoutingOps for DeviceOps<K> {
         let (probs, status) =
             self.kernels
                 .drn_forward(&logits.buffer, shape.tokens, shape.experts, theta)?;
-        let check = FiniteCheck {
-            status,
-            source: logits.buffer.clone(),
-            op: "drn_forward",
-            what: "router logit",
-            width: shape.experts,
-        };
-        Ok(GpuArray::derived(
-            probs,
-            shape.len(),
-            &[logits],
-            Some(check),
-        ))
+        Ok(Self::probs(probs, status, logits, shape))
     }
 
     fn drn_backward(
@@ -252,6 +242,51 @@ impl<K: KernelSet> RoutingOps for DeviceOps<K> {
             .kernels
             .top_k(&probs.buffer, shape.tokens, shape.experts, k)?;
         Ok(self.selection(out, shape, k, probs, "top_k"))
+    }
+
+    fn drn_top_p(
+        &self,
+        logits: &GpuArray<K::Buffer>,
+        shape: RouteShape,
+        norm: Normalization,
+        threshold: &GpuArray<K::Buffer>,
+        k_max: Option<usize>,
+    ) -> Result<Routed<GpuArray<K::Buffer>, GpuArray<K::Buffer>>> {
+        Self::check_len("drn_top_p", "logits", logits, shape.len())?;
+        if threshold.is_empty() {
+            return Err(Error::shape("drn_top_p", "threshold buffer is empty"));
+        }
+        crate::cpu::check_k_max(k_max, shape.experts)?;
+        let theta = norm.theta()?;
+        let keep = Keep::TopP {
+            threshold: &threshold.buffer,
+            k_max,
+        };
+        let out =
+            self.kernels
+                .drn_select(&logits.buffer, shape.tokens, shape.experts, theta, keep)?;
+        let k_bound = k_max.unwrap_or(shape.experts);
+        Ok(self.routed(out, logits, shape, k_bound, "top_p"))
+    }
+
+    fn drn_top_k(
+        &self,
+        logits: &GpuArray<K::Buffer>,
+        shape: RouteShape,
+        norm: Normalization,
+        k: usize,
+    ) -> Result<Routed<GpuArray<K::Buffer>, GpuArray<K::Buffer>>> {
+        Self::check_len("drn_top_k", "logits", logits, shape.len())?;
+        crate::cpu::check_k(k, shape.experts)?;
+        let theta = norm.theta()?;
+        let out = self.kernels.drn_select(
+            &logits.buffer,
+            shape.tokens,
+            shape.experts,
+            theta,
+            Keep::TopK(k),
+        )?;
+        Ok(self.routed(out, logits, shape, k, "top_k"))
     }
 
     fn dispatch_plan(
@@ -354,6 +389,38 @@ impl<K: KernelSet> RoutingOps for DeviceOps<K> {
 }
 
 impl<K: KernelSet> DeviceOps<K> {
+    /// Probabilities computed from `logits`, with the kernel's check of the logits.
+    fn probs(
+        probs: K::Buffer,
+        logit_status: K::Buffer,
+        logits: &GpuArray<K::Buffer>,
+        shape: RouteShape,
+    ) -> GpuArray<K::Buffer> {
+        let check = FiniteCheck {
+            status: logit_status,
+            source: logits.buffer.clone(),
+            op: "drn_forward",
+            what: "router logit",
+            width: shape.experts,
+        };
+        GpuArray::derived(probs, shape.len(), &[logits], Some(check))
+    }
+
+    /// The arrays of a [`KernelSet::drn_select`]: every output carries the logits'
+    /// check, the selection also the probabilities' (as the two ops would).
+    fn routed(
+        &self,
+        out: RoutedBuffers<K::Buffer>,
+        logits: &GpuArray<K::Buffer>,
+        shape: RouteShape,
+        k_bound: usize,
+        op: &'static str,
+    ) -> Routed<GpuArray<K::Buffer>, GpuArray<K::Buffer>> {
+        let probs = Self::probs(out.probs, out.logit_status, logits, shape);
+        let selection = self.selection(out.selection, shape, k_bound, &probs, op);
+        Routed { probs, selection }
+    }
+
     fn selection(
         &self,
         out: SelectionBuffers<K::Buffer>,

@@ -18,6 +18,31 @@ pub struct SelectionBuffers<B> {
     pub status: B,
 }
 
+/// The buffers of DRN and selection run together ([`KernelSet::drn_select`]).
+#[derive(Clone, Debug)]
+pub struct RoutedBuffers<B> {
+    /// `[N, E]` f32 probabilities.
+    pub probs: B,
+    /// `[1]` u32: index of the first non-finite logit, or `u32::MAX`.
+    pub logit_status: B,
+    /// The selection; its status names the first non-finite probability.
+    pub selection: SelectionBuffers<B>,
+}
+
+/// Which experts a selection keeps.
+#[derive(Clone, Copy, Debug)]
+pub enum Keep<'a, B> {
+    /// Top-p at `p = threshold[0]`, at most `k_max` experts.
+    TopP {
+        /// A device buffer whose first value is `p`.
+        threshold: &'a B,
+        /// The cap, if any.
+        k_max: Option<usize>,
+    },
+    /// The `k` top-ranked experts.
+    TopK(usize),
+}
+
 /// The buffers of a dispatch plan (see [`crate::ops::DispatchPlan`]).
 #[derive(Clone, Debug)]
 pub struct PlanBuffers<B> {
@@ -82,6 +107,46 @@ pub trait KernelSet {
         experts: usize,
         k: usize,
     ) -> Result<SelectionBuffers<Self::Buffer>>;
+    /// DRN (or softmax) then selection. Kernel sets that fuse the two override it;
+    /// the default launches [`KernelSet::drn_forward`] and the selection kernel.
+    fn drn_select(
+        &self,
+        logits: &Self::Buffer,
+        tokens: usize,
+        experts: usize,
+        theta: Option<f32>,
+        keep: Keep<'_, Self::Buffer>,
+    ) -> Result<RoutedBuffers<Self::Buffer>> {
+        self.drn_then_select(logits, tokens, experts, theta, keep)
+    }
+    /// [`KernelSet::drn_select`] as two kernels.
+    fn drn_then_select(
+        &self,
+        logits: &Self::Buffer,
+        tokens: usize,
+        experts: usize,
+        theta: Option<f32>,
+        keep: Keep<'_, Self::Buffer>,
+    ) -> Result<RoutedBuffers<Self::Buffer>> {
+        let (probs, logit_status) = self.drn_forward(logits, tokens, experts, theta)?;
+        let selection = match keep {
+            Keep::TopP { threshold, k_max } => {
+                self.top_p(&probs, tokens, experts, threshold, k_max)?
+            }
+            Keep::TopK(k) => self.top_k(&probs, tokens, experts, k)?,
+        };
+        Ok(RoutedBuffers {
+            probs,
+            logit_status,
+            selection,
+        })
+    }
+    /// Whether [`KernelSet::drn_select`] is one kernel for this many experts (benchmarks
+    /// count launches with it).
+    fn fuses_drn_select(&self, experts: usize) -> bool {
+        let _ = experts;
+        false
+    }
     /// The dispatch plan of a selection, route arrays of `capacity`.
     fn dispatch_plan(
         &self,
@@ -125,12 +190,14 @@ pub trait KernelSet {
 
 /// Implements [`KernelSet`] for a kernel crate whose launchers have the trait's
 /// arguments and return its own `SelectionBuffers` / `DispatchBuffers` (same fields) and
-/// error type; `read` and `synchronize` are given as functions (they differ by platform).
+/// error type; `read` and `synchronize` are given as functions (they differ by platform),
+/// and so is a fused `drn_select` with its `fuses_drn_select`, where the crate has one.
 macro_rules! forward_kernel_set {
     (
         $kernels:ty, buffer: $buffer:ty, name: $name:literal,
         selection: $sel:path, plan: $plan:path,
-        read: $read:path, synchronize: $sync:path $(,)?
+        read: $read:path, synchronize: $sync:path
+        $(, fused: ($fused:path, $fuses:path))? $(,)?
     ) => {
         impl $crate::backends::kernel_set::KernelSet for $kernels {
             type Buffer = $buffer;
@@ -252,6 +319,23 @@ macro_rules! forward_kernel_set {
                 <$kernels>::combine(self, y, hidden, &plan_of(plan), rows, experts)
                     .map_err(|e| backend_error(&e))
             }
+
+            $(
+            fn drn_select(
+                &self,
+                logits: &$buffer,
+                tokens: usize,
+                experts: usize,
+                theta: Option<f32>,
+                keep: $crate::backends::kernel_set::Keep<'_, $buffer>,
+            ) -> $crate::Result<$crate::backends::kernel_set::RoutedBuffers<$buffer>> {
+                $fused(self, logits, tokens, experts, theta, keep)
+            }
+
+            fn fuses_drn_select(&self, experts: usize) -> bool {
+                $fuses(self, experts)
+            }
+            )?
 
             fn controller_update(
                 &self,

@@ -11,6 +11,6 @@ mod wgpu_ops;
 
 pub use cuda_ops::{CudaArray, CudaOps};
 pub use device_ops::{DeviceOps, GpuArray};
-pub use kernel_set::{KernelSet, PlanBuffers, SelectionBuffers};
+pub use kernel_set::{Keep, KernelSet, PlanBuffers, RoutedBuffers, SelectionBuffers};
 #[cfg(feature = "wgpu")]
 pub use wgpu_ops::{DeviceArray, WgpuOps};

@@ -6,6 +6,7 @@ use std::time::Instant;
 use clap::{Args, Subcommand};
 
 use super::Backend;
+use crate::backends::KernelSet;
 use crate::controller::{ControllerConfig, calibrate_threshold, device_state};
 use crate::cpu::CpuReference;
 use crate::error::{Error, Result};
@@ -57,6 +58,11 @@ pub(crate) struct RoutingBenchArgs {
     /// One JSON object per line per (backend, op) instead of the table.
     #[arg(long)]
     json: bool,
+    /// Skip the CPU reference baseline (for sweeps on a GPU beside another baseline,
+    /// `bench/torch_routing.py --dtopp`: the single-threaded reference takes minutes at
+    /// N = 65536, E = 256).
+    #[arg(long)]
+    no_cpu_baseline: bool,
 }
 
 /// One measured op.
@@ -92,26 +98,43 @@ pub(crate) fn run(command: BenchCommand) -> Result<()> {
         "bench routing: N={} E={} T={} k_max={k_max} D={} iters={} (median after {} warm-up runs)",
         args.tokens, args.experts, args.target, args.hidden, args.iters, args.warmup
     );
-    let cpu = measure(&CpuReference, shape, &args, k_max, [0; 4])?;
+    let cpu = if !args.no_cpu_baseline {
+        measure(&CpuReference, shape, &args, k_max, [0; 5])?
+    } else if matches!(args.backend, Backend::Cpu) {
+        return Err(Error::param(
+            "--no-cpu-baseline",
+            "set",
+            "a device backend to measure (--backend wgpu or cuda)",
+        ));
+    } else {
+        Vec::new()
+    };
     let (name, device) = match args.backend {
         Backend::Cpu => ("cpu", None),
         #[cfg(feature = "wgpu")]
         Backend::Wgpu => {
             let ops = super::wgpu_backend()?;
-            // Launches per op of the WGSL kernels: drn, select, plan (count, scan,
-            // scatter), gather, combine... see shaders/src/kernels.rs.
+            // Launches per op of the WGSL kernels: drn, select, drn+select (not fused:
+            // the two), plan (count, scan, scatter), gather, combine... see
+            // shaders/src/kernels.rs.
             (
                 "wgpu",
-                Some(measure(&ops, shape, &args, k_max, [1, 1, 3, 1])?),
+                Some(measure(&ops, shape, &args, k_max, [1, 1, 2, 3, 1])?),
             )
         }
         Backend::Cuda => {
             let ops = super::cuda_backend()?;
-            // Launches per op of the CUDA kernels: drn, select, plan (count, scan,
-            // scatter), gather, combine (see cuda/src/device.rs).
+            // Launches per op of the CUDA kernels: drn, select, drn+select (one fused
+            // kernel up to 256 experts), plan (count, scan, scatter), gather, combine
+            // (see cuda/src/device.rs).
+            let fused = if ops.kernels().fuses_drn_select(args.experts) {
+                1
+            } else {
+                2
+            };
             (
                 "cuda",
-                Some(measure(&ops, shape, &args, k_max, [1, 1, 3, 1])?),
+                Some(measure(&ops, shape, &args, k_max, [1, 1, fused, 3, 1])?),
             )
         }
     };
@@ -144,17 +167,18 @@ pub(crate) fn run(command: BenchCommand) -> Result<()> {
     println!("| backend | op | median µs | GB/s | launches | speed-up vs cpu |");
     println!("|---|---|---|---|---|---|");
     for (backend, t) in &rows {
-        let base = cpu
+        let speed_up = cpu
             .iter()
             .find(|c| c.op == t.op)
-            .map_or(f64::NAN, |c| c.median_us);
+            .map_or("-".to_string(), |c| {
+                format!("{:.2}x", c.median_us / t.median_us)
+            });
         println!(
-            "| {backend} | {} | {:.1} | {:.2} | {} | {:.2}x |",
+            "| {backend} | {} | {:.1} | {:.2} | {} | {speed_up} |",
             t.op,
             t.median_us,
             t.bytes / t.median_us / 1e3,
             t.launches,
-            base / t.median_us
         );
     }
     Ok(())
@@ -180,14 +204,14 @@ fn median_us<O: RoutingOps>(
     Ok(times[times.len() / 2])
 }
 
-/// Times every op; `launches` = kernel launches of drn, select, plan, gather (combine and
-/// the controller take as many as gather; 0 everywhere for the CPU).
+/// Times every op; `launches` = kernel launches of drn, select, drn+select, plan, gather
+/// (combine and the controller take as many as gather; 0 everywhere for the CPU).
 fn measure<O: RoutingOps>(
     ops: &O,
     shape: RouteShape,
     args: &RoutingBenchArgs,
     k_max: usize,
-    launches: [usize; 4],
+    launches: [usize; 5],
 ) -> Result<Vec<Timing>> {
     let k_max = Some(k_max);
     let (n, e, d) = (shape.tokens, shape.experts, args.hidden);
@@ -218,7 +242,7 @@ fn measure<O: RoutingOps>(
             launches,
         })
     };
-    let [l_drn, l_sel, l_plan, l_move] = launches;
+    let [l_drn, l_sel, l_fused, l_plan, l_move] = launches;
     let us = median_us(ops, args, || {
         ops.drn_forward(&logits, shape, norm).map(drop)
     })?;
@@ -227,6 +251,12 @@ fn measure<O: RoutingOps>(
         ops.top_p(&probs, shape, &state, k_max).map(drop)
     })?;
     time("select", ne * f + 2.0 * ne * f + n as f64 * i, l_sel, us);
+    // DRN and selection in one call: logits read once, probabilities and the selection
+    // written once (what the fused CUDA kernel moves).
+    let us = median_us(ops, args, || {
+        ops.drn_top_p(&logits, shape, norm, &state, k_max).map(drop)
+    })?;
+    time("drn+select", 4.0 * ne * f + n as f64 * i, l_fused, us);
     let us = median_us(ops, args, || ops.dispatch_plan(&selection).map(drop))?;
     time(
         "plan",
@@ -244,12 +274,13 @@ fn measure<O: RoutingOps>(
     })?;
     time("controller", n as f64 * i, l_move, us);
 
-    // The whole routing step (DRN, Top-p at the device threshold, plan, controller
-    // update), `steps` times back to back with one wait at the end.
+    // The whole routing step (DRN and Top-p at the device threshold in one call, plan,
+    // controller update), `steps` times back to back with one wait at the end.
     let mut state = ops.upload_floats(&device_state(p0))?;
     let mut step = || -> Result<()> {
-        let p = ops.drn_forward(&logits, shape, norm)?;
-        let s = ops.top_p(&p, shape, &state, k_max)?;
+        let s = ops
+            .drn_top_p(&logits, shape, norm, &state, k_max)?
+            .selection;
         ops.dispatch_plan(&s)?;
         ops.controller_update(&mut state, &s.counts, &config)
     };
@@ -261,14 +292,14 @@ fn measure<O: RoutingOps>(
     })? / args.steps.max(1) as f64;
     let step_bytes = out
         .iter()
-        .filter(|t| matches!(t.op, "drn" | "select" | "plan" | "controller"))
+        .filter(|t| matches!(t.op, "drn+select" | "plan" | "controller"))
         .map(|t| t.bytes)
         .sum();
     out.push(Timing {
         op: "step",
         median_us: us,
         bytes: step_bytes,
-        launches: l_drn + l_sel + l_plan + l_move,
+        launches: l_fused + l_plan + l_move,
     });
     Ok(out)
 }

@@ -8,7 +8,7 @@ use super::Backend;
 use crate::cpu::{CpuReference, check_k_max, check_threshold};
 use crate::error::{Error, Result};
 use crate::io::{NpyArray, read_npy_matrix_f32, write_npz};
-use crate::ops::{Normalization, RouteShape, RoutingOps};
+use crate::ops::{Normalization, RouteShape, Routed, RoutingOps};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub(crate) enum RouteMode {
@@ -120,10 +120,11 @@ fn route_arrays<O: RoutingOps>(
     k_max: Option<usize>,
 ) -> Result<Vec<(&'static str, NpyArray)>> {
     let (n, e) = (shape.tokens, shape.experts);
-    let probs = ops.drn_forward(&ops.upload_floats(logits)?, shape, norm)?;
-    let selection = match *rule {
-        Rule::TopK(k) => ops.top_k(&probs, shape, k)?,
-        Rule::TopP(p) => ops.top_p(&probs, shape, &ops.upload_floats(&[p])?, k_max)?,
+    let logits = ops.upload_floats(logits)?;
+    // DRN and selection in one call: one fused kernel on CUDA.
+    let Routed { probs, selection } = match *rule {
+        Rule::TopK(k) => ops.drn_top_k(&logits, shape, norm, k)?,
+        Rule::TopP(p) => ops.drn_top_p(&logits, shape, norm, &ops.upload_floats(&[p])?, k_max)?,
     };
     let plan = ops.read_plan(&ops.dispatch_plan(&selection)?)?;
     let selection = ops.read_selection(&selection)?;

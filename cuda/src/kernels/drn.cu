@@ -15,22 +15,7 @@
 // `status` (initialised to 0xffffffff by the host); the test is on the bits, so fast-math
 // folding of NaN comparisons cannot remove it.
 
-#define WARPS 8
-#define FULL 0xffffffffu
-
-__device__ __forceinline__ bool is_finite_bits(float x) {
-    return (__float_as_uint(x) & 0x7f800000u) != 0x7f800000u;
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL, v, o);
-    return v;
-}
-
-__device__ __forceinline__ float warp_max(float v) {
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(FULL, v, o));
-    return v;
-}
+#include "common.cuh"
 
 // Mean and sigma of a row (0 and 1 without DRN); flags non-finite logits.
 __device__ __forceinline__ float2 row_stats(const float* __restrict__ z, unsigned base,

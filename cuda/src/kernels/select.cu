@@ -16,26 +16,7 @@
 // sum is the reference's, term for term. Cost per token: k rounds of E / 32 loads per
 // lane; memory traffic E floats from DRAM, 2E + 1 values written.
 
-#define WARPS 8
-#define FULL 0xffffffffu
-#define NONE 0xffffffffu
-
-__device__ __forceinline__ bool is_finite_bits(float x) {
-    return (__float_as_uint(x) & 0x7f800000u) != 0x7f800000u;
-}
-
-// An integer key with the order of the float (-0 and +0 equal): ranking by keys keeps
-// subnormal probabilities distinct even where a device flushes them, as the reference.
-__device__ __forceinline__ unsigned order_key(float v) {
-    unsigned b = __float_as_uint(v);
-    if (b == 0x80000000u) b = 0u;
-    return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
-}
-
-// Whether (ka, ja) ranks before (kb, jb): larger key first, lower index among equals.
-__device__ __forceinline__ bool before(unsigned ka, unsigned ja, unsigned kb, unsigned jb) {
-    return ka > kb || (ka == kb && ja < jb);
-}
+#include "common.cuh"
 
 __device__ void select_row(const float* __restrict__ probs, int* __restrict__ experts_out,
                            float* __restrict__ weights_out, int* __restrict__ counts_out,
@@ -59,26 +40,22 @@ __device__ void select_row(const float* __restrict__ probs, int* __restrict__ ex
         unsigned prev_key = 0, prev_j = NONE;
         while (k < limit) {
             unsigned best_key = 0, best_j = NONE;
+            float best_v = 0.0f;
             for (unsigned j = lane; j < e; j += 32) {
-                unsigned key = order_key(probs[base + j]);
+                float v = probs[base + j];
+                unsigned key = order_key(v);
                 if (prev_j != NONE && !before(prev_key, prev_j, key, j)) continue;
                 if (best_j == NONE || before(key, j, best_key, best_j)) {
                     best_key = key;
                     best_j = j;
+                    best_v = v;
                 }
             }
-            for (int o = 16; o > 0; o >>= 1) {
-                unsigned ok = __shfl_xor_sync(FULL, best_key, o);
-                unsigned oj = __shfl_xor_sync(FULL, best_j, o);
-                if (oj != NONE && (best_j == NONE || before(ok, oj, best_key, best_j))) {
-                    best_key = ok;
-                    best_j = oj;
-                }
-            }
+            warp_best(best_key, best_j, best_v);
             if (best_j == NONE) break;
             if (lane == 0) experts_out[base + k] = (int)best_j;
             k += 1;
-            acc += probs[base + best_j];
+            acc += best_v;
             prev_key = best_key;
             prev_j = best_j;
             if (use_p && acc >= p) break;
