@@ -16,7 +16,7 @@ warmup + cosine schedule, global-norm clipping.
 
 Usage, on the GPU machine (one run, side by side):
   dtopp bench train --preset small --backend cuda --write-config small.json --peak-tflops 989
-  python3 bench/torch_moe.py --config small.json --peak-tflops 989 [--dtype f32|bf16]
+  python3 bench/torch_moe.py --config small.json --peak-tflops 989 [--dtype f32|bf16|f16]
 
 Prints tokens/s, the median step time, a_t, model TFLOP/s (the same FLOP count as dtopp:
 6 N_active_matmul + 12 L d S per token), MFU and peak memory
@@ -182,7 +182,9 @@ def main():
     ap.add_argument("--config", required=True, help="JSON from `dtopp bench train --write-config`")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--dtype", choices=["f32", "bf16"], default="f32")
+    ap.add_argument("--dtype", choices=["f32", "bf16", "f16"],
+                    help="autocast dtype of the products (default: the config's run.precision); "
+                         "parameters and optimizer state stay f32, as in dtopp")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--peak-tflops", type=float)
     ap.add_argument("--json", action="store_true")
@@ -191,7 +193,10 @@ def main():
     cfg = json.load(open(args.config))
     m, r, o, run, loss_cfg = cfg["model"], cfg["routing"], cfg["optimizer"], cfg["run"], cfg["loss"]
     device = torch.device(args.device)
-    dtype = torch.float32 if args.dtype == "f32" else torch.bfloat16
+    args.dtype = args.dtype or run.get("precision", "f32")
+    # Mixed precision as dtopp does it: f32 parameters, products under autocast.
+    dtype = torch.float32
+    autocast_dtype = {"bf16": torch.bfloat16, "f16": torch.float16}.get(args.dtype)
     torch.manual_seed(run["seed"])
     model = MoeLm(m, dtype, device)
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -238,7 +243,8 @@ def main():
             p0 = routing["p"]
         for g in opt.param_groups:
             g["lr"] = lr_at(step, total, o)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16"):
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16,
+                            enabled=autocast_dtype is not None):
             logits, act, bal, ent = model(tokens[:, :-1], routing)
             ce = F.cross_entropy(logits.float().view(-1, m["vocab"]), tokens[:, 1:].reshape(-1))
         loss = ce + loss_cfg["balance"] * torch.stack(bal).mean() + loss_cfg["entropy"] * torch.stack(ent).mean()

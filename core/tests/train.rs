@@ -8,7 +8,7 @@ use burn::optim::GradientsParams;
 use burn::tensor::{Int, Tensor, TensorData};
 
 use dtopp::cpu::CpuReference;
-use dtopp::model::{ModelConfig, MoeLanguageModel, RouteEngine, RoutingPlan, Selector};
+use dtopp::model::{ModelConfig, MoeLanguageModel, Precision, RouteEngine, RoutingPlan, Selector};
 use dtopp::rng::SplitMix64;
 use dtopp::train::{
     AdamW, Preset, RoutingMode, RunSummary, TrainConfig, TrainOptions, cross_entropy, train,
@@ -67,7 +67,9 @@ fn a_tiny_model_overfits_a_short_sequence() {
     let mut optimizer = AdamW::<B>::new(optim_config);
     let mut losses = Vec::new();
     for _ in 0..120 {
-        let out = model.forward(inputs.clone(), &plan, &engine).unwrap();
+        let out = model
+            .forward(inputs.clone(), &plan, &engine, Precision::F32)
+            .unwrap();
         let loss = cross_entropy(out.logits, targets.clone());
         losses.push(loss.clone().into_scalar());
         let grads = GradientsParams::from_grads(loss.backward(), &model);
@@ -92,7 +94,12 @@ fn probe(
     plan: &RoutingPlan,
 ) -> (Tensor<B, 1>, Vec<Vec<i32>>) {
     let out = model
-        .forward(inputs.clone(), plan, &RouteEngine::Cpu(CpuReference))
+        .forward(
+            inputs.clone(),
+            plan,
+            &RouteEngine::Cpu(CpuReference),
+            Precision::F32,
+        )
         .unwrap();
     let experts = out.moe.iter().map(|m| m.experts.clone()).collect();
     ((out.logits * w.clone()).sum(), experts)

@@ -10,7 +10,7 @@ use super::Backend;
 use crate::cpu::CpuReference;
 use crate::error::{Error, Result};
 use crate::io::write_atomic;
-use crate::model::RouteEngine;
+use crate::model::{Precision, RouteEngine};
 use crate::train::{
     MemoryProbe, Preset, RoutingMode, Throughput, ThroughputPlan, TrainConfig, measure_throughput,
     process_peak_rss,
@@ -33,6 +33,9 @@ pub(crate) struct TrainBenchArgs {
     /// Where the model and the routing ops run.
     #[arg(long, value_enum, default_value_t = Backend::Cpu)]
     backend: Backend,
+    /// The dtype of the large matrix products (as `dtopp train --precision`).
+    #[arg(long, value_enum)]
+    precision: Option<Precision>,
     /// Timed optimizer steps (the median is reported).
     #[arg(long, default_value_t = 10)]
     steps: usize,
@@ -56,6 +59,9 @@ impl TrainBenchArgs {
         let mut c = TrainConfig::from_preset_and_file(self.preset, self.config.as_deref())?;
         if let Some(mode) = self.mode {
             c.routing.mode = mode;
+        }
+        if let Some(precision) = self.precision {
+            c.run.precision = precision;
         }
         if let Some(batch) = self.batch_size {
             c.run.batch_size = batch;

@@ -10,7 +10,7 @@ use super::Backend;
 use super::devices::{DeviceSpec, parse_devices};
 use crate::cpu::CpuReference;
 use crate::error::Result;
-use crate::model::RouteEngine;
+use crate::model::{Precision, RouteEngine};
 use crate::train::{
     Preset, RoutingMode, TrainConfig, TrainOptions, resume, resume_data_parallel, train,
     train_data_parallel,
@@ -57,9 +57,14 @@ pub(crate) struct TrainArgs {
     #[arg(
         long,
         value_name = "DIR",
-        conflicts_with_all = ["out", "config", "data", "mode", "target", "seed", "checkpoint_every"]
+        conflicts_with_all = ["out", "config", "data", "mode", "target", "seed", "checkpoint_every", "precision"]
     )]
     resume: Option<PathBuf>,
+    /// The dtype of the large matrix products (run.precision): f32 (default), bf16
+    /// (CUDA) or f16 (GPUs with 16-bit float shaders); parameters, optimizer state,
+    /// router and losses stay f32. A backend without it is refused before the run starts.
+    #[arg(long, value_enum)]
+    precision: Option<Precision>,
     /// Write a checkpoint every K steps and at the end (0: none; presets: tiny 0,
     /// small 250, paper-1.3b-64e8a 500).
     #[arg(long, value_name = "K")]
@@ -89,6 +94,9 @@ impl TrainArgs {
         }
         if let Some(every) = self.checkpoint_every {
             c.run.checkpoint_every = every;
+        }
+        if let Some(precision) = self.precision {
+            c.run.precision = precision;
         }
         c.validate()?;
         Ok(c)

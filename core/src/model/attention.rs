@@ -9,6 +9,7 @@ use burn::tensor::{Bool, Tensor};
 
 use super::config::ModelConfig;
 use super::init::normal_param;
+use super::precision::Precision;
 use crate::rng::SplitMix64;
 
 /// One attention sub-layer.
@@ -40,14 +41,19 @@ impl<B: Backend> CausalSelfAttention<B> {
     }
 
     /// `x` `[B, S, D]` → `[B, S, D]`; `mask` `[S, S]` is true above the diagonal.
-    pub fn forward(&self, x: Tensor<B, 3>, mask: Tensor<B, 2, Bool>) -> Tensor<B, 3> {
+    /// The projections run in `precision`; scores and softmax in f32.
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        mask: Tensor<B, 2, Bool>,
+        precision: Precision,
+    ) -> Tensor<B, 3> {
         let [b, s, d] = x.dims();
         let (h, hd) = (self.heads, d / self.heads);
         // Projections as one [B S, D] matmul: a broadcast batched matmul would repack the
         // weight for every sequence.
-        let qkv = x
-            .reshape([b * s, d])
-            .matmul(self.qkv.val())
+        let qkv = precision
+            .matmul(x.reshape([b * s, d]), self.qkv.val())
             .reshape([b, s, 3 * d]);
         let split = |i: usize| {
             qkv.clone()
@@ -60,11 +66,8 @@ impl<B: Backend> CausalSelfAttention<B> {
         let scores = q.matmul(k.swap_dims(2, 3)) / (hd as f64).sqrt();
         let scores = scores.mask_fill(mask.unsqueeze::<4>().expand([b, h, s, s]), -1e9);
         let context = softmax(scores, 3).matmul(v);
-        context
-            .swap_dims(1, 2)
-            .reshape([b * s, d])
-            .matmul(self.out.val())
-            .reshape([b, s, d])
+        let context = context.swap_dims(1, 2).reshape([b * s, d]);
+        precision.matmul(context, self.out.val()).reshape([b, s, d])
     }
 }
 

@@ -7,6 +7,7 @@ use burn::tensor::backend::Backend;
 
 use super::config::ModelConfig;
 use super::init::normal_param;
+use super::precision::Precision;
 use crate::rng::SplitMix64;
 
 /// `down(silu(x gate) * (x up))`.
@@ -32,9 +33,10 @@ impl<B: Backend> DenseFfn<B> {
         }
     }
 
-    /// `[N, D]` → `[N, D]`.
-    pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        let hidden = silu(x.clone().matmul(self.gate.val())) * x.matmul(self.up.val());
-        hidden.matmul(self.down.val())
+    /// `[N, D]` → `[N, D]`, the products in `precision`.
+    pub fn forward(&self, x: Tensor<B, 2>, precision: Precision) -> Tensor<B, 2> {
+        let hidden =
+            silu(precision.matmul(x.clone(), self.gate.val())) * precision.matmul(x, self.up.val());
+        precision.matmul(hidden, self.down.val())
     }
 }

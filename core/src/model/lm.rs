@@ -13,6 +13,7 @@ use super::dense::DenseFfn;
 use super::init::normal_param;
 use super::moe::MoeForward;
 use super::moe_layer::MoeLayer;
+use super::precision::Precision;
 use super::routing::{RouteEngine, Selector};
 use crate::error::{Error, Result};
 use crate::rng::SplitMix64;
@@ -92,12 +93,13 @@ impl<B: Backend> MoeLanguageModel<B> {
         self.blocks.iter().filter_map(|b| b.moe.as_ref())
     }
 
-    /// Next-token logits for `tokens` `[B, S]`.
+    /// Next-token logits for `tokens` `[B, S]`, the large products in `precision`.
     pub fn forward(
         &self,
         tokens: Tensor<B, 2, Int>,
         routing: &RoutingPlan,
         engine: &RouteEngine,
+        precision: Precision,
     ) -> Result<LmOutput<B>> {
         let [b, s] = tokens.dims();
         let moe_layers = self.moe_layers().count();
@@ -119,26 +121,26 @@ impl<B: Backend> MoeLanguageModel<B> {
         let mut selectors = routing.selectors.iter();
         let mut moe = Vec::with_capacity(moe_layers);
         for block in &self.blocks {
-            x = x.clone() + block.attn.forward(block.attn_norm.forward(x), mask.clone());
+            x = x.clone()
+                + block
+                    .attn
+                    .forward(block.attn_norm.forward(x), mask.clone(), precision);
             let h = block.ffn_norm.forward(x.clone()).reshape([b * s, d]);
             let y = match (&block.moe, &block.dense) {
                 (Some(layer), _) => {
                     let selector = *selectors.next().expect("one selector per MoE layer");
-                    let out = layer.forward(h, routing.use_drn, selector, engine)?;
+                    let out = layer.forward(h, routing.use_drn, selector, engine, precision)?;
                     let y = out.output.clone();
                     moe.push(out);
                     y
                 }
-                (None, Some(dense)) => dense.forward(h),
+                (None, Some(dense)) => dense.forward(h, precision),
                 (None, None) => unreachable!("every block has a feed-forward"),
             };
             x = x + y.reshape([b, s, d]);
         }
-        let logits = self
-            .final_norm
-            .forward(x)
-            .reshape([b * s, d])
-            .matmul(self.head.val());
+        let x = self.final_norm.forward(x).reshape([b * s, d]);
+        let logits = precision.matmul(x, self.head.val());
         Ok(LmOutput { logits, moe })
     }
 }
@@ -148,7 +150,7 @@ mod tests {
     use burn::backend::NdArray;
     use burn::tensor::{Int, Tensor, TensorData};
 
-    use super::{MoeLanguageModel, RoutingPlan};
+    use super::{MoeLanguageModel, Precision, RoutingPlan};
     use crate::cpu::CpuReference;
     use crate::model::{ModelConfig, RouteEngine, Selector};
 
@@ -182,7 +184,7 @@ mod tests {
         let engine = RouteEngine::Cpu(CpuReference);
         let logits = |tokens: Vec<i64>| -> Vec<f32> {
             let t = Tensor::<B, 2, Int>::from_data(TensorData::new(tokens, [1, 8]), &device);
-            let out = model.forward(t, &plan, &engine).unwrap();
+            let out = model.forward(t, &plan, &engine, Precision::F32).unwrap();
             out.logits.into_data().to_vec().unwrap()
         };
         let a = logits(vec![1, 2, 3, 4, 5, 6, 7, 8]);

@@ -11,6 +11,7 @@ mod init;
 mod lm;
 mod moe;
 mod moe_layer;
+mod precision;
 mod routing;
 
 pub use attention::{CausalSelfAttention, causal_mask};
@@ -20,4 +21,5 @@ pub use drn::drn_probs;
 pub use lm::{Block, LmOutput, MoeLanguageModel, RoutingPlan};
 pub use moe::{MoeForward, MoeWeights, moe_forward};
 pub use moe_layer::MoeLayer;
+pub use precision::Precision;
 pub use routing::{RouteEngine, Selector};

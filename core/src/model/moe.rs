@@ -12,6 +12,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorData};
 
 use super::drn::drn_probs;
+use super::precision::Precision;
 use super::routing::{RouteEngine, Selector};
 use crate::error::{Error, Result};
 use crate::ops::RouteShape;
@@ -60,6 +61,7 @@ pub fn moe_forward<B: Backend>(
     use_drn: bool,
     selector: Selector,
     engine: &RouteEngine,
+    precision: Precision,
 ) -> Result<MoeForward<B>> {
     let device = x.device();
     let [n, d] = x.dims();
@@ -122,8 +124,8 @@ pub fn moe_forward<B: Backend>(
         let gate = w.gate.clone().slice([j..j + 1, 0..d, 0..f]).reshape([d, f]);
         let up = w.up.clone().slice([j..j + 1, 0..d, 0..f]).reshape([d, f]);
         let down = w.down.clone().slice([j..j + 1, 0..f, 0..d]).reshape([f, d]);
-        let hidden = silu(rows.clone().matmul(gate)) * rows.matmul(up);
-        outputs.push(hidden.matmul(down));
+        let hidden = silu(precision.matmul(rows.clone(), gate)) * precision.matmul(rows, up);
+        outputs.push(precision.matmul(hidden, down));
     }
     let ys = Tensor::cat(outputs, 0);
 
@@ -150,7 +152,7 @@ mod tests {
     use burn::backend::{Autodiff, NdArray};
     use burn::tensor::{Tensor, TensorData};
 
-    use super::{MoeWeights, RouteEngine, Selector, moe_forward};
+    use super::{MoeWeights, Precision, RouteEngine, Selector, moe_forward};
     use crate::cpu::CpuReference;
     use crate::rng::SplitMix64;
 
@@ -188,7 +190,15 @@ mod tests {
             down: t[5].clone(),
         };
         let engine = RouteEngine::Cpu(CpuReference);
-        let fwd = moe_forward(t[0].clone().reshape([5, 4]), &w, true, selector, &engine).unwrap();
+        let fwd = moe_forward(
+            t[0].clone().reshape([5, 4]),
+            &w,
+            true,
+            selector,
+            &engine,
+            Precision::F32,
+        )
+        .unwrap();
         let weights =
             Tensor::<B, 2>::from_data(TensorData::new(out_w.to_vec(), [5, 4]), &Default::default());
         let routing = fwd.counts.into_iter().chain(fwd.expert_load).collect();

@@ -8,6 +8,7 @@ use burn::tensor::backend::Backend;
 use super::config::ModelConfig;
 use super::init::{constant_param, normal_param};
 use super::moe::{MoeForward, MoeWeights, moe_forward};
+use super::precision::Precision;
 use super::routing::{RouteEngine, Selector};
 use crate::error::Result;
 use crate::rng::SplitMix64;
@@ -53,6 +54,7 @@ impl<B: Backend> MoeLayer<B> {
         use_drn: bool,
         selector: Selector,
         engine: &RouteEngine,
+        precision: Precision,
     ) -> Result<MoeForward<B>> {
         let weights = MoeWeights {
             router: self.router.val(),
@@ -61,6 +63,6 @@ impl<B: Backend> MoeLayer<B> {
             up: self.up.val(),
             down: self.down.val(),
         };
-        moe_forward(x, &weights, use_drn, selector, engine)
+        moe_forward(x, &weights, use_drn, selector, engine, precision)
     }
 }

@@ -12,7 +12,7 @@ use crate::controller::{
 };
 use crate::data::SyntheticConfig;
 use crate::error::{Error, Result};
-use crate::model::ModelConfig;
+use crate::model::{ModelConfig, Precision};
 
 /// Everything a run needs, as written to `config.toml` in the run directory.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -63,6 +63,12 @@ pub struct RunConfig {
     /// `dtopp train --devices`; a resumed run needs the same count.
     #[serde(default = "default_devices")]
     pub devices: usize,
+    /// The dtype of the model's large matrix products in training steps (parameters,
+    /// optimizer state, router, norms, softmaxes and losses stay f32; validation, routing
+    /// samples and the `p_0` calibration run in f32). `bf16` needs CUDA, `f16` a GPU with
+    /// 16-bit float shaders; the backend is checked before the run starts.
+    #[serde(default)]
+    pub precision: Precision,
 }
 
 fn default_keep_checkpoints() -> usize {
@@ -190,6 +196,7 @@ fn tiny() -> TrainConfig {
             checkpoint_every: 0,
             keep_checkpoints: 3,
             devices: 1,
+            precision: Precision::F32,
         },
         model: ModelConfig {
             vocab: 256,
@@ -253,6 +260,7 @@ fn small() -> TrainConfig {
         checkpoint_every: 250,
         keep_checkpoints: 3,
         devices: 1,
+        precision: Precision::F32,
     };
     c.model = ModelConfig {
         vocab: 256,
@@ -294,6 +302,7 @@ fn paper_13b() -> TrainConfig {
         checkpoint_every: 500,
         keep_checkpoints: 3,
         devices: 1,
+        precision: Precision::F32,
     };
     c.model = ModelConfig {
         vocab: 50_304,

@@ -14,7 +14,9 @@ use burn::tensor::backend::AutodiffBackend;
 use super::collective::{ANOTHER_RANK_FAILED, Rank};
 use super::config::TrainConfig;
 use super::session::TrainSession;
-use super::trainer::{ResumePoint, TrainOptions, begin_run, continue_run, follow, lead};
+use super::trainer::{
+    ResumePoint, TrainOptions, begin_run, check_precision, continue_run, follow, lead,
+};
 use crate::error::{Error, Result};
 use crate::metrics::RunSummary;
 use crate::model::RouteEngine;
@@ -29,6 +31,9 @@ pub fn train_data_parallel<B: AutodiffBackend>(
 ) -> Result<RunSummary> {
     let mut config = config.clone();
     config.run.devices = devices.len();
+    if let Some(device) = devices.first() {
+        check_precision::<B>(&config, device)?;
+    }
     begin_run(&config, options)?;
     announce(&config, devices.len(), options);
     run_ranks::<B>(devices, engines, |rank, device, engine| {
@@ -51,6 +56,9 @@ pub fn resume_data_parallel<B: AutodiffBackend>(
     options: &TrainOptions,
 ) -> Result<RunSummary> {
     let point = ResumePoint::prepare(dir, steps, devices.len(), options)?;
+    if let Some(device) = devices.first() {
+        check_precision::<B>(&point.config, device)?;
+    }
     announce(&point.config, devices.len(), options);
     run_ranks::<B>(devices, engines, |rank, device, engine| {
         let session = TrainSession::<B>::restore(

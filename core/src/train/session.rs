@@ -22,7 +22,7 @@ use super::threshold::ThresholdPolicy;
 use crate::controller::{ThresholdScope, calibrate_threshold};
 use crate::error::{Error, Result};
 use crate::metrics::{DifficultyBucket, RoutingSample, RunSummary, StepMetrics};
-use crate::model::{MoeForward, MoeLanguageModel, RouteEngine, RoutingPlan, Selector};
+use crate::model::{MoeForward, MoeLanguageModel, Precision, RouteEngine, RoutingPlan, Selector};
 use crate::ops::RouteShape;
 use crate::sim::{TrackingSummary, mean_std};
 
@@ -437,7 +437,7 @@ impl<'e, B: AutodiffBackend> TrainSession<'e, B> {
         let mut losses = [0.0f64; 4];
         for batch in &batches {
             let (inputs, targets) = batch_tensors::<B>(batch, device);
-            let output = model.forward(inputs, &plan, self.engine)?;
+            let output = model.forward(inputs, &plan, self.engine, self.config.run.precision)?;
             // The global batch's counts: they drive the controller (every rank the same
             // a_t, so the same p) and the balance loss's expert fractions.
             let mut counts = RoutingStats::of_micro_batch(&output.moe, experts);
@@ -862,7 +862,7 @@ fn initial_thresholds<B: Backend>(
     for micro in 0..run.grad_accum * run.devices {
         let batch = corpus.train_batch(run.seed, 1, micro, run.batch_size, config.model.seq_len)?;
         let (inputs, _) = batch_tensors::<B>(&batch, device);
-        let output = model.forward(inputs, &probe, engine)?;
+        let output = model.forward(inputs, &probe, engine, Precision::F32)?;
         for (all, m) in per_layer.iter_mut().zip(output.moe) {
             all.extend(host_f32(m.probs)?);
         }
@@ -906,7 +906,7 @@ fn evaluate<B: Backend>(
     let mut buckets: std::collections::BTreeMap<i64, (u64, Vec<u64>)> = Default::default();
     for batch in batches {
         let (inputs, targets) = batch_tensors::<B>(batch, device);
-        let output = model.forward(inputs, plan, engine)?;
+        let output = model.forward(inputs, plan, engine, Precision::F32)?;
         if let Some(difficulty) = &batch.difficulty {
             let layers = output.moe.len();
             for (i, d) in difficulty.iter().enumerate() {
@@ -949,7 +949,7 @@ fn routing_sample<B: Backend>(
 ) -> Result<RoutingSample> {
     let device = model.embed.device();
     let (inputs, _) = batch_tensors::<B>(snippet, &device);
-    let output = model.forward(inputs, plan, engine)?;
+    let output = model.forward(inputs, plan, engine, Precision::F32)?;
     let tokens: Vec<u32> = snippet.inputs.iter().map(|&t| t as u32).collect();
     let text = tokens
         .iter()

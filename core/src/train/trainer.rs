@@ -40,9 +40,19 @@ pub fn train<B: AutodiffBackend>(
     engine: &RouteEngine,
     options: &TrainOptions,
 ) -> Result<RunSummary> {
+    check_precision::<B>(config, device)?;
     begin_run(config, options)?;
     let session = TrainSession::<B>::new(config, device, engine)?;
     lead(session, options)
+}
+
+/// Refuses `run.precision` where the backend on `device` cannot run it (before anything
+/// is written).
+pub(super) fn check_precision<B: AutodiffBackend>(
+    config: &TrainConfig,
+    device: &B::Device,
+) -> Result<()> {
+    config.run.precision.check::<B>(device, &B::name(device))
 }
 
 /// Checks `config`, creates the run directory (refusing one that holds a run) and
@@ -128,6 +138,7 @@ pub fn resume<B: AutodiffBackend>(
     options: &TrainOptions,
 ) -> Result<RunSummary> {
     let point = ResumePoint::prepare(dir, steps, 1, options)?;
+    check_precision::<B>(&point.config, device)?;
     let session = TrainSession::<B>::restore(
         &point.config,
         device,
