@@ -99,7 +99,7 @@ impl<'e, B: AutodiffBackend> TrainSession<'e, B> {
         config.validate()?;
         check_world(config, rank)?;
         let run = &config.run;
-        let (corpus, validation, snippet) = open_data(config)?;
+        let (corpus, validation, snippet) = open_data(config, rank)?;
         let model =
             MoeLanguageModel::<B>::new(&config.model, run.seed, device)?.map(&mut NumberParams(0));
         let layers = model.moe_layers().count();
@@ -170,7 +170,7 @@ impl<'e, B: AutodiffBackend> TrainSession<'e, B> {
         config.routing = header.routing.clone();
         config.validate()?;
         check_world(&config, rank)?;
-        let (corpus, validation, snippet) = open_data(&config)?;
+        let (corpus, validation, snippet) = open_data(&config, rank)?;
         let fresh = MoeLanguageModel::<B>::new(&config.model, config.run.seed, device)?;
         let mut load = LoadParams {
             values: params.iter(),
@@ -650,13 +650,21 @@ fn check_world(config: &TrainConfig, rank: Option<Rank>) -> Result<()> {
     Ok(())
 }
 
-/// The corpus, the validation batches and the routing-sample snippet of `config`.
-fn open_data(config: &TrainConfig) -> Result<(Corpus, Vec<Batch>, Batch)> {
+/// The corpus, the validation batches and the routing-sample snippet of `config`. Only
+/// the leader evaluates, so the other ranks of a data-parallel run get no validation
+/// batches.
+fn open_data(config: &TrainConfig, rank: Option<Rank>) -> Result<(Corpus, Vec<Batch>, Batch)> {
     let run = &config.run;
     let corpus = Corpus::open(config)?;
     // Batches of one rank's size, as many as make `eval_batches` global batches: the
     // same windows and mean for any number of ranks.
-    let validation = (0..run.eval_batches * run.devices)
+    let evaluates = rank.is_none_or(|r| r.is_leader());
+    let batches = if evaluates {
+        run.eval_batches * run.devices
+    } else {
+        0
+    };
+    let validation = (0..batches)
         .map(|i| corpus.validation_batch(run.seed, i, run.batch_size, config.model.seq_len))
         .collect::<Result<_>>()?;
     let snippet = corpus.validation_batch(run.seed ^ 0x5A4D, 0, 1, config.model.seq_len)?;
