@@ -647,3 +647,17 @@ pub fn read_metrics(dir: &std::path::Path) -> Vec<dtopp::metrics::StepMetrics> {
         .map(|l| serde_json::from_str(l).expect("a metrics line"))
         .collect()
 }
+
+/// Runs `dtopp train --preset tiny --steps STEPS --quiet --out OUT EXTRA...` and returns
+/// its output (exit status, stdout, stderr).
+pub fn train_tiny(out: &std::path::Path, steps: u32, extra: &[&str]) -> std::process::Output {
+    let (out, steps) = (out.display().to_string(), steps.to_string());
+    let mut args = vec![
+        "train", "--preset", "tiny", "--steps", &steps, "--quiet", "--out", &out,
+    ];
+    args.extend_from_slice(extra);
+    std::process::Command::new(dtopp_binary())
+        .args(&args)
+        .output()
+        .expect("dtopp runs")
+}

@@ -1,23 +1,15 @@
 //! `dtopp train --backend cuda` (burn-cuda for the model, the dtopp CUDA kernels for the
 //! selection and dispatch plan) against the CPU run of the same config, also through the
-//! data-parallel path with one device, and with bf16 products. Without a GPU: the error names what is missing
-//! and no run directory is written (`DTOPP_REQUIRE_GPU=1` makes that a failure).
+//! data-parallel path with one device, and with bf16 products. Without a GPU: the error
+//! names what is missing and no run directory is written (`DTOPP_REQUIRE_GPU=1` makes
+//! that a failure).
 
 use std::path::Path;
-use std::process::Command;
 
-use dtopp_tests::{cuda_or_skip, dtopp_binary, read_metrics};
+use dtopp_tests::{cuda_or_skip, read_metrics, train_tiny};
 
 fn train(out: &Path, extra: &[&str]) -> std::process::Output {
-    let out = out.display().to_string();
-    let mut args = vec![
-        "train", "--preset", "tiny", "--steps", "8", "--quiet", "--out", &out,
-    ];
-    args.extend_from_slice(extra);
-    Command::new(dtopp_binary())
-        .args(&args)
-        .output()
-        .expect("dtopp runs")
+    train_tiny(out, 8, extra)
 }
 
 #[test]

@@ -4,20 +4,11 @@
 //! bf16 on CUDA is in cuda_training.rs.
 
 use std::path::Path;
-use std::process::Command;
 
-use dtopp_tests::{dtopp_binary, read_metrics, wgpu_or_skip};
+use dtopp_tests::{read_metrics, train_tiny, wgpu_or_skip};
 
 fn train(out: &Path, extra: &[&str]) -> std::process::Output {
-    let out = out.display().to_string();
-    let mut args = vec![
-        "train", "--preset", "tiny", "--steps", "4", "--quiet", "--out", &out,
-    ];
-    args.extend_from_slice(extra);
-    Command::new(dtopp_binary())
-        .args(&args)
-        .output()
-        .expect("dtopp runs")
+    train_tiny(out, 4, extra)
 }
 
 #[test]
