@@ -156,7 +156,7 @@ impl Report {
 
 /// Whether a token's Top-p decision is within the slack: some prefix mass of its ranked
 /// probabilities lies within [`THRESHOLD_SLACK`] of `p`.
-fn near_threshold(probs: &[f32], p: f32) -> bool {
+pub fn near_threshold(probs: &[f32], p: f32) -> bool {
     let mut mass = 0.0f32;
     rank(probs).iter().any(|&j| {
         mass += probs[j];

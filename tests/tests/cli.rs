@@ -500,9 +500,25 @@ fn train_on_wgpu_follows_the_cpu_run() {
     )
     .unwrap();
     let mut runs = Vec::new();
-    for backend in ["cpu", "wgpu"] {
-        let out_dir = dir.join(backend);
-        let out = dtopp(&[
+    // wgpu routes on the model's device by default; `--route-on kernels` takes the WGSL
+    // kernels on a host copy of each layer's probabilities.
+    for (name, backend, route_on, log) in [
+        ("cpu", "cpu", None, "selection and dispatch plan: dtopp CPU reference"),
+        (
+            "wgpu",
+            "wgpu",
+            None,
+            "selection and dispatch plan: burn tensor ops on the model's device",
+        ),
+        (
+            "wgpu-kernels",
+            "wgpu",
+            Some("kernels"),
+            "selection and dispatch plan: dtopp WGSL kernels on",
+        ),
+    ] {
+        let out_dir = dir.join(name);
+        let mut args = vec![
             "train",
             "--config",
             config.to_str().unwrap(),
@@ -512,15 +528,14 @@ fn train_on_wgpu_follows_the_cpu_run() {
             backend,
             "--out",
             out_dir.to_str().unwrap(),
-        ]);
-        let (_, err) = text(&out);
-        assert!(out.status.success(), "{backend}: {err}");
-        if backend == "wgpu" {
-            assert!(
-                err.contains("selection and dispatch plan: dtopp WGSL kernels on"),
-                "{err}"
-            );
+        ];
+        if let Some(route_on) = route_on {
+            args.extend(["--route-on", route_on]);
         }
+        let out = dtopp(&args);
+        let (_, err) = text(&out);
+        assert!(out.status.success(), "{name}: {err}");
+        assert!(err.contains(log), "{name}: {err}");
         let metrics = std::fs::read_to_string(out_dir.join("metrics.jsonl")).unwrap();
         let steps: Vec<serde_json::Value> = metrics
             .lines()
@@ -530,7 +545,7 @@ fn train_on_wgpu_follows_the_cpu_run() {
     }
     // Same seed, same initial weights and data: the runs differ only by float rounding
     // (and by any token whose probability mass sits on the threshold).
-    for (cpu, gpu) in runs[0].iter().zip(&runs[1]) {
+    for (cpu, gpu) in runs[1..].iter().flat_map(|gpu| runs[0].iter().zip(gpu)) {
         let (a, b) = (cpu["loss"].as_f64().unwrap(), gpu["loss"].as_f64().unwrap());
         assert!(
             (a - b).abs() <= 1e-2 + 2e-3 * a.abs(),

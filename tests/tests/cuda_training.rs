@@ -1,6 +1,7 @@
-//! `dtopp train --backend cuda` (burn-cuda for the model, the dtopp CUDA kernels for the
-//! selection and dispatch plan) against the CPU run of the same config, also through the
-//! data-parallel path with one device, and with bf16 products. Without a GPU: the error
+//! `dtopp train --backend cuda` (burn-cuda for the model; selection and dispatch plan on
+//! the model's device, or with `--route-on kernels` in the dtopp CUDA kernels) against the
+//! CPU run of the same config, also through the data-parallel path with one device, and
+//! with bf16 products. Without a GPU: the error
 //! names what is missing and no run directory is written (`DTOPP_REQUIRE_GPU=1` makes
 //! that a failure).
 
@@ -36,6 +37,11 @@ fn cuda_training_follows_the_cpu_run_or_names_what_is_missing() {
     // products (8 mantissa bits) move the loss further.
     for (name, extra, tolerance) in [
         ("cuda", &["--backend", "cuda"][..], (1e-2, 0.1)),
+        (
+            "cuda-kernels",
+            &["--backend", "cuda", "--route-on", "kernels"][..],
+            (1e-2, 0.1),
+        ),
         ("cuda-dp", &["--devices", "cuda:0"][..], (1e-2, 0.1)),
         (
             "cuda-bf16",

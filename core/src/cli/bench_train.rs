@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use super::Backend;
+use super::{Backend, RouteOn};
 use crate::cpu::CpuReference;
 use crate::error::{Error, Result};
 use crate::io::write_atomic;
@@ -33,6 +33,10 @@ pub(crate) struct TrainBenchArgs {
     /// Where the model and the routing ops run.
     #[arg(long, value_enum, default_value_t = Backend::Cpu)]
     backend: Backend,
+    /// Where experts are selected and the plan built (as `dtopp train --route-on`;
+    /// default: kernels on cpu, device on wgpu and cuda).
+    #[arg(long, value_enum)]
+    route_on: Option<RouteOn>,
     /// The dtype of the large matrix products (as `dtopp train --precision`).
     #[arg(long, value_enum)]
     precision: Option<Precision>,
@@ -101,6 +105,11 @@ pub(crate) fn run(args: TrainBenchArgs) -> Result<()> {
         steps: args.steps,
         peak_tflops: args.peak_tflops,
     };
+    let route_on = RouteOn::resolve(args.route_on, args.backend);
+    let routing = |kernels: String| match route_on {
+        RouteOn::Kernels => kernels,
+        RouteOn::Device => "routing on the model's device (burn tensor ops)".to_string(),
+    };
     let (result, backend) = match args.backend {
         Backend::Cpu => {
             use burn::backend::{Autodiff, NdArray};
@@ -108,21 +117,29 @@ pub(crate) fn run(args: TrainBenchArgs) -> Result<()> {
                 kind: "process peak RSS (VmHWM)",
                 sample: &process_peak_rss,
             };
+            let engine = route_on.engine(|| Ok(RouteEngine::Cpu(CpuReference)))?;
             let t = measure_throughput::<Autodiff<NdArray>>(
                 &config,
                 &Default::default(),
-                &RouteEngine::Cpu(CpuReference),
+                &engine,
                 plan,
                 memory,
                 &progress,
             )?;
-            (t, "ndarray (CPU) + dtopp CPU reference".to_string())
+            let name = routing("dtopp CPU reference".to_string());
+            (t, format!("ndarray (CPU) + {name}"))
         }
         #[cfg(feature = "wgpu")]
         Backend::Wgpu => {
             use burn::backend::{Autodiff, Wgpu};
-            let ops = super::wgpu_backend()?;
-            let name = format!("wgpu + dtopp WGSL kernels on {}", ops.adapter_name());
+            let (engine, name) = match route_on {
+                RouteOn::Kernels => {
+                    let ops = super::wgpu_backend()?;
+                    let name = format!("wgpu + dtopp WGSL kernels on {}", ops.adapter_name());
+                    (RouteEngine::Wgpu(Box::new(ops)), name)
+                }
+                RouteOn::Device => (RouteEngine::Device, format!("wgpu + {}", routing(String::new()))),
+            };
             let memory = MemoryProbe {
                 kind: "not measured (wgpu has no memory counters)",
                 sample: &|| None,
@@ -130,7 +147,7 @@ pub(crate) fn run(args: TrainBenchArgs) -> Result<()> {
             let t = measure_throughput::<Autodiff<Wgpu>>(
                 &config,
                 &Default::default(),
-                &RouteEngine::Wgpu(Box::new(ops)),
+                &engine,
                 plan,
                 memory,
                 &progress,
@@ -140,12 +157,21 @@ pub(crate) fn run(args: TrainBenchArgs) -> Result<()> {
         #[cfg(feature = "cuda")]
         Backend::Cuda => {
             use burn::backend::{Autodiff, Cuda};
+            // The CUDA kernels' handle also reads the GPU's memory, whichever routes.
             let ops = super::cuda_backend()?;
-            let name = format!("cuda + dtopp CUDA kernels on {}", ops.device_name());
-            let engine = RouteEngine::Cuda(Box::new(ops));
-            // The GPU the engine routes on, read through its own handle.
-            let in_use = || match &engine {
-                RouteEngine::Cuda(ops) => ops.memory_in_use().ok(),
+            let name = format!(
+                "cuda + {} on {}",
+                routing("dtopp CUDA kernels".to_string()),
+                ops.device_name()
+            );
+            let (engine, probe) = match route_on {
+                RouteOn::Kernels => (RouteEngine::Cuda(Box::new(ops)), None),
+                RouteOn::Device => (RouteEngine::Device, Some(ops)),
+            };
+            // The GPU's memory, read through whichever handle of the kernels is kept.
+            let in_use = || match (&engine, &probe) {
+                (RouteEngine::Cuda(ops), _) => ops.memory_in_use().ok(),
+                (_, Some(ops)) => ops.memory_in_use().ok(),
                 _ => None,
             };
             let memory = MemoryProbe {

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use clap::Args;
 
-use super::Backend;
+use super::{Backend, RouteOn};
 use super::devices::{DeviceSpec, parse_devices};
 use crate::cpu::CpuReference;
 use crate::error::Result;
@@ -43,6 +43,12 @@ pub(crate) struct TrainArgs {
     /// Where the model and the routing ops run.
     #[arg(long, value_enum, default_value_t = Backend::Cpu)]
     backend: Backend,
+    /// Where experts are selected and the dispatch plan built: `kernels` (dtopp's routing
+    /// kernels of the backend on a host copy of each layer's probabilities) or `device`
+    /// (burn tensor ops where the model is; the host reads E + 1 offsets per layer).
+    /// Default: kernels on cpu, device on wgpu and cuda.
+    #[arg(long, value_enum)]
+    route_on: Option<RouteOn>,
     /// Data-parallel training, one rank per device: `cuda:0,cuda:1`, `wgpu:0,wgpu:1`
     /// (also `wgpu:cpu`, `wgpu:default`) or `cpu:0,cpu:1` (ranks sharing the host). The
     /// backend is the devices'; `batch_size` is per device. A single device runs through
@@ -127,9 +133,10 @@ pub(crate) fn run(args: TrainArgs) -> Result<()> {
     }
     let dir = args.run_dir();
     let options = |backend_name| args.options(&dir, backend_name);
+    let route_on = RouteOn::resolve(args.route_on, args.backend);
     macro_rules! go {
         ($backend:ty, $engine:expr, $name:expr) => {{
-            let engine = $engine;
+            let engine = route_on.engine(|| Ok($engine))?;
             let device = Default::default();
             match &args.resume {
                 Some(run_dir) => {
@@ -163,11 +170,13 @@ pub(crate) fn run(args: TrainArgs) -> Result<()> {
         #[cfg(feature = "cuda")]
         Backend::Cuda => {
             use burn::backend::{Autodiff, Cuda};
-            // The routing engine first: it checks for the driver and the device, which
-            // burn-cuda would only discover by panicking inside its first operation.
+            // The CUDA kernels first, also when routing on the model's device: they check
+            // for the driver and the device, which burn-cuda would only discover by
+            // panicking inside its first operation.
+            let kernels = super::cuda_backend()?;
             go!(
                 Autodiff<Cuda>,
-                RouteEngine::Cuda(Box::new(super::cuda_backend()?)),
+                RouteEngine::Cuda(Box::new(kernels)),
                 "cuda"
             );
         }
@@ -186,12 +195,13 @@ const NO_CUDA_STAND_IN: &str = "the CUDA stand-in never constructs";
 fn run_data_parallel(args: &TrainArgs, specs: &[DeviceSpec]) -> Result<()> {
     let dir = args.run_dir();
     let options = |backend_name| args.options(&dir, backend_name);
+    let route_on = RouteOn::resolve(args.route_on, specs[0].backend());
     macro_rules! go {
         ($backend:ty, $devices:expr, $engine:expr, $name:expr) => {{
             let devices: Vec<_> = $devices;
             // One routing engine per rank (on its device): each rank routes its tokens.
             let engines = (0..devices.len())
-                .map($engine)
+                .map(|rank| route_on.engine(|| ($engine)(rank)))
                 .collect::<Result<Vec<RouteEngine>>>()?;
             match &args.resume {
                 Some(run_dir) => {
@@ -240,6 +250,12 @@ fn run_data_parallel(args: &TrainArgs, specs: &[DeviceSpec]) -> Result<()> {
                     _ => unreachable!("parse_devices keeps one backend"),
                 })
                 .collect();
+            if route_on == RouteOn::Device {
+                // The driver and devices checked before burn-cuda touches them.
+                for &ordinal in &ordinals {
+                    super::cuda_backend_on(ordinal)?;
+                }
+            }
             go!(
                 Autodiff<Cuda>,
                 ordinals.iter().map(|&i| CudaDevice::new(i)).collect(),

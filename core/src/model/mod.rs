@@ -6,6 +6,7 @@
 mod attention;
 mod config;
 mod dense;
+mod device_routing;
 mod drn;
 mod init;
 mod lm;
@@ -19,7 +20,8 @@ pub use config::ModelConfig;
 pub use dense::DenseFfn;
 pub use drn::drn_probs;
 pub use lm::{Block, LmOutput, MoeLanguageModel, RoutingPlan};
-pub use moe::{MoeForward, MoeWeights, moe_forward};
+pub use device_routing::{DeviceRoute, route_on_device, select as select_on_device};
+pub use moe::{LayerCounts, LayerRouting, MoeForward, MoeWeights, moe_forward};
 pub use moe_layer::MoeLayer;
 pub use precision::Precision;
 pub use routing::{RouteEngine, Selector};

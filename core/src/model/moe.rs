@@ -1,19 +1,23 @@
-//! The dropless MoE feed-forward block on burn tensors: router, DRN, selection through
-//! the CPU reference's ops, expert-major dispatch, SwiGLU experts on contiguous slices,
-//! weighted combine. Gradients reach the router weights, theta and every expert through
-//! the combine weights `g_ij = P_ij / sum_{j in S_i} P_ij` (selection itself is not
-//! differentiable, as in the spec).
+//! The dropless MoE feed-forward block on burn tensors: router, DRN, selection, expert-major
+//! dispatch, SwiGLU experts on contiguous slices, weighted combine. Gradients reach the
+//! router weights, theta and every expert through the combine weights
+//! `g_ij = P_ij / sum_{j in S_i} P_ij` (selection itself is not differentiable, as in the
+//! spec).
 //!
-//! Selection and the plan run through the run's [`RouteEngine`] (the CPU reference or
-//! the WGSL kernels) on a host copy of P: one read-back of P per layer.
+//! Selection and the plan run through the run's [`RouteEngine`]: a kernel engine (the CPU
+//! reference, the WGSL or the CUDA kernels) on a host copy of P, or
+//! [`RouteEngine::Device`] on P where it is ([`super::device_routing`]). Either way the
+//! plan arrives as burn index tensors plus the experts' `E + 1` offsets on the host.
 
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::backend::Backend;
 use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorData};
 
+use super::device_routing::{read_ints, route_on_device};
 use super::drn::drn_probs;
 use super::precision::Precision;
 use super::routing::{RouteEngine, Selector};
+use crate::cpu::rank_experts;
 use crate::error::{Error, Result};
 use crate::ops::RouteShape;
 
@@ -41,17 +45,154 @@ pub struct MoeForward<B: Backend> {
     pub logits: Tensor<B, 2>,
     /// `[N, E]` routing probabilities (for the auxiliary losses).
     pub probs: Tensor<B, 2>,
-    /// `[N, E]` selected experts of each token in rank order, padded with `-1`.
-    pub experts: Vec<i32>,
-    /// `[N]` experts activated per token.
-    pub counts: Vec<i32>,
-    /// `[E]` tokens routed to each expert.
-    pub expert_load: Vec<i32>,
+    /// Which experts each token selected.
+    pub routing: LayerRouting<B>,
+}
+
+/// A layer's selection: host arrays from a kernel engine, or a device mask.
+#[derive(Clone, Debug)]
+pub enum LayerRouting<B: Backend> {
+    /// Read back from a kernel engine.
+    Host {
+        /// `[N, E]` selected experts of each token in rank order, padded with `-1`.
+        experts: Vec<i32>,
+        /// `[N]` experts activated per token.
+        counts: Vec<i32>,
+        /// `[E]` tokens routed to each expert.
+        expert_load: Vec<i32>,
+    },
+    /// Kept on the model's device ([`RouteEngine::Device`]).
+    Device {
+        /// `[N, E]` 1 where the token selected the expert.
+        selected: Tensor<B, 2, Int>,
+    },
+}
+
+/// One layer's routing counts: `[sum of k, histogram of k (k = 1..=E), load per expert]`.
+pub type LayerCounts = Vec<u64>;
+
+impl<B: Backend> LayerRouting<B> {
+    /// `[N]` experts activated per token (a read-back for the device form).
+    pub fn counts(&self) -> Result<Vec<i32>> {
+        match self {
+            LayerRouting::Host { counts, .. } => Ok(counts.clone()),
+            LayerRouting::Device { selected } => {
+                let [n, _] = selected.dims();
+                let k = read_ints(selected.clone().sum_dim(1).reshape([n]))?;
+                Ok(k.into_iter().map(|v| v as i32).collect())
+            }
+        }
+    }
+
+    /// `[N, E]` selected experts of each token in rank order (probability descending,
+    /// ties to the lower index), padded with `-1`, given the layer's probabilities.
+    pub fn ranked_experts(&self, probs: &[f32]) -> Result<Vec<i32>> {
+        match self {
+            LayerRouting::Host { experts, .. } => Ok(experts.clone()),
+            LayerRouting::Device { selected } => {
+                let [n, e] = selected.dims();
+                let mask = read_ints(selected.clone())?;
+                let mut experts = vec![-1i32; n * e];
+                for i in 0..n {
+                    let chosen = rank_experts(&probs[i * e..(i + 1) * e])
+                        .into_iter()
+                        .filter(|&j| mask[i * e + j] != 0);
+                    for (slot, j) in chosen.enumerate() {
+                        experts[i * e + slot] = j as i32;
+                    }
+                }
+                Ok(experts)
+            }
+        }
+    }
+
+    /// The layer's counts on the host ([`LayerCounts`]).
+    pub fn host_counts(&self, experts: usize) -> Option<LayerCounts> {
+        match self {
+            LayerRouting::Host {
+                counts,
+                expert_load,
+                ..
+            } => {
+                let mut out = vec![0u64; 1 + 2 * experts];
+                for &k in counts {
+                    out[0] += k as u64;
+                    out[k as usize] += 1;
+                }
+                for (sum, &c) in out[1 + experts..].iter_mut().zip(expert_load) {
+                    *sum += c as u64;
+                }
+                Some(out)
+            }
+            LayerRouting::Device { .. } => None,
+        }
+    }
+
+    /// The layer's counts as a device tensor `[1 + 2E]` ([`LayerCounts`]), to be read
+    /// together with the other layers'.
+    pub fn device_counts(&self) -> Option<Tensor<B, 1, Int>> {
+        let LayerRouting::Device { selected } = self else {
+            return None;
+        };
+        let [n, e] = selected.dims();
+        let device = selected.device();
+        let k = selected.clone().sum_dim(1);
+        let ks = Tensor::<B, 1, Int>::arange(1..e as i64 + 1, &device)
+            .reshape([1, e])
+            .expand([n, e]);
+        let histogram = k.clone().expand([n, e]).equal(ks).int().sum_dim(0).reshape([e]);
+        let load = selected.clone().sum_dim(0).reshape([e]);
+        Some(Tensor::cat(vec![k.sum(), histogram, load], 0))
+    }
 }
 
 fn ints<B: Backend>(values: &[i32], device: &B::Device) -> Tensor<B, 1, Int> {
     let v: Vec<i64> = values.iter().map(|&x| i64::from(x)).collect();
     Tensor::from_data(TensorData::new(v, [values.len()]), device)
+}
+
+/// The dispatch plan as the model uses it.
+struct Plan<B: Backend> {
+    route_tokens: Tensor<B, 1, Int>,
+    route_sources: Tensor<B, 1, Int>,
+    expert_offsets: Vec<usize>,
+    routing: LayerRouting<B>,
+}
+
+/// Selection and plan through a kernel engine, on a host copy of P.
+fn plan_on_host<B: Backend>(
+    probs: &Tensor<B, 2>,
+    engine: &RouteEngine,
+    selector: Selector,
+) -> Result<Plan<B>> {
+    let device = probs.device();
+    let [n, e] = probs.dims();
+    let host: Vec<f32> = probs
+        .clone()
+        .into_data()
+        .to_vec()
+        .map_err(|e| Error::Backend {
+            backend: "burn",
+            message: format!("{e:?}"),
+        })?;
+    let (selection, plan) = engine.route(&host, RouteShape::new(n, e)?, selector)?;
+    let mut sources = vec![0i32; plan.route_tokens.len()];
+    for i in 0..n {
+        for s in 0..selection.counts[i] as usize {
+            let m = plan.token_routes[i * e + s] as usize;
+            sources[m] = (i * e) as i32 + selection.experts[i * e + s];
+        }
+    }
+    Ok(Plan {
+        route_tokens: ints::<B>(&plan.route_tokens, &device),
+        route_sources: ints::<B>(&sources, &device),
+        expert_offsets: plan.expert_offsets.iter().map(|&o| o as usize).collect(),
+        routing: LayerRouting::Host {
+            experts: selection.experts,
+            counts: selection.counts,
+            expert_load: plan.expert_counts,
+        },
+    })
 }
 
 /// One dropless MoE layer on token rows `x` `[N, D]`.
@@ -66,7 +207,7 @@ pub fn moe_forward<B: Backend>(
     let device = x.device();
     let [n, d] = x.dims();
     let [e, _, f] = w.gate.dims();
-    let shape = RouteShape::new(n, e)?;
+    RouteShape::new(n, e)?;
 
     // Router and normalization (differentiable).
     let logits = x.clone().matmul(w.router.clone());
@@ -76,31 +217,25 @@ pub fn moe_forward<B: Backend>(
         softmax(logits.clone(), 1)
     };
 
-    // Selection and plan through the run's routing ops (the spec's rules, exactly).
-    let host: Vec<f32> = probs
-        .clone()
-        .into_data()
-        .to_vec()
-        .map_err(|e| Error::Backend {
-            backend: "burn",
-            message: format!("{e:?}"),
-        })?;
-    let (selection, plan) = engine.route(&host, shape, selector)?;
-    let routes = plan.route_tokens.len();
+    // Selection and plan (the spec's rules), through the run's engine.
+    let plan = match engine {
+        RouteEngine::Device => {
+            let route = route_on_device(probs.clone().detach(), logits.clone().detach(), selector)?;
+            Plan {
+                route_tokens: route.route_tokens,
+                route_sources: route.route_sources,
+                expert_offsets: route.expert_offsets,
+                routing: LayerRouting::Device {
+                    selected: route.selected,
+                },
+            }
+        }
+        _ => plan_on_host(&probs, engine, selector)?,
+    };
+    let route_tokens = plan.route_tokens;
 
     // Combine weights from P (differentiable): P at each route, renormalised per token.
-    let mut flat = vec![0i32; routes];
-    for i in 0..n {
-        for s in 0..selection.counts[i] as usize {
-            let m = plan.token_routes[i * e + s] as usize;
-            flat[m] = (i * e) as i32 + selection.experts[i * e + s];
-        }
-    }
-    let route_tokens = ints::<B>(&plan.route_tokens, &device);
-    let p_route = probs
-        .clone()
-        .reshape([n * e])
-        .select(0, ints::<B>(&flat, &device));
+    let p_route = probs.clone().reshape([n * e]).select(0, plan.route_sources);
     let mass = Tensor::<B, 1>::zeros([n], &device).select_assign(
         0,
         route_tokens.clone(),
@@ -113,10 +248,7 @@ pub fn moe_forward<B: Backend>(
     let xs = x.select(0, route_tokens.clone());
     let mut outputs = Vec::new();
     for j in 0..e {
-        let (start, end) = (
-            plan.expert_offsets[j] as usize,
-            plan.expert_offsets[j + 1] as usize,
-        );
+        let (start, end) = (plan.expert_offsets[j], plan.expert_offsets[j + 1]);
         if start == end {
             continue;
         }
@@ -141,9 +273,7 @@ pub fn moe_forward<B: Backend>(
         output,
         logits,
         probs,
-        experts: selection.experts,
-        counts: selection.counts,
-        expert_load: plan.expert_counts,
+        routing: plan.routing,
     })
 }
 
@@ -152,7 +282,7 @@ mod tests {
     use burn::backend::{Autodiff, NdArray};
     use burn::tensor::{Tensor, TensorData};
 
-    use super::{MoeWeights, Precision, RouteEngine, Selector, moe_forward};
+    use super::{LayerRouting, MoeWeights, Precision, RouteEngine, Selector, moe_forward, read_ints};
     use crate::cpu::CpuReference;
     use crate::rng::SplitMix64;
 
@@ -181,7 +311,12 @@ mod tests {
     }
 
     /// The loss and the routing it took (counts per token, then load per expert).
-    fn loss(t: &[Tensor<B, 3>], selector: Selector, out_w: &[f32]) -> (Tensor<B, 1>, Vec<i32>) {
+    fn loss(
+        t: &[Tensor<B, 3>],
+        selector: Selector,
+        engine: &RouteEngine,
+        out_w: &[f32],
+    ) -> (Tensor<B, 1>, Vec<i32>) {
         let w = MoeWeights {
             router: t[1].clone().reshape([4, 3]),
             theta: t[2].clone().reshape([1]),
@@ -189,19 +324,28 @@ mod tests {
             up: t[4].clone(),
             down: t[5].clone(),
         };
-        let engine = RouteEngine::Cpu(CpuReference);
         let fwd = moe_forward(
             t[0].clone().reshape([5, 4]),
             &w,
             true,
             selector,
-            &engine,
+            engine,
             Precision::F32,
         )
         .unwrap();
         let weights =
             Tensor::<B, 2>::from_data(TensorData::new(out_w.to_vec(), [5, 4]), &Default::default());
-        let routing = fwd.counts.into_iter().chain(fwd.expert_load).collect();
+        // Experts per token, then routes per expert.
+        let mut routing = fwd.routing.counts().unwrap();
+        let load = match &fwd.routing {
+            LayerRouting::Host { expert_load, .. } => expert_load.clone(),
+            LayerRouting::Device { selected } => read_ints(selected.clone().sum_dim(0))
+                .unwrap()
+                .into_iter()
+                .map(|c| c as i32)
+                .collect(),
+        };
+        routing.extend(load);
         ((fwd.output * weights).sum(), routing)
     }
 
@@ -218,15 +362,20 @@ mod tests {
             .collect();
         values[2] = vec![1.3]; // theta
         let out_w: Vec<f32> = (0..20).map(|_| rng.normal() as f32).collect();
-        for selector in [
+        let selectors = [
             Selector::TopK(2),
             Selector::TopP {
                 threshold: 0.7,
                 k_max: None,
             },
-        ] {
+        ];
+        let engines = [RouteEngine::Cpu(CpuReference), RouteEngine::Device];
+        for (engine, selector) in engines
+            .iter()
+            .flat_map(|e| selectors.iter().map(move |s| (e, *s)))
+        {
             let t = tensors(&values, true);
-            let (l, counts) = loss(&t, selector, &out_w);
+            let (l, counts) = loss(&t, selector, engine, &out_w);
             assert!(counts[..5].iter().all(|&k| k >= 1));
             let grads = l.backward();
             let names = ["x", "router", "theta", "gate", "up", "down"];
@@ -243,7 +392,7 @@ mod tests {
                     let eval = |delta: f32| {
                         let mut v = values.clone();
                         v[which][idx] += delta;
-                        let (l, c) = loss(&tensors(&v, false), selector, &out_w);
+                        let (l, c) = loss(&tensors(&v, false), selector, engine, &out_w);
                         (f64::from(l.into_data().to_vec::<f32>().unwrap()[0]), c)
                     };
                     let ((lp, cp), (lm, cm)) = (eval(h), eval(-h));
@@ -254,7 +403,7 @@ mod tests {
                     let got = f64::from(analytic[idx]);
                     assert!(
                         (numeric - got).abs() <= 5e-3 + 3e-2 * numeric.abs(),
-                        "{selector:?} d/d{name}[{idx}]: autodiff {got}, finite difference {numeric}"
+                        "{engine:?} {selector:?} d/d{name}[{idx}]: autodiff {got}, finite difference {numeric}"
                     );
                     checked += 1;
                 }

@@ -1,11 +1,11 @@
 //! Where a training step's selection and dispatch plan run: the routing ops of the run's
 //! backend (the CPU reference, the WGSL kernels on a wgpu adapter or the CUDA kernels
-//! on an NVIDIA GPU), never a silent
-//! substitute. The probabilities come from the model (burn, differentiable); the
-//! selection and plan come back as host arrays that index the burn tensors.
+//! on an NVIDIA GPU) on a host copy of the probabilities, or burn tensor ops on the
+//! model's own device ([`RouteEngine::Device`], `--route-on device`); never a silent
+//! substitute. The probabilities come from the model (burn, differentiable).
 
 use crate::cpu::CpuReference;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::ops::{HostDispatchPlan, HostSelection, RouteShape, RoutingOps};
 
 /// How experts are selected.
@@ -32,6 +32,10 @@ pub enum RouteEngine {
     Wgpu(Box<crate::backends::WgpuOps>),
     /// The CUDA kernels (`dtopp-cuda`).
     Cuda(Box<crate::backends::CudaOps>),
+    /// burn tensor ops on the device that holds the model
+    /// ([`super::device_routing`]): the probabilities stay there; the host reads the
+    /// plan's `E + 1` offsets per layer.
+    Device,
 }
 
 impl std::fmt::Debug for RouteEngine {
@@ -49,10 +53,14 @@ impl RouteEngine {
             #[cfg(feature = "wgpu")]
             RouteEngine::Wgpu(ops) => format!("dtopp WGSL kernels on {}", ops.adapter_name()),
             RouteEngine::Cuda(ops) => format!("dtopp CUDA kernels on {}", ops.device_name()),
+            RouteEngine::Device => {
+                "burn tensor ops on the model's device (pairwise ranks, blocked scan)".to_string()
+            }
         }
     }
 
-    /// Selection and dispatch plan of probabilities `[N, E]` (host copy).
+    /// Selection and dispatch plan of probabilities `[N, E]` (host copy); not for
+    /// [`RouteEngine::Device`], which routes the tensor itself.
     pub fn route(
         &self,
         probs: &[f32],
@@ -64,6 +72,11 @@ impl RouteEngine {
             #[cfg(feature = "wgpu")]
             RouteEngine::Wgpu(ops) => route_with(ops.as_ref(), probs, shape, selector),
             RouteEngine::Cuda(ops) => route_with(ops.as_ref(), probs, shape, selector),
+            RouteEngine::Device => Err(Error::param(
+                "route engine",
+                "device",
+                "a kernel engine for host probabilities (the device engine routes tensors)",
+            )),
         }
     }
 }

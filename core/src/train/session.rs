@@ -440,7 +440,7 @@ impl<'e, B: AutodiffBackend> TrainSession<'e, B> {
             let output = model.forward(inputs, &plan, self.engine, self.config.run.precision)?;
             // The global batch's counts: they drive the controller (every rank the same
             // a_t, so the same p) and the balance loss's expert fractions.
-            let mut counts = RoutingStats::of_micro_batch(&output.moe, experts);
+            let mut counts = RoutingStats::of_micro_batch(&output.moe, experts)?;
             if let Some(rank) = self.rank {
                 let summed = rank.sum_counts::<B>(&counts.flatten(), device)?;
                 counts = RoutingStats::unflatten(&summed, layers, experts);
@@ -762,18 +762,28 @@ impl RoutingStats {
         }
     }
 
-    fn of_micro_batch<B: Backend>(moe: &[MoeForward<B>], experts: usize) -> Self {
-        let mut stats = Self::new(moe.len(), experts);
-        for (l, layer) in moe.iter().enumerate() {
-            for &k in &layer.counts {
-                stats.k_sum[l] += k as u64;
-                stats.k_histogram[l][k as usize - 1] += 1;
-            }
-            for (sum, &c) in stats.expert_load[l].iter_mut().zip(&layer.expert_load) {
-                *sum += c as u64;
+    /// The counts of one forward pass: kernel engines hand them over as host arrays;
+    /// device routing sums them on the device and every layer's are read in one go.
+    fn of_micro_batch<B: Backend>(moe: &[MoeForward<B>], experts: usize) -> Result<Self> {
+        let width = 1 + 2 * experts;
+        let mut flat: Vec<u64> = Vec::with_capacity(moe.len() * width);
+        let on_device: Vec<Tensor<B, 1, Int>> = moe
+            .iter()
+            .filter_map(|layer| layer.routing.device_counts())
+            .collect();
+        let mut from_device = if on_device.is_empty() {
+            Vec::new()
+        } else {
+            read_counts(Tensor::cat(on_device, 0))?
+        }
+        .into_iter();
+        for layer in moe {
+            match layer.routing.host_counts(experts) {
+                Some(counts) => flat.extend(counts),
+                None => flat.extend(from_device.by_ref().take(width)),
             }
         }
-        stats
+        Ok(Self::unflatten(&flat, moe.len(), experts))
     }
 
     fn accumulate(&mut self, other: &Self) {
@@ -829,6 +839,17 @@ fn batch_tensors<B: Backend>(
         device,
     );
     (inputs, targets)
+}
+
+fn read_counts<B: Backend>(t: Tensor<B, 1, Int>) -> Result<Vec<u64>> {
+    t.into_data()
+        .convert::<i64>()
+        .to_vec::<i64>()
+        .map(|v| v.into_iter().map(|c| c as u64).collect())
+        .map_err(|e| Error::Backend {
+            backend: "burn",
+            message: format!("reading routing counts back: {e:?}"),
+        })
 }
 
 fn host_f32<B: Backend, const D: usize>(t: Tensor<B, D>) -> Result<Vec<f32>> {
@@ -917,13 +938,18 @@ fn evaluate<B: Backend>(
         let output = model.forward(inputs, plan, engine, Precision::F32)?;
         if let Some(difficulty) = &batch.difficulty {
             let layers = output.moe.len();
+            let counts: Vec<Vec<i32>> = output
+                .moe
+                .iter()
+                .map(|layer| layer.routing.counts())
+                .collect::<Result<_>>()?;
             for (i, d) in difficulty.iter().enumerate() {
                 let entry = buckets
                     .entry((f64::from(*d) * 100.0).round() as i64)
                     .or_insert_with(|| (0, vec![0; layers]));
                 entry.0 += 1;
-                for (sum, layer) in entry.1.iter_mut().zip(&output.moe) {
-                    *sum += layer.counts[i] as u64;
+                for (sum, layer) in entry.1.iter_mut().zip(&counts) {
+                    *sum += layer[i] as u64;
                 }
             }
         }
@@ -977,9 +1003,10 @@ fn routing_sample<B: Backend>(
     for layer in output.moe {
         let p = host_f32(layer.probs)?;
         let e = p.len() / tokens.len();
+        let ranked = layer.routing.ranked_experts(&p)?;
         let (mut ex, mut pr) = (Vec::new(), Vec::new());
-        for (i, &k) in layer.counts.iter().enumerate() {
-            let chosen: Vec<u32> = layer.experts[i * e..i * e + k as usize]
+        for (i, &k) in layer.routing.counts()?.iter().enumerate() {
+            let chosen: Vec<u32> = ranked[i * e..i * e + k as usize]
                 .iter()
                 .map(|&j| j as u32)
                 .collect();

@@ -1,0 +1,238 @@
+//! Top-p / Top-k selection and the expert-major dispatch plan in burn tensor ops, on the
+//! device that holds the model (`dtopp train --route-on device`). The probabilities never
+//! leave that device: per MoE layer the host reads `E + 2` integers (the plan's expert
+//! offsets, the route count and a non-finite-logit count), because burn's matrix products
+//! take their shapes from the host and each expert multiplies its own slice of rows.
+//!
+//! Rule (DESIGN.md section 1, the one the CPU reference implements): experts in rank
+//! order (probability descending, ties to the lower index); Top-p keeps the expert at rank
+//! r iff the mass of the r experts ahead of it is below p, which is the reference's
+//! "smallest k whose prefix sum reaches p" stated per expert; Top-k keeps rank < k. The
+//! rank and the mass ahead come from comparing every pair of a token's experts
+//! (`[N, E, E]`, in chunks of tokens), so no sort runs (burn's sort reads back to the
+//! host). The mass ahead is summed in another order than the reference's rank-ordered
+//! prefix sum, so a token whose mass lands within f32 rounding of p can keep one expert
+//! more or less; `tests/tests/device_routing.rs` counts those.
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorData};
+
+use super::routing::Selector;
+use crate::error::{Error, Result};
+
+/// Pairwise comparisons per chunk of tokens: 2^24 elements (64 MiB of f32 per temporary).
+const PAIRS_PER_CHUNK: usize = 1 << 24;
+
+/// Rows per block of the blocked prefix sum (burn's cumsum reads every earlier element of
+/// its axis on GPU backends, so the axis is kept short).
+const SCAN_BLOCK: usize = 32;
+
+/// A layer's routing, decided on the model's device.
+#[derive(Clone, Debug)]
+pub struct DeviceRoute<B: Backend> {
+    /// `[N, E]` 1 where token i selected expert j, else 0.
+    pub selected: Tensor<B, 2, Int>,
+    /// `[M]` token of each route, expert-major, tokens ascending within an expert.
+    pub route_tokens: Tensor<B, 1, Int>,
+    /// `[M]` flat index `i * E + j` into P of each route.
+    pub route_sources: Tensor<B, 1, Int>,
+    /// `E + 1` exclusive offsets of each expert's routes (host copy).
+    pub expert_offsets: Vec<usize>,
+}
+
+/// Selects experts from `probs` `[N, E]` (no gradient needed; detach it) and builds the
+/// dispatch plan, on the device of `probs`. `logits` are the router's raw logits, checked
+/// for NaN/Inf in the same read-back as the offsets.
+pub fn route_on_device<B: Backend>(
+    probs: Tensor<B, 2>,
+    logits: Tensor<B, 2>,
+    selector: Selector,
+) -> Result<DeviceRoute<B>> {
+    let [n, e] = probs.dims();
+    let selected = select(probs, selector)?;
+    let device = selected.device();
+
+    // Expert-major flattening: route order is (expert, token) ascending.
+    let flat = selected.clone().transpose().reshape([e * n]);
+    let inclusive = inclusive_scan(flat.clone());
+    let exclusive = inclusive.clone() - flat.clone();
+    let expert_starts = exclusive
+        .clone()
+        .select(0, Tensor::arange_step(0..(e * n) as i64, n, &device));
+    let total = inclusive.slice([e * n - 1..e * n]);
+    // The first non-finite logit in row-major order (N E when there is none).
+    let bad = logits.clone().is_nan().int() + logits.clone().is_inf().int();
+    let first_bad = Tensor::<B, 1, Int>::arange(0..(n * e) as i64, &device)
+        .mask_fill(bad.reshape([n * e]).equal_elem(0), (n * e) as i64)
+        .min();
+    let head = read_ints(Tensor::cat(vec![expert_starts, total, first_bad], 0))?;
+    let (routes, first_bad) = (head[e] as usize, head[e + 1] as usize);
+    if first_bad < n * e {
+        let (token, column) = (first_bad / e, first_bad % e);
+        let value = logits
+            .slice([token..token + 1, column..column + 1])
+            .into_data()
+            .convert::<f32>()
+            .to_vec::<f32>()
+            .map_or(f32::NAN, |v| v[0]);
+        return Err(Error::NonFinite {
+            op: "route_on_device",
+            what: "router logit",
+            token,
+            column,
+            value,
+        });
+    }
+    let mut expert_offsets: Vec<usize> = head[..e].iter().map(|&o| o as usize).collect();
+    expert_offsets.push(routes);
+
+    // Scatter each selected (expert, token) to its route slot; unselected entries go to
+    // slot M (dropped) with the value 0, so that slot never overflows.
+    let destination = exclusive.mask_fill(flat.clone().equal_elem(0), routes as i64);
+    let tokens = Tensor::<B, 1, Int>::arange(0..n as i64, &device)
+        .reshape([1, n])
+        .expand([e, n]);
+    let columns = Tensor::<B, 1, Int>::arange(0..e as i64, &device)
+        .reshape([e, 1])
+        .expand([e, n]);
+    let sources = tokens.clone().mul_scalar(e as i64) + columns;
+    let place = |values: Tensor<B, 2, Int>| {
+        Tensor::<B, 1, Int>::zeros([routes + 1], &device)
+            .select_assign(
+                0,
+                destination.clone(),
+                values.reshape([e * n]) * flat.clone(),
+                IndexingUpdateOp::Add,
+            )
+            .slice([0..routes])
+    };
+    Ok(DeviceRoute {
+        route_tokens: place(tokens),
+        route_sources: place(sources),
+        selected,
+        expert_offsets,
+    })
+}
+
+/// `[N, E]` 0/1: the experts each token selects under `selector`.
+pub fn select<B: Backend>(probs: Tensor<B, 2>, selector: Selector) -> Result<Tensor<B, 2, Int>> {
+    let [n, e] = probs.dims();
+    if n == 0 || e == 0 {
+        return Err(Error::param(
+            "routing probabilities",
+            format!("[{n}, {e}]"),
+            "at least one token and one expert",
+        ));
+    }
+    let device = probs.device();
+    // ahead[j, k] = 1 where expert k ranks ahead of expert j on an equal probability
+    // (ties go to the lower index).
+    let lower: Vec<f32> = (0..e * e)
+        .map(|jk| f32::from(u8::from(jk % e < jk / e)))
+        .collect();
+    let tie_ahead = Tensor::<B, 3>::from_data(TensorData::new(lower, [1, e, e]), &device);
+    let rows = (PAIRS_PER_CHUNK / (e * e)).max(1);
+    let chunks: Vec<Tensor<B, 2, Int>> = (0..n)
+        .step_by(rows)
+        .map(|start| {
+            let end = (start + rows).min(n);
+            let p = probs.clone().slice([start..end, 0..e]);
+            select_chunk(p, tie_ahead.clone(), selector)
+        })
+        .collect();
+    Ok(Tensor::cat(chunks, 0))
+}
+
+fn select_chunk<B: Backend>(
+    probs: Tensor<B, 2>,
+    tie_ahead: Tensor<B, 3>,
+    selector: Selector,
+) -> Tensor<B, 2, Int> {
+    let [n, e] = probs.dims();
+    // [i, j, k]: P_ij (the expert ranked) against P_ik (a competitor).
+    let own = probs.clone().reshape([n, e, 1]).expand([n, e, e]);
+    let other = probs.reshape([n, 1, e]).expand([n, e, e]);
+    let ahead = other.clone().greater(own.clone()).float()
+        + other.clone().equal(own).float() * tie_ahead.expand([n, e, e]);
+    let rank = ahead.clone().sum_dim(2).reshape([n, e]);
+    match selector {
+        Selector::TopK(k) => rank.lower_elem(k as f32).int(),
+        Selector::TopP { threshold, k_max } => {
+            let mass_ahead = (ahead * other).sum_dim(2).reshape([n, e]);
+            let kept = mass_ahead.lower_elem(threshold).int();
+            match k_max {
+                Some(k) => kept * rank.lower_elem(k as f32).int(),
+                None => kept,
+            }
+        }
+    }
+}
+
+/// Inclusive prefix sum of a 1-D integer tensor, in blocks of [`SCAN_BLOCK`].
+fn inclusive_scan<B: Backend>(values: Tensor<B, 1, Int>) -> Tensor<B, 1, Int> {
+    let n = values.dims()[0];
+    if n <= SCAN_BLOCK {
+        return values.cumsum(0);
+    }
+    let device = values.device();
+    let rows = n.div_ceil(SCAN_BLOCK);
+    let padded = if rows * SCAN_BLOCK > n {
+        Tensor::cat(
+            vec![
+                values,
+                Tensor::<B, 1, Int>::zeros([rows * SCAN_BLOCK - n], &device),
+            ],
+            0,
+        )
+    } else {
+        values
+    };
+    let within = padded.reshape([rows, SCAN_BLOCK]).cumsum(1);
+    let block_sums = within
+        .clone()
+        .slice([0..rows, SCAN_BLOCK - 1..SCAN_BLOCK])
+        .reshape([rows]);
+    let before = inclusive_scan(block_sums.clone()) - block_sums;
+    (within + before.reshape([rows, 1]).expand([rows, SCAN_BLOCK]))
+        .reshape([rows * SCAN_BLOCK])
+        .slice([0..n])
+}
+
+/// A small integer tensor on the host (the one read-back per layer).
+pub(crate) fn read_ints<B: Backend, const D: usize>(t: Tensor<B, D, Int>) -> Result<Vec<i64>> {
+    t.into_data()
+        .convert::<i64>()
+        .to_vec()
+        .map_err(|e| Error::Backend {
+            backend: "burn",
+            message: format!("reading routing results back: {e:?}"),
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::backend::NdArray;
+    use burn::tensor::{Int, Tensor, TensorData};
+
+    use super::{inclusive_scan, read_ints};
+
+    type B = NdArray;
+
+    #[test]
+    fn blocked_scan_equals_a_running_sum() {
+        let device = Default::default();
+        for n in [1, 31, 32, 33, 64, 1000, 1025, 40_000] {
+            let values: Vec<i64> = (0..n).map(|i| (i * 7 % 5) as i64).collect();
+            let t = Tensor::<B, 1, Int>::from_data(TensorData::new(values.clone(), [n]), &device);
+            let got = read_ints(inclusive_scan(t)).unwrap();
+            let want: Vec<i64> = values
+                .iter()
+                .scan(0, |s, v| {
+                    *s += v;
+                    Some(*s)
+                })
+                .collect();
+            assert_eq!(got, want, "n = {n}");
+        }
+    }
+}
