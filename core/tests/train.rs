@@ -101,7 +101,14 @@ fn probe(
             Precision::F32,
         )
         .unwrap();
-    let experts = out.moe.iter().map(|m| m.experts.clone()).collect();
+    let experts = out
+        .moe
+        .iter()
+        .map(|m| {
+            let probs: Vec<f32> = m.probs.clone().into_data().to_vec().unwrap();
+            m.routing.ranked_experts(&probs).unwrap()
+        })
+        .collect();
     ((out.logits * w.clone()).sum(), experts)
 }
 

@@ -1,7 +1,7 @@
 //! Top-p / Top-k selection and the expert-major dispatch plan in burn tensor ops, on the
 //! device that holds the model (`dtopp train --route-on device`). The probabilities never
 //! leave that device: per MoE layer the host reads `E + 2` integers (the plan's expert
-//! offsets, the route count and a non-finite-logit count), because burn's matrix products
+//! offsets, the route count and the first non-finite logit), because burn's matrix products
 //! take their shapes from the host and each expert multiplies its own slice of rows.
 //!
 //! Rule (DESIGN.md section 1, the one the CPU reference implements): experts in rank
@@ -10,12 +10,12 @@
 //! "smallest k whose prefix sum reaches p" stated per expert; Top-k keeps rank < k. The
 //! rank and the mass ahead come from comparing every pair of a token's experts
 //! (`[N, E, E]`, in chunks of tokens), so no sort runs (burn's sort reads back to the
-//! host). The mass ahead is summed in another order than the reference's rank-ordered
+//! host); the plan from a blocked prefix sum and a binary search, gathers only. The mass ahead is summed in another order than the reference's rank-ordered
 //! prefix sum, so a token whose mass lands within f32 rounding of p can keep one expert
 //! more or less; `tests/tests/device_routing.rs` counts those.
 
 use burn::tensor::backend::Backend;
-use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorData};
+use burn::tensor::{Int, Tensor, TensorData};
 
 use super::routing::Selector;
 use crate::error::{Error, Result};
@@ -59,7 +59,7 @@ pub fn route_on_device<B: Backend>(
     let expert_starts = exclusive
         .clone()
         .select(0, Tensor::arange_step(0..(e * n) as i64, n, &device));
-    let total = inclusive.slice([e * n - 1..e * n]);
+    let total = inclusive.clone().slice([e * n - 1..e * n]);
     // The first non-finite logit in row-major order (N E when there is none).
     let bad = logits.clone().is_nan().int() + logits.clone().is_inf().int();
     let first_bad = Tensor::<B, 1, Int>::arange(0..(n * e) as i64, &device)
@@ -86,29 +86,24 @@ pub fn route_on_device<B: Backend>(
     let mut expert_offsets: Vec<usize> = head[..e].iter().map(|&o| o as usize).collect();
     expert_offsets.push(routes);
 
-    // Scatter each selected (expert, token) to its route slot; unselected entries go to
-    // slot M (dropped) with the value 0, so that slot never overflows.
-    let destination = exclusive.mask_fill(flat.clone().equal_elem(0), routes as i64);
-    let tokens = Tensor::<B, 1, Int>::arange(0..n as i64, &device)
-        .reshape([1, n])
-        .expand([e, n]);
-    let columns = Tensor::<B, 1, Int>::arange(0..e as i64, &device)
-        .reshape([e, 1])
-        .expand([e, n]);
-    let sources = tokens.clone().mul_scalar(e as i64) + columns;
-    let place = |values: Tensor<B, 2, Int>| {
-        Tensor::<B, 1, Int>::zeros([routes + 1], &device)
-            .select_assign(
-                0,
-                destination.clone(),
-                values.reshape([e * n]) * flat.clone(),
-                IndexingUpdateOp::Add,
-            )
-            .slice([0..routes])
-    };
+    // Route m is the selected (expert, token) whose inclusive count is m + 1: the first
+    // flat index where the running count exceeds m, found by a binary search of every
+    // route at once. Gathers only: burn's scatter ops loop over the scattered axis in one
+    // thread per column (slow on a GPU, and cut off after 65535 iterations on lavapipe).
+    let targets = Tensor::<B, 1, Int>::arange(0..routes as i64, &device);
+    let mut lo = Tensor::<B, 1, Int>::zeros([routes], &device);
+    let mut hi = Tensor::<B, 1, Int>::full([routes], (e * n - 1) as i64, &device);
+    for _ in 0..usize::BITS - (e * n - 1).leading_zeros() {
+        let mid = (lo.clone() + hi.clone()).div_scalar(2);
+        let left = inclusive.clone().select(0, mid.clone()).greater(targets.clone());
+        hi = hi.mask_where(left.clone(), mid.clone());
+        lo = mid.add_scalar(1).mask_where(left, lo);
+    }
+    let route_tokens = lo.clone().remainder_scalar(n as i64);
+    let route_sources = route_tokens.clone().mul_scalar(e as i64) + lo.div_scalar(n as i64);
     Ok(DeviceRoute {
-        route_tokens: place(tokens),
-        route_sources: place(sources),
+        route_tokens,
+        route_sources,
         selected,
         expert_offsets,
     })

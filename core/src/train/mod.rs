@@ -12,6 +12,7 @@ mod data_parallel;
 mod export;
 mod losses;
 mod mode;
+mod scatter_limit;
 mod schedule;
 mod session;
 mod threshold;

@@ -17,6 +17,7 @@ use super::collective::Rank;
 use super::config::TrainConfig;
 use super::losses::{cross_entropy, total_loss};
 use super::mode::RoutingMode;
+use super::scatter_limit::check_scatter_length;
 use super::schedule::learning_rate;
 use super::threshold::ThresholdPolicy;
 use crate::controller::{ThresholdScope, calibrate_threshold};
@@ -98,6 +99,7 @@ impl<'e, B: AutodiffBackend> TrainSession<'e, B> {
     ) -> Result<Self> {
         config.validate()?;
         check_world(config, rank)?;
+        check_scatter_length::<B>(config, device)?;
         let run = &config.run;
         let (corpus, validation, snippet) = open_data(config, rank)?;
         let model =
@@ -170,6 +172,7 @@ impl<'e, B: AutodiffBackend> TrainSession<'e, B> {
         config.routing = header.routing.clone();
         config.validate()?;
         check_world(&config, rank)?;
+        check_scatter_length::<B>(&config, device)?;
         let (corpus, validation, snippet) = open_data(&config, rank)?;
         let fresh = MoeLanguageModel::<B>::new(&config.model, config.run.seed, device)?;
         let mut load = LoadParams {
