@@ -500,21 +500,21 @@ fn train_on_wgpu_follows_the_cpu_run() {
     )
     .unwrap();
     let mut runs = Vec::new();
-    // wgpu routes on the model's device by default; `--route-on kernels` takes the WGSL
-    // kernels on a host copy of each layer's probabilities.
+    // The WGSL kernels on a host copy of each layer's probabilities (the default), and
+    // burn tensor ops on the model's device (`--route-on device`).
     for (name, backend, route_on, log) in [
         ("cpu", "cpu", None, "selection and dispatch plan: dtopp CPU reference"),
         (
             "wgpu",
             "wgpu",
             None,
-            "selection and dispatch plan: burn tensor ops on the model's device",
+            "selection and dispatch plan: dtopp WGSL kernels on",
         ),
         (
-            "wgpu-kernels",
+            "wgpu-device",
             "wgpu",
-            Some("kernels"),
-            "selection and dispatch plan: dtopp WGSL kernels on",
+            Some("device"),
+            "selection and dispatch plan: burn tensor ops on the model's device",
         ),
     ] {
         let out_dir = dir.join(name);
@@ -557,6 +557,44 @@ fn train_on_wgpu_follows_the_cpu_run() {
         );
         assert!((a - b).abs() <= 0.05, "a_t cpu {a} wgpu {b}");
     }
+}
+
+#[test]
+fn a_batch_past_the_adapters_loop_limit_is_refused_on_lavapipe() {
+    let Some(ops) = dtopp_tests::wgpu_or_skip() else {
+        return;
+    };
+    if !ops.adapter_name().contains("llvmpipe") {
+        println!("SKIPPED: {} does not cut shader loops", ops.adapter_name());
+        return;
+    }
+    // 64 x 64 tokens x 16 experts (Top-p without k_max) = 65536 routes at most.
+    let dir = scratch("loop-limit");
+    let config = dir.join("c.toml");
+    std::fs::write(&config, "[run]\nbatch_size = 64\n").unwrap();
+    let out_dir = dir.join("run");
+    let out = dtopp(&[
+        "train",
+        "--config",
+        config.to_str().unwrap(),
+        "--backend",
+        "wgpu",
+        "--out",
+        out_dir.to_str().unwrap(),
+    ]);
+    let (_, err) = text(&out);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("invalid run.batch_size = 64")
+            && err.contains("ends shader loops after 65535 iterations")
+            && err.contains("= 65536"),
+        "{err}"
+    );
+    assert!(
+        !out_dir.join("metrics.jsonl").exists(),
+        "refused before training"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]

@@ -1,5 +1,5 @@
-//! `dtopp train --backend cuda` (burn-cuda for the model; selection and dispatch plan on
-//! the model's device, or with `--route-on kernels` in the dtopp CUDA kernels) against the
+//! `dtopp train --backend cuda` (burn-cuda for the model; selection and dispatch plan in
+//! the dtopp CUDA kernels, or with `--route-on device` in burn tensor ops) against the
 //! CPU run of the same config, also through the data-parallel path with one device, and
 //! with bf16 products. Without a GPU: the error
 //! names what is missing and no run directory is written (`DTOPP_REQUIRE_GPU=1` makes
@@ -38,8 +38,8 @@ fn cuda_training_follows_the_cpu_run_or_names_what_is_missing() {
     for (name, extra, tolerance) in [
         ("cuda", &["--backend", "cuda"][..], (1e-2, 0.1)),
         (
-            "cuda-kernels",
-            &["--backend", "cuda", "--route-on", "kernels"][..],
+            "cuda-device",
+            &["--backend", "cuda", "--route-on", "device"][..],
             (1e-2, 0.1),
         ),
         ("cuda-dp", &["--devices", "cuda:0"][..], (1e-2, 0.1)),

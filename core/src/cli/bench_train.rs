@@ -33,10 +33,9 @@ pub(crate) struct TrainBenchArgs {
     /// Where the model and the routing ops run.
     #[arg(long, value_enum, default_value_t = Backend::Cpu)]
     backend: Backend,
-    /// Where experts are selected and the plan built (as `dtopp train --route-on`;
-    /// default: kernels on cpu, device on wgpu and cuda).
-    #[arg(long, value_enum)]
-    route_on: Option<RouteOn>,
+    /// Where experts are selected and the plan built (as `dtopp train --route-on`).
+    #[arg(long, value_enum, default_value_t = RouteOn::Kernels)]
+    route_on: RouteOn,
     /// The dtype of the large matrix products (as `dtopp train --precision`).
     #[arg(long, value_enum)]
     precision: Option<Precision>,
@@ -105,7 +104,7 @@ pub(crate) fn run(args: TrainBenchArgs) -> Result<()> {
         steps: args.steps,
         peak_tflops: args.peak_tflops,
     };
-    let route_on = RouteOn::resolve(args.route_on, args.backend);
+    let route_on = args.route_on;
     let routing = |kernels: String| match route_on {
         RouteOn::Kernels => kernels,
         RouteOn::Device => "routing on the model's device (burn tensor ops)".to_string(),
@@ -138,7 +137,7 @@ pub(crate) fn run(args: TrainBenchArgs) -> Result<()> {
                     let name = format!("wgpu + dtopp WGSL kernels on {}", ops.adapter_name());
                     (RouteEngine::Wgpu(Box::new(ops)), name)
                 }
-                RouteOn::Device => (RouteEngine::Device, format!("wgpu + {}", routing(String::new()))),
+                RouteOn::Device => (RouteEngine::Device, "wgpu + routing on the model's device (burn tensor ops)".to_string()),
             };
             let memory = MemoryProbe {
                 kind: "not measured (wgpu has no memory counters)",

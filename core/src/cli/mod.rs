@@ -74,10 +74,11 @@ impl Backend {
 
 /// Where a training run selects experts and builds the dispatch plan (`--route-on`).
 #[cfg(feature = "train")]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
 pub(crate) enum RouteOn {
     /// dtopp's routing kernels of the backend (CPU reference, WGSL, CUDA) on a host copy
     /// of each layer's probabilities: the spec's rule term for term.
+    #[default]
     Kernels,
     /// burn tensor ops on the model's device: the probabilities stay there; the host
     /// reads each layer's E + 1 expert offsets.
@@ -86,15 +87,6 @@ pub(crate) enum RouteOn {
 
 #[cfg(feature = "train")]
 impl RouteOn {
-    /// `--route-on`, or the default for `backend`: the CPU reference on the CPU, the
-    /// model's device on a GPU backend (see docs/benchmarks.md).
-    pub(crate) fn resolve(choice: Option<Self>, backend: Backend) -> Self {
-        choice.unwrap_or(match backend {
-            Backend::Cpu => RouteOn::Kernels,
-            _ => RouteOn::Device,
-        })
-    }
-
     /// The engine for `backend`, built by `kernels` when the run routes on the kernels.
     pub(crate) fn engine(
         self,

@@ -45,10 +45,10 @@ pub(crate) struct TrainArgs {
     backend: Backend,
     /// Where experts are selected and the dispatch plan built: `kernels` (dtopp's routing
     /// kernels of the backend on a host copy of each layer's probabilities) or `device`
-    /// (burn tensor ops where the model is; the host reads E + 1 offsets per layer).
-    /// Default: kernels on cpu, device on wgpu and cuda.
-    #[arg(long, value_enum)]
-    route_on: Option<RouteOn>,
+    /// (burn tensor ops where the model is; the probabilities stay there and the host
+    /// reads E + 2 integers per layer). See docs/benchmarks.md for the trade-off.
+    #[arg(long, value_enum, default_value_t = RouteOn::Kernels)]
+    route_on: RouteOn,
     /// Data-parallel training, one rank per device: `cuda:0,cuda:1`, `wgpu:0,wgpu:1`
     /// (also `wgpu:cpu`, `wgpu:default`) or `cpu:0,cpu:1` (ranks sharing the host). The
     /// backend is the devices'; `batch_size` is per device. A single device runs through
@@ -133,7 +133,7 @@ pub(crate) fn run(args: TrainArgs) -> Result<()> {
     }
     let dir = args.run_dir();
     let options = |backend_name| args.options(&dir, backend_name);
-    let route_on = RouteOn::resolve(args.route_on, args.backend);
+    let route_on = args.route_on;
     macro_rules! go {
         ($backend:ty, $engine:expr, $name:expr) => {{
             let engine = route_on.engine(|| Ok($engine))?;
@@ -195,7 +195,7 @@ const NO_CUDA_STAND_IN: &str = "the CUDA stand-in never constructs";
 fn run_data_parallel(args: &TrainArgs, specs: &[DeviceSpec]) -> Result<()> {
     let dir = args.run_dir();
     let options = |backend_name| args.options(&dir, backend_name);
-    let route_on = RouteOn::resolve(args.route_on, specs[0].backend());
+    let route_on = args.route_on;
     macro_rules! go {
         ($backend:ty, $devices:expr, $engine:expr, $name:expr) => {{
             let devices: Vec<_> = $devices;

@@ -15,7 +15,7 @@ use super::collective::{ANOTHER_RANK_FAILED, Rank};
 use super::config::TrainConfig;
 use super::session::TrainSession;
 use super::trainer::{
-    ResumePoint, TrainOptions, begin_run, check_precision, continue_run, follow, lead,
+    ResumePoint, TrainOptions, begin_run, check_backend, continue_run, follow, lead,
 };
 use crate::error::{Error, Result};
 use crate::metrics::RunSummary;
@@ -32,7 +32,7 @@ pub fn train_data_parallel<B: AutodiffBackend>(
     let mut config = config.clone();
     config.run.devices = devices.len();
     if let Some(device) = devices.first() {
-        check_precision::<B>(&config, device)?;
+        check_backend::<B>(&config, device)?;
     }
     begin_run(&config, options)?;
     announce(&config, devices.len(), options);
@@ -57,7 +57,7 @@ pub fn resume_data_parallel<B: AutodiffBackend>(
 ) -> Result<RunSummary> {
     let point = ResumePoint::prepare(dir, steps, devices.len(), options)?;
     if let Some(device) = devices.first() {
-        check_precision::<B>(&point.config, device)?;
+        check_backend::<B>(&point.config, device)?;
     }
     announce(&point.config, devices.len(), options);
     run_ranks::<B>(devices, engines, |rank, device, engine| {

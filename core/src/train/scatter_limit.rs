@@ -2,8 +2,8 @@
 //! scatter ops (`select_assign`, `scatter`: the backward of every row gather, and the MoE
 //! layer's combine) walk the scattered axis in a loop, one invocation per column, so on
 //! such an adapter a micro-batch with 65535 or more tokens or routes would silently lose
-//! rows. The device is probed once per session and a run that could cross the limit is
-//! refused by name, before anything is written.
+//! rows. The device is probed before a run starts (and again by every session) and a run
+//! that could cross the limit is refused by name, before anything is written.
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{IndexingUpdateOp, Int, Tensor};
@@ -17,7 +17,7 @@ const LOOP_LIMIT: usize = 65_535;
 /// Refuses `config` on `device` when its longest scatter (the micro-batch's tokens, or its
 /// routes: tokens times the most experts a token can select) reaches the device's loop
 /// limit.
-pub(super) fn check_scatter_length<B: Backend>(
+pub(crate) fn check_scatter_length<B: Backend>(
     config: &TrainConfig,
     device: &B::Device,
 ) -> Result<()> {
@@ -61,4 +61,21 @@ fn loops_are_cut<B: Backend>(device: &B::Device) -> Result<bool> {
             message: format!("probing the scatter length: {e:?}"),
         })?;
     Ok(sum.first().copied() != Some(n as i64))
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::backend::NdArray;
+
+    use super::{check_scatter_length, loops_are_cut};
+    use crate::train::Preset;
+
+    #[test]
+    fn the_cpu_backend_has_no_loop_limit() {
+        let device = Default::default();
+        assert!(!loops_are_cut::<NdArray>(&device).unwrap());
+        let mut config = Preset::Tiny.config();
+        config.run.batch_size = 256; // 256 x 64 tokens x 16 experts: over 65535 routes
+        check_scatter_length::<NdArray>(&config, &device).unwrap();
+    }
 }

@@ -98,7 +98,7 @@ pub fn measure_throughput<B: AutodiffBackend>(
     config.run.eval_batches = 1;
     config.run.sample_every = 0;
     config.validate()?;
-    super::trainer::check_precision::<B>(&config, device)?;
+    super::trainer::check_backend::<B>(&config, device)?;
     let mut session = TrainSession::<B>::new(&config, device, engine)?;
     let mut times = Vec::with_capacity(steps);
     let (mut active, mut last_loss, mut peak_memory) = (0.0, f64::NAN, (memory.sample)());

@@ -7,6 +7,7 @@ use burn::tensor::backend::AutodiffBackend;
 
 use super::checkpoint::{Checkpoint, latest_checkpoint, write_checkpoint};
 use super::config::TrainConfig;
+use super::scatter_limit::check_scatter_length;
 use super::session::TrainSession;
 use crate::error::{Error, Result};
 use crate::io::write_atomic;
@@ -40,19 +41,21 @@ pub fn train<B: AutodiffBackend>(
     engine: &RouteEngine,
     options: &TrainOptions,
 ) -> Result<RunSummary> {
-    check_precision::<B>(config, device)?;
+    check_backend::<B>(config, device)?;
     begin_run(config, options)?;
     let session = TrainSession::<B>::new(config, device, engine)?;
     lead(session, options)
 }
 
-/// Refuses `run.precision` where the backend on `device` cannot run it (before anything
-/// is written).
-pub(super) fn check_precision<B: AutodiffBackend>(
+/// Refuses, before anything is written, `run.precision` where the backend on `device`
+/// cannot run it, and a micro-batch whose scatters would reach the device's shader loop
+/// limit.
+pub(super) fn check_backend<B: AutodiffBackend>(
     config: &TrainConfig,
     device: &B::Device,
 ) -> Result<()> {
-    config.run.precision.check::<B>(device, &B::name(device))
+    config.run.precision.check::<B>(device, &B::name(device))?;
+    check_scatter_length::<B>(config, device)
 }
 
 /// Checks `config`, creates the run directory (refusing one that holds a run) and
@@ -138,7 +141,7 @@ pub fn resume<B: AutodiffBackend>(
     options: &TrainOptions,
 ) -> Result<RunSummary> {
     let point = ResumePoint::prepare(dir, steps, 1, options)?;
-    check_precision::<B>(&point.config, device)?;
+    check_backend::<B>(&point.config, device)?;
     let session = TrainSession::<B>::restore(
         &point.config,
         device,
