@@ -503,7 +503,12 @@ fn train_on_wgpu_follows_the_cpu_run() {
     // The WGSL kernels on a host copy of each layer's probabilities (the default), and
     // burn tensor ops on the model's device (`--route-on device`).
     for (name, backend, route_on, log) in [
-        ("cpu", "cpu", None, "selection and dispatch plan: dtopp CPU reference"),
+        (
+            "cpu",
+            "cpu",
+            None,
+            "selection and dispatch plan: dtopp CPU reference",
+        ),
         (
             "wgpu",
             "wgpu",

@@ -212,7 +212,10 @@ fn run<B: Backend>(name: &str, device: &B::Device) {
         "{name}: device routing differs from the CPU reference:\n{}",
         tally.failures.join("\n")
     );
-    assert!(tally.excused * 100 <= tally.tokens, "too many excused tokens");
+    assert!(
+        tally.excused * 100 <= tally.tokens,
+        "too many excused tokens"
+    );
 }
 
 #[test]

@@ -137,7 +137,10 @@ pub(crate) fn run(args: TrainBenchArgs) -> Result<()> {
                     let name = format!("wgpu + dtopp WGSL kernels on {}", ops.adapter_name());
                     (RouteEngine::Wgpu(Box::new(ops)), name)
                 }
-                RouteOn::Device => (RouteEngine::Device, "wgpu + routing on the model's device (burn tensor ops)".to_string()),
+                RouteOn::Device => (
+                    RouteEngine::Device,
+                    "wgpu + routing on the model's device (burn tensor ops)".to_string(),
+                ),
             };
             let memory = MemoryProbe {
                 kind: "not measured (wgpu has no memory counters)",

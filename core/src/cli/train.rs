@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 
 use clap::Args;
 
-use super::{Backend, RouteOn};
 use super::devices::{DeviceSpec, parse_devices};
+use super::{Backend, RouteOn};
 use crate::cpu::CpuReference;
 use crate::error::Result;
 use crate::model::{Precision, RouteEngine};
@@ -174,11 +174,7 @@ pub(crate) fn run(args: TrainArgs) -> Result<()> {
             // for the driver and the device, which burn-cuda would only discover by
             // panicking inside its first operation.
             let kernels = super::cuda_backend()?;
-            go!(
-                Autodiff<Cuda>,
-                RouteEngine::Cuda(Box::new(kernels)),
-                "cuda"
-            );
+            go!(Autodiff<Cuda>, RouteEngine::Cuda(Box::new(kernels)), "cuda");
         }
         #[cfg(not(feature = "cuda"))]
         Backend::Cuda => return Err(super::cuda_backend().expect_err(NO_CUDA_STAND_IN)),

@@ -59,7 +59,7 @@ pub fn route_on_device<B: Backend>(
     let expert_starts = exclusive
         .clone()
         .select(0, Tensor::arange_step(0..(e * n) as i64, n, &device));
-    let total = inclusive.clone().slice([e * n - 1..e * n]);
+    let total = inclusive.clone().narrow(0, e * n - 1, 1);
     // The first non-finite logit in row-major order (N E when there is none).
     let bad = logits.clone().is_nan().int() + logits.clone().is_inf().int();
     let first_bad = Tensor::<B, 1, Int>::arange(0..(n * e) as i64, &device)
@@ -95,7 +95,10 @@ pub fn route_on_device<B: Backend>(
     let mut hi = Tensor::<B, 1, Int>::full([routes], (e * n - 1) as i64, &device);
     for _ in 0..usize::BITS - (e * n - 1).leading_zeros() {
         let mid = (lo.clone() + hi.clone()).div_scalar(2);
-        let left = inclusive.clone().select(0, mid.clone()).greater(targets.clone());
+        let left = inclusive
+            .clone()
+            .select(0, mid.clone())
+            .greater(targets.clone());
         hi = hi.mask_where(left.clone(), mid.clone());
         lo = mid.add_scalar(1).mask_where(left, lo);
     }
@@ -190,7 +193,7 @@ fn inclusive_scan<B: Backend>(values: Tensor<B, 1, Int>) -> Tensor<B, 1, Int> {
     let before = inclusive_scan(block_sums.clone()) - block_sums;
     (within + before.reshape([rows, 1]).expand([rows, SCAN_BLOCK]))
         .reshape([rows * SCAN_BLOCK])
-        .slice([0..n])
+        .narrow(0, 0, n)
 }
 
 /// A small integer tensor on the host (the one read-back per layer).

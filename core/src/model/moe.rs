@@ -140,7 +140,13 @@ impl<B: Backend> LayerRouting<B> {
         let ks = Tensor::<B, 1, Int>::arange(1..e as i64 + 1, &device)
             .reshape([1, e])
             .expand([n, e]);
-        let histogram = k.clone().expand([n, e]).equal(ks).int().sum_dim(0).reshape([e]);
+        let histogram = k
+            .clone()
+            .expand([n, e])
+            .equal(ks)
+            .int()
+            .sum_dim(0)
+            .reshape([e]);
         let load = selected.clone().sum_dim(0).reshape([e]);
         Some(Tensor::cat(vec![k.sum(), histogram, load], 0))
     }
@@ -282,7 +288,9 @@ mod tests {
     use burn::backend::{Autodiff, NdArray};
     use burn::tensor::{Tensor, TensorData};
 
-    use super::{LayerRouting, MoeWeights, Precision, RouteEngine, Selector, moe_forward, read_ints};
+    use super::{
+        LayerRouting, MoeWeights, Precision, RouteEngine, Selector, moe_forward, read_ints,
+    };
     use crate::cpu::CpuReference;
     use crate::rng::SplitMix64;
 
