@@ -18,6 +18,7 @@ mod routing;
 pub use attention::{CausalSelfAttention, causal_mask};
 pub use config::ModelConfig;
 pub use dense::DenseFfn;
+pub(crate) use device_routing::read_ints;
 pub use device_routing::{DeviceRoute, route_on_device, select as select_on_device};
 pub use drn::drn_probs;
 pub use lm::{Block, LmOutput, MoeLanguageModel, RoutingPlan};

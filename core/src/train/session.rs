@@ -23,7 +23,9 @@ use super::threshold::ThresholdPolicy;
 use crate::controller::{ThresholdScope, calibrate_threshold};
 use crate::error::{Error, Result};
 use crate::metrics::{DifficultyBucket, RoutingSample, RunSummary, StepMetrics};
-use crate::model::{MoeForward, MoeLanguageModel, Precision, RouteEngine, RoutingPlan, Selector};
+use crate::model::{
+    MoeForward, MoeLanguageModel, Precision, RouteEngine, RoutingPlan, Selector, read_ints,
+};
 use crate::ops::RouteShape;
 use crate::sim::{TrackingSummary, mean_std};
 
@@ -845,14 +847,7 @@ fn batch_tensors<B: Backend>(
 }
 
 fn read_counts<B: Backend>(t: Tensor<B, 1, Int>) -> Result<Vec<u64>> {
-    t.into_data()
-        .convert::<i64>()
-        .to_vec::<i64>()
-        .map(|v| v.into_iter().map(|c| c as u64).collect())
-        .map_err(|e| Error::Backend {
-            backend: "burn",
-            message: format!("reading routing counts back: {e:?}"),
-        })
+    Ok(read_ints(t)?.into_iter().map(|c| c as u64).collect())
 }
 
 fn host_f32<B: Backend, const D: usize>(t: Tensor<B, D>) -> Result<Vec<f32>> {
