@@ -107,7 +107,7 @@ pub(crate) fn run(args: TrainBenchArgs) -> Result<()> {
     let route_on = args.route_on;
     let routing = |kernels: String| match route_on {
         RouteOn::Kernels => kernels,
-        RouteOn::Device => "routing on the model's device (burn tensor ops)".to_string(),
+        RouteOn::Device => RouteOn::DEVICE_NAME.to_string(),
     };
     let (result, backend) = match args.backend {
         Backend::Cpu => {
@@ -139,7 +139,7 @@ pub(crate) fn run(args: TrainBenchArgs) -> Result<()> {
                 }
                 RouteOn::Device => (
                     RouteEngine::Device,
-                    "wgpu + routing on the model's device (burn tensor ops)".to_string(),
+                    format!("wgpu + {}", RouteOn::DEVICE_NAME),
                 ),
             };
             let memory = MemoryProbe {

@@ -81,12 +81,16 @@ pub(crate) enum RouteOn {
     #[default]
     Kernels,
     /// burn tensor ops on the model's device: the probabilities stay there; the host
-    /// reads each layer's E + 1 expert offsets.
+    /// reads E + 2 integers per layer (the expert offsets, the route count, the first
+    /// non-finite logit).
     Device,
 }
 
 #[cfg(feature = "train")]
 impl RouteOn {
+    /// How `device` routing is named in logs and benchmark tables.
+    pub(crate) const DEVICE_NAME: &'static str = "routing on the model's device (burn tensor ops)";
+
     /// The engine for `backend`, built by `kernels` when the run routes on the kernels.
     pub(crate) fn engine(
         self,

@@ -1003,9 +1003,11 @@ fn routing_sample<B: Backend>(
         let e = p.len() / tokens.len();
         let ranked = layer.routing.ranked_experts(&p)?;
         let (mut ex, mut pr) = (Vec::new(), Vec::new());
-        for (i, &k) in layer.routing.counts()?.iter().enumerate() {
-            let chosen: Vec<u32> = ranked[i * e..i * e + k as usize]
+        // The padded rank-ordered rows hold the counts too (one read-back, not two).
+        for (i, row) in ranked.chunks_exact(e).enumerate() {
+            let chosen: Vec<u32> = row
                 .iter()
+                .take_while(|&&j| j >= 0)
                 .map(|&j| j as u32)
                 .collect();
             pr.push(chosen.iter().map(|&j| p[i * e + j as usize]).collect());
