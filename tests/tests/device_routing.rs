@@ -6,7 +6,8 @@
 //! - The selected set of each token equals the reference's, except tokens whose prefix
 //!   mass lies within `THRESHOLD_SLACK` of p (the device sums the mass ahead of an expert
 //!   in another order), which are counted and printed.
-//! - The plan (offsets, route tokens, route sources) equals the CPU reference's
+//! - The plan (offsets, route tokens, route sources) and its inverse maps (the route of
+//!   each token and expert, each token's routes in rank order) equal the CPU reference's
 //!   `dispatch_plan` of the device's own selection, exactly.
 //! - A NaN or Inf logit is reported with the first offending token and column, as every
 //!   backend of the ops trait reports it.
@@ -131,9 +132,8 @@ fn check_case<B: Backend>(device: &B::Device, case: &Case, tally: &mut Tally) {
         }
 
         // The plan of the device's own selection, exactly.
-        let plan = CpuReference
-            .dispatch_plan(&as_selection(&mask, &probs, shape))
-            .unwrap();
+        let own = as_selection(&mask, &probs, shape);
+        let plan = CpuReference.dispatch_plan(&own).unwrap();
         let offsets: Vec<i64> = route.expert_offsets.iter().map(|&o| o as i64).collect();
         let want_offsets: Vec<i64> = plan.expert_offsets.iter().map(|&o| o.into()).collect();
         let tokens = ints(route.route_tokens.clone());
@@ -149,10 +149,36 @@ fn check_case<B: Backend>(device: &B::Device, case: &Case, tally: &mut Tally) {
             })
             .collect();
         tally.routes += tokens.len();
+
+        // The inverse maps: each (token, expert)'s route, and each token's routes in rank
+        // order in as many slots as the selector allows, both padded with M.
+        let m = want_tokens.len() as i64;
+        let slots = match selector {
+            Selector::TopK(k) => k,
+            Selector::TopP { k_max, .. } => k_max.unwrap_or(e),
+        };
+        assert_eq!(
+            route.token_slots.dims(),
+            [n, slots],
+            "{what}: slot table shape"
+        );
+        let mut want_route_of = vec![m; n * e];
+        let mut want_slots = vec![m; n * slots];
+        for i in 0..n {
+            for s in 0..own.counts[i] as usize {
+                let r = i64::from(plan.token_routes[i * e + s]);
+                want_route_of[i * e + own.experts[i * e + s] as usize] = r;
+                want_slots[i * slots + s] = r;
+            }
+        }
+        let route_of = ints(route.route_of.clone());
+        let token_slots = ints(route.token_slots.clone());
         for (name, got, want) in [
             ("offsets", &offsets, &want_offsets),
             ("route tokens", &tokens, &want_tokens),
             ("route sources", &sources, &want_sources),
+            ("route of (token, expert)", &route_of, &want_route_of),
+            ("token slots", &token_slots, &want_slots),
         ] {
             if got != want && tally.failures.len() < 10 {
                 let first = got.iter().zip(want.iter()).position(|(g, w)| g != w);

@@ -36,6 +36,11 @@ pub struct DeviceRoute<B: Backend> {
     pub route_tokens: Tensor<B, 1, Int>,
     /// `[M]` flat index `i * E + j` into P of each route.
     pub route_sources: Tensor<B, 1, Int>,
+    /// `[N, E]` the route of token i to expert j, `M` where j is not selected.
+    pub route_of: Tensor<B, 2, Int>,
+    /// `[N, S]` token i's routes in rank order, padded with `M`; `S` is the most experts
+    /// the selector lets a token take.
+    pub token_slots: Tensor<B, 2, Int>,
     /// `E + 1` exclusive offsets of each expert's routes (host copy).
     pub expert_offsets: Vec<usize>,
 }
@@ -49,7 +54,7 @@ pub fn route_on_device<B: Backend>(
     selector: Selector,
 ) -> Result<DeviceRoute<B>> {
     let [n, e] = probs.dims();
-    let selected = select(probs, selector)?;
+    let (selected, rank) = select_ranked(probs, selector)?;
     let device = selected.device();
 
     // Expert-major flattening: route order is (expert, token) ascending.
@@ -104,16 +109,81 @@ pub fn route_on_device<B: Backend>(
     }
     let route_tokens = lo.clone().remainder_scalar(n as i64);
     let route_sources = route_tokens.clone().mul_scalar(e as i64) + lo.div_scalar(n as i64);
+
+    // The inverse maps, for the gradients of dispatch and combine (gathers too): route
+    // (i, j) is the exclusive count at its expert-major position; a token's selected
+    // experts are its ranks 0..k, so its slot s holds the route of the expert at rank s.
+    let route_of = exclusive
+        .reshape([e, n])
+        .transpose()
+        .mask_fill(selected.clone().equal_elem(0), routes as i64);
+    let token_slots = slots_by_rank(route_of.clone(), rank, selector_slots(selector, e), routes);
     Ok(DeviceRoute {
         route_tokens,
         route_sources,
         selected,
+        route_of,
+        token_slots,
         expert_offsets,
     })
 }
 
+/// The most experts `selector` lets one token take, out of `experts`.
+pub fn selector_slots(selector: Selector, experts: usize) -> usize {
+    match selector {
+        Selector::TopK(k) | Selector::TopP { k_max: Some(k), .. } => k.clamp(1, experts),
+        Selector::TopP { k_max: None, .. } => experts,
+    }
+}
+
+/// `[N, S]`: slot s of token i holds `route_of[i, j]` for the expert j at rank s (`M`
+/// where that expert is not selected), from one-hot ranks `[N, E, S]` in chunks of tokens.
+fn slots_by_rank<B: Backend>(
+    route_of: Tensor<B, 2, Int>,
+    rank: Tensor<B, 2, Int>,
+    slots: usize,
+    routes: usize,
+) -> Tensor<B, 2, Int> {
+    let [n, e] = route_of.dims();
+    let device = route_of.device();
+    let wanted = Tensor::<B, 1, Int>::arange(0..slots as i64, &device).reshape([1, 1, slots]);
+    let rows = (PAIRS_PER_CHUNK / (e * slots)).max(1);
+    let chunks: Vec<Tensor<B, 2, Int>> = (0..n)
+        .step_by(rows)
+        .map(|start| {
+            let r = rows.min(n - start);
+            let at_rank = rank
+                .clone()
+                .narrow(0, start, r)
+                .reshape([r, e, 1])
+                .expand([r, e, slots])
+                .equal(wanted.clone().expand([r, e, slots]))
+                .int();
+            let offset = route_of
+                .clone()
+                .narrow(0, start, r)
+                .sub_scalar(routes as i64)
+                .reshape([r, e, 1])
+                .expand([r, e, slots]);
+            (at_rank * offset)
+                .sum_dim(1)
+                .reshape([r, slots])
+                .add_scalar(routes as i64)
+        })
+        .collect();
+    Tensor::cat(chunks, 0)
+}
+
 /// `[N, E]` 0/1: the experts each token selects under `selector`.
 pub fn select<B: Backend>(probs: Tensor<B, 2>, selector: Selector) -> Result<Tensor<B, 2, Int>> {
+    Ok(select_ranked(probs, selector)?.0)
+}
+
+/// [`select`] and `[N, E]` each expert's rank within its token (0 = most probable).
+fn select_ranked<B: Backend>(
+    probs: Tensor<B, 2>,
+    selector: Selector,
+) -> Result<(Tensor<B, 2, Int>, Tensor<B, 2, Int>)> {
     let [n, e] = probs.dims();
     if n == 0 || e == 0 {
         return Err(Error::param(
@@ -130,22 +200,22 @@ pub fn select<B: Backend>(probs: Tensor<B, 2>, selector: Selector) -> Result<Ten
         .collect();
     let tie_ahead = Tensor::<B, 3>::from_data(TensorData::new(lower, [1, e, e]), &device);
     let rows = (PAIRS_PER_CHUNK / (e * e)).max(1);
-    let chunks: Vec<Tensor<B, 2, Int>> = (0..n)
+    let (selected, ranks): (Vec<_>, Vec<_>) = (0..n)
         .step_by(rows)
         .map(|start| {
             let end = (start + rows).min(n);
             let p = probs.clone().slice([start..end, 0..e]);
             select_chunk(p, tie_ahead.clone(), selector)
         })
-        .collect();
-    Ok(Tensor::cat(chunks, 0))
+        .unzip();
+    Ok((Tensor::cat(selected, 0), Tensor::cat(ranks, 0)))
 }
 
 fn select_chunk<B: Backend>(
     probs: Tensor<B, 2>,
     tie_ahead: Tensor<B, 3>,
     selector: Selector,
-) -> Tensor<B, 2, Int> {
+) -> (Tensor<B, 2, Int>, Tensor<B, 2, Int>) {
     let [n, e] = probs.dims();
     // [i, j, k]: P_ij (the expert ranked) against P_ik (a competitor).
     let own = probs.clone().reshape([n, e, 1]).expand([n, e, e]);
@@ -153,17 +223,18 @@ fn select_chunk<B: Backend>(
     let ahead = other.clone().greater(own.clone()).float()
         + other.clone().equal(own).float() * tie_ahead.expand([n, e, e]);
     let rank = ahead.clone().sum_dim(2).reshape([n, e]);
-    match selector {
-        Selector::TopK(k) => rank.lower_elem(k as f32).int(),
+    let selected = match selector {
+        Selector::TopK(k) => rank.clone().lower_elem(k as f32).int(),
         Selector::TopP { threshold, k_max } => {
             let mass_ahead = (ahead * other).sum_dim(2).reshape([n, e]);
             let kept = mass_ahead.lower_elem(threshold).int();
             match k_max {
-                Some(k) => kept * rank.lower_elem(k as f32).int(),
+                Some(k) => kept * rank.clone().lower_elem(k as f32).int(),
                 None => kept,
             }
         }
-    }
+    };
+    (selected, rank.int())
 }
 
 /// Inclusive prefix sum of a 1-D integer tensor, in blocks of [`SCAN_BLOCK`].

@@ -13,6 +13,7 @@ mod lm;
 mod moe;
 mod moe_layer;
 mod precision;
+pub(crate) mod routed_rows;
 mod routing;
 
 pub use attention::{CausalSelfAttention, causal_mask};

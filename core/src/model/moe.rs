@@ -11,11 +11,12 @@
 
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::backend::Backend;
-use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorData};
+use burn::tensor::{Int, Tensor, TensorData};
 
 use super::device_routing::{read_ints, route_on_device};
 use super::drn::drn_probs;
 use super::precision::Precision;
+use super::routed_rows::{gather_rows, sum_rows};
 use super::routing::{RouteEngine, Selector};
 use crate::cpu::rank_experts;
 use crate::error::{Error, Result};
@@ -152,15 +153,26 @@ impl<B: Backend> LayerRouting<B> {
     }
 }
 
-fn ints<B: Backend>(values: &[i32], device: &B::Device) -> Tensor<B, 1, Int> {
+fn ints<B: Backend, const D: usize>(
+    values: &[i32],
+    shape: [usize; D],
+    device: &B::Device,
+) -> Tensor<B, D, Int> {
     let v: Vec<i64> = values.iter().map(|&x| i64::from(x)).collect();
-    Tensor::from_data(TensorData::new(v, [values.len()]), device)
+    Tensor::from_data(TensorData::new(v, shape), device)
 }
 
-/// The dispatch plan as the model uses it.
+/// The dispatch plan as the model uses it: both directions of each map, so that moving
+/// rows either way differentiates into a gather ([`super::routed_rows`]).
 struct Plan<B: Backend> {
+    /// `[M]` token of each route (expert-major).
     route_tokens: Tensor<B, 1, Int>,
+    /// `[M]` flat index `i * E + j` into P of each route.
     route_sources: Tensor<B, 1, Int>,
+    /// `[N, E]` route of each (token, expert), `M` where not selected.
+    route_of: Tensor<B, 2, Int>,
+    /// `[N, S]` each token's routes, padded with `M`.
+    token_slots: Tensor<B, 2, Int>,
     expert_offsets: Vec<usize>,
     routing: LayerRouting<B>,
 }
@@ -182,16 +194,26 @@ fn plan_on_host<B: Backend>(
             message: format!("{e:?}"),
         })?;
     let (selection, plan) = engine.route(&host, RouteShape::new(n, e)?, selector)?;
-    let mut sources = vec![0i32; plan.route_tokens.len()];
+    let routes = plan.route_tokens.len();
+    // Slots for the most experts any token of this batch took (the plan is on the host).
+    let slots = selection.counts.iter().copied().max().unwrap_or(1).max(1) as usize;
+    let mut sources = vec![0i32; routes];
+    let mut route_of = vec![routes as i32; n * e];
+    let mut token_slots = vec![routes as i32; n * slots];
     for i in 0..n {
         for s in 0..selection.counts[i] as usize {
-            let m = plan.token_routes[i * e + s] as usize;
-            sources[m] = (i * e) as i32 + selection.experts[i * e + s];
+            let m = plan.token_routes[i * e + s];
+            let j = selection.experts[i * e + s];
+            sources[m as usize] = (i * e) as i32 + j;
+            route_of[i * e + j as usize] = m;
+            token_slots[i * slots + s] = m;
         }
     }
     Ok(Plan {
-        route_tokens: ints::<B>(&plan.route_tokens, &device),
-        route_sources: ints::<B>(&sources, &device),
+        route_tokens: ints(&plan.route_tokens, [routes], &device),
+        route_sources: ints(&sources, [routes], &device),
+        route_of: ints(&route_of, [n, e], &device),
+        token_slots: ints(&token_slots, [n, slots], &device),
         expert_offsets: plan.expert_offsets.iter().map(|&o| o as usize).collect(),
         routing: LayerRouting::Host {
             experts: selection.experts,
@@ -210,7 +232,6 @@ pub fn moe_forward<B: Backend>(
     engine: &RouteEngine,
     precision: Precision,
 ) -> Result<MoeForward<B>> {
-    let device = x.device();
     let [n, d] = x.dims();
     let [e, _, f] = w.gate.dims();
     RouteShape::new(n, e)?;
@@ -230,6 +251,8 @@ pub fn moe_forward<B: Backend>(
             Plan {
                 route_tokens: route.route_tokens,
                 route_sources: route.route_sources,
+                route_of: route.route_of,
+                token_slots: route.token_slots,
                 expert_offsets: route.expert_offsets,
                 routing: LayerRouting::Device {
                     selected: route.selected,
@@ -239,19 +262,21 @@ pub fn moe_forward<B: Backend>(
         _ => plan_on_host(&probs, engine, selector)?,
     };
     let route_tokens = plan.route_tokens;
+    let routes = route_tokens.dims()[0];
 
-    // Combine weights from P (differentiable): P at each route, renormalised per token.
-    let p_route = probs.clone().reshape([n * e]).select(0, plan.route_sources);
-    let mass = Tensor::<B, 1>::zeros([n], &device).select_assign(
-        0,
-        route_tokens.clone(),
-        p_route.clone(),
-        IndexingUpdateOp::Add,
-    );
-    let g = p_route / mass.select(0, route_tokens.clone());
+    // Combine weights from P (differentiable): P renormalised over each token's selected
+    // experts, then read at each route.
+    let kept = probs.clone() * plan.route_of.clone().lower_elem(routes as i64).float();
+    let renormalised = kept.clone() / kept.sum_dim(1);
+    let g = gather_rows(
+        renormalised.reshape([n * e, 1]),
+        &plan.route_sources,
+        &plan.route_of.reshape([n * e, 1]),
+    )
+    .reshape([routes]);
 
     // Dispatch: token rows in expert-major order; each expert on its contiguous slice.
-    let xs = x.select(0, route_tokens.clone());
+    let xs = gather_rows(x, &route_tokens, &plan.token_slots);
     let mut outputs = Vec::new();
     for j in 0..e {
         let (start, end) = (plan.expert_offsets[j], plan.expert_offsets[j + 1]);
@@ -268,13 +293,7 @@ pub fn moe_forward<B: Backend>(
     let ys = Tensor::cat(outputs, 0);
 
     // Combine: weighted rows added back to their tokens.
-    let weighted = ys * g.unsqueeze_dim::<2>(1);
-    let output = Tensor::<B, 2>::zeros([n, d], &device).select_assign(
-        0,
-        route_tokens,
-        weighted,
-        IndexingUpdateOp::Add,
-    );
+    let output = sum_rows(ys, g, &plan.token_slots, &route_tokens);
     Ok(MoeForward {
         output,
         logits,
