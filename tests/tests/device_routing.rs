@@ -153,10 +153,7 @@ fn check_case<B: Backend>(device: &B::Device, case: &Case, tally: &mut Tally) {
         // The inverse maps: each (token, expert)'s route, and each token's routes in rank
         // order in as many slots as the selector allows, both padded with M.
         let m = want_tokens.len() as i64;
-        let slots = match selector {
-            Selector::TopK(k) => k,
-            Selector::TopP { k_max, .. } => k_max.unwrap_or(e),
-        };
+        let slots = own.counts.iter().copied().max().unwrap_or(1) as usize;
         assert_eq!(
             route.token_slots.dims(),
             [n, slots],

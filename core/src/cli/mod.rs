@@ -81,8 +81,8 @@ pub(crate) enum RouteOn {
     #[default]
     Kernels,
     /// burn tensor ops on the model's device: the probabilities stay there; the host
-    /// reads E + 2 integers per layer (the expert offsets, the route count, the first
-    /// non-finite logit).
+    /// reads E + 3 integers per layer (the expert offsets, the route count, the first
+    /// non-finite logit, the most experts a token took).
     Device,
 }
 

@@ -46,7 +46,7 @@ pub(crate) struct TrainArgs {
     /// Where experts are selected and the dispatch plan built: `kernels` (dtopp's routing
     /// kernels of the backend on a host copy of each layer's probabilities) or `device`
     /// (burn tensor ops where the model is; the probabilities stay there and the host
-    /// reads E + 2 integers per layer). See docs/benchmarks.md for the trade-off.
+    /// reads E + 3 integers per layer). See docs/benchmarks.md for the trade-off.
     #[arg(long, value_enum, default_value_t = RouteOn::Kernels)]
     route_on: RouteOn,
     /// Data-parallel training, one rank per device: `cuda:0,cuda:1`, `wgpu:0,wgpu:1`

@@ -1,7 +1,8 @@
 //! Top-p / Top-k selection and the expert-major dispatch plan in burn tensor ops, on the
 //! device that holds the model (`dtopp train --route-on device`). The probabilities never
-//! leave that device: per MoE layer the host reads `E + 2` integers (the plan's expert
-//! offsets, the route count and the first non-finite logit), because burn's matrix products
+//! leave that device: per MoE layer the host reads `E + 3` integers (the plan's expert
+//! offsets, the route count, the first non-finite logit and the most experts a token
+//! took), because burn's matrix products
 //! take their shapes from the host and each expert multiplies its own slice of rows.
 //!
 //! Rule (DESIGN.md section 1, the one the CPU reference implements): experts in rank
@@ -39,7 +40,7 @@ pub struct DeviceRoute<B: Backend> {
     /// `[N, E]` the route of token i to expert j, `M` where j is not selected.
     pub route_of: Tensor<B, 2, Int>,
     /// `[N, S]` token i's routes in rank order, padded with `M`; `S` is the most experts
-    /// the selector lets a token take.
+    /// a token of this batch took.
     pub token_slots: Tensor<B, 2, Int>,
     /// `E + 1` exclusive offsets of each expert's routes (host copy).
     pub expert_offsets: Vec<usize>,
@@ -70,8 +71,10 @@ pub fn route_on_device<B: Backend>(
     let first_bad = Tensor::<B, 1, Int>::arange(0..(n * e) as i64, &device)
         .mask_fill(bad.reshape([n * e]).equal_elem(0), (n * e) as i64)
         .min();
-    let head = read_ints(Tensor::cat(vec![expert_starts, total, first_bad], 0))?;
+    let most = selected.clone().sum_dim(1).max().reshape([1]);
+    let head = read_ints(Tensor::cat(vec![expert_starts, total, first_bad, most], 0))?;
     let (routes, first_bad) = (head[e] as usize, head[e + 1] as usize);
+    let slots = (head[e + 2] as usize).max(1);
     if first_bad < n * e {
         let (token, column) = (first_bad / e, first_bad % e);
         let value = logits
@@ -117,7 +120,7 @@ pub fn route_on_device<B: Backend>(
         .reshape([e, n])
         .transpose()
         .mask_fill(selected.clone().equal_elem(0), routes as i64);
-    let token_slots = slots_by_rank(route_of.clone(), rank, selector_slots(selector, e), routes);
+    let token_slots = slots_by_rank(route_of.clone(), rank, slots, routes);
     Ok(DeviceRoute {
         route_tokens,
         route_sources,
@@ -126,14 +129,6 @@ pub fn route_on_device<B: Backend>(
         token_slots,
         expert_offsets,
     })
-}
-
-/// The most experts `selector` lets one token take, out of `experts`.
-pub fn selector_slots(selector: Selector, experts: usize) -> usize {
-    match selector {
-        Selector::TopK(k) | Selector::TopP { k_max: Some(k), .. } => k.clamp(1, experts),
-        Selector::TopP { k_max: None, .. } => experts,
-    }
 }
 
 /// `[N, S]`: slot s of token i holds `route_of[i, j]` for the expert j at rank s (`M`

@@ -10,10 +10,11 @@
 //! gathers of `[R, D]`, in chunks, with no scatter and no atomics.
 //!
 //! burn has no backend-independent custom autograd function, so the tracked forms are
-//! implemented for `Autodiff<I>` and picked by type for the inner backends dtopp trains
-//! on (ndarray, wgpu, cuda); [`tracked`] says whether a backend gets them. Another
-//! autodiff backend gets the same values through `select`/`select_assign` (correct, with
-//! burn's scatter gradients); a backend without autodiff needs no gradient.
+//! implemented for `Autodiff<I>` and picked by type for the GPU backends dtopp trains on
+//! (wgpu, cuda); [`tracked`] says whether a backend gets them. Other autodiff backends get
+//! the same values through `select`/`select_assign`, with burn's scatter gradients: on
+//! the CPU (ndarray) a scatter is a plain loop, cheaper than `S` gathers. A backend
+//! without autodiff needs no gradient.
 
 use std::any::{Any, TypeId};
 
@@ -21,7 +22,7 @@ use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
-use burn::backend::{Autodiff, NdArray, Wgpu};
+use burn::backend::{Autodiff, Wgpu};
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorPrimitive};
@@ -52,7 +53,6 @@ pub fn gather_rows<B: Backend>(
             }
         };
     }
-    on!(NdArray);
     on!(Wgpu);
     #[cfg(feature = "cuda")]
     on!(burn::backend::Cuda);
@@ -84,7 +84,6 @@ pub fn sum_rows<B: Backend>(
             }
         };
     }
-    on!(NdArray);
     on!(Wgpu);
     #[cfg(feature = "cuda")]
     on!(burn::backend::Cuda);
@@ -102,10 +101,7 @@ pub fn sum_rows<B: Backend>(
 pub fn tracked<B: Backend>() -> bool {
     let id = TypeId::of::<B>();
     #[allow(unused_mut)]
-    let mut known = vec![
-        TypeId::of::<Autodiff<NdArray>>(),
-        TypeId::of::<Autodiff<Wgpu>>(),
-    ];
+    let mut known = vec![TypeId::of::<Autodiff<Wgpu>>()];
     #[cfg(feature = "cuda")]
     known.push(TypeId::of::<Autodiff<burn::backend::Cuda>>());
     known.contains(&id)
@@ -260,7 +256,7 @@ mod tests {
     use burn::backend::{Autodiff, NdArray};
     use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorData};
 
-    use super::{gather_rows, sum_rows, tracked};
+    use super::{gather_rows_tracked, sum_rows_tracked, tracked};
     use crate::rng::SplitMix64;
 
     type B = Autodiff<NdArray>;
@@ -273,11 +269,12 @@ mod tests {
         t.into_data().to_vec().unwrap()
     }
 
-    /// The tracked forms give the values and gradients of burn's select / select_assign.
+    /// The tracked forms (on ndarray here; generic over the inner backend) give the values
+    /// and gradients of burn's select / select_assign.
     #[test]
     fn gathers_match_select_and_select_assign_with_gradients() {
-        assert!(tracked::<B>());
-        assert!(!tracked::<Autodiff<NdArray<f64>>>());
+        assert!(tracked::<Autodiff<burn::backend::Wgpu>>());
+        assert!(!tracked::<B>());
         let device = Default::default();
         let mut rng = SplitMix64::new(5);
         // 4 tokens, D = 3; routes: token 0 -> 2 routes, 1 -> 0, 2 -> 3, 3 -> 1 (M = 6).
@@ -300,13 +297,13 @@ mod tests {
             let w = Tensor::<B, 1>::from_data(TensorData::new(w_v.clone(), [m]), &device)
                 .require_grad();
             let routed = if ours {
-                gather_rows(x.clone(), &index, &rows)
+                gather_rows_tracked::<NdArray>(x.clone(), index.clone(), rows.clone())
             } else {
                 x.clone().select(0, index.clone())
             };
             let transformed = routed.clone() * routed.clone() + routed;
             let out = if ours {
-                sum_rows(transformed, w.clone(), &rows, &index)
+                sum_rows_tracked::<NdArray>(transformed, w.clone(), rows.clone(), index.clone())
             } else {
                 Tensor::<B, 2>::zeros([r, d], &device).select_assign(
                     0,

@@ -12,7 +12,7 @@ use super::session::TrainSession;
 use crate::error::{Error, Result};
 use crate::io::write_atomic;
 use crate::metrics::{JsonLines, RunSummary, StepMetrics};
-use crate::model::RouteEngine;
+use crate::model::{RouteEngine, routed_rows};
 
 /// Where a run writes and how chatty it is.
 #[derive(Debug)]
@@ -89,8 +89,13 @@ pub(super) fn lead<B: AutodiffBackend>(
     let (run, mode, engine) = (&config.run, config.routing.mode, session.engine());
     say(format!("data: {}", session.corpus().describe()));
     say(format!(
-        "ops: attention, experts, {}, gather/combine (select, select_assign) and backward: burn {} (autodiff)",
+        "ops: attention, experts, {}, dispatch/combine ({}) and backward: burn {} (autodiff)",
         if mode.uses_drn() { "DRN" } else { "softmax" },
+        if routed_rows::tracked::<B>() {
+            "row gathers both ways"
+        } else {
+            "select, select_assign"
+        },
         options.backend_name
     ));
     say(format!(
