@@ -11,10 +11,10 @@
 //!
 //! burn has no backend-independent custom autograd function, so the tracked forms are
 //! implemented for `Autodiff<I>` and picked by type for the GPU backends dtopp trains on
-//! (wgpu, cuda); [`tracked`] says whether a backend gets them. Other autodiff backends get
+//! (wgpu, cuda); [`gathers`] says whether a backend gets them. Other autodiff backends get
 //! the same values through `select`/`select_assign`, with burn's scatter gradients: on
-//! the CPU (ndarray) a scatter is a plain loop, cheaper than `S` gathers. A backend
-//! without autodiff needs no gradient.
+//! the CPU (ndarray) a scatter is a plain loop, cheaper than `S` gathers. A GPU backend
+//! without autodiff (evaluation) sums with the same gathers, untracked.
 
 use std::any::{Any, TypeId};
 
@@ -30,6 +30,30 @@ use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorPrimitive};
 /// Gathered elements per chunk of a row sum (64 MiB of f32 per temporary).
 const GATHER_CHUNK: usize = 1 << 24;
 
+/// Invokes `$on!(Inner)` for each backend whose MoE rows move by gathers both ways.
+macro_rules! gather_backends {
+    ($on:ident) => {
+        $on!(Wgpu);
+        #[cfg(feature = "cuda")]
+        $on!(burn::backend::Cuda);
+    };
+}
+
+/// Whether `B` (a GPU backend, with or without autodiff) moves the MoE layer's rows by
+/// gathers both ways; else by burn's `select` / `select_assign`.
+pub fn gathers<B: Backend>() -> bool {
+    let id = TypeId::of::<B>();
+    macro_rules! on {
+        ($inner:ty) => {
+            if id == TypeId::of::<Autodiff<$inner>>() || id == TypeId::of::<$inner>() {
+                return true;
+            }
+        };
+    }
+    gather_backends!(on);
+    false
+}
+
 /// `src[index[m]]` for every `m`: `[M, D]` from `src` `[R, D]`. `inverse` `[R, S]` lists
 /// the `m` that read each source row, padded with `M`; the gradient of row `r` sums
 /// those.
@@ -38,9 +62,6 @@ pub fn gather_rows<B: Backend>(
     index: &Tensor<B, 1, Int>,
     inverse: &Tensor<B, 2, Int>,
 ) -> Tensor<B, 2> {
-    if !B::ad_enabled(&src.device()) {
-        return src.select(0, index.clone());
-    }
     macro_rules! on {
         ($inner:ty) => {
             if TypeId::of::<B>() == TypeId::of::<Autodiff<$inner>>() {
@@ -53,9 +74,7 @@ pub fn gather_rows<B: Backend>(
             }
         };
     }
-    on!(Wgpu);
-    #[cfg(feature = "cuda")]
-    on!(burn::backend::Cuda);
+    gather_backends!(on);
     src.select(0, index.clone())
 }
 
@@ -68,9 +87,6 @@ pub fn sum_rows<B: Backend>(
     rows: &Tensor<B, 2, Int>,
     index: &Tensor<B, 1, Int>,
 ) -> Tensor<B, 2> {
-    if !B::ad_enabled(&values.device()) {
-        return sum_rows_plain(values, Some(weights), rows);
-    }
     macro_rules! on {
         ($inner:ty) => {
             if TypeId::of::<B>() == TypeId::of::<Autodiff<$inner>>() {
@@ -84,9 +100,11 @@ pub fn sum_rows<B: Backend>(
             }
         };
     }
-    on!(Wgpu);
-    #[cfg(feature = "cuda")]
-    on!(burn::backend::Cuda);
+    gather_backends!(on);
+    if gathers::<B>() {
+        // A GPU backend without autodiff: no gradient to track.
+        return sum_rows_plain(values, Some(weights), rows);
+    }
     let [r, d] = [rows.dims()[0], values.dims()[1]];
     let weighted = values * weights.unsqueeze_dim::<2>(1);
     Tensor::<B, 2>::zeros([r, d], &weighted.device()).select_assign(
@@ -95,16 +113,6 @@ pub fn sum_rows<B: Backend>(
         weighted,
         IndexingUpdateOp::Add,
     )
-}
-
-/// Whether training on `B` moves rows with gather gradients (else burn's scatters).
-pub fn tracked<B: Backend>() -> bool {
-    let id = TypeId::of::<B>();
-    #[allow(unused_mut)]
-    let mut known = vec![TypeId::of::<Autodiff<Wgpu>>()];
-    #[cfg(feature = "cuda")]
-    known.push(TypeId::of::<Autodiff<burn::backend::Cuda>>());
-    known.contains(&id)
 }
 
 /// The value itself, as the type a `TypeId` check has shown it to be.
@@ -256,7 +264,7 @@ mod tests {
     use burn::backend::{Autodiff, NdArray};
     use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorData};
 
-    use super::{gather_rows_tracked, sum_rows_tracked, tracked};
+    use super::{gather_rows_tracked, gathers, sum_rows_tracked};
     use crate::rng::SplitMix64;
 
     type B = Autodiff<NdArray>;
@@ -273,8 +281,8 @@ mod tests {
     /// and gradients of burn's select / select_assign.
     #[test]
     fn gathers_match_select_and_select_assign_with_gradients() {
-        assert!(tracked::<Autodiff<burn::backend::Wgpu>>());
-        assert!(!tracked::<B>());
+        assert!(gathers::<Autodiff<burn::backend::Wgpu>>() && gathers::<burn::backend::Wgpu>());
+        assert!(!gathers::<B>() && !gathers::<NdArray>());
         let device = Default::default();
         let mut rng = SplitMix64::new(5);
         // 4 tokens, D = 3; routes: token 0 -> 2 routes, 1 -> 0, 2 -> 3, 3 -> 1 (M = 6).

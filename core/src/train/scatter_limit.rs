@@ -27,7 +27,7 @@ pub(crate) fn check_scatter_length<B: Backend>(
 ) -> Result<()> {
     let tokens = config.run.batch_size * config.model.seq_len;
     let r = &config.routing;
-    let k_bound = if !routed_rows::tracked::<B>() {
+    let k_bound = if !routed_rows::gathers::<B>() {
         if r.mode.uses_threshold() {
             r.k_max.unwrap_or(config.model.experts)
         } else {

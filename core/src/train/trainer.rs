@@ -91,7 +91,7 @@ pub(super) fn lead<B: AutodiffBackend>(
     say(format!(
         "ops: attention, experts, {}, dispatch/combine ({}) and backward: burn {} (autodiff)",
         if mode.uses_drn() { "DRN" } else { "softmax" },
-        if routed_rows::tracked::<B>() {
+        if routed_rows::gathers::<B>() {
             "row gathers both ways"
         } else {
             "select, select_assign"
