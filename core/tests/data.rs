@@ -130,4 +130,5 @@ fn text_files_split_into_train_and_validation_bytes() {
             .to_string()
             .contains("cannot read")
     );
+    std::fs::remove_dir_all(&dir).unwrap();
 }
