@@ -2,8 +2,8 @@
 //! device that holds the model (`dtopp train --route-on device`). The probabilities never
 //! leave that device: per MoE layer the host reads `E + 3` integers (the plan's expert
 //! offsets, the route count, the first non-finite logit and the most experts a token
-//! took), because burn's matrix products
-//! take their shapes from the host and each expert multiplies its own slice of rows.
+//! took), because burn's matrix products take their shapes from the host and each expert
+//! multiplies its own slice of rows.
 //!
 //! Rule (DESIGN.md section 1, the one the CPU reference implements): experts in rank
 //! order (probability descending, ties to the lower index); Top-p keeps the expert at rank
