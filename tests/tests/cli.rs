@@ -590,42 +590,61 @@ fn train_on_wgpu_follows_the_cpu_run() {
 }
 
 #[test]
-fn a_batch_past_the_adapters_loop_limit_is_refused_on_lavapipe() {
+fn a_batch_past_the_adapters_loop_limit_trains_on_wgpu_as_on_the_cpu() {
     let Some(ops) = dtopp_tests::wgpu_or_skip() else {
         return;
     };
-    if !ops.adapter_name().contains("llvmpipe") {
-        println!("SKIPPED: {} does not cut shader loops", ops.adapter_name());
-        return;
-    }
-    // 1024 x 64 = 65536 tokens: the token embedding's gradient is a burn scatter over them.
-    // (The MoE layer's 65536+ routes alone pass: tests/tests/moe_layer.rs.)
+    // 4500 x 16 = 72,000 tokens, 144,000 routes: more than lavapipe runs loop iterations,
+    // where burn's scatters (the gradients of its row gathers) and its reductions along
+    // an axis would stop short (the losses came out 9% low). A narrow model keeps three
+    // steps of it short on a CPU.
+    println!("wgpu adapter: {}", ops.adapter_name());
     let dir = scratch("loop-limit");
     let config = dir.join("c.toml");
-    std::fs::write(&config, "[run]\nbatch_size = 1024\n").unwrap();
-    let out_dir = dir.join("run");
-    let out = dtopp(&[
-        "train",
-        "--config",
-        config.to_str().unwrap(),
-        "--backend",
-        "wgpu",
-        "--out",
-        out_dir.to_str().unwrap(),
-    ]);
-    let (_, err) = text(&out);
-    assert!(!out.status.success());
-    assert!(
-        err.contains("invalid run.batch_size = 1024")
-            && err.contains("ends shader loops after 65535 iterations")
-            && err.contains("token embedding")
-            && err.contains("= 65536"),
-        "{err}"
-    );
-    assert!(
-        !out_dir.join("metrics.jsonl").exists(),
-        "refused before training"
-    );
+    std::fs::write(
+        &config,
+        "[run]\nbatch_size = 4500\neval_every = 0\neval_batches = 1\nsample_every = 0\n\
+         log_every = 1\n[model]\nd_model = 16\nlayers = 1\nheads = 2\nseq_len = 16\n\
+         experts = 4\nexpert_hidden = 8\n\
+         [routing]\nmode = \"topk\"\ntarget = 2.0\n\
+         [optimizer]\nwarmup_steps = 0\n",
+    )
+    .unwrap();
+    let mut losses = Vec::new();
+    for backend in ["cpu", "wgpu"] {
+        let out_dir = dir.join(backend);
+        let out = dtopp(&[
+            "train",
+            "--config",
+            config.to_str().unwrap(),
+            "--steps",
+            "3",
+            "--backend",
+            backend,
+            "--out",
+            out_dir.to_str().unwrap(),
+        ]);
+        let (_, err) = text(&out);
+        assert!(out.status.success(), "{backend}: {err}");
+        let metrics = std::fs::read_to_string(out_dir.join("metrics.jsonl")).unwrap();
+        let steps: Vec<f64> = metrics
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                    .as_f64()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(steps.len(), 3, "{backend}: {metrics}");
+        losses.push(steps);
+    }
+    println!("losses cpu {:?} wgpu {:?}", losses[0], losses[1]);
+    for (a, b) in losses[0].iter().zip(&losses[1]) {
+        assert!(
+            (a - b).abs() <= 1e-3 + 1e-4 * a.abs(),
+            "loss cpu {a} wgpu {b}"
+        );
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

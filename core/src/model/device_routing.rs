@@ -18,6 +18,8 @@
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 
+use super::long_reductions::{int_max, int_min};
+use super::routed_rows::gathers;
 use super::routing::Selector;
 use crate::error::{Error, Result};
 
@@ -40,8 +42,9 @@ pub struct DeviceRoute<B: Backend> {
     /// `[N, E]` the route of token i to expert j, `M` where j is not selected.
     pub route_of: Tensor<B, 2, Int>,
     /// `[N, S]` token i's routes in rank order, padded with `M`; `S` is the most experts
-    /// a token of this batch took.
-    pub token_slots: Tensor<B, 2, Int>,
+    /// a token of this batch took. Built only on the backends whose MoE rows move by
+    /// gathers (wgpu, cuda), which alone use it.
+    pub token_slots: Option<Tensor<B, 2, Int>>,
     /// `E + 1` exclusive offsets of each expert's routes (host copy).
     pub expert_offsets: Vec<usize>,
 }
@@ -69,9 +72,9 @@ pub fn route_on_device<B: Backend>(
     // The first non-finite logit in row-major order (N E when there is none).
     let bad = logits.clone().is_nan().int() + logits.clone().is_inf().int();
     let first_bad = Tensor::<B, 1, Int>::arange(0..(n * e) as i64, &device)
-        .mask_fill(bad.reshape([n * e]).equal_elem(0), (n * e) as i64)
-        .min();
-    let most = selected.clone().sum_dim(1).max().reshape([1]);
+        .mask_fill(bad.reshape([n * e]).equal_elem(0), (n * e) as i64);
+    let first_bad = int_min(first_bad);
+    let most = int_max(selected.clone().sum_dim(1).reshape([n]));
     let head = read_ints(Tensor::cat(vec![expert_starts, total, first_bad, most], 0))?;
     let (routes, first_bad) = (head[e] as usize, head[e + 1] as usize);
     let slots = (head[e + 2] as usize).max(1);
@@ -120,7 +123,7 @@ pub fn route_on_device<B: Backend>(
         .reshape([e, n])
         .transpose()
         .mask_fill(selected.clone().equal_elem(0), routes as i64);
-    let token_slots = slots_by_rank(route_of.clone(), rank, slots, routes);
+    let token_slots = gathers::<B>().then(|| slots_by_rank(route_of.clone(), rank, slots, routes));
     Ok(DeviceRoute {
         route_tokens,
         route_sources,

@@ -15,6 +15,7 @@ use super::moe::MoeForward;
 use super::moe_layer::MoeLayer;
 use super::precision::Precision;
 use super::routing::{RouteEngine, Selector};
+use super::token_embedding::embed_tokens;
 use crate::error::{Error, Result};
 use crate::rng::SplitMix64;
 
@@ -113,11 +114,7 @@ impl<B: Backend> MoeLanguageModel<B> {
         let device = tokens.device();
         let d = self.embed.dims()[1];
         let mask = causal_mask::<B>(s, &device);
-        let mut x = self
-            .embed
-            .val()
-            .select(0, tokens.reshape([b * s]))
-            .reshape([b, s, d]);
+        let mut x = embed_tokens(self.embed.val(), tokens.reshape([b * s])).reshape([b, s, d]);
         let mut selectors = routing.selectors.iter();
         let mut moe = Vec::with_capacity(moe_layers);
         for block in &self.blocks {

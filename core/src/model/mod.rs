@@ -10,11 +10,13 @@ mod device_routing;
 mod drn;
 mod init;
 mod lm;
+pub mod long_reductions;
 mod moe;
 mod moe_layer;
 mod precision;
 pub(crate) mod routed_rows;
 mod routing;
+mod token_embedding;
 
 pub use attention::{CausalSelfAttention, causal_mask};
 pub use config::ModelConfig;
@@ -27,3 +29,4 @@ pub use moe::{LayerCounts, LayerRouting, MoeForward, MoeWeights, moe_forward};
 pub use moe_layer::MoeLayer;
 pub use precision::Precision;
 pub use routing::{RouteEngine, Selector};
+pub use token_embedding::embed_tokens;

@@ -15,8 +15,9 @@ use burn::tensor::{Int, Tensor, TensorData};
 
 use super::device_routing::{read_ints, route_on_device};
 use super::drn::drn_probs;
+use super::long_reductions::int_column_sums;
 use super::precision::Precision;
-use super::routed_rows::{gather_rows, sum_rows};
+use super::routed_rows::{gather_rows, gathers, sum_rows};
 use super::routing::{RouteEngine, Selector};
 use crate::cpu::rank_experts;
 use crate::error::{Error, Result};
@@ -141,14 +142,8 @@ impl<B: Backend> LayerRouting<B> {
         let ks = Tensor::<B, 1, Int>::arange(1..e as i64 + 1, &device)
             .reshape([1, e])
             .expand([n, e]);
-        let histogram = k
-            .clone()
-            .expand([n, e])
-            .equal(ks)
-            .int()
-            .sum_dim(0)
-            .reshape([e]);
-        let load = selected.clone().sum_dim(0).reshape([e]);
+        let histogram = int_column_sums(k.clone().expand([n, e]).equal(ks).int());
+        let load = int_column_sums(selected.clone());
         Some(Tensor::cat(vec![k.sum(), histogram, load], 0))
     }
 }
@@ -171,8 +166,9 @@ struct Plan<B: Backend> {
     route_sources: Tensor<B, 1, Int>,
     /// `[N, E]` route of each (token, expert), `M` where not selected.
     route_of: Tensor<B, 2, Int>,
-    /// `[N, S]` each token's routes, padded with `M`.
-    token_slots: Tensor<B, 2, Int>,
+    /// `[N, S]` each token's routes, padded with `M`; built only where rows move by
+    /// gathers ([`gathers`]), the only users.
+    token_slots: Option<Tensor<B, 2, Int>>,
     expert_offsets: Vec<usize>,
     routing: LayerRouting<B>,
 }
@@ -199,21 +195,24 @@ fn plan_on_host<B: Backend>(
     let slots = selection.counts.iter().copied().max().unwrap_or(1).max(1) as usize;
     let mut sources = vec![0i32; routes];
     let mut route_of = vec![routes as i32; n * e];
-    let mut token_slots = vec![routes as i32; n * slots];
+    let with_slots = gathers::<B>();
+    let mut token_slots = vec![routes as i32; if with_slots { n * slots } else { 0 }];
     for i in 0..n {
         for s in 0..selection.counts[i] as usize {
             let m = plan.token_routes[i * e + s];
             let j = selection.experts[i * e + s];
             sources[m as usize] = (i * e) as i32 + j;
             route_of[i * e + j as usize] = m;
-            token_slots[i * slots + s] = m;
+            if with_slots {
+                token_slots[i * slots + s] = m;
+            }
         }
     }
     Ok(Plan {
         route_tokens: ints(&plan.route_tokens, [routes], &device),
         route_sources: ints(&sources, [routes], &device),
         route_of: ints(&route_of, [n, e], &device),
-        token_slots: ints(&token_slots, [n, slots], &device),
+        token_slots: with_slots.then(|| ints(&token_slots, [n, slots], &device)),
         expert_offsets: plan.expert_offsets.iter().map(|&o| o as usize).collect(),
         routing: LayerRouting::Host {
             experts: selection.experts,
@@ -271,12 +270,12 @@ pub fn moe_forward<B: Backend>(
     let g = gather_rows(
         renormalised.reshape([n * e, 1]),
         &plan.route_sources,
-        &plan.route_of.reshape([n * e, 1]),
+        Some(&plan.route_of.reshape([n * e, 1])),
     )
     .reshape([routes]);
 
     // Dispatch: token rows in expert-major order; each expert on its contiguous slice.
-    let xs = gather_rows(x, &route_tokens, &plan.token_slots);
+    let xs = gather_rows(x, &route_tokens, plan.token_slots.as_ref());
     let mut outputs = Vec::new();
     for j in 0..e {
         let (start, end) = (plan.expert_offsets[j], plan.expert_offsets[j + 1]);
@@ -293,7 +292,7 @@ pub fn moe_forward<B: Backend>(
     let ys = Tensor::cat(outputs, 0);
 
     // Combine: weighted rows added back to their tokens.
-    let output = sum_rows(ys, g, &plan.token_slots, &route_tokens);
+    let output = sum_rows(ys, g, plan.token_slots.as_ref(), &route_tokens, n);
     Ok(MoeForward {
         output,
         logits,

@@ -18,11 +18,11 @@
 
 use std::any::{Any, TypeId};
 
+use burn::backend::Autodiff;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
-use burn::backend::{Autodiff, Wgpu};
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorPrimitive};
@@ -33,11 +33,12 @@ const GATHER_CHUNK: usize = 1 << 24;
 /// Invokes `$on!(Inner)` for each backend whose MoE rows move by gathers both ways.
 macro_rules! gather_backends {
     ($on:ident) => {
-        $on!(Wgpu);
+        $on!(burn::backend::Wgpu);
         #[cfg(feature = "cuda")]
         $on!(burn::backend::Cuda);
     };
 }
+pub(crate) use gather_backends;
 
 /// Whether `B` (a GPU backend, with or without autodiff) moves the MoE layer's rows by
 /// gathers both ways; else by burn's `select` / `select_assign`.
@@ -56,11 +57,11 @@ pub fn gathers<B: Backend>() -> bool {
 
 /// `src[index[m]]` for every `m`: `[M, D]` from `src` `[R, D]`. `inverse` `[R, S]` lists
 /// the `m` that read each source row, padded with `M`; the gradient of row `r` sums
-/// those.
+/// those. `inverse` may be `None` where [`gathers`] is false (it is not read there).
 pub fn gather_rows<B: Backend>(
     src: Tensor<B, 2>,
     index: &Tensor<B, 1, Int>,
-    inverse: &Tensor<B, 2, Int>,
+    inverse: Option<&Tensor<B, 2, Int>>,
 ) -> Tensor<B, 2> {
     macro_rules! on {
         ($inner:ty) => {
@@ -68,7 +69,7 @@ pub fn gather_rows<B: Backend>(
                 let out = gather_rows_tracked::<$inner>(
                     same(src),
                     same(index.clone()),
-                    same(inverse.clone()),
+                    same(needed(inverse).clone()),
                 );
                 return same(out);
             }
@@ -78,14 +79,16 @@ pub fn gather_rows<B: Backend>(
     src.select(0, index.clone())
 }
 
-/// `out[r] = sum_s weights[m] * values[m]` over `m = rows[r, s] < M`: `[R, D]` from
-/// `values` `[M, D]` and `weights` `[M]`. `index` `[M]` is the inverse of `rows` (the row
-/// `r` each `m` is added to); every `m` appears in `rows` exactly once.
+/// `out[r] = sum_s weights[m] * values[m]` over `m = rows[r, s] < M`: `[R, D]` (R =
+/// `out_rows`) from `values` `[M, D]` and `weights` `[M]`. `index` `[M]` is the inverse
+/// of `rows` (the row `r` each `m` is added to); every `m` appears in `rows` exactly
+/// once. `rows` may be `None` where [`gathers`] is false (it is not read there).
 pub fn sum_rows<B: Backend>(
     values: Tensor<B, 2>,
     weights: Tensor<B, 1>,
-    rows: &Tensor<B, 2, Int>,
+    rows: Option<&Tensor<B, 2, Int>>,
     index: &Tensor<B, 1, Int>,
+    out_rows: usize,
 ) -> Tensor<B, 2> {
     macro_rules! on {
         ($inner:ty) => {
@@ -93,7 +96,7 @@ pub fn sum_rows<B: Backend>(
                 let out = sum_rows_tracked::<$inner>(
                     same(values),
                     same(weights),
-                    same(rows.clone()),
+                    same(needed(rows).clone()),
                     same(index.clone()),
                 );
                 return same(out);
@@ -103,11 +106,11 @@ pub fn sum_rows<B: Backend>(
     gather_backends!(on);
     if gathers::<B>() {
         // A GPU backend without autodiff: no gradient to track.
-        return sum_rows_plain(values, Some(weights), rows);
+        return sum_rows_plain(values, Some(weights), needed(rows));
     }
-    let [r, d] = [rows.dims()[0], values.dims()[1]];
+    let d = values.dims()[1];
     let weighted = values * weights.unsqueeze_dim::<2>(1);
-    Tensor::<B, 2>::zeros([r, d], &weighted.device()).select_assign(
+    Tensor::<B, 2>::zeros([out_rows, d], &weighted.device()).select_assign(
         0,
         index.clone(),
         weighted,
@@ -115,8 +118,13 @@ pub fn sum_rows<B: Backend>(
     )
 }
 
+/// The inverse map, which the caller builds wherever [`gathers`] holds.
+fn needed<T>(inverse: Option<&T>) -> &T {
+    inverse.expect("the inverse map is built for every backend whose rows move by gathers")
+}
+
 /// The value itself, as the type a `TypeId` check has shown it to be.
-fn same<X: 'static, Y: 'static>(x: X) -> Y {
+pub(super) fn same<X: 'static, Y: 'static>(x: X) -> Y {
     *(Box::new(x) as Box<dyn Any>)
         .downcast::<Y>()
         .unwrap_or_else(|_| unreachable!("types compared equal by TypeId"))
@@ -124,7 +132,7 @@ fn same<X: 'static, Y: 'static>(x: X) -> Y {
 
 /// The untracked row sum: `S` gathers of `[R, D]` from `values` padded with a zero row,
 /// several slots per gather while a chunk stays under [`GATHER_CHUNK`] elements.
-fn sum_rows_plain<B: Backend>(
+pub(super) fn sum_rows_plain<B: Backend>(
     values: Tensor<B, 2>,
     weights: Option<Tensor<B, 1>>,
     rows: &Tensor<B, 2, Int>,
@@ -148,7 +156,7 @@ fn sum_rows_plain<B: Backend>(
     out
 }
 
-fn float<I: Backend, const D: usize>(p: FloatTensor<I>) -> Tensor<I, D> {
+pub(super) fn float<I: Backend, const D: usize>(p: FloatTensor<I>) -> Tensor<I, D> {
     Tensor::from_primitive(TensorPrimitive::Float(p))
 }
 

@@ -8,12 +8,13 @@ use burn::tensor::{Int, Tensor, TensorData};
 
 use super::config::LossConfig;
 use crate::model::MoeForward;
+use crate::model::long_reductions::{column_means, mean_of_all};
 
 /// Mean next-token cross-entropy of logits `[N, V]` against targets `[N]`.
 pub fn cross_entropy<B: Backend>(logits: Tensor<B, 2>, targets: Tensor<B, 1, Int>) -> Tensor<B, 1> {
     let n = targets.dims()[0];
     let picked = log_softmax(logits, 1).gather(1, targets.reshape([n, 1]));
-    picked.mean().neg()
+    mean_of_all(picked).neg()
 }
 
 /// Switch-style balance: `E * sum_j f_j * Pbar_j`, with `f_j` the fraction of routes
@@ -30,20 +31,20 @@ pub fn load_balance<B: Backend>(probs: Tensor<B, 2>, expert_load: &[u64]) -> Ten
         .map(|&c| c as f32 / routes.max(1) as f32)
         .collect();
     let fraction = Tensor::<B, 1>::from_data(TensorData::new(fraction, [e]), &probs.device());
-    (probs.mean_dim(0).reshape([e]) * fraction).sum() * e as f64
+    (column_means(probs) * fraction).sum() * e as f64
 }
 
 /// Mean over tokens of the routing entropy `-sum_j P_ij ln P_ij` (nats).
 pub fn router_entropy<B: Backend>(probs: Tensor<B, 2>) -> Tensor<B, 1> {
     let log = probs.clone().clamp_min(1e-12).log();
-    (probs * log).sum_dim(1).mean().neg()
+    mean_of_all((probs * log).sum_dim(1)).neg()
 }
 
 /// Mean over tokens of `logsumexp_j(z_ij)^2` of the raw router logits.
 pub fn z_loss<B: Backend>(logits: Tensor<B, 2>) -> Tensor<B, 1> {
     let max = logits.clone().max_dim(1);
     let lse = (logits - max.clone()).exp().sum_dim(1).log() + max;
-    lse.square().mean()
+    mean_of_all(lse.square())
 }
 
 /// The parts of one micro-batch's loss.

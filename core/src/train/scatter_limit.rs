@@ -1,12 +1,12 @@
 //! Some shader compilers end a loop after 65535 iterations (Mesa's lavapipe does). burn's
 //! scatter ops (`select_assign`, `scatter`) walk the scattered axis in a loop, one
 //! invocation per column, so on such an adapter a scatter of 65535 or more rows silently
-//! loses rows. The token embedding's gradient is such a scatter over the micro-batch's
-//! tokens. The MoE layer's dispatch and combine are gathers both ways on the backends dtopp
-//! trains on ([`crate::model::routed_rows`]); on any other autodiff backend they fall back
-//! to burn's scatters over the routes. The device is probed before a run starts (and again
-//! by every session) and a run that could cross the limit is refused by name, before
-//! anything is written.
+//! loses rows. On the backends dtopp trains on (wgpu, cuda) no step scatters: the MoE
+//! layer's dispatch and combine ([`crate::model::routed_rows`]) and the token embedding
+//! ([`crate::model::embed_tokens`]) differentiate into gathers. Any other autodiff backend
+//! gets burn's scatters, over the routes and over the tokens; for those the device is
+//! probed before a run starts (and again by every session) and a run that could cross
+//! the limit is refused by name, before anything is written.
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{IndexingUpdateOp, Int, Tensor};
@@ -18,39 +18,32 @@ use crate::model::routed_rows;
 /// The loop length lavapipe stops at.
 const LOOP_LIMIT: usize = 65_535;
 
-/// Refuses `config` on `device` when its longest scatter (the micro-batch's tokens; its
-/// routes, tokens times the most experts a token can select, where the MoE layer falls
-/// back to burn's scatters) reaches the device's loop limit.
+/// Refuses `config` on `device` when its longest scatter (the micro-batch's routes, tokens
+/// times the most experts a token can select, on a backend that falls back to burn's
+/// scatters) reaches the device's loop limit.
 pub(crate) fn check_scatter_length<B: Backend>(
     config: &TrainConfig,
     device: &B::Device,
 ) -> Result<()> {
+    if routed_rows::gathers::<B>() {
+        return Ok(());
+    }
     let tokens = config.run.batch_size * config.model.seq_len;
     let r = &config.routing;
-    let k_bound = if !routed_rows::gathers::<B>() {
-        if r.mode.uses_threshold() {
-            r.k_max.unwrap_or(config.model.experts)
-        } else {
-            r.target.ceil() as usize
-        }
+    let k_bound = if r.mode.uses_threshold() {
+        r.k_max.unwrap_or(config.model.experts)
     } else {
-        1
-    };
-    let longest = tokens * k_bound.max(1);
+        r.target.ceil() as usize
+    }
+    .max(1);
+    let longest = tokens * k_bound;
     if longest < LOOP_LIMIT || !loops_are_cut::<B>(device)? {
         return Ok(());
     }
-    let what = if k_bound > 1 {
-        format!(
-            "burn's scatter ops loop over the routes: batch_size x seq_len x (routing.k_max, else E for Top-p, T for Top-k) = {} x {} x {k_bound} = {longest} (lower batch_size and raise run.grad_accum, or set routing.k_max)",
-            config.run.batch_size, config.model.seq_len,
-        )
-    } else {
-        format!(
-            "the token embedding's gradient (a burn scatter) loops over the micro-batch's tokens: batch_size x seq_len = {} x {} = {longest} (lower batch_size and raise run.grad_accum)",
-            config.run.batch_size, config.model.seq_len,
-        )
-    };
+    let what = format!(
+        "burn's scatter ops loop over the routes: batch_size x seq_len x (routing.k_max, else E for Top-p, T for Top-k) = {} x {} x {k_bound} = {longest} (lower batch_size and raise run.grad_accum, or set routing.k_max)",
+        config.run.batch_size, config.model.seq_len,
+    );
     Err(Error::param(
         "run.batch_size",
         config.run.batch_size,

@@ -1,0 +1,107 @@
+//! The token embedding's lookup on burn-wgpu with more positions than lavapipe runs loop
+//! iterations (65535): its gradient is a tree of gathers (`core/src/model/
+//! token_embedding.rs`), where burn's own scatter would lose the positions past the
+//! limit. Checked against exact (f64) sums on wgpu and on burn ndarray.
+
+use burn::backend::{Autodiff, NdArray, Wgpu};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorData};
+use dtopp::model::embed_tokens;
+use dtopp::rng::SplitMix64;
+
+/// Positions, vocabulary (not a power of two; the last 3 tokens never occur), width.
+const N: usize = 70_000;
+const V: usize = 97;
+const D: usize = 4;
+
+struct Values {
+    table: Vec<f32>,
+    tokens: Vec<i64>,
+    out_w: Vec<f32>,
+}
+
+fn values() -> Values {
+    let mut rng = SplitMix64::new(8);
+    let table = (0..V * D).map(|_| rng.normal() as f32).collect();
+    // Skewed like a corpus: token 0 takes about a fifth of the positions (five passes).
+    let tokens = (0..N)
+        .map(|_| (rng.uniform().powi(4) * (V - 3) as f64) as i64)
+        .collect();
+    let out_w = (0..N * D).map(|_| rng.normal() as f32).collect();
+    Values {
+        table,
+        tokens,
+        out_w,
+    }
+}
+
+/// The lookup's rows and the table's gradient under `sum(rows * out_w)`.
+fn run<B: Backend>(v: &Values) -> (Vec<f32>, Vec<f32>) {
+    let device = Default::default();
+    let table =
+        Tensor::<Autodiff<B>, 2>::from_data(TensorData::new(v.table.clone(), [V, D]), &device)
+            .require_grad();
+    let tokens =
+        Tensor::<Autodiff<B>, 1, Int>::from_data(TensorData::new(v.tokens.clone(), [N]), &device);
+    let out_w =
+        Tensor::<Autodiff<B>, 2>::from_data(TensorData::new(v.out_w.clone(), [N, D]), &device);
+    let rows = embed_tokens(table.clone(), tokens);
+    let grads = (rows.clone() * out_w).sum().backward();
+    let grad = table.grad(&grads).unwrap().into_data().to_vec().unwrap();
+    (rows.into_data().to_vec().unwrap(), grad)
+}
+
+fn check(backend: &str, v: &Values, rows: &[f32], grad: &[f32]) {
+    for (i, &t) in v.tokens.iter().enumerate() {
+        let t = t as usize;
+        assert_eq!(
+            rows[i * D..(i + 1) * D],
+            v.table[t * D..(t + 1) * D],
+            "{backend}: row {i}"
+        );
+    }
+    let mut exact = vec![0f64; V * D];
+    let mut magnitude = vec![0f64; V * D];
+    for (i, &t) in v.tokens.iter().enumerate() {
+        for c in 0..D {
+            let w = f64::from(v.out_w[i * D + c]);
+            exact[t as usize * D + c] += w;
+            magnitude[t as usize * D + c] += w.abs();
+        }
+    }
+    // Any order of f32 additions stays within log2(N) eps of the magnitude; one lost
+    // position moves a sum by about 1.
+    for k in 0..V * D {
+        let err = (f64::from(grad[k]) - exact[k]).abs();
+        assert!(
+            err <= 1e-5 * magnitude[k] + 1e-6,
+            "{backend}: d/dtable[{}, {}] = {} vs {} (sum |terms| {})",
+            k / D,
+            k % D,
+            grad[k],
+            exact[k],
+            magnitude[k]
+        );
+    }
+}
+
+#[test]
+fn token_embedding_past_the_loop_limit_on_wgpu_is_exact() {
+    let v = values();
+    let seen = v.tokens.iter().filter(|&&t| t == 0).count();
+    assert!(
+        seen > 8 * 8 * 8 * 8,
+        "{seen} positions of token 0: five passes"
+    );
+    let (rows, grad) = run::<NdArray>(&v);
+    check("ndarray", &v, &rows, &grad);
+    let Some(ops) = dtopp_tests::wgpu_or_skip() else {
+        return;
+    };
+    println!(
+        "wgpu adapter: {}; {N} positions, token 0 at {seen}",
+        ops.adapter_name()
+    );
+    let (rows, grad) = run::<Wgpu>(&v);
+    check("wgpu", &v, &rows, &grad);
+}
