@@ -6,9 +6,7 @@
 
 use burn::backend::Wgpu;
 use burn::tensor::{Int, Tensor, TensorData};
-use dtopp::model::long_reductions::{
-    column_means, column_sums, int_column_sums, int_max, int_min, mean_of_all,
-};
+use dtopp::model::long_reductions::{column_means, column_sums, int_max, int_min, mean_of_all};
 
 #[test]
 fn blocked_reductions_past_the_loop_limit_on_wgpu_are_exact() {
@@ -31,7 +29,7 @@ fn blocked_reductions_past_the_loop_limit_on_wgpu_are_exact() {
         let read_f =
             |t: Tensor<Wgpu, 1>| -> Vec<f64> { t.into_data().convert::<f64>().to_vec().unwrap() };
         assert_eq!(
-            read_i(int_column_sums(ints.clone())),
+            read_i(column_sums(ints.clone())),
             want_sums,
             "n {n}: int sums"
         );

@@ -11,13 +11,17 @@
 //! exact at any length there; it is used as is.
 
 use burn::tensor::backend::Backend;
-use burn::tensor::{Int, Tensor};
+use burn::tensor::{Element, Int, Numeric, Tensor};
 
 /// The longest axis one reduction loop walks.
 const BLOCK: usize = 256;
 
-/// `[C]` sums over the rows of `x` `[N, C]`.
-pub fn column_sums<B: Backend>(x: Tensor<B, 2>) -> Tensor<B, 1> {
+/// `[C]` sums over the rows of `x` `[N, C]` (float or integer).
+pub fn column_sums<B: Backend, K>(x: Tensor<B, 2, K>) -> Tensor<B, 1, K>
+where
+    K: Numeric<B>,
+    K::Elem: Element,
+{
     let c = x.dims()[1];
     fold_rows(
         x,
@@ -32,18 +36,6 @@ pub fn column_sums<B: Backend>(x: Tensor<B, 2>) -> Tensor<B, 1> {
 pub fn column_means<B: Backend>(x: Tensor<B, 2>) -> Tensor<B, 1> {
     let n = x.dims()[0];
     column_sums(x).div_scalar(n as f64)
-}
-
-/// `[C]` integer sums over the rows of `x` `[N, C]`.
-pub fn int_column_sums<B: Backend>(x: Tensor<B, 2, Int>) -> Tensor<B, 1, Int> {
-    let c = x.dims()[1];
-    fold_rows(
-        x,
-        |x| x.sum_dim(1),
-        |shape, device| Tensor::zeros(shape, device),
-    )
-    .sum_dim(0)
-    .reshape([c])
 }
 
 /// `[1]` the mean of every element of `x`.
@@ -80,8 +72,8 @@ fn fold_rows<B: Backend, K>(
     pad: impl Fn([usize; 2], &B::Device) -> Tensor<B, 2, K>,
 ) -> Tensor<B, 2, K>
 where
-    K: burn::tensor::Numeric<B>,
-    K::Elem: burn::tensor::Element,
+    K: Numeric<B>,
+    K::Elem: Element,
 {
     let device = x.device();
     let [mut n, c] = x.dims();
@@ -102,7 +94,7 @@ mod tests {
     use burn::backend::NdArray;
     use burn::tensor::{Int, Tensor, TensorData};
 
-    use super::{column_means, column_sums, int_column_sums, int_max, int_min, mean_of_all};
+    use super::{column_means, column_sums, int_max, int_min, mean_of_all};
 
     type B = NdArray;
 
@@ -121,7 +113,7 @@ mod tests {
             };
             let floats_of = |t: Tensor<B, 1>| -> Vec<f32> { t.into_data().to_vec().unwrap() };
             assert_eq!(
-                ints_of(int_column_sums(ints.clone())),
+                ints_of(column_sums(ints.clone())),
                 ints_of(ints.clone().sum_dim(0).reshape([3])),
                 "n {n}"
             );

@@ -15,7 +15,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 
 use super::device_routing::{read_ints, route_on_device};
 use super::drn::drn_probs;
-use super::long_reductions::int_column_sums;
+use super::long_reductions::column_sums;
 use super::precision::Precision;
 use super::routed_rows::{gather_rows, gathers, sum_rows};
 use super::routing::{RouteEngine, Selector};
@@ -142,8 +142,8 @@ impl<B: Backend> LayerRouting<B> {
         let ks = Tensor::<B, 1, Int>::arange(1..e as i64 + 1, &device)
             .reshape([1, e])
             .expand([n, e]);
-        let histogram = int_column_sums(k.clone().expand([n, e]).equal(ks).int());
-        let load = int_column_sums(selected.clone());
+        let histogram = column_sums(k.clone().expand([n, e]).equal(ks).int());
+        let load = column_sums(selected.clone());
         Some(Tensor::cat(vec![k.sum(), histogram, load], 0))
     }
 }
