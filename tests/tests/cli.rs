@@ -649,6 +649,44 @@ fn a_batch_past_the_adapters_loop_limit_trains_on_wgpu_as_on_the_cpu() {
 }
 
 #[test]
+fn a_vocabulary_past_the_adapters_loop_limit_is_refused_on_lavapipe() {
+    let Some(ops) = dtopp_tests::wgpu_or_skip() else {
+        return;
+    };
+    if !ops.adapter_name().contains("llvmpipe") {
+        println!("SKIPPED: {} does not cut shader loops", ops.adapter_name());
+        return;
+    }
+    // The cross-entropy's softmax over 300,000 logits would cover 262,128 of them there.
+    let dir = scratch("vocab-limit");
+    let config = dir.join("c.toml");
+    std::fs::write(
+        &config,
+        "[model]\nvocab = 300000\nd_model = 16\n[data.synthetic]\nvocab = 300000\n",
+    )
+    .unwrap();
+    let out_dir = dir.join("run");
+    let out = dtopp(&[
+        "train",
+        "--config",
+        config.to_str().unwrap(),
+        "--backend",
+        "wgpu",
+        "--out",
+        out_dir.to_str().unwrap(),
+    ]);
+    let (_, err) = text(&out);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("invalid model.vocab = 300000")
+            && err.contains("at most 262128")
+            && err.contains("ends shader loops after 65535 iterations"),
+        "{err}"
+    );
+    assert!(!out_dir.exists(), "refused before anything is written");
+}
+
+#[test]
 fn reproduce_ci_scale_writes_the_report_and_plots() {
     let dir = scratch("reproduce");
     let out = dir.join("repro");

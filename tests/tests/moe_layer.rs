@@ -1,7 +1,7 @@
 //! The MoE layer on burn-wgpu against burn ndarray, forward and gradients, with more
 //! routes than lavapipe runs loop iterations (65535): dispatch and combine must not lose
 //! rows on any adapter, which burn's own scatter ops do there (`core/src/train/
-//! scatter_limit.rs`). Top-k through the CPU reference on a host copy of P, Top-p
+//! loop_limit.rs`). Top-k through the CPU reference on a host copy of P, Top-p
 //! through burn tensor ops on the device.
 
 use burn::backend::{Autodiff, NdArray, Wgpu};

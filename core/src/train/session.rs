@@ -15,9 +15,9 @@ use super::batches::{Batch, Corpus};
 use super::checkpoint::{Checkpoint, CheckpointHeader};
 use super::collective::Rank;
 use super::config::TrainConfig;
+use super::loop_limit::check_loop_limits;
 use super::losses::{cross_entropy, total_loss};
 use super::mode::RoutingMode;
-use super::scatter_limit::check_scatter_length;
 use super::schedule::learning_rate;
 use super::threshold::ThresholdPolicy;
 use crate::controller::{ThresholdScope, calibrate_threshold};
@@ -101,7 +101,7 @@ impl<'e, B: AutodiffBackend> TrainSession<'e, B> {
     ) -> Result<Self> {
         config.validate()?;
         check_world(config, rank)?;
-        check_scatter_length::<B>(config, device)?;
+        check_loop_limits::<B>(config, device)?;
         let run = &config.run;
         let (corpus, validation, snippet) = open_data(config, rank)?;
         let model =
@@ -174,7 +174,7 @@ impl<'e, B: AutodiffBackend> TrainSession<'e, B> {
         config.routing = header.routing.clone();
         config.validate()?;
         check_world(&config, rank)?;
-        check_scatter_length::<B>(&config, device)?;
+        check_loop_limits::<B>(&config, device)?;
         let (corpus, validation, snippet) = open_data(&config, rank)?;
         let fresh = MoeLanguageModel::<B>::new(&config.model, config.run.seed, device)?;
         let mut load = LoadParams {

@@ -7,7 +7,7 @@ use burn::tensor::backend::AutodiffBackend;
 
 use super::checkpoint::{Checkpoint, latest_checkpoint, write_checkpoint};
 use super::config::TrainConfig;
-use super::scatter_limit::check_scatter_length;
+use super::loop_limit::check_loop_limits;
 use super::session::TrainSession;
 use crate::error::{Error, Result};
 use crate::io::write_atomic;
@@ -55,7 +55,7 @@ pub(super) fn check_backend<B: AutodiffBackend>(
     device: &B::Device,
 ) -> Result<()> {
     config.run.precision.check::<B>(device, &B::name(device))?;
-    check_scatter_length::<B>(config, device)
+    check_loop_limits::<B>(config, device)
 }
 
 /// Checks `config`, creates the run directory (refusing one that holds a run) and
