@@ -42,7 +42,7 @@ pub fn embed_tokens<B: Backend>(table: Tensor<B, 2>, tokens: Tensor<B, 1, Int>) 
 }
 
 /// How the gradient rows of N positions fold into one row per vocabulary entry.
-#[derive(Debug, PartialEq)]
+#[derive(Debug)]
 struct FoldPlan {
     /// Each pass: `[R, W]` rows of the pass before (of the positions, for the first) to
     /// add into each of its R rows, padded with the row count before (a zero row).

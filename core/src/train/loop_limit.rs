@@ -62,16 +62,14 @@ pub(crate) fn check_loop_limits<B: Backend>(
     if longest < LOOP_LIMIT || !loops_are_cut::<B>(device)? {
         return Ok(());
     }
-    let what = format!(
-        "burn's scatter ops loop over the routes: batch_size x seq_len x (routing.k_max, else E for Top-p, T for Top-k) = {} x {} x {k_bound} = {longest} (lower batch_size and raise run.grad_accum, or set routing.k_max)",
-        config.run.batch_size, config.model.seq_len,
-    );
     Err(Error::param(
         "run.batch_size",
         config.run.batch_size,
         format!(
-            "a micro-batch whose scatters stay below {LOOP_LIMIT} rows on {}: this adapter ends shader loops after {LOOP_LIMIT} iterations (Mesa's lavapipe does), and {what}",
+            "a micro-batch whose scatters stay below {LOOP_LIMIT} rows on {}: this adapter ends shader loops after {LOOP_LIMIT} iterations (Mesa's lavapipe does), and burn's scatter ops loop over the routes: batch_size x seq_len x (routing.k_max, else E for Top-p, T for Top-k) = {} x {} x {k_bound} = {longest} (lower batch_size and raise run.grad_accum, or set routing.k_max)",
             B::name(device),
+            config.run.batch_size,
+            config.model.seq_len,
         ),
     ))
 }

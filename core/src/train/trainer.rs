@@ -48,8 +48,8 @@ pub fn train<B: AutodiffBackend>(
 }
 
 /// Refuses, before anything is written, `run.precision` where the backend on `device`
-/// cannot run it, and a micro-batch whose scatters would reach the device's shader loop
-/// limit.
+/// cannot run it, and a vocabulary or micro-batch whose loops would reach the device's
+/// shader loop limit.
 pub(super) fn check_backend<B: AutodiffBackend>(
     config: &TrainConfig,
     device: &B::Device,
