@@ -60,6 +60,7 @@ fn a_tiny_model_overfits_a_short_sequence() {
             };
             2
         ],
+        bounds: None,
     };
     let engine = RouteEngine::Cpu(CpuReference);
     let mut optim_config = Preset::Tiny.config().optimizer;
@@ -141,6 +142,7 @@ fn router_and_theta_gradients_of_the_whole_model_match_finite_differences() {
         let plan = RoutingPlan {
             use_drn,
             selectors: vec![selector; 2],
+            bounds: None,
         };
         let (loss, experts) = probe(&model, &inputs, &w, &plan);
         let grads = GradientsParams::from_grads(loss.backward(), &model);

@@ -75,6 +75,7 @@ fn run<B: Backend>(
         true,
         selector,
         engine,
+        None,
         Precision::F32,
     )
     .unwrap();

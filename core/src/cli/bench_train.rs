@@ -105,10 +105,7 @@ pub(crate) fn run(args: TrainBenchArgs) -> Result<()> {
         peak_tflops: args.peak_tflops,
     };
     let route_on = args.route_on;
-    let routing = |kernels: String| match route_on {
-        RouteOn::Kernels => kernels,
-        RouteOn::Device => RouteOn::DEVICE_NAME.to_string(),
-    };
+    let routing = |kernels: String| route_on.device_name().map_or(kernels, str::to_string);
     let (result, backend) = match args.backend {
         Backend::Cpu => {
             use burn::backend::{Autodiff, NdArray};
@@ -131,16 +128,13 @@ pub(crate) fn run(args: TrainBenchArgs) -> Result<()> {
         #[cfg(feature = "wgpu")]
         Backend::Wgpu => {
             use burn::backend::{Autodiff, Wgpu};
-            let (engine, name) = match route_on {
-                RouteOn::Kernels => {
+            let (engine, name) = match (route_on.device_engine(), route_on.device_name()) {
+                (Some(engine), Some(name)) => (engine, format!("wgpu + {name}")),
+                _ => {
                     let ops = super::wgpu_backend()?;
                     let name = format!("wgpu + dtopp WGSL kernels on {}", ops.adapter_name());
                     (RouteEngine::Wgpu(Box::new(ops)), name)
                 }
-                RouteOn::Device => (
-                    RouteEngine::Device,
-                    format!("wgpu + {}", RouteOn::DEVICE_NAME),
-                ),
             };
             let memory = MemoryProbe {
                 kind: "not measured (wgpu has no memory counters)",
@@ -166,9 +160,9 @@ pub(crate) fn run(args: TrainBenchArgs) -> Result<()> {
                 routing("dtopp CUDA kernels".to_string()),
                 ops.device_name()
             );
-            let (engine, probe) = match route_on {
-                RouteOn::Kernels => (RouteEngine::Cuda(Box::new(ops)), None),
-                RouteOn::Device => (RouteEngine::Device, Some(ops)),
+            let (engine, probe) = match route_on.device_engine() {
+                None => (RouteEngine::Cuda(Box::new(ops)), None),
+                Some(engine) => (engine, Some(ops)),
             };
             // The GPU's memory, read through whichever handle of the kernels is kept.
             let in_use = || match (&engine, &probe) {
@@ -226,4 +220,9 @@ fn report(t: &Throughput, backend: &str, json: bool) {
         t.model_tflops,
         t.peak_memory_kind
     );
+    if let Some((redone, runs)) = t.padded_redone {
+        println!(
+            "\npadded expert buffers: {redone} of {runs} micro-batches outgrew them and were redone exactly"
+        );
+    }
 }

@@ -84,22 +84,41 @@ pub(crate) enum RouteOn {
     /// reads E + 3 integers per layer (the expert offsets, the route count, the first
     /// non-finite logit, the most experts a token took).
     Device,
+    /// The same selection, experts on padded buffers sized from the previous
+    /// micro-batch: the host reads nothing per layer (a micro-batch that outgrows the
+    /// buffers is run again exactly, so nothing is dropped).
+    DevicePadded,
 }
 
 #[cfg(feature = "train")]
 impl RouteOn {
-    /// How `device` routing is named in logs and benchmark tables.
-    pub(crate) const DEVICE_NAME: &'static str = "routing on the model's device (burn tensor ops)";
+    /// How routing on the model's device is named in logs and benchmark tables (`None`
+    /// for the kernels, which name themselves).
+    pub(crate) fn device_name(self) -> Option<&'static str> {
+        match self {
+            RouteOn::Kernels => None,
+            RouteOn::Device => Some("routing on the model's device (burn tensor ops)"),
+            RouteOn::DevicePadded => Some(
+                "routing on the model's device (burn tensor ops), experts in padded buffers",
+            ),
+        }
+    }
+
+    /// The engine that routes on the model's device (`None` for the kernels).
+    pub(crate) fn device_engine(self) -> Option<crate::model::RouteEngine> {
+        match self {
+            RouteOn::Kernels => None,
+            RouteOn::Device => Some(crate::model::RouteEngine::Device),
+            RouteOn::DevicePadded => Some(crate::model::RouteEngine::DevicePadded),
+        }
+    }
 
     /// The engine for `backend`, built by `kernels` when the run routes on the kernels.
     pub(crate) fn engine(
         self,
         kernels: impl FnOnce() -> Result<crate::model::RouteEngine>,
     ) -> Result<crate::model::RouteEngine> {
-        match self {
-            RouteOn::Kernels => kernels(),
-            RouteOn::Device => Ok(crate::model::RouteEngine::Device),
-        }
+        self.device_engine().map_or_else(kernels, Ok)
     }
 }
 

@@ -44,9 +44,11 @@ pub(crate) struct TrainArgs {
     #[arg(long, value_enum, default_value_t = Backend::Cpu)]
     backend: Backend,
     /// Where experts are selected and the dispatch plan built: `kernels` (dtopp's routing
-    /// kernels of the backend on a host copy of each layer's probabilities) or `device`
+    /// kernels of the backend on a host copy of each layer's probabilities), `device`
     /// (burn tensor ops where the model is; the probabilities stay there and the host
-    /// reads E + 3 integers per layer). See docs/benchmarks.md for the trade-off.
+    /// reads E + 3 integers per layer) or `device-padded` (the same selection, experts on
+    /// buffers sized from the previous micro-batch: nothing read per layer; an
+    /// outgrown micro-batch is redone exactly). See docs/benchmarks.md for the trade-off.
     #[arg(long, value_enum, default_value_t = RouteOn::Kernels)]
     route_on: RouteOn,
     /// Data-parallel training, one rank per device: `cuda:0,cuda:1`, `wgpu:0,wgpu:1`
@@ -246,7 +248,7 @@ fn run_data_parallel(args: &TrainArgs, specs: &[DeviceSpec]) -> Result<()> {
                     _ => unreachable!("parse_devices keeps one backend"),
                 })
                 .collect();
-            if route_on == RouteOn::Device {
+            if route_on != RouteOn::Kernels {
                 // The driver and devices checked before burn-cuda touches them.
                 for &ordinal in &ordinals {
                     super::cuda_backend_on(ordinal)?;

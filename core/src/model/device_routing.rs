@@ -69,50 +69,21 @@ pub fn route_on_device<B: Backend>(
         .clone()
         .select(0, Tensor::arange_step(0..(e * n) as i64, n, &device));
     let total = inclusive.clone().narrow(0, e * n - 1, 1);
-    // The first non-finite logit in row-major order (N E when there is none).
-    let bad = logits.clone().is_nan().int() + logits.clone().is_inf().int();
-    let first_bad = Tensor::<B, 1, Int>::arange(0..(n * e) as i64, &device)
-        .mask_fill(bad.reshape([n * e]).equal_elem(0), (n * e) as i64);
-    let first_bad = int_min(first_bad);
+    let first_bad = first_non_finite(logits.clone());
     let most = int_max(selected.clone().sum_dim(1).reshape([n]));
     let head = read_ints(Tensor::cat(vec![expert_starts, total, first_bad, most], 0))?;
     let (routes, first_bad) = (head[e] as usize, head[e + 1] as usize);
     let slots = (head[e + 2] as usize).max(1);
     if first_bad < n * e {
-        let (token, column) = (first_bad / e, first_bad % e);
-        let value = logits
-            .slice([token..token + 1, column..column + 1])
-            .into_data()
-            .convert::<f32>()
-            .to_vec::<f32>()
-            .map_or(f32::NAN, |v| v[0]);
-        return Err(Error::NonFinite {
-            op: "route_on_device",
-            what: "router logit",
-            token,
-            column,
-            value,
-        });
+        return Err(non_finite_logit(&logits, first_bad));
     }
     let mut expert_offsets: Vec<usize> = head[..e].iter().map(|&o| o as usize).collect();
     expert_offsets.push(routes);
 
     // Route m is the selected (expert, token) whose inclusive count is m + 1: the first
-    // flat index where the running count exceeds m, found by a binary search of every
-    // route at once. Gathers only: burn's scatter ops loop over the scattered axis in one
-    // thread per column (slow on a GPU, and cut off after 65535 iterations on lavapipe).
+    // flat index where the running count exceeds m.
     let targets = Tensor::<B, 1, Int>::arange(0..routes as i64, &device);
-    let mut lo = Tensor::<B, 1, Int>::zeros([routes], &device);
-    let mut hi = Tensor::<B, 1, Int>::full([routes], (e * n - 1) as i64, &device);
-    for _ in 0..usize::BITS - (e * n - 1).leading_zeros() {
-        let mid = (lo.clone() + hi.clone()).div_scalar(2);
-        let left = inclusive
-            .clone()
-            .select(0, mid.clone())
-            .greater(targets.clone());
-        hi = hi.mask_where(left.clone(), mid.clone());
-        lo = mid.add_scalar(1).mask_where(left, lo);
-    }
+    let lo = first_above(&inclusive, targets);
     let route_tokens = lo.clone().remainder_scalar(n as i64);
     let route_sources = route_tokens.clone().mul_scalar(e as i64) + lo.div_scalar(n as i64);
 
@@ -134,9 +105,64 @@ pub fn route_on_device<B: Backend>(
     })
 }
 
+/// `[1]` the first non-finite entry of `logits` `[N, E]` in row-major order (`N E` when
+/// there is none).
+pub(super) fn first_non_finite<B: Backend>(logits: Tensor<B, 2>) -> Tensor<B, 1, Int> {
+    let [n, e] = logits.dims();
+    let bad = logits.clone().is_nan().int() + logits.is_inf().int();
+    let flat = Tensor::<B, 1, Int>::arange(0..(n * e) as i64, &bad.device())
+        .mask_fill(bad.reshape([n * e]).equal_elem(0), (n * e) as i64);
+    int_min(flat)
+}
+
+/// The error for the non-finite router logit at row-major index `flat` (read back).
+pub fn non_finite_logit<B: Backend>(logits: &Tensor<B, 2>, flat: usize) -> Error {
+    let e = logits.dims()[1];
+    let (token, column) = (flat / e, flat % e);
+    let value = logits
+        .clone()
+        .slice([token..token + 1, column..column + 1])
+        .into_data()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .map_or(f32::NAN, |v| v[0]);
+    Error::NonFinite {
+        op: "route_on_device",
+        what: "router logit",
+        token,
+        column,
+        value,
+    }
+}
+
+/// For each target `t`, the first index `f` of the non-decreasing `inclusive` with
+/// `inclusive[f] > t` (the last index where there is none): a binary search of every
+/// target at once, gathers only. Burn's scatter ops loop over the scattered axis in one
+/// thread per column (slow on a GPU, and cut off after 65535 iterations on lavapipe).
+pub(super) fn first_above<B: Backend>(
+    inclusive: &Tensor<B, 1, Int>,
+    targets: Tensor<B, 1, Int>,
+) -> Tensor<B, 1, Int> {
+    let len = inclusive.dims()[0];
+    let count = targets.dims()[0];
+    let device = targets.device();
+    let mut lo = Tensor::<B, 1, Int>::zeros([count], &device);
+    let mut hi = Tensor::<B, 1, Int>::full([count], (len - 1) as i64, &device);
+    for _ in 0..usize::BITS - (len - 1).leading_zeros() {
+        let mid = (lo.clone() + hi.clone()).div_scalar(2);
+        let left = inclusive
+            .clone()
+            .select(0, mid.clone())
+            .greater(targets.clone());
+        hi = hi.mask_where(left.clone(), mid.clone());
+        lo = mid.add_scalar(1).mask_where(left, lo);
+    }
+    lo
+}
+
 /// `[N, S]`: slot s of token i holds `route_of[i, j]` for the expert j at rank s (`M`
 /// where that expert is not selected), from one-hot ranks `[N, E, S]` in chunks of tokens.
-fn slots_by_rank<B: Backend>(
+pub(super) fn slots_by_rank<B: Backend>(
     route_of: Tensor<B, 2, Int>,
     rank: Tensor<B, 2, Int>,
     slots: usize,
@@ -178,7 +204,7 @@ pub fn select<B: Backend>(probs: Tensor<B, 2>, selector: Selector) -> Result<Ten
 }
 
 /// [`select`] and `[N, E]` each expert's rank within its token (0 = most probable).
-fn select_ranked<B: Backend>(
+pub(super) fn select_ranked<B: Backend>(
     probs: Tensor<B, 2>,
     selector: Selector,
 ) -> Result<(Tensor<B, 2, Int>, Tensor<B, 2, Int>)> {
@@ -236,7 +262,7 @@ fn select_chunk<B: Backend>(
 }
 
 /// Inclusive prefix sum of a 1-D integer tensor, in blocks of [`SCAN_BLOCK`].
-fn inclusive_scan<B: Backend>(values: Tensor<B, 1, Int>) -> Tensor<B, 1, Int> {
+pub(super) fn inclusive_scan<B: Backend>(values: Tensor<B, 1, Int>) -> Tensor<B, 1, Int> {
     let n = values.dims()[0];
     if n <= SCAN_BLOCK {
         return values.cumsum(0);

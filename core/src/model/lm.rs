@@ -13,6 +13,7 @@ use super::dense::DenseFfn;
 use super::init::normal_param;
 use super::moe::MoeForward;
 use super::moe_layer::MoeLayer;
+use super::padded_routing::ExpertBounds;
 use super::precision::Precision;
 use super::routing::{RouteEngine, Selector};
 use super::token_embedding::embed_tokens;
@@ -49,6 +50,9 @@ pub struct RoutingPlan {
     pub use_drn: bool,
     /// One selector per MoE layer, first to last.
     pub selectors: Vec<Selector>,
+    /// One [`ExpertBounds`] per MoE layer for [`RouteEngine::DevicePadded`]'s padded
+    /// layout; `None` runs every engine in its exact layout.
+    pub bounds: Option<Vec<ExpertBounds>>,
 }
 
 /// What a forward pass returns.
@@ -111,6 +115,15 @@ impl<B: Backend> MoeLanguageModel<B> {
                 format!("one per MoE layer ({moe_layers})"),
             ));
         }
+        if let Some(bounds) = &routing.bounds
+            && bounds.len() != moe_layers
+        {
+            return Err(Error::param(
+                "padded expert bounds",
+                bounds.len(),
+                format!("one per MoE layer ({moe_layers})"),
+            ));
+        }
         let device = tokens.device();
         let d = self.embed.dims()[1];
         let mask = causal_mask::<B>(s, &device);
@@ -126,7 +139,9 @@ impl<B: Backend> MoeLanguageModel<B> {
             let y = match (&block.moe, &block.dense) {
                 (Some(layer), _) => {
                     let selector = *selectors.next().expect("one selector per MoE layer");
-                    let out = layer.forward(h, routing.use_drn, selector, engine, precision)?;
+                    let bounds = routing.bounds.as_ref().map(|b| b[moe.len()]);
+                    let out =
+                        layer.forward(h, routing.use_drn, selector, engine, bounds, precision)?;
                     let y = out.output.clone();
                     moe.push(out);
                     y
@@ -177,6 +192,7 @@ mod tests {
         let plan = RoutingPlan {
             use_drn: true,
             selectors: vec![Selector::TopK(2); c.moe_layers()],
+            bounds: None,
         };
         let engine = RouteEngine::Cpu(CpuReference);
         let logits = |tokens: Vec<i64>| -> Vec<f32> {

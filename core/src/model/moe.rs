@@ -16,6 +16,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 use super::device_routing::{read_ints, route_on_device};
 use super::drn::drn_probs;
 use super::long_reductions::column_sums;
+use super::padded_routing::{ExpertBounds, route_padded};
 use super::precision::Precision;
 use super::routed_rows::{gather_rows, gathers, sum_rows};
 use super::routing::{RouteEngine, Selector};
@@ -63,11 +64,22 @@ pub enum LayerRouting<B: Backend> {
         /// `[E]` tokens routed to each expert.
         expert_load: Vec<i32>,
     },
-    /// Kept on the model's device ([`RouteEngine::Device`]).
+    /// Kept on the model's device ([`RouteEngine::Device`], [`RouteEngine::DevicePadded`]).
     Device {
         /// `[N, E]` 1 where the token selected the expert.
         selected: Tensor<B, 2, Int>,
+        /// Set where the layer ran in the padded layout: what the trainer must check.
+        padded: Option<PaddedCheck<B>>,
     },
+}
+
+/// What a layer in the padded layout leaves unchecked until the trainer reads it.
+#[derive(Clone, Debug)]
+pub struct PaddedCheck<B: Backend> {
+    /// The bounds it ran under (a larger micro-batch must be redone).
+    pub bounds: ExpertBounds,
+    /// `[1]` the first non-finite router logit, row-major, `N E` when none.
+    pub first_bad: Tensor<B, 1, Int>,
 }
 
 /// One layer's routing counts: `[sum of k, histogram of k (k = 1..=E), load per expert]`.
@@ -78,7 +90,7 @@ impl<B: Backend> LayerRouting<B> {
     pub fn counts(&self) -> Result<Vec<i32>> {
         match self {
             LayerRouting::Host { counts, .. } => Ok(counts.clone()),
-            LayerRouting::Device { selected } => {
+            LayerRouting::Device { selected, .. } => {
                 let [n, _] = selected.dims();
                 let k = read_ints(selected.clone().sum_dim(1).reshape([n]))?;
                 Ok(k.into_iter().map(|v| v as i32).collect())
@@ -91,7 +103,7 @@ impl<B: Backend> LayerRouting<B> {
     pub fn ranked_experts(&self, probs: &[f32]) -> Result<Vec<i32>> {
         match self {
             LayerRouting::Host { experts, .. } => Ok(experts.clone()),
-            LayerRouting::Device { selected } => {
+            LayerRouting::Device { selected, .. } => {
                 let [n, e] = selected.dims();
                 let mask = read_ints(selected.clone())?;
                 let mut experts = vec![-1i32; n * e];
@@ -133,7 +145,7 @@ impl<B: Backend> LayerRouting<B> {
     /// The layer's counts as a device tensor `[1 + 2E]` ([`LayerCounts`]), to be read
     /// together with the other layers'.
     pub fn device_counts(&self) -> Option<Tensor<B, 1, Int>> {
-        let LayerRouting::Device { selected } = self else {
+        let LayerRouting::Device { selected, .. } = self else {
             return None;
         };
         let [n, e] = selected.dims();
@@ -229,6 +241,7 @@ pub fn moe_forward<B: Backend>(
     use_drn: bool,
     selector: Selector,
     engine: &RouteEngine,
+    bounds: Option<ExpertBounds>,
     precision: Precision,
 ) -> Result<MoeForward<B>> {
     let [n, d] = x.dims();
@@ -242,10 +255,13 @@ pub fn moe_forward<B: Backend>(
     } else {
         softmax(logits.clone(), 1)
     };
+    if let (RouteEngine::DevicePadded, Some(bounds)) = (engine, bounds) {
+        return moe_padded(x, w, logits, probs, selector, bounds, precision);
+    }
 
     // Selection and plan (the spec's rules), through the run's engine.
     let plan = match engine {
-        RouteEngine::Device => {
+        RouteEngine::Device | RouteEngine::DevicePadded => {
             let route = route_on_device(probs.clone().detach(), logits.clone().detach(), selector)?;
             Plan {
                 route_tokens: route.route_tokens,
@@ -255,6 +271,7 @@ pub fn moe_forward<B: Backend>(
                 expert_offsets: route.expert_offsets,
                 routing: LayerRouting::Device {
                     selected: route.selected,
+                    padded: None,
                 },
             }
         }
@@ -298,6 +315,65 @@ pub fn moe_forward<B: Backend>(
         logits,
         probs,
         routing: plan.routing,
+    })
+}
+
+/// [`moe_forward`] in the padded layout ([`super::padded_routing`]): every expert on a
+/// buffer of `bounds.capacity` rows in one batched product, nothing read back.
+fn moe_padded<B: Backend>(
+    x: Tensor<B, 2>,
+    w: &MoeWeights<B>,
+    logits: Tensor<B, 2>,
+    probs: Tensor<B, 2>,
+    selector: Selector,
+    bounds: ExpertBounds,
+    precision: Precision,
+) -> Result<MoeForward<B>> {
+    let [n, d] = x.dims();
+    let [e, _, _] = w.gate.dims();
+    let (c, s) = (bounds.capacity, bounds.slots);
+    let rows = e * c;
+    let device = x.device();
+    let route = route_padded(probs.clone().detach(), logits.clone().detach(), selector, bounds)?;
+
+    // Combine weights, as in the exact layout; an empty row reads the appended zero.
+    let kept = probs.clone() * route.row_of.clone().lower_elem(rows as i64).float();
+    let renormalised = (kept.clone() / kept.sum_dim(1)).reshape([n * e, 1]);
+    let renormalised = Tensor::cat(vec![renormalised, Tensor::zeros([1, 1], &device)], 0);
+    let readers = Tensor::cat(
+        vec![
+            route.row_of.clone().reshape([n * e, 1]),
+            Tensor::full([1, 1], rows as i64, &device),
+        ],
+        0,
+    );
+    let g = gather_rows(renormalised, &route.row_sources, Some(&readers)).reshape([rows]);
+
+    // Dispatch into the buffers: empty rows read the appended zero row of x, so their
+    // expert outputs are exactly zero.
+    let x = Tensor::cat(vec![x, Tensor::zeros([1, d], &device)], 0);
+    let x_readers = route.token_slots.clone().map(|slots| {
+        Tensor::cat(vec![slots, Tensor::full([1, s], rows as i64, &device)], 0)
+    });
+    let xs = gather_rows(x, &route.row_tokens, x_readers.as_ref()).reshape([e, c, d]);
+    let hidden = silu(precision.matmul(xs.clone(), w.gate.clone()))
+        * precision.matmul(xs, w.up.clone());
+    let ys = precision.matmul(hidden, w.down.clone()).reshape([rows, d]);
+
+    // Combine: an empty row adds its zero output, with weight zero, to token N - 1.
+    let to_token = route.row_tokens.clamp_max(n as i64 - 1);
+    let output = sum_rows(ys, g, route.token_slots.as_ref(), &to_token, n);
+    Ok(MoeForward {
+        output,
+        logits,
+        probs,
+        routing: LayerRouting::Device {
+            selected: route.selected,
+            padded: Some(PaddedCheck {
+                bounds,
+                first_bad: route.first_bad,
+            }),
+        },
     })
 }
 
@@ -356,6 +432,7 @@ mod tests {
             true,
             selector,
             engine,
+            None,
             Precision::F32,
         )
         .unwrap();
@@ -365,7 +442,7 @@ mod tests {
         let mut routing = fwd.routing.counts().unwrap();
         let load = match &fwd.routing {
             LayerRouting::Host { expert_load, .. } => expert_load.clone(),
-            LayerRouting::Device { selected } => read_ints(selected.clone().sum_dim(0))
+            LayerRouting::Device { selected, .. } => read_ints(selected.clone().sum_dim(0))
                 .unwrap()
                 .into_iter()
                 .map(|c| c as i32)

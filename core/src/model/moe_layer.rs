@@ -8,6 +8,7 @@ use burn::tensor::backend::Backend;
 use super::config::ModelConfig;
 use super::init::{constant_param, normal_param};
 use super::moe::{MoeForward, MoeWeights, moe_forward};
+use super::padded_routing::ExpertBounds;
 use super::precision::Precision;
 use super::routing::{RouteEngine, Selector};
 use crate::error::Result;
@@ -47,13 +48,15 @@ impl<B: Backend> MoeLayer<B> {
         }
     }
 
-    /// Token rows `[N, D]` through the router and the selected experts.
+    /// Token rows `[N, D]` through the router and the selected experts (`bounds`: the
+    /// padded layout's, for [`RouteEngine::DevicePadded`]).
     pub fn forward(
         &self,
         x: Tensor<B, 2>,
         use_drn: bool,
         selector: Selector,
         engine: &RouteEngine,
+        bounds: Option<ExpertBounds>,
         precision: Precision,
     ) -> Result<MoeForward<B>> {
         let weights = MoeWeights {
@@ -63,6 +66,6 @@ impl<B: Backend> MoeLayer<B> {
             up: self.up.val(),
             down: self.down.val(),
         };
-        moe_forward(x, &weights, use_drn, selector, engine, precision)
+        moe_forward(x, &weights, use_drn, selector, engine, bounds, precision)
     }
 }

@@ -36,6 +36,9 @@ pub enum RouteEngine {
     /// ([`super::device_routing`]): the probabilities stay there; the host reads the
     /// plan's `E + 1` offsets per layer.
     Device,
+    /// The same selection in the padded layout ([`super::padded_routing`]): nothing is
+    /// read back per layer; the trainer checks the bounds once per micro-batch.
+    DevicePadded,
 }
 
 impl std::fmt::Debug for RouteEngine {
@@ -56,6 +59,10 @@ impl RouteEngine {
             RouteEngine::Device => {
                 "burn tensor ops on the model's device (pairwise ranks, blocked scan)".to_string()
             }
+            RouteEngine::DevicePadded => {
+                "burn tensor ops on the model's device, experts in padded buffers (no read-back per layer)"
+                    .to_string()
+            }
         }
     }
 
@@ -72,7 +79,7 @@ impl RouteEngine {
             #[cfg(feature = "wgpu")]
             RouteEngine::Wgpu(ops) => route_with(ops.as_ref(), probs, shape, selector),
             RouteEngine::Cuda(ops) => route_with(ops.as_ref(), probs, shape, selector),
-            RouteEngine::Device => Err(Error::param(
+            RouteEngine::Device | RouteEngine::DevicePadded => Err(Error::param(
                 "route engine",
                 "device",
                 "a kernel engine for host probabilities (the device engine routes tensors)",

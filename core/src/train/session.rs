@@ -24,7 +24,8 @@ use crate::controller::{ThresholdScope, calibrate_threshold};
 use crate::error::{Error, Result};
 use crate::metrics::{DifficultyBucket, RoutingSample, RunSummary, StepMetrics};
 use crate::model::{
-    MoeForward, MoeLanguageModel, Precision, RouteEngine, RoutingPlan, Selector, read_ints,
+    ExpertBounds, LayerRouting, MoeForward, MoeLanguageModel, Precision, RouteEngine, RoutingPlan,
+    Selector, non_finite_logit, read_ints,
 };
 use crate::ops::RouteShape;
 use crate::sim::{TrackingSummary, mean_std};
@@ -59,6 +60,13 @@ pub struct TrainSession<'e, B: AutodiffBackend> {
     busy_s: f64,
     // `Some` in a data-parallel run (even of one rank: the same code path).
     rank: Option<Rank>,
+    // The padded layout's bounds per MoE layer ([`RouteEngine::DevicePadded`]), from the
+    // last micro-batch; `None` until one has been measured.
+    bounds: Option<Vec<ExpertBounds>>,
+    // Micro-batches redone in the exact layout because they outgrew their bounds, and
+    // micro-batches run, in this process.
+    redone: u64,
+    padded_runs: u64,
 }
 
 impl<B: AutodiffBackend> std::fmt::Debug for TrainSession<'_, B> {
@@ -127,6 +135,9 @@ impl<'e, B: AutodiffBackend> TrainSession<'e, B> {
             history: Vec::new(),
             busy_s: 0.0,
             rank,
+            bounds: None,
+            redone: 0,
+            padded_runs: 0,
         };
         if session.is_leader() {
             let evaluation = session.evaluate()?;
@@ -228,6 +239,9 @@ impl<'e, B: AutodiffBackend> TrainSession<'e, B> {
             history,
             busy_s: header.busy_s,
             rank,
+            bounds: None,
+            redone: 0,
+            padded_runs: 0,
         })
     }
 
@@ -335,7 +349,29 @@ impl<'e, B: AutodiffBackend> TrainSession<'e, B> {
             selectors: self
                 .policy
                 .selectors(self.layers, self.config.routing.k_max),
+            bounds: None,
         }
+    }
+
+    /// Starts the padded layout ([`RouteEngine::DevicePadded`]) from `bounds`, one per
+    /// MoE layer, instead of measuring the next micro-batch in the exact layout first.
+    pub fn set_padded_bounds(&mut self, bounds: Vec<ExpertBounds>) -> Result<()> {
+        if bounds.len() != self.layers {
+            return Err(Error::param(
+                "padded expert bounds",
+                bounds.len(),
+                format!("one per MoE layer ({})", self.layers),
+            ));
+        }
+        self.bounds = Some(bounds);
+        Ok(())
+    }
+
+    /// In the padded layout ([`RouteEngine::DevicePadded`]): the micro-batches this
+    /// session redid in the exact layout because they outgrew their bounds, and the
+    /// micro-batches it ran; `None` for every other engine.
+    pub fn padded_report(&self) -> Option<(u64, u64)> {
+        matches!(self.engine, RouteEngine::DevicePadded).then_some((self.redone, self.padded_runs))
     }
 
     /// Changes `T` from the next step on. The controller keeps its integral (a bumpless
@@ -440,12 +476,32 @@ impl<'e, B: AutodiffBackend> TrainSession<'e, B> {
         let mut accumulator = GradientsAccumulator::new();
         let mut stats = RoutingStats::new(layers, experts);
         let mut losses = [0.0f64; 4];
+        let padded = matches!(self.engine, RouteEngine::DevicePadded);
         for batch in &batches {
             let (inputs, targets) = batch_tensors::<B>(batch, device);
-            let output = model.forward(inputs, &plan, self.engine, self.config.run.precision)?;
+            let mut plan = plan.clone();
+            plan.bounds = self.bounds.clone().filter(|_| padded);
+            let mut output =
+                model.forward(inputs.clone(), &plan, self.engine, self.config.run.precision)?;
+            // This micro-batch's own counts (in the one read-back it makes).
+            let mut counts = RoutingStats::of_micro_batch(&output.moe, experts)?;
+            if let Some(bounds) = &plan.bounds
+                && !counts.fit(bounds)
+            {
+                // Some expert or token outgrew its buffer: nothing is differentiated yet,
+                // so the micro-batch runs again in the exact layout.
+                plan.bounds = None;
+                output = model.forward(inputs, &plan, self.engine, self.config.run.precision)?;
+                counts = RoutingStats::of_micro_batch(&output.moe, experts)?;
+                self.redone += 1;
+            }
+            if padded {
+                self.padded_runs += 1;
+                let tokens = batch.batch * batch.seq_len;
+                self.bounds = Some(counts.next_bounds(tokens, experts));
+            }
             // The global batch's counts: they drive the controller (every rank the same
             // a_t, so the same p) and the balance loss's expert fractions.
-            let mut counts = RoutingStats::of_micro_batch(&output.moe, experts)?;
             if let Some(rank) = self.rank {
                 let summed = rank.sum_counts::<B>(&counts.flatten(), device)?;
                 counts = RoutingStats::unflatten(&summed, layers, experts);
@@ -768,20 +824,40 @@ impl RoutingStats {
     }
 
     /// The counts of one forward pass: kernel engines hand them over as host arrays;
-    /// device routing sums them on the device and every layer's are read in one go.
+    /// device routing sums them on the device and every layer's are read in one go,
+    /// with the padded layout's first non-finite logits (a non-finite one is an error).
     fn of_micro_batch<B: Backend>(moe: &[MoeForward<B>], experts: usize) -> Result<Self> {
         let width = 1 + 2 * experts;
         let mut flat: Vec<u64> = Vec::with_capacity(moe.len() * width);
-        let on_device: Vec<Tensor<B, 1, Int>> = moe
+        let mut on_device: Vec<Tensor<B, 1, Int>> = moe
             .iter()
             .filter_map(|layer| layer.routing.device_counts())
             .collect();
-        let mut from_device = if on_device.is_empty() {
+        let checked: Vec<(usize, Tensor<B, 1, Int>)> = moe
+            .iter()
+            .enumerate()
+            .filter_map(|(l, layer)| match &layer.routing {
+                LayerRouting::Device {
+                    padded: Some(check),
+                    ..
+                } => Some((l, check.first_bad.clone())),
+                _ => None,
+            })
+            .collect();
+        let counted = on_device.len() * width;
+        on_device.extend(checked.iter().map(|(_, bad)| bad.clone()));
+        let read = if on_device.is_empty() {
             Vec::new()
         } else {
             read_counts(Tensor::cat(on_device, 0))?
+        };
+        for ((l, _), &bad) in checked.iter().zip(&read[counted..]) {
+            let logits = &moe[*l].logits;
+            if bad < logits.shape().num_elements() as u64 {
+                return Err(non_finite_logit(logits, bad as usize));
+            }
         }
-        .into_iter();
+        let mut from_device = read[..counted].iter().copied();
         for layer in moe {
             match layer.routing.host_counts(experts) {
                 Some(counts) => flat.extend(counts),
@@ -789,6 +865,33 @@ impl RoutingStats {
             }
         }
         Ok(Self::unflatten(&flat, moe.len(), experts))
+    }
+
+    /// Whether every layer's busiest expert and busiest token fit `bounds`.
+    fn fit(&self, bounds: &[ExpertBounds]) -> bool {
+        bounds
+            .iter()
+            .enumerate()
+            .all(|(l, b)| b.hold(self.max_load(l), self.max_k(l)))
+    }
+
+    /// Bounds for the next micro-batch of `tokens` tokens, from these counts.
+    fn next_bounds(&self, tokens: usize, experts: usize) -> Vec<ExpertBounds> {
+        (0..self.k_sum.len())
+            .map(|l| ExpertBounds::after(self.max_load(l), self.max_k(l), tokens, experts))
+            .collect()
+    }
+
+    fn max_load(&self, layer: usize) -> usize {
+        self.expert_load[layer].iter().copied().max().unwrap_or(0) as usize
+    }
+
+    /// The most experts a token took (the histogram's last non-empty `k`).
+    fn max_k(&self, layer: usize) -> usize {
+        self.k_histogram[layer]
+            .iter()
+            .rposition(|&c| c > 0)
+            .map_or(0, |k| k + 1)
     }
 
     fn accumulate(&mut self, other: &Self) {
@@ -882,6 +985,7 @@ fn initial_thresholds<B: Backend>(
     let probe = RoutingPlan {
         use_drn: r.mode.uses_drn(),
         selectors: vec![Selector::TopK(r.target.ceil() as usize); layers],
+        bounds: None,
     };
     // Every micro-batch of the first step, so the calibration does not depend on how
     // the step is split, and every rank of a data-parallel run finds the same `p_0`.

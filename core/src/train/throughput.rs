@@ -41,6 +41,9 @@ pub struct Throughput {
     pub peak_memory_kind: String,
     /// Final training loss (sanity: the steps really trained).
     pub last_loss: f64,
+    /// In the padded layout (`--route-on device-padded`): micro-batches redone exactly
+    /// because they outgrew their buffers, and micro-batches run (warm-up included).
+    pub padded_redone: Option<(u64, u64)>,
 }
 
 /// How a throughput run is timed.
@@ -143,6 +146,7 @@ pub fn measure_throughput<B: AutodiffBackend>(
         peak_memory_bytes: peak_memory,
         peak_memory_kind: memory.kind.to_string(),
         last_loss,
+        padded_redone: session.padded_report(),
     })
 }
 

@@ -1,0 +1,166 @@
+//! Routing on the model's device with nothing read back per layer
+//! (`dtopp train --route-on device-padded`).
+//!
+//! burn's matrix products take their shapes from the host, so the exact layout (each
+//! expert on its own slice of rows, [`super::device_routing`]) needs every layer's expert
+//! offsets on the host before its experts run: one synchronisation per MoE layer. Here
+//! each expert instead owns a buffer of `C` rows (`[E, C, D]`, one batched product for
+//! all experts) and each token `S` combine slots, both bounds fixed on the host before
+//! the pass. Rows past an expert's routes read a zero row and are never combined.
+//!
+//! Nothing is dropped: the bounds come from an earlier micro-batch's counts with a
+//! margin ([`ExpertBounds::after`]), the trainer reads this micro-batch's counts in the
+//! one read-back it makes anyway, and a micro-batch that outgrew its bounds is run again
+//! in the exact layout before anything is differentiated ([`ExpertBounds::hold`]).
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor};
+
+use super::device_routing::{
+    first_above, first_non_finite, inclusive_scan, select_ranked, slots_by_rank,
+};
+use super::routed_rows::gathers;
+use super::routing::Selector;
+use crate::error::{Error, Result};
+
+/// Rows per expert buffer are rounded up to a multiple of this (matrix-product tiles).
+const CAPACITY_ROUNDING: usize = 8;
+
+/// The host-side bounds of one MoE layer's padded layout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExpertBounds {
+    /// `C`: rows per expert buffer.
+    pub capacity: usize,
+    /// `S`: combine slots per token (the most experts a token may take).
+    pub slots: usize,
+}
+
+impl ExpertBounds {
+    /// Bounds for the next micro-batch of `tokens` tokens after one whose busiest expert
+    /// took `max_load` tokens and whose busiest token took `max_k` experts: a quarter
+    /// more than seen (rounded up to [`CAPACITY_ROUNDING`] rows), within what `tokens`
+    /// tokens and `experts` experts can ever need.
+    pub fn after(max_load: usize, max_k: usize, tokens: usize, experts: usize) -> Self {
+        let capacity = (max_load + max_load.div_ceil(4))
+            .max(1)
+            .next_multiple_of(CAPACITY_ROUNDING)
+            .min(tokens.max(1));
+        let slots = (max_k + max_k.div_ceil(4)).clamp(1, experts.max(1));
+        Self { capacity, slots }
+    }
+
+    /// Whether a micro-batch with these counts fits: no expert took more than `C` tokens
+    /// and no token more than `S` experts.
+    pub fn hold(&self, max_load: usize, max_k: usize) -> bool {
+        max_load <= self.capacity && max_k <= self.slots
+    }
+}
+
+/// A layer's routing in the padded layout: `E C` buffer rows, expert `j` owning rows
+/// `j C .. (j + 1) C`, its routes first (tokens ascending), then empty rows.
+#[derive(Clone, Debug)]
+pub struct PaddedRoute<B: Backend> {
+    /// `[N, E]` 1 where token i selected expert j, else 0.
+    pub selected: Tensor<B, 2, Int>,
+    /// `[E C]` the token of each buffer row, `N` (a zero row) for an empty one.
+    pub row_tokens: Tensor<B, 1, Int>,
+    /// `[E C]` flat index `i * E + j` into P of each row, `N E` for an empty one.
+    pub row_sources: Tensor<B, 1, Int>,
+    /// `[N, E]` the buffer row of token i's route to expert j, `E C` where j is not
+    /// selected (or its buffer overflowed, which the trainer detects and redoes).
+    pub row_of: Tensor<B, 2, Int>,
+    /// `[N, S]` token i's rows in rank order, padded with `E C`; built where rows move by
+    /// gathers ([`gathers`]).
+    pub token_slots: Option<Tensor<B, 2, Int>>,
+    /// `[1]` the first non-finite router logit in row-major order, `N E` when none: the
+    /// trainer reads it with the counts.
+    pub first_bad: Tensor<B, 1, Int>,
+}
+
+/// Selects experts from `probs` `[N, E]` (detached) and lays the routes out in buffers
+/// of `bounds.capacity` rows per expert, on the device of `probs`, reading nothing back.
+pub fn route_padded<B: Backend>(
+    probs: Tensor<B, 2>,
+    logits: Tensor<B, 2>,
+    selector: Selector,
+    bounds: ExpertBounds,
+) -> Result<PaddedRoute<B>> {
+    let [n, e] = probs.dims();
+    let c = bounds.capacity;
+    if c == 0 || bounds.slots == 0 {
+        return Err(Error::param(
+            "padded expert bounds",
+            format!("{bounds:?}"),
+            "at least one row per expert and one slot per token",
+        ));
+    }
+    let rows = e * c;
+    let (selected, rank) = select_ranked(probs, selector)?;
+    let device = selected.device();
+
+    // Expert-major running counts, as in the exact layout.
+    let flat = selected.clone().transpose().reshape([e * n]);
+    let inclusive = inclusive_scan(flat.clone());
+    let exclusive = inclusive.clone() - flat;
+    let starts = exclusive
+        .clone()
+        .select(0, Tensor::arange_step(0..(e * n) as i64, n, &device));
+    let ends = inclusive
+        .clone()
+        .select(0, Tensor::arange_step(n as i64 - 1..(e * n) as i64, n, &device));
+    let counts = ends - starts.clone();
+
+    // Row (j, r) holds expert j's route r, the expert-major route starts[j] + r, when
+    // r < counts[j].
+    let row = Tensor::<B, 1, Int>::arange(0..rows as i64, &device);
+    let expert = row.clone().div_scalar(c as i64);
+    let within = row.remainder_scalar(c as i64);
+    let empty = within
+        .clone()
+        .greater_equal(counts.select(0, expert.clone()));
+    let flat_index = first_above(&inclusive, starts.clone().select(0, expert.clone()) + within);
+    let row_tokens = flat_index
+        .remainder_scalar(n as i64)
+        .mask_fill(empty.clone(), n as i64);
+    let row_sources = (row_tokens.clone().mul_scalar(e as i64) + expert)
+        .mask_fill(empty, (n * e) as i64);
+
+    // The inverse: route (i, j) sits at row j C + (its rank among expert j's tokens).
+    let position = exclusive.reshape([e, n]).transpose() - starts.reshape([1, e]).expand([n, e]);
+    let unused = selected
+        .clone()
+        .equal_elem(0)
+        .bool_or(position.clone().greater_equal_elem(c as i64));
+    let buffer_start = Tensor::<B, 1, Int>::arange_step(0..rows as i64, c, &device)
+        .reshape([1, e])
+        .expand([n, e]);
+    let row_of = (buffer_start + position).mask_fill(unused, rows as i64);
+    let token_slots =
+        gathers::<B>().then(|| slots_by_rank(row_of.clone(), rank, bounds.slots, rows));
+    Ok(PaddedRoute {
+        selected,
+        row_tokens,
+        row_sources,
+        row_of,
+        token_slots,
+        first_bad: first_non_finite(logits),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ExpertBounds;
+
+    #[test]
+    fn bounds_leave_a_margin_and_never_exceed_what_a_batch_can_need() {
+        let b = ExpertBounds::after(100, 5, 4096, 64);
+        assert_eq!(b, ExpertBounds { capacity: 128, slots: 7 });
+        assert!(b.hold(128, 7));
+        assert!(!b.hold(129, 7));
+        assert!(!b.hold(10, 8));
+        // Never more rows than tokens, nor more slots than experts.
+        assert_eq!(ExpertBounds::after(40, 3, 45, 3).capacity, 45);
+        assert_eq!(ExpertBounds::after(40, 3, 45, 3).slots, 3);
+        assert_eq!(ExpertBounds::after(0, 0, 1, 1), ExpertBounds { capacity: 1, slots: 1 });
+    }
+}

@@ -1,0 +1,311 @@
+//! The padded expert layout (`--route-on device-padded`) against the exact one
+//! (`--route-on device`): the same selection, the same outputs and gradients, on burn
+//! ndarray and on burn-wgpu, for awkward shapes (one token, one expert, E not a power of
+//! two, every probability tied); bounds that are tight, loose and too small; a
+//! non-finite logit found without a read-back per layer; and whole training steps that
+//! redo a micro-batch which outgrew its buffers.
+
+use burn::backend::{Autodiff, NdArray, Wgpu};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
+use dtopp::model::{
+    ExpertBounds, LayerRouting, MoeWeights, Precision, RouteEngine, Selector, moe_forward,
+    route_padded,
+};
+use dtopp::rng::SplitMix64;
+use dtopp::train::{Preset, RoutingMode, TrainSession};
+
+/// Tokens, width, experts, expert width; whether the router is zero (every probability
+/// tied).
+#[derive(Clone, Copy, Debug)]
+struct Shape {
+    n: usize,
+    d: usize,
+    e: usize,
+    f: usize,
+    tied: bool,
+}
+
+const SHAPES: [Shape; 5] = [
+    Shape { n: 1, d: 3, e: 1, f: 2, tied: false },
+    Shape { n: 1, d: 4, e: 5, f: 3, tied: false },
+    Shape { n: 37, d: 5, e: 7, f: 3, tied: false },
+    Shape { n: 300, d: 4, e: 6, f: 5, tied: false },
+    Shape { n: 23, d: 3, e: 5, f: 2, tied: true },
+];
+
+/// x, router, theta, gate, up, down (flat), and the output weights of the loss.
+fn values(s: Shape, seed: u64) -> (Vec<Vec<f32>>, Vec<f32>) {
+    let mut rng = SplitMix64::new(seed);
+    let sizes = [s.n * s.d, s.d * s.e, 1, s.e * s.d * s.f, s.e * s.d * s.f, s.e * s.f * s.d];
+    let tensors = sizes
+        .iter()
+        .enumerate()
+        .map(|(which, &count)| {
+            (0..count)
+                .map(|_| match which {
+                    2 => 1.3,
+                    1 if s.tied => 0.0,
+                    _ => rng.normal() as f32,
+                })
+                .collect()
+        })
+        .collect();
+    let out_w = (0..s.n * s.d).map(|_| rng.normal() as f32).collect();
+    (tensors, out_w)
+}
+
+struct Run {
+    loss: f32,
+    grads: Vec<Vec<f32>>,
+    /// Experts per token, then tokens per expert.
+    counts: Vec<i32>,
+}
+
+impl Run {
+    fn max_k(&self, n: usize) -> usize {
+        self.counts[..n].iter().copied().max().unwrap() as usize
+    }
+    fn max_load(&self, n: usize) -> usize {
+        self.counts[n..].iter().copied().max().unwrap() as usize
+    }
+}
+
+fn run<B: Backend>(
+    s: Shape,
+    v: &(Vec<Vec<f32>>, Vec<f32>),
+    selector: Selector,
+    engine: &RouteEngine,
+    bounds: Option<ExpertBounds>,
+) -> Run {
+    let device = Default::default();
+    let t: Vec<Tensor<Autodiff<B>, 1>> = v
+        .0
+        .iter()
+        .map(|data| {
+            Tensor::from_data(TensorData::new(data.clone(), [data.len()]), &device).require_grad()
+        })
+        .collect();
+    let (n, d, e, f) = (s.n, s.d, s.e, s.f);
+    let w = MoeWeights {
+        router: t[1].clone().reshape([d, e]),
+        theta: t[2].clone(),
+        gate: t[3].clone().reshape([e, d, f]),
+        up: t[4].clone().reshape([e, d, f]),
+        down: t[5].clone().reshape([e, f, d]),
+    };
+    let fwd = moe_forward(
+        t[0].clone().reshape([n, d]),
+        &w,
+        true,
+        selector,
+        engine,
+        bounds,
+        Precision::F32,
+    )
+    .unwrap();
+    let LayerRouting::Device { selected, padded } = &fwd.routing else {
+        panic!("device engines keep the selection on the device");
+    };
+    assert_eq!(padded.is_some(), bounds.is_some(), "the layout the bounds ask for");
+    let mut counts = fwd.routing.counts().unwrap();
+    let load: Vec<f32> = selected
+        .clone()
+        .float()
+        .sum_dim(0)
+        .into_data()
+        .to_vec()
+        .unwrap();
+    counts.extend(load.iter().map(|&c| c as i32));
+    let out_w = Tensor::<Autodiff<B>, 2>::from_data(TensorData::new(v.1.clone(), [n, d]), &device);
+    let loss = (fwd.output * out_w).sum();
+    let value = loss.clone().into_data().to_vec::<f32>().unwrap()[0];
+    let grads = loss.backward();
+    let grads = t
+        .iter()
+        .map(|p| p.grad(&grads).unwrap().into_data().to_vec().unwrap())
+        .collect();
+    Run {
+        loss: value,
+        grads,
+        counts,
+    }
+}
+
+fn assert_close(got: &Run, want: &Run, what: &str) {
+    let tol = |w: f32| 1e-5 + 1e-4 * w.abs();
+    assert!(
+        (got.loss - want.loss).abs() <= tol(want.loss),
+        "{what}: loss {} vs {}",
+        got.loss,
+        want.loss
+    );
+    let names = ["x", "router", "theta", "gate", "up", "down"];
+    for (which, (g, w)) in got.grads.iter().zip(&want.grads).enumerate() {
+        let worst = g
+            .iter()
+            .zip(w)
+            .map(|(a, b)| (a - b).abs() / tol(*b))
+            .fold(0f32, f32::max);
+        assert!(worst <= 1.0, "{what}: d/d{} differs ({worst} x tolerance)", names[which]);
+    }
+}
+
+fn selectors(e: usize) -> [Selector; 3] {
+    [
+        Selector::TopK(2.min(e)),
+        Selector::TopP {
+            threshold: 0.7,
+            k_max: None,
+        },
+        Selector::TopP {
+            threshold: 0.95,
+            k_max: Some(3),
+        },
+    ]
+}
+
+fn padded_matches_exact<B: Backend>(backend: &str) {
+    let mut compared = 0;
+    for (i, s) in SHAPES.into_iter().enumerate() {
+        let v = values(s, 40 + i as u64);
+        for selector in selectors(s.e) {
+            let what = format!("{backend} {s:?} {selector:?}");
+            let exact = run::<B>(s, &v, selector, &RouteEngine::Device, None);
+            let (max_load, max_k) = (exact.max_load(s.n), exact.max_k(s.n));
+            let tight = ExpertBounds {
+                capacity: max_load,
+                slots: max_k,
+            };
+            let loose = ExpertBounds::after(max_load, max_k, s.n, s.e);
+            for bounds in [tight, loose] {
+                let padded = run::<B>(s, &v, selector, &RouteEngine::DevicePadded, Some(bounds));
+                assert_eq!(padded.counts, exact.counts, "{what} {bounds:?}: selection");
+                assert_close(&padded, &exact, &format!("{what} {bounds:?}"));
+                compared += 1;
+            }
+            // Too small: the selection is still reported whole, so the trainer sees that
+            // it does not fit and redoes the micro-batch.
+            if max_load > 1 {
+                let small = ExpertBounds {
+                    capacity: max_load - 1,
+                    slots: max_k,
+                };
+                let padded = run::<B>(s, &v, selector, &RouteEngine::DevicePadded, Some(small));
+                assert_eq!(padded.counts, exact.counts, "{what} {small:?}: selection");
+                assert!(!small.hold(padded.max_load(s.n), padded.max_k(s.n)));
+            }
+        }
+    }
+    println!("{backend}: {compared} padded runs equal the exact layout");
+}
+
+#[test]
+fn the_padded_layout_equals_the_exact_one_on_ndarray() {
+    padded_matches_exact::<NdArray>("ndarray");
+}
+
+#[test]
+fn the_padded_layout_equals_the_exact_one_on_wgpu() {
+    if dtopp_tests::wgpu_or_skip().is_none() {
+        return;
+    }
+    padded_matches_exact::<Wgpu>("wgpu");
+}
+
+#[test]
+fn a_non_finite_logit_is_located_on_the_device() {
+    let device = Default::default();
+    let (n, e) = (6, 4);
+    let mut logits: Vec<f32> = (0..n * e).map(|i| (i % 5) as f32 * 0.3).collect();
+    logits[3 * e + 2] = f32::NAN;
+    logits[4 * e + 1] = f32::INFINITY;
+    let logits = Tensor::<NdArray, 2>::from_data(TensorData::new(logits, [n, e]), &device);
+    let probs = burn::tensor::activation::softmax(logits.clone(), 1);
+    let bounds = ExpertBounds {
+        capacity: n,
+        slots: e,
+    };
+    let route = route_padded(probs, logits, Selector::TopK(2), bounds).unwrap();
+    let first: Vec<i64> = route.first_bad.into_data().convert::<i64>().to_vec().unwrap();
+    assert_eq!(first, vec![(3 * e + 2) as i64]);
+    let zero = ExpertBounds {
+        capacity: 0,
+        slots: 1,
+    };
+    let logits = Tensor::<NdArray, 2>::zeros([n, e], &device);
+    let err = route_padded(logits.clone(), logits, Selector::TopK(2), zero).unwrap_err();
+    assert!(err.to_string().contains("padded expert bounds"), "{err}");
+}
+
+/// Losses (total, then cross-entropy) of `steps` DTop-p steps of a tiny model with two
+/// micro-batches per step, and the padded report.
+fn train_steps<B: burn::tensor::backend::AutodiffBackend>(
+    engine: &RouteEngine,
+    start: Option<Vec<ExpertBounds>>,
+    steps: u64,
+) -> (Vec<(f64, f64)>, Option<(u64, u64)>) {
+    let mut config = Preset::Tiny.config();
+    config.routing.mode = RoutingMode::Dtopp;
+    config.run.steps = steps;
+    config.run.batch_size = 4;
+    config.run.grad_accum = 2;
+    config.run.eval_every = 0;
+    config.run.eval_batches = 1;
+    config.run.sample_every = 0;
+    let device = Default::default();
+    let mut session = TrainSession::<B>::new(&config, &device, engine).unwrap();
+    if let Some(bounds) = start {
+        session.set_padded_bounds(bounds).unwrap();
+    }
+    let losses = (0..steps)
+        .map(|_| {
+            let m = session.step().unwrap().metrics;
+            (m.loss, m.ce_loss)
+        })
+        .collect();
+    (losses, session.padded_report())
+}
+
+fn sessions_agree<B: burn::tensor::backend::AutodiffBackend>(backend: &str) {
+    let steps = 3;
+    let (exact, report) = train_steps::<B>(&RouteEngine::Device, None, steps);
+    assert_eq!(report, None, "the exact layout redoes nothing");
+    let layers = Preset::Tiny.config().model.moe_layers();
+    let one = ExpertBounds {
+        capacity: 1,
+        slots: 1,
+    };
+    for (start, name) in [(None, "measured"), (Some(vec![one; layers]), "too small")] {
+        let forced = start.is_some();
+        let (padded, report) = train_steps::<B>(&RouteEngine::DevicePadded, start, steps);
+        let (redone, runs) = report.expect("the padded layout reports");
+        println!("{backend} {name}: {redone} of {runs} micro-batches redone; losses {padded:?}");
+        assert_eq!(runs, 2 * steps);
+        if forced {
+            assert!(redone >= 1, "a micro-batch past one row per expert is redone");
+        }
+        for (step, (p, x)) in padded.iter().zip(&exact).enumerate() {
+            for (got, want) in [(p.0, x.0), (p.1, x.1)] {
+                assert!(
+                    (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                    "{backend} {name} step {}: loss {got} vs the exact layout's {want}",
+                    step + 1
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn training_in_padded_buffers_follows_the_exact_layout_on_ndarray() {
+    sessions_agree::<Autodiff<NdArray>>("ndarray");
+}
+
+#[test]
+fn training_in_padded_buffers_follows_the_exact_layout_on_wgpu() {
+    if dtopp_tests::wgpu_or_skip().is_none() {
+        return;
+    }
+    sessions_agree::<Autodiff<Wgpu>>("wgpu");
+}
