@@ -526,7 +526,8 @@ fn train_on_wgpu_follows_the_cpu_run() {
     .unwrap();
     let mut runs = Vec::new();
     // The WGSL kernels on a host copy of each layer's probabilities (the default), and
-    // burn tensor ops on the model's device (`--route-on device`).
+    // burn tensor ops on the model's device (`--route-on device`, and in padded expert
+    // buffers with no read-back per layer, `--route-on device-padded`).
     for (name, backend, route_on, log) in [
         (
             "cpu",
@@ -545,6 +546,12 @@ fn train_on_wgpu_follows_the_cpu_run() {
             "wgpu",
             Some("device"),
             "selection and dispatch plan: burn tensor ops on the model's device",
+        ),
+        (
+            "wgpu-device-padded",
+            "wgpu",
+            Some("device-padded"),
+            "padded expert buffers: ",
         ),
     ] {
         let out_dir = dir.join(name);
@@ -900,6 +907,27 @@ fn bench_train_reports_throughput_mfu_and_memory() {
     let written: dtopp::train::TrainConfig =
         serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
     assert_eq!(written, dtopp::train::Preset::Tiny.config());
+    assert!(r["padded_redone"].is_null(), "{r}");
+    // In padded expert buffers the report says how many micro-batches were redone.
+    let out = dtopp(&[
+        "bench",
+        "train",
+        "--preset",
+        "tiny",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--route-on",
+        "device-padded",
+        "--json",
+    ]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    let r: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(r["padded_redone"][1], 3, "{r}");
+    assert!(r["padded_redone"][0].as_u64().unwrap() <= 2, "{r}");
+    assert!(r["backend"].as_str().unwrap().contains("padded"), "{r}");
     let bad = dtopp(&["bench", "train", "--preset", "tiny", "--steps", "0"]);
     assert!(text(&bad).1.contains("--steps"), "{}", text(&bad).1);
     std::fs::remove_dir_all(&dir).unwrap();
