@@ -27,17 +27,54 @@ struct Shape {
 }
 
 const SHAPES: [Shape; 5] = [
-    Shape { n: 1, d: 3, e: 1, f: 2, tied: false },
-    Shape { n: 1, d: 4, e: 5, f: 3, tied: false },
-    Shape { n: 37, d: 5, e: 7, f: 3, tied: false },
-    Shape { n: 300, d: 4, e: 6, f: 5, tied: false },
-    Shape { n: 23, d: 3, e: 5, f: 2, tied: true },
+    Shape {
+        n: 1,
+        d: 3,
+        e: 1,
+        f: 2,
+        tied: false,
+    },
+    Shape {
+        n: 1,
+        d: 4,
+        e: 5,
+        f: 3,
+        tied: false,
+    },
+    Shape {
+        n: 37,
+        d: 5,
+        e: 7,
+        f: 3,
+        tied: false,
+    },
+    Shape {
+        n: 300,
+        d: 4,
+        e: 6,
+        f: 5,
+        tied: false,
+    },
+    Shape {
+        n: 23,
+        d: 3,
+        e: 5,
+        f: 2,
+        tied: true,
+    },
 ];
 
 /// x, router, theta, gate, up, down (flat), and the output weights of the loss.
 fn values(s: Shape, seed: u64) -> (Vec<Vec<f32>>, Vec<f32>) {
     let mut rng = SplitMix64::new(seed);
-    let sizes = [s.n * s.d, s.d * s.e, 1, s.e * s.d * s.f, s.e * s.d * s.f, s.e * s.f * s.d];
+    let sizes = [
+        s.n * s.d,
+        s.d * s.e,
+        1,
+        s.e * s.d * s.f,
+        s.e * s.d * s.f,
+        s.e * s.f * s.d,
+    ];
     let tensors = sizes
         .iter()
         .enumerate()
@@ -107,7 +144,11 @@ fn run<B: Backend>(
     let LayerRouting::Device { selected, padded } = &fwd.routing else {
         panic!("device engines keep the selection on the device");
     };
-    assert_eq!(padded.is_some(), bounds.is_some(), "the layout the bounds ask for");
+    assert_eq!(
+        padded.is_some(),
+        bounds.is_some(),
+        "the layout the bounds ask for"
+    );
     let mut counts = fwd.routing.counts().unwrap();
     let load: Vec<f32> = selected
         .clone()
@@ -147,7 +188,11 @@ fn assert_close(got: &Run, want: &Run, what: &str) {
             .zip(w)
             .map(|(a, b)| (a - b).abs() / tol(*b))
             .fold(0f32, f32::max);
-        assert!(worst <= 1.0, "{what}: d/d{} differs ({worst} x tolerance)", names[which]);
+        assert!(
+            worst <= 1.0,
+            "{what}: d/d{} differs ({worst} x tolerance)",
+            names[which]
+        );
     }
 }
 
@@ -227,7 +272,12 @@ fn a_non_finite_logit_is_located_on_the_device() {
         slots: e,
     };
     let route = route_padded(probs, logits, Selector::TopK(2), bounds).unwrap();
-    let first: Vec<i64> = route.first_bad.into_data().convert::<i64>().to_vec().unwrap();
+    let first: Vec<i64> = route
+        .first_bad
+        .into_data()
+        .convert::<i64>()
+        .to_vec()
+        .unwrap();
     assert_eq!(first, vec![(3 * e + 2) as i64]);
     let zero = ExpertBounds {
         capacity: 0,
@@ -238,13 +288,16 @@ fn a_non_finite_logit_is_located_on_the_device() {
     assert!(err.to_string().contains("padded expert bounds"), "{err}");
 }
 
-/// Losses (total, then cross-entropy) of `steps` DTop-p steps of a tiny model with two
-/// micro-batches per step, and the padded report.
+/// Losses (total, then cross-entropy) of each step.
+type Losses = Vec<(f64, f64)>;
+
+/// [`Losses`] of `steps` DTop-p steps of a tiny model with two micro-batches per step,
+/// and the padded report.
 fn train_steps<B: burn::tensor::backend::AutodiffBackend>(
     engine: &RouteEngine,
     start: Option<Vec<ExpertBounds>>,
     steps: u64,
-) -> (Vec<(f64, f64)>, Option<(u64, u64)>) {
+) -> (Losses, Option<(u64, u64)>) {
     let mut config = Preset::Tiny.config();
     config.routing.mode = RoutingMode::Dtopp;
     config.run.steps = steps;
@@ -283,7 +336,10 @@ fn sessions_agree<B: burn::tensor::backend::AutodiffBackend>(backend: &str) {
         println!("{backend} {name}: {redone} of {runs} micro-batches redone; losses {padded:?}");
         assert_eq!(runs, 2 * steps);
         if forced {
-            assert!(redone >= 1, "a micro-batch past one row per expert is redone");
+            assert!(
+                redone >= 1,
+                "a micro-batch past one row per expert is redone"
+            );
         }
         for (step, (p, x)) in padded.iter().zip(&exact).enumerate() {
             for (got, want) in [(p.0, x.0), (p.1, x.1)] {

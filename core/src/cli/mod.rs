@@ -98,9 +98,9 @@ impl RouteOn {
         match self {
             RouteOn::Kernels => None,
             RouteOn::Device => Some("routing on the model's device (burn tensor ops)"),
-            RouteOn::DevicePadded => Some(
-                "routing on the model's device (burn tensor ops), experts in padded buffers",
-            ),
+            RouteOn::DevicePadded => {
+                Some("routing on the model's device (burn tensor ops), experts in padded buffers")
+            }
         }
     }
 

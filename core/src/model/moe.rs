@@ -334,7 +334,12 @@ fn moe_padded<B: Backend>(
     let (c, s) = (bounds.capacity, bounds.slots);
     let rows = e * c;
     let device = x.device();
-    let route = route_padded(probs.clone().detach(), logits.clone().detach(), selector, bounds)?;
+    let route = route_padded(
+        probs.clone().detach(),
+        logits.clone().detach(),
+        selector,
+        bounds,
+    )?;
 
     // Combine weights, as in the exact layout; an empty row reads the appended zero.
     let kept = probs.clone() * route.row_of.clone().lower_elem(rows as i64).float();
@@ -352,12 +357,13 @@ fn moe_padded<B: Backend>(
     // Dispatch into the buffers: empty rows read the appended zero row of x, so their
     // expert outputs are exactly zero.
     let x = Tensor::cat(vec![x, Tensor::zeros([1, d], &device)], 0);
-    let x_readers = route.token_slots.clone().map(|slots| {
-        Tensor::cat(vec![slots, Tensor::full([1, s], rows as i64, &device)], 0)
-    });
+    let x_readers = route
+        .token_slots
+        .clone()
+        .map(|slots| Tensor::cat(vec![slots, Tensor::full([1, s], rows as i64, &device)], 0));
     let xs = gather_rows(x, &route.row_tokens, x_readers.as_ref()).reshape([e, c, d]);
-    let hidden = silu(precision.matmul(xs.clone(), w.gate.clone()))
-        * precision.matmul(xs, w.up.clone());
+    let hidden =
+        silu(precision.matmul(xs.clone(), w.gate.clone())) * precision.matmul(xs, w.up.clone());
     let ys = precision.matmul(hidden, w.down.clone()).reshape([rows, d]);
 
     // Combine: an empty row adds its zero output, with weight zero, to token N - 1.

@@ -105,9 +105,10 @@ pub fn route_padded<B: Backend>(
     let starts = exclusive
         .clone()
         .select(0, Tensor::arange_step(0..(e * n) as i64, n, &device));
-    let ends = inclusive
-        .clone()
-        .select(0, Tensor::arange_step(n as i64 - 1..(e * n) as i64, n, &device));
+    let ends = inclusive.clone().select(
+        0,
+        Tensor::arange_step(n as i64 - 1..(e * n) as i64, n, &device),
+    );
     let counts = ends - starts.clone();
 
     // Row (j, r) holds expert j's route r, the expert-major route starts[j] + r, when
@@ -118,12 +119,15 @@ pub fn route_padded<B: Backend>(
     let empty = within
         .clone()
         .greater_equal(counts.select(0, expert.clone()));
-    let flat_index = first_above(&inclusive, starts.clone().select(0, expert.clone()) + within);
+    let flat_index = first_above(
+        &inclusive,
+        starts.clone().select(0, expert.clone()) + within,
+    );
     let row_tokens = flat_index
         .remainder_scalar(n as i64)
         .mask_fill(empty.clone(), n as i64);
-    let row_sources = (row_tokens.clone().mul_scalar(e as i64) + expert)
-        .mask_fill(empty, (n * e) as i64);
+    let row_sources =
+        (row_tokens.clone().mul_scalar(e as i64) + expert).mask_fill(empty, (n * e) as i64);
 
     // The inverse: route (i, j) sits at row j C + (its rank among expert j's tokens).
     let position = exclusive.reshape([e, n]).transpose() - starts.reshape([1, e]).expand([n, e]);
@@ -154,13 +158,25 @@ mod tests {
     #[test]
     fn bounds_leave_a_margin_and_never_exceed_what_a_batch_can_need() {
         let b = ExpertBounds::after(100, 5, 4096, 64);
-        assert_eq!(b, ExpertBounds { capacity: 128, slots: 7 });
+        assert_eq!(
+            b,
+            ExpertBounds {
+                capacity: 128,
+                slots: 7
+            }
+        );
         assert!(b.hold(128, 7));
         assert!(!b.hold(129, 7));
         assert!(!b.hold(10, 8));
         // Never more rows than tokens, nor more slots than experts.
         assert_eq!(ExpertBounds::after(40, 3, 45, 3).capacity, 45);
         assert_eq!(ExpertBounds::after(40, 3, 45, 3).slots, 3);
-        assert_eq!(ExpertBounds::after(0, 0, 1, 1), ExpertBounds { capacity: 1, slots: 1 });
+        assert_eq!(
+            ExpertBounds::after(0, 0, 1, 1),
+            ExpertBounds {
+                capacity: 1,
+                slots: 1
+            }
+        );
     }
 }

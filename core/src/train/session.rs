@@ -481,8 +481,12 @@ impl<'e, B: AutodiffBackend> TrainSession<'e, B> {
             let (inputs, targets) = batch_tensors::<B>(batch, device);
             let mut plan = plan.clone();
             plan.bounds = self.bounds.clone().filter(|_| padded);
-            let mut output =
-                model.forward(inputs.clone(), &plan, self.engine, self.config.run.precision)?;
+            let mut output = model.forward(
+                inputs.clone(),
+                &plan,
+                self.engine,
+                self.config.run.precision,
+            )?;
             // This micro-batch's own counts (in the one read-back it makes).
             let mut counts = RoutingStats::of_micro_batch(&output.moe, experts)?;
             if let Some(bounds) = &plan.bounds
