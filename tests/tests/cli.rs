@@ -907,7 +907,7 @@ fn bench_train_reports_throughput_mfu_and_memory() {
     let written: dtopp::train::TrainConfig =
         serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
     assert_eq!(written, dtopp::train::Preset::Tiny.config());
-    assert!(r["padded_redone"].is_null(), "{r}");
+    assert!(r["padded"].is_null(), "{r}");
     // In padded expert buffers the report says how many micro-batches were redone.
     let out = dtopp(&[
         "bench",
@@ -925,8 +925,12 @@ fn bench_train_reports_throughput_mfu_and_memory() {
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stderr}");
     let r: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
-    assert_eq!(r["padded_redone"][1], 3, "{r}");
-    assert!(r["padded_redone"][0].as_u64().unwrap() <= 2, "{r}");
+    assert_eq!(r["padded"]["micro_batches"], 3, "{r}");
+    assert!(r["padded"]["redone"].as_u64().unwrap() <= 2, "{r}");
+    // Rows computed per route: at least one, and at most the E/k a full buffer costs.
+    let (rows, routes) = (&r["padded"]["buffer_rows"], &r["padded"]["routes"]);
+    let per_route = rows.as_f64().unwrap() / routes.as_f64().unwrap();
+    assert!((1.0..=16.0).contains(&per_route), "{r}");
     assert!(r["backend"].as_str().unwrap().contains("padded"), "{r}");
     let bad = dtopp(&["bench", "train", "--preset", "tiny", "--steps", "0"]);
     assert!(text(&bad).1.contains("--steps"), "{}", text(&bad).1);

@@ -1,5 +1,6 @@
 //! `dtopp train --backend cuda` (burn-cuda for the model; selection and dispatch plan in
-//! the dtopp CUDA kernels, or with `--route-on device` in burn tensor ops) against the
+//! the dtopp CUDA kernels, or with `--route-on device` / `device-padded` in burn tensor
+//! ops, the latter with no read-back per layer) against the
 //! CPU run of the same config, also through the data-parallel path with one device, and
 //! with bf16 products. Without a GPU: the error
 //! names what is missing and no run directory is written (`DTOPP_REQUIRE_GPU=1` makes
@@ -41,6 +42,23 @@ fn cuda_training_follows_the_cpu_run_or_names_what_is_missing() {
             "cuda-device",
             &["--backend", "cuda", "--route-on", "device"][..],
             (1e-2, 0.1),
+        ),
+        (
+            "cuda-device-padded",
+            &["--backend", "cuda", "--route-on", "device-padded"][..],
+            (1e-2, 0.1),
+        ),
+        (
+            "cuda-device-padded-bf16",
+            &[
+                "--backend",
+                "cuda",
+                "--route-on",
+                "device-padded",
+                "--precision",
+                "bf16",
+            ][..],
+            (5e-2, 0.3),
         ),
         ("cuda-dp", &["--devices", "cuda:0"][..], (1e-2, 0.1)),
         (

@@ -9,8 +9,8 @@ use burn::backend::{Autodiff, NdArray, Wgpu};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use dtopp::model::{
-    ExpertBounds, LayerRouting, MoeWeights, Precision, RouteEngine, Selector, moe_forward,
-    route_padded,
+    ExpertBounds, LayerRouting, MoeWeights, PaddedUsage, Precision, RouteEngine, Selector,
+    moe_forward, route_padded,
 };
 use dtopp::rng::SplitMix64;
 use dtopp::train::{Preset, RoutingMode, TrainSession};
@@ -297,7 +297,7 @@ fn train_steps<B: burn::tensor::backend::AutodiffBackend>(
     engine: &RouteEngine,
     start: Option<Vec<ExpertBounds>>,
     steps: u64,
-) -> (Losses, Option<(u64, u64)>) {
+) -> (Losses, Option<PaddedUsage>) {
     let mut config = Preset::Tiny.config();
     config.routing.mode = RoutingMode::Dtopp;
     config.run.steps = steps;
@@ -317,7 +317,7 @@ fn train_steps<B: burn::tensor::backend::AutodiffBackend>(
             (m.loss, m.ce_loss)
         })
         .collect();
-    (losses, session.padded_report())
+    (losses, session.padded_usage())
 }
 
 fn sessions_agree<B: burn::tensor::backend::AutodiffBackend>(backend: &str) {
@@ -332,15 +332,16 @@ fn sessions_agree<B: burn::tensor::backend::AutodiffBackend>(backend: &str) {
     for (start, name) in [(None, "measured"), (Some(vec![one; layers]), "too small")] {
         let forced = start.is_some();
         let (padded, report) = train_steps::<B>(&RouteEngine::DevicePadded, start, steps);
-        let (redone, runs) = report.expect("the padded layout reports");
-        println!("{backend} {name}: {redone} of {runs} micro-batches redone; losses {padded:?}");
-        assert_eq!(runs, 2 * steps);
+        let usage = report.expect("the padded layout reports");
+        println!("{backend} {name}: {}; losses {padded:?}", usage.describe());
+        assert_eq!(usage.micro_batches, 2 * steps);
         if forced {
             assert!(
-                redone >= 1,
+                usage.redone >= 1,
                 "a micro-batch past one row per expert is redone"
             );
         }
+        assert!(usage.rows_per_route().unwrap() >= 1.0, "{usage:?}");
         for (step, (p, x)) in padded.iter().zip(&exact).enumerate() {
             for (got, want) in [(p.0, x.0), (p.1, x.1)] {
                 assert!(

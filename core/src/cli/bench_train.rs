@@ -220,9 +220,7 @@ fn report(t: &Throughput, backend: &str, json: bool) {
         t.model_tflops,
         t.peak_memory_kind
     );
-    if let Some((redone, runs)) = t.padded_redone {
-        println!(
-            "\npadded expert buffers: {redone} of {runs} micro-batches outgrew them and were redone exactly"
-        );
+    if let Some(usage) = t.padded {
+        println!("\n{}", usage.describe());
     }
 }

@@ -29,7 +29,7 @@ pub use drn::drn_probs;
 pub use lm::{Block, LmOutput, MoeLanguageModel, RoutingPlan};
 pub use moe::{LayerCounts, LayerRouting, MoeForward, MoeWeights, PaddedCheck, moe_forward};
 pub use moe_layer::MoeLayer;
-pub use padded_routing::{ExpertBounds, PaddedRoute, route_padded};
+pub use padded_routing::{ExpertBounds, PaddedRoute, PaddedUsage, route_padded};
 pub use precision::Precision;
 pub use routing::{RouteEngine, Selector};
 pub use token_embedding::embed_tokens;

@@ -15,6 +15,7 @@
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
+use serde::{Deserialize, Serialize};
 
 use super::device_routing::{
     first_above, first_non_finite, inclusive_scan, select_ranked, slots_by_rank,
@@ -53,6 +54,38 @@ impl ExpertBounds {
     /// and no token more than `S` experts.
     pub fn hold(&self, max_load: usize, max_k: usize) -> bool {
         max_load <= self.capacity && max_k <= self.slots
+    }
+}
+
+/// How a session's padded layout went: reported by the trainer and `bench train`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PaddedUsage {
+    /// Micro-batches run (the first of a process in the exact layout, to measure).
+    pub micro_batches: u64,
+    /// Of those, run again in the exact layout because they outgrew their bounds.
+    pub redone: u64,
+    /// Expert buffer rows (`E C`, summed over the MoE layers) of the micro-batches that
+    /// fit.
+    pub buffer_rows: u64,
+    /// Routes (selected token-expert pairs) of the same micro-batches.
+    pub routes: u64,
+}
+
+impl PaddedUsage {
+    /// Expert rows computed per route (1 would be no padding).
+    pub fn rows_per_route(&self) -> Option<f64> {
+        (self.routes > 0).then(|| self.buffer_rows as f64 / self.routes as f64)
+    }
+
+    /// One line for the log.
+    pub fn describe(&self) -> String {
+        let rows = self.rows_per_route().map_or_else(String::new, |r| {
+            format!("; {r:.2} expert rows computed per route")
+        });
+        format!(
+            "padded expert buffers: {} of {} micro-batches outgrew them and were redone exactly{rows}",
+            self.redone, self.micro_batches
+        )
     }
 }
 

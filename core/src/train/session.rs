@@ -24,8 +24,8 @@ use crate::controller::{ThresholdScope, calibrate_threshold};
 use crate::error::{Error, Result};
 use crate::metrics::{DifficultyBucket, RoutingSample, RunSummary, StepMetrics};
 use crate::model::{
-    ExpertBounds, LayerRouting, MoeForward, MoeLanguageModel, Precision, RouteEngine, RoutingPlan,
-    Selector, non_finite_logit, read_ints,
+    ExpertBounds, LayerRouting, MoeForward, MoeLanguageModel, PaddedUsage, Precision, RouteEngine,
+    RoutingPlan, Selector, non_finite_logit, read_ints,
 };
 use crate::ops::RouteShape;
 use crate::sim::{TrackingSummary, mean_std};
@@ -63,10 +63,8 @@ pub struct TrainSession<'e, B: AutodiffBackend> {
     // The padded layout's bounds per MoE layer ([`RouteEngine::DevicePadded`]), from the
     // last micro-batch; `None` until one has been measured.
     bounds: Option<Vec<ExpertBounds>>,
-    // Micro-batches redone in the exact layout because they outgrew their bounds, and
-    // micro-batches run, in this process.
-    redone: u64,
-    padded_runs: u64,
+    // How the padded layout went in this process.
+    padded: PaddedUsage,
 }
 
 impl<B: AutodiffBackend> std::fmt::Debug for TrainSession<'_, B> {
@@ -136,8 +134,7 @@ impl<'e, B: AutodiffBackend> TrainSession<'e, B> {
             busy_s: 0.0,
             rank,
             bounds: None,
-            redone: 0,
-            padded_runs: 0,
+            padded: PaddedUsage::default(),
         };
         if session.is_leader() {
             let evaluation = session.evaluate()?;
@@ -240,8 +237,7 @@ impl<'e, B: AutodiffBackend> TrainSession<'e, B> {
             busy_s: header.busy_s,
             rank,
             bounds: None,
-            redone: 0,
-            padded_runs: 0,
+            padded: PaddedUsage::default(),
         })
     }
 
@@ -367,11 +363,10 @@ impl<'e, B: AutodiffBackend> TrainSession<'e, B> {
         Ok(())
     }
 
-    /// In the padded layout ([`RouteEngine::DevicePadded`]): the micro-batches this
-    /// session redid in the exact layout because they outgrew their bounds, and the
-    /// micro-batches it ran; `None` for every other engine.
-    pub fn padded_report(&self) -> Option<(u64, u64)> {
-        matches!(self.engine, RouteEngine::DevicePadded).then_some((self.redone, self.padded_runs))
+    /// How the padded layout ([`RouteEngine::DevicePadded`]) went in this session;
+    /// `None` for every other engine.
+    pub fn padded_usage(&self) -> Option<PaddedUsage> {
+        matches!(self.engine, RouteEngine::DevicePadded).then_some(self.padded)
     }
 
     /// Changes `T` from the next step on. The controller keeps its integral (a bumpless
@@ -489,18 +484,25 @@ impl<'e, B: AutodiffBackend> TrainSession<'e, B> {
             )?;
             // This micro-batch's own counts (in the one read-back it makes).
             let mut counts = RoutingStats::of_micro_batch(&output.moe, experts)?;
-            if let Some(bounds) = &plan.bounds
-                && !counts.fit(bounds)
-            {
-                // Some expert or token outgrew its buffer: nothing is differentiated yet,
-                // so the micro-batch runs again in the exact layout.
-                plan.bounds = None;
-                output = model.forward(inputs, &plan, self.engine, self.config.run.precision)?;
-                counts = RoutingStats::of_micro_batch(&output.moe, experts)?;
-                self.redone += 1;
+            if let Some(bounds) = &plan.bounds {
+                if counts.fit(bounds) {
+                    self.padded.buffer_rows += bounds
+                        .iter()
+                        .map(|b| (experts * b.capacity) as u64)
+                        .sum::<u64>();
+                    self.padded.routes += counts.k_sum.iter().sum::<u64>();
+                } else {
+                    // Some expert or token outgrew its buffer: nothing is differentiated
+                    // yet, so the micro-batch runs again in the exact layout.
+                    plan.bounds = None;
+                    output =
+                        model.forward(inputs, &plan, self.engine, self.config.run.precision)?;
+                    counts = RoutingStats::of_micro_batch(&output.moe, experts)?;
+                    self.padded.redone += 1;
+                }
             }
             if padded {
-                self.padded_runs += 1;
+                self.padded.micro_batches += 1;
                 let tokens = batch.batch * batch.seq_len;
                 self.bounds = Some(counts.next_bounds(tokens, experts));
             }

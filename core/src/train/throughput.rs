@@ -10,7 +10,7 @@ use serde::Serialize;
 use super::config::TrainConfig;
 use super::session::TrainSession;
 use crate::error::{Error, Result};
-use crate::model::RouteEngine;
+use crate::model::{PaddedUsage, RouteEngine};
 
 /// What a throughput run measured.
 #[derive(Clone, Debug, Serialize)]
@@ -42,8 +42,9 @@ pub struct Throughput {
     /// Final training loss (sanity: the steps really trained).
     pub last_loss: f64,
     /// In the padded layout (`--route-on device-padded`): micro-batches redone exactly
-    /// because they outgrew their buffers, and micro-batches run (warm-up included).
-    pub padded_redone: Option<(u64, u64)>,
+    /// because they outgrew their buffers, and rows computed per route (warm-up
+    /// included).
+    pub padded: Option<PaddedUsage>,
 }
 
 /// How a throughput run is timed.
@@ -146,7 +147,7 @@ pub fn measure_throughput<B: AutodiffBackend>(
         peak_memory_bytes: peak_memory,
         peak_memory_kind: memory.kind.to_string(),
         last_loss,
-        padded_redone: session.padded_report(),
+        padded: session.padded_usage(),
     })
 }
 

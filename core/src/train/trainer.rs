@@ -338,10 +338,8 @@ fn run_to_end<B: AutodiffBackend>(
         summary.active_std_second_half,
         summary.target
     ));
-    if let Some((redone, runs)) = session.padded_report() {
-        say(format!(
-            "padded expert buffers: {redone} of {runs} micro-batches outgrew them and were redone exactly"
-        ));
+    if let Some(usage) = session.padded_usage() {
+        say(usage.describe());
     }
     Ok(summary)
 }
