@@ -6,7 +6,7 @@
 use burn::backend::{Autodiff, NdArray, Wgpu};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
-use dtopp::model::embed_tokens;
+use dtopp::model::{embed_host_tokens, embed_tokens};
 use dtopp::rng::SplitMix64;
 
 /// Positions, vocabulary (not a power of two; the last 3 tokens never occur), width.
@@ -35,8 +35,9 @@ fn values() -> Values {
     }
 }
 
-/// The lookup's rows and the table's gradient under `sum(rows * out_w)`.
-fn run<B: Backend>(v: &Values) -> (Vec<f32>, Vec<f32>) {
+/// The lookup's rows and the table's gradient under `sum(rows * out_w)`, the tokens also
+/// given on the host or not.
+fn run<B: Backend>(v: &Values, host: bool) -> (Vec<f32>, Vec<f32>) {
     let device = Default::default();
     let table =
         Tensor::<Autodiff<B>, 2>::from_data(TensorData::new(v.table.clone(), [V, D]), &device)
@@ -45,7 +46,11 @@ fn run<B: Backend>(v: &Values) -> (Vec<f32>, Vec<f32>) {
         Tensor::<Autodiff<B>, 1, Int>::from_data(TensorData::new(v.tokens.clone(), [N]), &device);
     let out_w =
         Tensor::<Autodiff<B>, 2>::from_data(TensorData::new(v.out_w.clone(), [N, D]), &device);
-    let rows = embed_tokens(table.clone(), tokens);
+    let rows = if host {
+        embed_host_tokens(table.clone(), tokens, &v.tokens)
+    } else {
+        embed_tokens(table.clone(), tokens)
+    };
     let grads = (rows.clone() * out_w).sum().backward();
     let grad = table.grad(&grads).unwrap().into_data().to_vec().unwrap();
     (rows.into_data().to_vec().unwrap(), grad)
@@ -93,7 +98,7 @@ fn token_embedding_past_the_loop_limit_on_wgpu_is_exact() {
         seen > 8 * 8 * 8 * 8,
         "{seen} positions of token 0: five passes"
     );
-    let (rows, grad) = run::<NdArray>(&v);
+    let (rows, grad) = run::<NdArray>(&v, false);
     check("ndarray", &v, &rows, &grad);
     let Some(ops) = dtopp_tests::wgpu_or_skip() else {
         return;
@@ -102,6 +107,8 @@ fn token_embedding_past_the_loop_limit_on_wgpu_is_exact() {
         "wgpu adapter: {}; {N} positions, token 0 at {seen}",
         ops.adapter_name()
     );
-    let (rows, grad) = run::<Wgpu>(&v);
-    check("wgpu", &v, &rows, &grad);
+    for host in [false, true] {
+        let (rows, grad) = run::<Wgpu>(&v, host);
+        check(&format!("wgpu (host tokens: {host})"), &v, &rows, &grad);
+    }
 }

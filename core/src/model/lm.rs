@@ -16,7 +16,7 @@ use super::moe_layer::MoeLayer;
 use super::padded_routing::ExpertBounds;
 use super::precision::Precision;
 use super::routing::{RouteEngine, Selector};
-use super::token_embedding::embed_tokens;
+use super::token_embedding::{embed_host_tokens, embed_tokens};
 use crate::error::{Error, Result};
 use crate::rng::SplitMix64;
 
@@ -106,6 +106,38 @@ impl<B: Backend> MoeLanguageModel<B> {
         engine: &RouteEngine,
         precision: Precision,
     ) -> Result<LmOutput<B>> {
+        self.forward_from(tokens, None, routing, engine, precision)
+    }
+
+    /// [`Self::forward`] given the same tokens as a host copy too (`[B S]`, row-major):
+    /// the embedding's backward pass then reads nothing back
+    /// ([`super::token_embedding::embed_host_tokens`]).
+    pub fn forward_with_host_tokens(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        host: &[i64],
+        routing: &RoutingPlan,
+        engine: &RouteEngine,
+        precision: Precision,
+    ) -> Result<LmOutput<B>> {
+        if host.len() != tokens.shape().num_elements() {
+            return Err(Error::param(
+                "host copy of the tokens",
+                host.len(),
+                format!("the tokens' {} entries", tokens.shape().num_elements()),
+            ));
+        }
+        self.forward_from(tokens, Some(host), routing, engine, precision)
+    }
+
+    fn forward_from(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        host: Option<&[i64]>,
+        routing: &RoutingPlan,
+        engine: &RouteEngine,
+        precision: Precision,
+    ) -> Result<LmOutput<B>> {
         let [b, s] = tokens.dims();
         let moe_layers = self.moe_layers().count();
         if routing.selectors.len() != moe_layers {
@@ -127,7 +159,12 @@ impl<B: Backend> MoeLanguageModel<B> {
         let device = tokens.device();
         let d = self.embed.dims()[1];
         let mask = causal_mask::<B>(s, &device);
-        let mut x = embed_tokens(self.embed.val(), tokens.reshape([b * s])).reshape([b, s, d]);
+        let flat = tokens.reshape([b * s]);
+        let mut x = match host {
+            Some(host) => embed_host_tokens(self.embed.val(), flat, host),
+            None => embed_tokens(self.embed.val(), flat),
+        }
+        .reshape([b, s, d]);
         let mut selectors = routing.selectors.iter();
         let mut moe = Vec::with_capacity(moe_layers);
         for block in &self.blocks {

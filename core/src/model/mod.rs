@@ -32,4 +32,4 @@ pub use moe_layer::MoeLayer;
 pub use padded_routing::{ExpertBounds, PaddedRoute, PaddedUsage, route_padded};
 pub use precision::Precision;
 pub use routing::{RouteEngine, Selector};
-pub use token_embedding::embed_tokens;
+pub use token_embedding::{embed_host_tokens, embed_tokens};

@@ -4,8 +4,9 @@
 //! positions that read it. burn's `select` differentiates into `select_assign`, which
 //! burn-cubecl 0.21 runs as one invocation per column looping over all N positions:
 //! serial on a GPU, and cut off after 65535 iterations on lavapipe. Here the sum is a tree
-//! of gathers instead. The backward pass reads the batch's tokens back once and groups
-//! the positions by token on the host ([`FoldPlan`]); each pass then adds up to
+//! of gathers instead. The positions are grouped by token on the host ([`FoldPlan`]): from
+//! the trainer's host copy of the batch during the forward pass ([`embed_host_tokens`]),
+//! or from one read-back in the backward pass ([`embed_tokens`]); each pass then adds up to
 //! [`FOLD_WIDTH`] rows of a token into one, until each distinct token has one row, and one
 //! last gather lays those rows out as the `[V, D]` gradient (a zero row for tokens the
 //! batch does not contain). Same backends as the MoE layer's rows
@@ -30,10 +31,40 @@ const FOLD_WIDTH: usize = 8;
 
 /// `table[tokens[i]]` for every `i`: `[N, D]` from `table` `[V, D]`.
 pub fn embed_tokens<B: Backend>(table: Tensor<B, 2>, tokens: Tensor<B, 1, Int>) -> Tensor<B, 2> {
+    embed(table, tokens, None)
+}
+
+/// [`embed_tokens`] given the same tokens as a host copy too (the trainer has them): the
+/// gradient's grouping is planned here, so the backward pass reads nothing back.
+///
+/// # Panics
+/// If `host` and `tokens` differ in length.
+pub fn embed_host_tokens<B: Backend>(
+    table: Tensor<B, 2>,
+    tokens: Tensor<B, 1, Int>,
+    host: &[i64],
+) -> Tensor<B, 2> {
+    assert_eq!(
+        host.len(),
+        tokens.dims()[0],
+        "the host copy of the tokens has another length than the tokens"
+    );
+    embed(table, tokens, Some(host))
+}
+
+fn embed<B: Backend>(
+    table: Tensor<B, 2>,
+    tokens: Tensor<B, 1, Int>,
+    host: Option<&[i64]>,
+) -> Tensor<B, 2> {
     macro_rules! on {
         ($inner:ty) => {
             if TypeId::of::<B>() == TypeId::of::<Autodiff<$inner>>() {
-                return same(embed_tokens_tracked::<$inner>(same(table), same(tokens)));
+                return same(embed_tokens_tracked::<$inner>(
+                    same(table),
+                    same(tokens),
+                    host,
+                ));
             }
         };
     }
@@ -42,7 +73,7 @@ pub fn embed_tokens<B: Backend>(table: Tensor<B, 2>, tokens: Tensor<B, 1, Int>) 
 }
 
 /// How the gradient rows of N positions fold into one row per vocabulary entry.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 struct FoldPlan {
     /// Each pass: `[R, W]` rows of the pass before (of the positions, for the first) to
     /// add into each of its R rows, padded with the row count before (a zero row).
@@ -107,9 +138,9 @@ fn fold_plan(tokens: &[i64], vocab: usize) -> FoldPlan {
 }
 
 /// The `[V, D]` gradient of the table from the `[N, D]` gradient of the lookup.
-fn fold_gradient<B: Backend>(grad: Tensor<B, 2>, tokens: &[i64], vocab: usize) -> Tensor<B, 2> {
+fn fold_gradient<B: Backend>(grad: Tensor<B, 2>, plan: FoldPlan) -> Tensor<B, 2> {
     let device = grad.device();
-    let plan = fold_plan(tokens, vocab);
+    let vocab = plan.vocab_rows.len();
     let mut rows = grad;
     for (index, shape) in plan.passes {
         let index = Tensor::<B, 2, Int>::from_data(TensorData::new(index, shape), &device);
@@ -125,13 +156,15 @@ fn fold_gradient<B: Backend>(grad: Tensor<B, 2>, tokens: &[i64], vocab: usize) -
 fn embed_tokens_tracked<I: Backend>(
     table: Tensor<Autodiff<I>, 2>,
     tokens: Tensor<Autodiff<I>, 1, Int>,
+    host: Option<&[i64]>,
 ) -> Tensor<Autodiff<I>, 2> {
     #[derive(Debug)]
     struct EmbedTokens;
 
     impl<I: Backend> Backward<I, 1> for EmbedTokens {
-        /// The tokens `[N]` and the vocabulary size.
-        type State = (IntTensor<I>, usize);
+        /// The tokens `[N]`, the vocabulary size, and the plan where the tokens were
+        /// given on the host.
+        type State = (IntTensor<I>, usize, Option<FoldPlan>);
 
         fn backward(
             self,
@@ -142,14 +175,18 @@ fn embed_tokens_tracked<I: Backend>(
             let grad = grads.consume::<I>(&ops.node);
             let [parent] = ops.parents;
             let Some(parent) = parent else { return };
-            let (tokens, vocab) = ops.state;
-            // One read-back per backward pass: the grouping is planned on the host.
-            let tokens = Tensor::<I, 1, Int>::from_primitive(tokens)
-                .into_data()
-                .convert::<i64>()
-                .to_vec::<i64>()
-                .unwrap_or_else(|e| panic!("reading the batch's tokens back: {e:?}"));
-            let table_grad = fold_gradient(float::<I, 2>(grad), &tokens, vocab);
+            let (tokens, vocab, plan) = ops.state;
+            // Without a host copy, one read-back per backward pass: the grouping is
+            // planned on the host.
+            let plan = plan.unwrap_or_else(|| {
+                let tokens = Tensor::<I, 1, Int>::from_primitive(tokens)
+                    .into_data()
+                    .convert::<i64>()
+                    .to_vec::<i64>()
+                    .unwrap_or_else(|e| panic!("reading the batch's tokens back: {e:?}"));
+                fold_plan(&tokens, vocab)
+            });
+            let table_grad = fold_gradient(float::<I, 2>(grad), plan);
             grads.register::<I>(parent.id, table_grad.into_primitive().tensor());
         }
     }
@@ -166,7 +203,10 @@ fn embed_tokens_tracked<I: Backend>(
         .compute_bound()
         .stateful()
     {
-        OpsKind::Tracked(prep) => prep.finish((tokens.into_primitive(), vocab), out),
+        OpsKind::Tracked(prep) => {
+            let plan = host.map(|h| fold_plan(h, vocab));
+            prep.finish((tokens.into_primitive(), vocab, plan), out)
+        }
         OpsKind::UnTracked(prep) => prep.finish(out),
     };
     Tensor::from_primitive(TensorPrimitive::Float(out))
@@ -267,31 +307,36 @@ mod tests {
             TensorData::new((0..n * d).map(|_| rng.normal() as f32).collect(), [n, d]),
             &device,
         );
-        let tokens = Tensor::<B, 1, Int>::from_data(TensorData::new(tokens_v, [n]), &device);
+        let tokens =
+            Tensor::<B, 1, Int>::from_data(TensorData::new(tokens_v.clone(), [n]), &device);
         let mut results = Vec::new();
-        for ours in [true, false] {
+        // burn's select first, then ours reading the tokens back, then ours given them.
+        for ours in [None, Some(None), Some(Some(tokens_v.as_slice()))] {
             let table =
                 Tensor::<B, 2>::from_data(TensorData::new(table_v.clone(), [v, d]), &device)
                     .require_grad();
-            let out = if ours {
-                embed_tokens_tracked::<NdArray>(table.clone(), tokens.clone())
-            } else {
-                table.clone().select(0, tokens.clone())
+            let out = match ours {
+                Some(host) => embed_tokens_tracked::<NdArray>(table.clone(), tokens.clone(), host),
+                None => table.clone().select(0, tokens.clone()),
             };
             let grads = (out.clone() * out.clone() * out_w.clone()).sum().backward();
             let grad: Vec<f32> = table.grad(&grads).unwrap().into_data().to_vec().unwrap();
             let out: Vec<f32> = out.inner().into_data().to_vec().unwrap();
             results.push((out, grad));
         }
-        assert_eq!(results[0].0, results[1].0);
-        let (a, b) = (&results[0].1, &results[1].1);
-        assert!(
-            a.iter()
-                .zip(b)
-                .all(|(x, y)| (x - y).abs() <= 1e-5 * (1.0 + y.abs())),
-            "{a:?} vs {b:?}"
-        );
-        // The two tokens never drawn get a zero gradient.
-        assert!(a[(v - 2) * d..].iter().all(|&g| g == 0.0));
+        let b = &results[0].1;
+        for (out, a) in &results[1..] {
+            assert_eq!(out, &results[0].0);
+            assert!(
+                a.iter()
+                    .zip(b)
+                    .all(|(x, y)| (x - y).abs() <= 1e-5 * (1.0 + y.abs())),
+                "{a:?} vs {b:?}"
+            );
+            // The two tokens never drawn get a zero gradient.
+            assert!(a[(v - 2) * d..].iter().all(|&g| g == 0.0));
+        }
+        // Given on the host, the plan is the one the backward pass would have read.
+        assert_eq!(results[1].1, results[2].1);
     }
 }

@@ -476,11 +476,14 @@ impl<'e, B: AutodiffBackend> TrainSession<'e, B> {
             let (inputs, targets) = batch_tensors::<B>(batch, device);
             let mut plan = plan.clone();
             plan.bounds = self.bounds.clone().filter(|_| padded);
-            let mut output = model.forward(
+            // The host copy of the tokens spares the embedding's backward a read-back.
+            let precision = self.config.run.precision;
+            let mut output = model.forward_with_host_tokens(
                 inputs.clone(),
+                &batch.inputs,
                 &plan,
                 self.engine,
-                self.config.run.precision,
+                precision,
             )?;
             // This micro-batch's own counts (in the one read-back it makes).
             let mut counts = RoutingStats::of_micro_batch(&output.moe, experts)?;
@@ -495,8 +498,13 @@ impl<'e, B: AutodiffBackend> TrainSession<'e, B> {
                     // Some expert or token outgrew its buffer: nothing is differentiated
                     // yet, so the micro-batch runs again in the exact layout.
                     plan.bounds = None;
-                    output =
-                        model.forward(inputs, &plan, self.engine, self.config.run.precision)?;
+                    output = model.forward_with_host_tokens(
+                        inputs,
+                        &batch.inputs,
+                        &plan,
+                        self.engine,
+                        precision,
+                    )?;
                     counts = RoutingStats::of_micro_batch(&output.moe, experts)?;
                     self.padded.redone += 1;
                 }
