@@ -1,9 +1,10 @@
 //! Top-p / Top-k selection and the expert-major dispatch plan in burn tensor ops, on the
 //! device that holds the model (`dtopp train --route-on device`). The probabilities never
 //! leave that device: per MoE layer the host reads `E + 3` integers (the plan's expert
-//! offsets, the route count, the first non-finite logit and the most experts a token
-//! took), because burn's matrix products take their shapes from the host and each expert
-//! multiplies its own slice of rows.
+//! offsets, the route count, the first non-finite logit and, where rows move by gathers,
+//! the most experts a token took), because burn's matrix products take their shapes from
+//! the host and each expert multiplies its own slice of rows. [`super::padded_routing`]
+//! is the same selection with no read per layer.
 //!
 //! Rule (DESIGN.md section 1, the one the CPU reference implements): experts in rank
 //! order (probability descending, ties to the lower index); Top-p keeps the expert at rank
@@ -70,7 +71,12 @@ pub fn route_on_device<B: Backend>(
         .select(0, Tensor::arange_step(0..(e * n) as i64, n, &device));
     let total = inclusive.clone().narrow(0, e * n - 1, 1);
     let first_bad = first_non_finite(logits.clone());
-    let most = int_max(selected.clone().sum_dim(1).reshape([n]));
+    // The slot table's width, where one is built.
+    let most = if gathers::<B>() {
+        int_max(selected.clone().sum_dim(1).reshape([n]))
+    } else {
+        Tensor::<B, 1, Int>::ones([1], &device)
+    };
     let head = read_ints(Tensor::cat(vec![expert_starts, total, first_bad, most], 0))?;
     let (routes, first_bad) = (head[e] as usize, head[e + 1] as usize);
     let slots = (head[e + 2] as usize).max(1);
