@@ -141,11 +141,15 @@ fn run<B: Backend>(
         Precision::F32,
     )
     .unwrap();
-    let LayerRouting::Device { selected, padded } = &fwd.routing else {
+    let LayerRouting::Device {
+        selected,
+        first_bad,
+    } = &fwd.routing
+    else {
         panic!("device engines keep the selection on the device");
     };
     assert_eq!(
-        padded.is_some(),
+        first_bad.is_some(),
         bounds.is_some(),
         "the layout the bounds ask for"
     );

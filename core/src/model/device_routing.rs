@@ -62,13 +62,11 @@ pub fn route_on_device<B: Backend>(
     let (selected, rank) = select_ranked(probs, selector)?;
     let device = selected.device();
 
-    // Expert-major flattening: route order is (expert, token) ascending.
-    let flat = selected.clone().transpose().reshape([e * n]);
-    let inclusive = inclusive_scan(flat.clone());
-    let exclusive = inclusive.clone() - flat.clone();
-    let expert_starts = exclusive
-        .clone()
-        .select(0, Tensor::arange_step(0..(e * n) as i64, n, &device));
+    let ExpertMajor {
+        inclusive,
+        exclusive,
+        starts: expert_starts,
+    } = expert_major(&selected);
     let total = inclusive.clone().narrow(0, e * n - 1, 1);
     let first_bad = first_non_finite(logits.clone());
     // The slot table's width, where one is built.
@@ -109,6 +107,33 @@ pub fn route_on_device<B: Backend>(
         token_slots,
         expert_offsets,
     })
+}
+
+/// Running counts of a selection `[N, E]` in expert-major order: route order is
+/// (expert, token) ascending.
+pub(super) struct ExpertMajor<B: Backend> {
+    /// `[E N]` routes up to and including each (expert, token).
+    pub inclusive: Tensor<B, 1, Int>,
+    /// `[E N]` routes before each (expert, token): the route of a selected one.
+    pub exclusive: Tensor<B, 1, Int>,
+    /// `[E]` each expert's first route.
+    pub starts: Tensor<B, 1, Int>,
+}
+
+pub(super) fn expert_major<B: Backend>(selected: &Tensor<B, 2, Int>) -> ExpertMajor<B> {
+    let [n, e] = selected.dims();
+    let flat = selected.clone().transpose().reshape([e * n]);
+    let inclusive = inclusive_scan(flat.clone());
+    let exclusive = inclusive.clone() - flat;
+    let starts = exclusive.clone().select(
+        0,
+        Tensor::arange_step(0..(e * n) as i64, n, &selected.device()),
+    );
+    ExpertMajor {
+        inclusive,
+        exclusive,
+        starts,
+    }
 }
 
 /// `[1]` the first non-finite entry of `logits` `[N, E]` in row-major order (`N E` when

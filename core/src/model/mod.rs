@@ -27,7 +27,7 @@ pub(crate) use device_routing::read_ints;
 pub use device_routing::{DeviceRoute, route_on_device, select as select_on_device};
 pub use drn::drn_probs;
 pub use lm::{Block, LmOutput, MoeLanguageModel, RoutingPlan};
-pub use moe::{LayerCounts, LayerRouting, MoeForward, MoeWeights, PaddedCheck, moe_forward};
+pub use moe::{LayerCounts, LayerRouting, MoeForward, MoeWeights, moe_forward};
 pub use moe_layer::MoeLayer;
 pub use padded_routing::{ExpertBounds, PaddedRoute, PaddedUsage, route_padded};
 pub use precision::Precision;

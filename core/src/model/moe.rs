@@ -68,18 +68,10 @@ pub enum LayerRouting<B: Backend> {
     Device {
         /// `[N, E]` 1 where the token selected the expert.
         selected: Tensor<B, 2, Int>,
-        /// Set where the layer ran in the padded layout: what the trainer must check.
-        padded: Option<PaddedCheck<B>>,
+        /// Set where the layer ran in the padded layout, which leaves the check to the
+        /// trainer: `[1]` the first non-finite router logit, row-major, `N E` when none.
+        first_bad: Option<Tensor<B, 1, Int>>,
     },
-}
-
-/// What a layer in the padded layout leaves unchecked until the trainer reads it.
-#[derive(Clone, Debug)]
-pub struct PaddedCheck<B: Backend> {
-    /// The bounds it ran under (a larger micro-batch must be redone).
-    pub bounds: ExpertBounds,
-    /// `[1]` the first non-finite router logit, row-major, `N E` when none.
-    pub first_bad: Tensor<B, 1, Int>,
 }
 
 /// One layer's routing counts: `[sum of k, histogram of k (k = 1..=E), load per expert]`.
@@ -271,7 +263,7 @@ pub fn moe_forward<B: Backend>(
                 expert_offsets: route.expert_offsets,
                 routing: LayerRouting::Device {
                     selected: route.selected,
-                    padded: None,
+                    first_bad: None,
                 },
             }
         }
@@ -280,10 +272,8 @@ pub fn moe_forward<B: Backend>(
     let route_tokens = plan.route_tokens;
     let routes = route_tokens.dims()[0];
 
-    // Combine weights from P (differentiable): P renormalised over each token's selected
-    // experts, then read at each route.
-    let kept = probs.clone() * plan.route_of.clone().lower_elem(routes as i64).float();
-    let renormalised = kept.clone() / kept.sum_dim(1);
+    // Combine weights from P (differentiable), read at each route.
+    let renormalised = selected_share(probs.clone(), &plan.route_of, routes);
     let g = gather_rows(
         renormalised.reshape([n * e, 1]),
         &plan.route_sources,
@@ -318,6 +308,17 @@ pub fn moe_forward<B: Backend>(
     })
 }
 
+/// `P` `[N, E]` renormalised over each token's selected experts: those whose route in
+/// `route_of` is not `unrouted` (differentiable).
+fn selected_share<B: Backend>(
+    probs: Tensor<B, 2>,
+    route_of: &Tensor<B, 2, Int>,
+    unrouted: usize,
+) -> Tensor<B, 2> {
+    let kept = probs * route_of.clone().lower_elem(unrouted as i64).float();
+    kept.clone() / kept.sum_dim(1)
+}
+
 /// [`moe_forward`] in the padded layout ([`super::padded_routing`]): every expert on a
 /// buffer of `bounds.capacity` rows in one batched product, nothing read back.
 fn moe_padded<B: Backend>(
@@ -342,8 +343,7 @@ fn moe_padded<B: Backend>(
     )?;
 
     // Combine weights, as in the exact layout; an empty row reads the appended zero.
-    let kept = probs.clone() * route.row_of.clone().lower_elem(rows as i64).float();
-    let renormalised = (kept.clone() / kept.sum_dim(1)).reshape([n * e, 1]);
+    let renormalised = selected_share(probs.clone(), &route.row_of, rows).reshape([n * e, 1]);
     let renormalised = Tensor::cat(vec![renormalised, Tensor::zeros([1, 1], &device)], 0);
     let readers = Tensor::cat(
         vec![
@@ -375,10 +375,7 @@ fn moe_padded<B: Backend>(
         probs,
         routing: LayerRouting::Device {
             selected: route.selected,
-            padded: Some(PaddedCheck {
-                bounds,
-                first_bad: route.first_bad,
-            }),
+            first_bad: Some(route.first_bad),
         },
     })
 }

@@ -18,7 +18,7 @@ use burn::tensor::{Int, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::device_routing::{
-    first_above, first_non_finite, inclusive_scan, select_ranked, slots_by_rank,
+    ExpertMajor, expert_major, first_above, first_non_finite, select_ranked, slots_by_rank,
 };
 use super::routed_rows::gathers;
 use super::routing::Selector;
@@ -131,13 +131,11 @@ pub fn route_padded<B: Backend>(
     let (selected, rank) = select_ranked(probs, selector)?;
     let device = selected.device();
 
-    // Expert-major running counts, as in the exact layout.
-    let flat = selected.clone().transpose().reshape([e * n]);
-    let inclusive = inclusive_scan(flat.clone());
-    let exclusive = inclusive.clone() - flat;
-    let starts = exclusive
-        .clone()
-        .select(0, Tensor::arange_step(0..(e * n) as i64, n, &device));
+    let ExpertMajor {
+        inclusive,
+        exclusive,
+        starts,
+    } = expert_major(&selected);
     let ends = inclusive.clone().select(
         0,
         Tensor::arange_step(n as i64 - 1..(e * n) as i64, n, &device),

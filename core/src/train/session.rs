@@ -852,9 +852,9 @@ impl RoutingStats {
             .enumerate()
             .filter_map(|(l, layer)| match &layer.routing {
                 LayerRouting::Device {
-                    padded: Some(check),
+                    first_bad: Some(bad),
                     ..
-                } => Some((l, check.first_bad.clone())),
+                } => Some((l, bad.clone())),
                 _ => None,
             })
             .collect();
