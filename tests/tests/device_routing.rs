@@ -105,13 +105,25 @@ fn check_case<B: Backend>(device: &B::Device, case: &Case, want_table: bool, tal
     let on_device = Tensor::<B, 2>::from_data(TensorData::new(probs.clone(), [n, e]), device);
     for selector in selectors(e) {
         let what = format!("{} {selector:?}", case.name);
-        let route = route_on_device(on_device.clone(), logits.clone(), selector).unwrap();
+        let route = route_on_device(on_device.clone(), logits.clone(), selector, None).unwrap();
         let mask = ints(route.selected.clone());
         let want = reference(&probs, shape, selector);
         let threshold = match selector {
             Selector::TopK(_) => None,
             Selector::TopP { threshold, .. } => Some(threshold),
         };
+        if let Some(p) = threshold {
+            // The trainer's controller keeps p on the device: the same comparisons, so
+            // exactly the same selection.
+            let held = Tensor::<B, 1>::from_data(TensorData::new(vec![p], [1]), device);
+            let from_device =
+                route_on_device(on_device.clone(), logits.clone(), selector, Some(held)).unwrap();
+            assert_eq!(
+                ints(from_device.selected),
+                mask,
+                "{what}: threshold held on the device"
+            );
+        }
         for i in 0..n {
             tally.tokens += 1;
             let k = want.counts[i] as usize;
@@ -201,7 +213,7 @@ fn check_nonfinite<B: Backend>(device: &B::Device) {
         logits[4 * e + 1] = f32::NAN;
         let t = Tensor::<B, 2>::from_data(TensorData::new(logits, [n, e]), device);
         let probs = Tensor::<B, 2>::ones([n, e], device).div_scalar(e as f32);
-        match route_on_device(probs, t, Selector::TopK(1)) {
+        match route_on_device(probs, t, Selector::TopK(1), None) {
             Err(Error::NonFinite { token, column, .. }) => {
                 assert_eq!((token, column), (3, 2), "first non-finite logit ({bad})");
             }

@@ -74,6 +74,7 @@ fn run<B: Backend>(
         &w,
         true,
         selector,
+        None,
         engine,
         None,
         Precision::F32,

@@ -2,8 +2,9 @@
 //! (`--route-on device`): the same selection, the same outputs and gradients, on burn
 //! ndarray and on burn-wgpu, for awkward shapes (one token, one expert, E not a power of
 //! two, every probability tied); bounds that are tight, loose and too small; a
-//! non-finite logit found without a read-back per layer; and whole training steps that
-//! redo a micro-batch which outgrew its buffers.
+//! non-finite logit found without a read-back per layer; whole training steps (with the
+//! controller on the device) that redo a step which outgrew its buffers; and a padded
+//! run resumed from a checkpoint exactly.
 
 use burn::backend::{Autodiff, NdArray, Wgpu};
 use burn::tensor::backend::Backend;
@@ -136,6 +137,7 @@ fn run<B: Backend>(
         &w,
         true,
         selector,
+        None,
         engine,
         bounds,
         Precision::F32,
@@ -275,7 +277,7 @@ fn a_non_finite_logit_is_located_on_the_device() {
         capacity: n,
         slots: e,
     };
-    let route = route_padded(probs, logits, Selector::TopK(2), bounds).unwrap();
+    let route = route_padded(probs, logits, Selector::TopK(2), None, bounds).unwrap();
     let first: Vec<i64> = route
         .first_bad
         .into_data()
@@ -288,20 +290,14 @@ fn a_non_finite_logit_is_located_on_the_device() {
         slots: 1,
     };
     let logits = Tensor::<NdArray, 2>::zeros([n, e], &device);
-    let err = route_padded(logits.clone(), logits, Selector::TopK(2), zero).unwrap_err();
+    let err = route_padded(logits.clone(), logits, Selector::TopK(2), None, zero).unwrap_err();
     assert!(err.to_string().contains("padded expert bounds"), "{err}");
 }
 
-/// Losses (total, then cross-entropy) of each step.
-type Losses = Vec<(f64, f64)>;
+/// Losses (total, then cross-entropy) and the threshold routed with, of each step.
+type Losses = Vec<(f64, f64, f64)>;
 
-/// [`Losses`] of `steps` DTop-p steps of a tiny model with two micro-batches per step,
-/// and the padded report.
-fn train_steps<B: burn::tensor::backend::AutodiffBackend>(
-    engine: &RouteEngine,
-    start: Option<Vec<ExpertBounds>>,
-    steps: u64,
-) -> (Losses, Option<PaddedUsage>) {
+fn tiny_dtopp(steps: u64) -> dtopp::train::TrainConfig {
     let mut config = Preset::Tiny.config();
     config.routing.mode = RoutingMode::Dtopp;
     config.run.steps = steps;
@@ -310,18 +306,39 @@ fn train_steps<B: burn::tensor::backend::AutodiffBackend>(
     config.run.eval_every = 0;
     config.run.eval_batches = 1;
     config.run.sample_every = 0;
+    config
+}
+
+fn losses_of(metrics: &[dtopp::train::StepMetrics]) -> Losses {
+    metrics
+        .iter()
+        .map(|m| {
+            (
+                m.loss,
+                m.ce_loss,
+                m.threshold.expect("DTop-p has a threshold"),
+            )
+        })
+        .collect()
+}
+
+/// [`Losses`] of `steps` DTop-p steps of a tiny model with two micro-batches per step,
+/// and the padded report.
+fn train_steps<B: burn::tensor::backend::AutodiffBackend>(
+    engine: &RouteEngine,
+    start: Option<Vec<ExpertBounds>>,
+    steps: u64,
+) -> (Losses, Option<PaddedUsage>) {
+    let config = tiny_dtopp(steps);
     let device = Default::default();
     let mut session = TrainSession::<B>::new(&config, &device, engine).unwrap();
     if let Some(bounds) = start {
         session.set_padded_bounds(bounds).unwrap();
     }
-    let losses = (0..steps)
-        .map(|_| {
-            let m = session.step().unwrap().metrics;
-            (m.loss, m.ce_loss)
-        })
-        .collect();
-    (losses, session.padded_usage())
+    for _ in 0..steps {
+        session.step().unwrap();
+    }
+    (losses_of(session.history()), session.padded_usage())
 }
 
 fn sessions_agree<B: burn::tensor::backend::AutodiffBackend>(backend: &str) {
@@ -354,6 +371,14 @@ fn sessions_agree<B: burn::tensor::backend::AutodiffBackend>(backend: &str) {
                     step + 1
                 );
             }
+            // The device controller's f32 law against the host's f64 one.
+            assert!(
+                (p.2 - x.2).abs() <= 1e-5,
+                "{backend} {name} step {}: threshold {} vs the host controller's {}",
+                step + 1,
+                p.2,
+                x.2
+            );
         }
     }
 }
@@ -369,4 +394,38 @@ fn training_in_padded_buffers_follows_the_exact_layout_on_wgpu() {
         return;
     }
     sessions_agree::<Autodiff<Wgpu>>("wgpu");
+}
+
+/// A padded run (controller on the device, one read-back per step) checkpointed after
+/// two steps and restored continues exactly as the uninterrupted run.
+#[test]
+fn a_padded_run_resumes_exactly_from_its_checkpoint() {
+    type B = Autodiff<NdArray>;
+    let (steps, cut) = (4, 2);
+    let config = tiny_dtopp(steps);
+    let device = Default::default();
+    let engine = RouteEngine::DevicePadded;
+    let mut straight = TrainSession::<B>::new(&config, &device, &engine).unwrap();
+    let mut saved = None;
+    for step in 1..=steps {
+        straight.step().unwrap();
+        if step == cut {
+            saved = Some(straight.checkpoint().unwrap());
+        }
+    }
+    let saved = saved.unwrap();
+    let history = straight.history()[..cut as usize].to_vec();
+    let mut resumed =
+        TrainSession::<B>::restore(&config, &device, &engine, &saved, history, None).unwrap();
+    while !resumed.finished() {
+        resumed.step().unwrap();
+    }
+    let (want, got) = (losses_of(straight.history()), losses_of(resumed.history()));
+    println!("uninterrupted {want:?}\nresumed       {got:?}");
+    assert_eq!(got, want, "losses and thresholds after resuming");
+    assert_eq!(
+        resumed.checkpoint().unwrap().header.policy,
+        straight.checkpoint().unwrap().header.policy,
+        "controller state after resuming"
+    );
 }

@@ -116,6 +116,22 @@ impl ThresholdControl {
         self.controllers.iter().map(|c| c.state().clone()).collect()
     }
 
+    /// Replaces every controller's state (the host's copy of a state kept on the device),
+    /// keeping the settings.
+    pub fn set_states(&mut self, states: Vec<ControllerState>) -> Result<()> {
+        if states.len() != self.controllers.len() {
+            return Err(Error::param(
+                "controller states",
+                states.len(),
+                format!("{} (one per controller)", self.controllers.len()),
+            ));
+        }
+        for (c, s) in self.controllers.iter_mut().zip(states) {
+            *c = PiController::from_state(c.config().clone(), s)?;
+        }
+        Ok(())
+    }
+
     /// Changes the target of every controller.
     pub fn set_target(&mut self, target: f64) -> Result<()> {
         self.controllers

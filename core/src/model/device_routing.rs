@@ -52,14 +52,16 @@ pub struct DeviceRoute<B: Backend> {
 
 /// Selects experts from `probs` `[N, E]` (no gradient needed; detach it) and builds the
 /// dispatch plan, on the device of `probs`. `logits` are the router's raw logits, checked
-/// for NaN/Inf in the same read-back as the offsets.
+/// for NaN/Inf in the same read-back as the offsets. `threshold` (`[1]`, on the device)
+/// replaces a Top-p selector's host threshold.
 pub fn route_on_device<B: Backend>(
     probs: Tensor<B, 2>,
     logits: Tensor<B, 2>,
     selector: Selector,
+    threshold: Option<Tensor<B, 1>>,
 ) -> Result<DeviceRoute<B>> {
     let [n, e] = probs.dims();
-    let (selected, rank) = select_ranked(probs, selector)?;
+    let (selected, rank) = select_ranked(probs, selector, threshold)?;
     let device = selected.device();
 
     let ExpertMajor {
@@ -231,13 +233,15 @@ pub(super) fn slots_by_rank<B: Backend>(
 
 /// `[N, E]` 0/1: the experts each token selects under `selector`.
 pub fn select<B: Backend>(probs: Tensor<B, 2>, selector: Selector) -> Result<Tensor<B, 2, Int>> {
-    Ok(select_ranked(probs, selector)?.0)
+    Ok(select_ranked(probs, selector, None)?.0)
 }
 
-/// [`select`] and `[N, E]` each expert's rank within its token (0 = most probable).
+/// [`select`] and `[N, E]` each expert's rank within its token (0 = most probable);
+/// `threshold` (`[1]`, on the device) replaces a Top-p selector's host threshold.
 pub(super) fn select_ranked<B: Backend>(
     probs: Tensor<B, 2>,
     selector: Selector,
+    threshold: Option<Tensor<B, 1>>,
 ) -> Result<(Tensor<B, 2, Int>, Tensor<B, 2, Int>)> {
     let [n, e] = probs.dims();
     if n == 0 || e == 0 {
@@ -260,7 +264,7 @@ pub(super) fn select_ranked<B: Backend>(
         .map(|start| {
             let end = (start + rows).min(n);
             let p = probs.clone().slice([start..end, 0..e]);
-            select_chunk(p, tie_ahead.clone(), selector)
+            select_chunk(p, tie_ahead.clone(), selector, threshold.clone())
         })
         .unzip();
     Ok((Tensor::cat(selected, 0), Tensor::cat(ranks, 0)))
@@ -270,6 +274,7 @@ fn select_chunk<B: Backend>(
     probs: Tensor<B, 2>,
     tie_ahead: Tensor<B, 3>,
     selector: Selector,
+    on_device: Option<Tensor<B, 1>>,
 ) -> (Tensor<B, 2, Int>, Tensor<B, 2, Int>) {
     let [n, e] = probs.dims();
     // [i, j, k]: P_ij (the expert ranked) against P_ik (a competitor).
@@ -282,7 +287,11 @@ fn select_chunk<B: Backend>(
         Selector::TopK(k) => rank.clone().lower_elem(k as f32).int(),
         Selector::TopP { threshold, k_max } => {
             let mass_ahead = (ahead * other).sum_dim(2).reshape([n, e]);
-            let kept = mass_ahead.lower_elem(threshold).int();
+            let kept = match on_device {
+                Some(p) => mass_ahead.lower(p.reshape([1, 1]).expand([n, e])),
+                None => mass_ahead.lower_elem(threshold),
+            }
+            .int();
             match k_max {
                 Some(k) => kept * rank.clone().lower_elem(k as f32).int(),
                 None => kept,

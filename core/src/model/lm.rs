@@ -106,17 +106,20 @@ impl<B: Backend> MoeLanguageModel<B> {
         engine: &RouteEngine,
         precision: Precision,
     ) -> Result<LmOutput<B>> {
-        self.forward_from(tokens, None, routing, engine, precision)
+        self.forward_from(tokens, None, routing, None, engine, precision)
     }
 
     /// [`Self::forward`] given the same tokens as a host copy too (`[B S]`, row-major):
     /// the embedding's backward pass then reads nothing back
-    /// ([`super::token_embedding::embed_host_tokens`]).
+    /// ([`super::token_embedding::embed_host_tokens`]). `thresholds` (`[L]`, on the
+    /// model's device), where given, replace the Top-p selectors' host thresholds: the
+    /// trainer's controller keeps them there ([`RouteEngine::DevicePadded`]).
     pub fn forward_with_host_tokens(
         &self,
         tokens: Tensor<B, 2, Int>,
         host: &[i64],
         routing: &RoutingPlan,
+        thresholds: Option<&Tensor<B, 1>>,
         engine: &RouteEngine,
         precision: Precision,
     ) -> Result<LmOutput<B>> {
@@ -127,7 +130,7 @@ impl<B: Backend> MoeLanguageModel<B> {
                 format!("the tokens' {} entries", tokens.shape().num_elements()),
             ));
         }
-        self.forward_from(tokens, Some(host), routing, engine, precision)
+        self.forward_from(tokens, Some(host), routing, thresholds, engine, precision)
     }
 
     fn forward_from(
@@ -135,6 +138,7 @@ impl<B: Backend> MoeLanguageModel<B> {
         tokens: Tensor<B, 2, Int>,
         host: Option<&[i64]>,
         routing: &RoutingPlan,
+        thresholds: Option<&Tensor<B, 1>>,
         engine: &RouteEngine,
         precision: Precision,
     ) -> Result<LmOutput<B>> {
@@ -153,6 +157,15 @@ impl<B: Backend> MoeLanguageModel<B> {
             return Err(Error::param(
                 "padded expert bounds",
                 bounds.len(),
+                format!("one per MoE layer ({moe_layers})"),
+            ));
+        }
+        if let Some(p) = thresholds
+            && p.dims()[0] != moe_layers
+        {
+            return Err(Error::param(
+                "thresholds held on the device",
+                p.dims()[0],
                 format!("one per MoE layer ({moe_layers})"),
             ));
         }
@@ -176,9 +189,18 @@ impl<B: Backend> MoeLanguageModel<B> {
             let y = match (&block.moe, &block.dense) {
                 (Some(layer), _) => {
                     let selector = *selectors.next().expect("one selector per MoE layer");
-                    let bounds = routing.bounds.as_ref().map(|b| b[moe.len()]);
-                    let out =
-                        layer.forward(h, routing.use_drn, selector, engine, bounds, precision)?;
+                    let l = moe.len();
+                    let bounds = routing.bounds.as_ref().map(|b| b[l]);
+                    let threshold = thresholds.map(|p| p.clone().slice([l..l + 1]));
+                    let out = layer.forward(
+                        h,
+                        routing.use_drn,
+                        selector,
+                        threshold,
+                        engine,
+                        bounds,
+                        precision,
+                    )?;
                     let y = out.output.clone();
                     moe.push(out);
                     y

@@ -226,12 +226,15 @@ fn plan_on_host<B: Backend>(
     })
 }
 
-/// One dropless MoE layer on token rows `x` `[N, D]`.
+/// One dropless MoE layer on token rows `x` `[N, D]`. `threshold` (`[1]`, on the model's
+/// device) replaces a Top-p selector's host threshold; only the device engines take one.
+#[allow(clippy::too_many_arguments)]
 pub fn moe_forward<B: Backend>(
     x: Tensor<B, 2>,
     w: &MoeWeights<B>,
     use_drn: bool,
     selector: Selector,
+    threshold: Option<Tensor<B, 1>>,
     engine: &RouteEngine,
     bounds: Option<ExpertBounds>,
     precision: Precision,
@@ -248,13 +251,26 @@ pub fn moe_forward<B: Backend>(
         softmax(logits.clone(), 1)
     };
     if let (RouteEngine::DevicePadded, Some(bounds)) = (engine, bounds) {
-        return moe_padded(x, w, logits, probs, selector, bounds, precision);
+        return moe_padded(
+            x,
+            w,
+            logits,
+            probs,
+            (selector, threshold),
+            bounds,
+            precision,
+        );
     }
 
     // Selection and plan (the spec's rules), through the run's engine.
     let plan = match engine {
         RouteEngine::Device | RouteEngine::DevicePadded => {
-            let route = route_on_device(probs.clone().detach(), logits.clone().detach(), selector)?;
+            let route = route_on_device(
+                probs.clone().detach(),
+                logits.clone().detach(),
+                selector,
+                threshold,
+            )?;
             Plan {
                 route_tokens: route.route_tokens,
                 route_sources: route.route_sources,
@@ -266,6 +282,13 @@ pub fn moe_forward<B: Backend>(
                     first_bad: None,
                 },
             }
+        }
+        _ if threshold.is_some() => {
+            return Err(Error::param(
+                "route engine",
+                engine.describe(),
+                "a device engine (--route-on device or device-padded) for a threshold held on the device",
+            ));
         }
         _ => plan_on_host(&probs, engine, selector)?,
     };
@@ -326,7 +349,7 @@ fn moe_padded<B: Backend>(
     w: &MoeWeights<B>,
     logits: Tensor<B, 2>,
     probs: Tensor<B, 2>,
-    selector: Selector,
+    (selector, threshold): (Selector, Option<Tensor<B, 1>>),
     bounds: ExpertBounds,
     precision: Precision,
 ) -> Result<MoeForward<B>> {
@@ -339,6 +362,7 @@ fn moe_padded<B: Backend>(
         probs.clone().detach(),
         logits.clone().detach(),
         selector,
+        threshold,
         bounds,
     )?;
 
@@ -434,6 +458,7 @@ mod tests {
             &w,
             true,
             selector,
+            None,
             engine,
             None,
             Precision::F32,

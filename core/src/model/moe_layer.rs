@@ -48,13 +48,16 @@ impl<B: Backend> MoeLayer<B> {
         }
     }
 
-    /// Token rows `[N, D]` through the router and the selected experts (`bounds`: the
-    /// padded layout's, for [`RouteEngine::DevicePadded`]).
+    /// Token rows `[N, D]` through the router and the selected experts (`threshold`: a
+    /// Top-p threshold held on the device; `bounds`: the padded layout's, for
+    /// [`RouteEngine::DevicePadded`]).
+    #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
         x: Tensor<B, 2>,
         use_drn: bool,
         selector: Selector,
+        threshold: Option<Tensor<B, 1>>,
         engine: &RouteEngine,
         bounds: Option<ExpertBounds>,
         precision: Precision,
@@ -66,6 +69,8 @@ impl<B: Backend> MoeLayer<B> {
             up: self.up.val(),
             down: self.down.val(),
         };
-        moe_forward(x, &weights, use_drn, selector, engine, bounds, precision)
+        moe_forward(
+            x, &weights, use_drn, selector, threshold, engine, bounds, precision,
+        )
     }
 }

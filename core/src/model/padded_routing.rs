@@ -72,6 +72,16 @@ pub struct PaddedUsage {
 }
 
 impl PaddedUsage {
+    /// Counts a micro-batch that fit `bounds`: its buffer rows and its routes (`k_sum`:
+    /// each layer's experts summed over its tokens).
+    pub fn count_fitting(&mut self, bounds: &[ExpertBounds], experts: usize, k_sum: &[u64]) {
+        self.buffer_rows += bounds
+            .iter()
+            .map(|b| (experts * b.capacity) as u64)
+            .sum::<u64>();
+        self.routes += k_sum.iter().sum::<u64>();
+    }
+
     /// Expert rows computed per route (1 would be no padding).
     pub fn rows_per_route(&self) -> Option<f64> {
         (self.routes > 0).then(|| self.buffer_rows as f64 / self.routes as f64)
@@ -112,10 +122,12 @@ pub struct PaddedRoute<B: Backend> {
 
 /// Selects experts from `probs` `[N, E]` (detached) and lays the routes out in buffers
 /// of `bounds.capacity` rows per expert, on the device of `probs`, reading nothing back.
+/// `threshold` (`[1]`, on the device) replaces a Top-p selector's host threshold.
 pub fn route_padded<B: Backend>(
     probs: Tensor<B, 2>,
     logits: Tensor<B, 2>,
     selector: Selector,
+    threshold: Option<Tensor<B, 1>>,
     bounds: ExpertBounds,
 ) -> Result<PaddedRoute<B>> {
     let [n, e] = probs.dims();
@@ -128,7 +140,7 @@ pub fn route_padded<B: Backend>(
         ));
     }
     let rows = e * c;
-    let (selected, rank) = select_ranked(probs, selector)?;
+    let (selected, rank) = select_ranked(probs, selector, threshold)?;
     let device = selected.device();
 
     let ExpertMajor {

@@ -34,6 +34,18 @@ pub fn load_balance<B: Backend>(probs: Tensor<B, 2>, expert_load: &[u64]) -> Ten
     (column_means(probs) * fraction).sum() * e as f64
 }
 
+/// [`load_balance`] with the routes per expert `[E]` still on the device (the padded
+/// layout's deferred read-back): the same fractions, computed there.
+pub fn load_balance_on_device<B: Backend>(
+    probs: Tensor<B, 2>,
+    expert_load: Tensor<B, 1, Int>,
+) -> Tensor<B, 1> {
+    let e = expert_load.dims()[0];
+    let load = expert_load.float();
+    let fraction = load.clone() / load.sum().clamp_min(1.0).expand([e]);
+    (column_means(probs) * fraction).sum() * e as f64
+}
+
 /// Mean over tokens of the routing entropy `-sum_j P_ij ln P_ij` (nats).
 pub fn router_entropy<B: Backend>(probs: Tensor<B, 2>) -> Tensor<B, 1> {
     let log = probs.clone().clamp_min(1e-12).log();
@@ -70,13 +82,48 @@ pub fn total_loss<B: Backend>(
     expert_load: &[Vec<u64>],
     config: &LossConfig,
 ) -> LossParts<B> {
+    let balances = moe
+        .iter()
+        .zip(expert_load)
+        .map(|(layer, load)| load_balance(layer.probs.clone(), load))
+        .collect();
+    combine_losses(logits, targets, moe, balances, config)
+}
+
+/// [`total_loss`] with `expert_load` `[L, E]` on the device.
+pub fn total_loss_on_device<B: Backend>(
+    logits: Tensor<B, 2>,
+    targets: Tensor<B, 1, Int>,
+    moe: &[MoeForward<B>],
+    expert_load: Tensor<B, 2, Int>,
+    config: &LossConfig,
+) -> LossParts<B> {
+    let [layers, e] = expert_load.dims();
+    let balances = moe
+        .iter()
+        .zip(0..layers)
+        .map(|(layer, l)| {
+            let load = expert_load.clone().slice([l..l + 1, 0..e]).reshape([e]);
+            load_balance_on_device(layer.probs.clone(), load)
+        })
+        .collect();
+    combine_losses(logits, targets, moe, balances, config)
+}
+
+fn combine_losses<B: Backend>(
+    logits: Tensor<B, 2>,
+    targets: Tensor<B, 1, Int>,
+    moe: &[MoeForward<B>],
+    balances: Vec<Tensor<B, 1>>,
+    config: &LossConfig,
+) -> LossParts<B> {
     let device = logits.device();
     let ce = cross_entropy(logits, targets);
     let layers = moe.len().max(1) as f64;
     let zero = || Tensor::<B, 1>::zeros([1], &device);
     let (mut balance, mut entropy, mut z) = (zero(), zero(), zero());
-    for (layer, load) in moe.iter().zip(expert_load) {
-        balance = balance + load_balance(layer.probs.clone(), load);
+    for (layer, layer_balance) in moe.iter().zip(balances) {
+        balance = balance + layer_balance;
         entropy = entropy + router_entropy(layer.probs.clone());
         if config.z_loss > 0.0 {
             z = z + z_loss(layer.logits.clone());
@@ -101,7 +148,7 @@ mod tests {
     use burn::backend::NdArray;
     use burn::tensor::{Int, Tensor, TensorData};
 
-    use super::{cross_entropy, load_balance, router_entropy, z_loss};
+    use super::{cross_entropy, load_balance, load_balance_on_device, router_entropy, z_loss};
 
     type B = NdArray;
 
@@ -130,6 +177,18 @@ mod tests {
         let peaked = t2(vec![1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0], [2, 4]);
         assert!((scalar(load_balance(peaked.clone(), &[2, 0, 0, 0])) - 4.0).abs() < 1e-6);
         assert!(scalar(router_entropy(peaked)).abs() < 1e-6);
+        // The same fractions computed on the device, bit for bit (and no routes at all).
+        let skewed = t2(vec![0.1, 0.2, 0.3, 0.4, 0.7, 0.1, 0.1, 0.1], [2, 4]);
+        for load in [[3u64, 1, 0, 2], [0, 0, 0, 0]] {
+            let on_device = Tensor::<B, 1, Int>::from_data(
+                TensorData::new(load.iter().map(|&c| c as i64).collect(), [4]),
+                &Default::default(),
+            );
+            assert_eq!(
+                scalar(load_balance_on_device(skewed.clone(), on_device)),
+                scalar(load_balance(skewed.clone(), &load))
+            );
+        }
         // z-loss of zero logits over 4 experts: (ln 4)^2.
         let z = scalar(z_loss(t2(vec![0.0; 8], [2, 4])));
         assert!((z - 4f32.ln().powi(2)).abs() < 1e-5);

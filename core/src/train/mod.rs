@@ -9,6 +9,7 @@ mod checkpoint;
 mod collective;
 mod config;
 mod data_parallel;
+mod device_control;
 mod export;
 mod loop_limit;
 mod losses;
@@ -31,8 +32,12 @@ pub use config::{
     DataConfig, LossConfig, OptimizerConfig, Preset, RoutingConfig, RunConfig, TrainConfig,
 };
 pub use data_parallel::{resume_data_parallel, train_data_parallel};
+pub use device_control::DeviceControl;
 pub use export::{ExportReport, export_safetensors, parameter_names};
-pub use losses::{LossParts, cross_entropy, load_balance, router_entropy, total_loss, z_loss};
+pub use losses::{
+    LossParts, cross_entropy, load_balance, load_balance_on_device, router_entropy, total_loss,
+    total_loss_on_device, z_loss,
+};
 pub use mode::RoutingMode;
 pub use schedule::learning_rate;
 pub use session::{StepOutput, TrainSession};

@@ -15,8 +15,9 @@ use super::batches::{Batch, Corpus};
 use super::checkpoint::{Checkpoint, CheckpointHeader};
 use super::collective::Rank;
 use super::config::TrainConfig;
+use super::device_control::DeviceControl;
 use super::loop_limit::check_loop_limits;
-use super::losses::{cross_entropy, total_loss};
+use super::losses::{LossParts, cross_entropy, total_loss, total_loss_on_device};
 use super::mode::RoutingMode;
 use super::schedule::learning_rate;
 use super::threshold::ThresholdPolicy;
@@ -65,6 +66,11 @@ pub struct TrainSession<'e, B: AutodiffBackend> {
     bounds: Option<Vec<ExpertBounds>>,
     // How the padded layout went in this process.
     padded: PaddedUsage,
+    // The controller(s) on the device, where a single-process run routes in padded
+    // buffers: the updates happen there and `policy` holds the copy read at each step's
+    // end. `None` otherwise, and after a host-side change (target, gains, mode), until
+    // the next step uploads the policy again.
+    control: Option<DeviceControl<B>>,
 }
 
 impl<B: AutodiffBackend> std::fmt::Debug for TrainSession<'_, B> {
@@ -135,6 +141,7 @@ impl<'e, B: AutodiffBackend> TrainSession<'e, B> {
             rank,
             bounds: None,
             padded: PaddedUsage::default(),
+            control: None,
         };
         if session.is_leader() {
             let evaluation = session.evaluate()?;
@@ -238,6 +245,7 @@ impl<'e, B: AutodiffBackend> TrainSession<'e, B> {
             rank,
             bounds: None,
             padded: PaddedUsage::default(),
+            control: None,
         })
     }
 
@@ -381,6 +389,7 @@ impl<'e, B: AutodiffBackend> TrainSession<'e, B> {
             ThresholdPolicy::Fixed(_) => {}
         }
         self.config = config;
+        self.control = None;
         Ok(())
     }
 
@@ -394,6 +403,7 @@ impl<'e, B: AutodiffBackend> TrainSession<'e, B> {
             control.set_gains(kp, ki)?;
         }
         self.config = config;
+        self.control = None;
         Ok(())
     }
 
@@ -419,6 +429,7 @@ impl<'e, B: AutodiffBackend> TrainSession<'e, B> {
         };
         self.policy = ThresholdPolicy::new(&config, self.layers, &initial)?;
         self.config = config;
+        self.control = None;
         Ok(())
     }
 
@@ -467,83 +478,35 @@ impl<'e, B: AutodiffBackend> TrainSession<'e, B> {
             .model
             .take()
             .expect("a failed step leaves no model; start a new session");
-        let experts = config.model.experts;
-        let mut accumulator = GradientsAccumulator::new();
-        let mut stats = RoutingStats::new(layers, experts);
-        let mut losses = [0.0f64; 4];
-        let padded = matches!(self.engine, RouteEngine::DevicePadded);
-        for batch in &batches {
-            let (inputs, targets) = batch_tensors::<B>(batch, device);
-            let mut plan = plan.clone();
-            plan.bounds = self.bounds.clone().filter(|_| padded);
-            // The host copy of the tokens spares the embedding's backward a read-back.
-            let precision = self.config.run.precision;
-            let mut output = model.forward_with_host_tokens(
-                inputs.clone(),
-                &batch.inputs,
-                &plan,
-                self.engine,
-                precision,
-            )?;
-            // This micro-batch's own counts (in the one read-back it makes).
-            let mut counts = RoutingStats::of_micro_batch(&output.moe, experts)?;
-            if let Some(bounds) = &plan.bounds {
-                if counts.fit(bounds) {
-                    self.padded.buffer_rows += bounds
-                        .iter()
-                        .map(|b| (experts * b.capacity) as u64)
-                        .sum::<u64>();
-                    self.padded.routes += counts.k_sum.iter().sum::<u64>();
-                } else {
-                    // Some expert or token outgrew its buffer: nothing is differentiated
-                    // yet, so the micro-batch runs again in the exact layout.
-                    plan.bounds = None;
-                    output = model.forward_with_host_tokens(
-                        inputs,
-                        &batch.inputs,
-                        &plan,
-                        self.engine,
-                        precision,
-                    )?;
-                    counts = RoutingStats::of_micro_batch(&output.moe, experts)?;
-                    self.padded.redone += 1;
-                }
-            }
-            if padded {
-                self.padded.micro_batches += 1;
-                let tokens = batch.batch * batch.seq_len;
-                self.bounds = Some(counts.next_bounds(tokens, experts));
-            }
-            // The global batch's counts: they drive the controller (every rank the same
-            // a_t, so the same p) and the balance loss's expert fractions.
-            if let Some(rank) = self.rank {
-                let summed = rank.sum_counts::<B>(&counts.flatten(), device)?;
-                counts = RoutingStats::unflatten(&summed, layers, experts);
-            }
-            let parts = total_loss(
-                output.logits,
-                targets,
-                &output.moe,
-                &counts.expert_load,
-                &config.loss,
-            );
-            stats.accumulate(&counts);
-            let values = host_f32(Tensor::cat(
-                vec![
-                    parts.total.clone(),
-                    parts.cross_entropy,
-                    parts.balance,
-                    parts.entropy,
-                ],
-                0,
-            ))?;
-            for (sum, v) in losses.iter_mut().zip(&values) {
-                *sum += f64::from(*v) / run.grad_accum as f64;
-            }
-            let grads = (parts.total / run.grad_accum as f64).backward();
-            accumulator.accumulate(&model, GradientsParams::from_grads(grads, &model));
+        // A single-process run in padded buffers keeps its controller on the device.
+        if self.control.is_none()
+            && self.rank.is_none()
+            && matches!(self.engine, RouteEngine::DevicePadded)
+            && let Some(control) = self.policy.control()
+        {
+            self.control = Some(DeviceControl::upload(control, device));
         }
-        let mut grads = accumulator.grads();
+        let deferred = match &self.bounds {
+            Some(bounds)
+                if self.rank.is_none() && matches!(self.engine, RouteEngine::DevicePadded) =>
+            {
+                self.deferred_pass(&model, &batches, &plan, bounds.clone())?
+            }
+            _ => None,
+        };
+        let Pass {
+            grads,
+            stats,
+            mut losses,
+            k_sum,
+        } = match deferred {
+            Some(pass) => pass,
+            None => self.immediate_pass(&model, &batches, &plan)?,
+        };
+        let mut grads = grads;
+        let config = &self.config;
+        let run = &config.run;
+        let device = &self.device;
         if let Some(rank) = self.rank {
             let local: Vec<f32> = losses.iter().map(|&v| v as f32).collect();
             for (sum, mean) in losses.iter_mut().zip(rank.mean::<B>(&local, device)?) {
@@ -569,13 +532,25 @@ impl<'e, B: AutodiffBackend> TrainSession<'e, B> {
         let tokens = run.batch_size * config.model.seq_len * run.grad_accum * world;
         let active_per_layer = stats.active_per_layer(tokens);
         let active = active_per_layer.iter().sum::<f64>() / layers as f64;
-        self.policy.update(&active_per_layer)?;
-        // One read-back for every layer's theta.
-        let thetas: Vec<Tensor<B, 1>> = model.moe_layers().map(|m| m.theta.val()).collect();
-        let theta_per_layer: Vec<f64> = host_f32(Tensor::cat(thetas, 0))?
-            .into_iter()
-            .map(f64::from)
-            .collect();
+        // One read-back for every layer's theta and, where the controller runs on the
+        // device, its state after this step's update.
+        let mut read: Vec<Tensor<B, 1>> = model.moe_layers().map(|m| m.theta.val()).collect();
+        if let Some(control) = &mut self.control {
+            let k_sum = k_sum.unwrap_or_else(|| {
+                let sums: Vec<i64> = stats.k_sum.iter().map(|&s| s as i64).collect();
+                Tensor::from_data(TensorData::new(sums, [layers]), device)
+            });
+            control.update(k_sum, tokens);
+            read.push(control.flat_state());
+        } else {
+            self.policy.update(&active_per_layer)?;
+        }
+        let mut values = host_f32(Tensor::cat(read, 0))?;
+        if self.control.is_some() {
+            let states = DeviceControl::<B>::states_from(&values.split_off(layers))?;
+            self.policy.set_states(states)?;
+        }
+        let theta_per_layer: Vec<f64> = values.into_iter().map(f64::from).collect();
         self.model = Some(model);
         self.step = step;
 
@@ -634,6 +609,214 @@ impl<'e, B: AutodiffBackend> TrainSession<'e, B> {
         };
         self.history.push(metrics.clone());
         Ok(StepOutput { metrics, sample })
+    }
+
+    /// The micro-batches of a step one at a time, each read back after its forward pass:
+    /// the exact layouts (which read every layer's offsets anyway), a data-parallel run
+    /// (whose counts are summed over the ranks on the host) and the padded layout's
+    /// first step (which measures its bounds). A padded micro-batch that outgrew its
+    /// bounds runs again in the exact layout before anything is differentiated.
+    fn immediate_pass(
+        &mut self,
+        model: &MoeLanguageModel<B>,
+        batches: &[Batch],
+        plan: &RoutingPlan,
+    ) -> Result<Pass<B>> {
+        let (layers, experts) = (self.layers, self.config.model.experts);
+        let (device, accum) = (&self.device, self.config.run.grad_accum);
+        let precision = self.config.run.precision;
+        let padded = matches!(self.engine, RouteEngine::DevicePadded);
+        let mut accumulator = GradientsAccumulator::new();
+        let mut stats = RoutingStats::new(layers, experts);
+        let mut losses = [0.0f64; 4];
+        for batch in batches {
+            let (inputs, targets) = batch_tensors::<B>(batch, device);
+            let mut plan = plan.clone();
+            plan.bounds = self.bounds.clone().filter(|_| padded);
+            // The host copy of the tokens spares the embedding's backward a read-back.
+            let mut output = model.forward_with_host_tokens(
+                inputs.clone(),
+                &batch.inputs,
+                &plan,
+                None,
+                self.engine,
+                precision,
+            )?;
+            // This micro-batch's own counts (in the one read-back it makes).
+            let mut counts = RoutingStats::of_micro_batch(&output.moe, experts)?;
+            if let Some(bounds) = &plan.bounds {
+                if counts.fit(bounds) {
+                    self.padded.count_fitting(bounds, experts, &counts.k_sum);
+                } else {
+                    // Some expert or token outgrew its buffer: nothing is differentiated
+                    // yet, so the micro-batch runs again in the exact layout.
+                    plan.bounds = None;
+                    output = model.forward_with_host_tokens(
+                        inputs,
+                        &batch.inputs,
+                        &plan,
+                        None,
+                        self.engine,
+                        precision,
+                    )?;
+                    counts = RoutingStats::of_micro_batch(&output.moe, experts)?;
+                    self.padded.redone += 1;
+                }
+            }
+            if padded {
+                self.padded.micro_batches += 1;
+                let tokens = batch.batch * batch.seq_len;
+                self.bounds = Some(counts.next_bounds(tokens, experts));
+            }
+            // The global batch's counts: they drive the controller (every rank the same
+            // a_t, so the same p) and the balance loss's expert fractions.
+            if let Some(rank) = self.rank {
+                let summed = rank.sum_counts::<B>(&counts.flatten(), device)?;
+                counts = RoutingStats::unflatten(&summed, layers, experts);
+            }
+            let parts = total_loss(
+                output.logits,
+                targets,
+                &output.moe,
+                &counts.expert_load,
+                &self.config.loss,
+            );
+            stats.accumulate(&counts);
+            let values = host_f32(loss_values(&parts))?;
+            for (sum, v) in losses.iter_mut().zip(&values) {
+                *sum += f64::from(*v) / accum as f64;
+            }
+            let grads = (parts.total / accum as f64).backward();
+            accumulator.accumulate(model, GradientsParams::from_grads(grads, model));
+        }
+        Ok(Pass {
+            grads: accumulator.grads(),
+            stats,
+            losses,
+            k_sum: None,
+        })
+    }
+
+    /// The micro-batches of a step in the padded layout ([`RouteEngine::DevicePadded`],
+    /// one process) with nothing read back until all have run forward and backward: the
+    /// counts, first non-finite logits and losses of every micro-batch then come back in
+    /// one read of integers and one of floats, and the device controller's thresholds
+    /// route every layer. `None` when some micro-batch outgrew `bounds`: its gradients
+    /// are dropped and the step runs again through [`Self::immediate_pass`], from bounds
+    /// grown to what was measured.
+    fn deferred_pass(
+        &mut self,
+        model: &MoeLanguageModel<B>,
+        batches: &[Batch],
+        plan: &RoutingPlan,
+        bounds: Vec<ExpertBounds>,
+    ) -> Result<Option<Pass<B>>> {
+        let (layers, experts) = (self.layers, self.config.model.experts);
+        let width = 1 + 2 * experts;
+        let (device, accum) = (&self.device, self.config.run.grad_accum);
+        let mut plan = plan.clone();
+        plan.bounds = Some(bounds.clone());
+        let thresholds = self.control.as_ref().map(DeviceControl::thresholds);
+        let mut accumulator = GradientsAccumulator::new();
+        let (mut counts, mut first_bad) = (Vec::new(), Vec::new());
+        let (mut values, mut logits, mut k_sums) = (Vec::new(), Vec::new(), Vec::new());
+        for batch in batches {
+            let (inputs, targets) = batch_tensors::<B>(batch, device);
+            let output = model.forward_with_host_tokens(
+                inputs,
+                &batch.inputs,
+                &plan,
+                thresholds.as_ref(),
+                self.engine,
+                self.config.run.precision,
+            )?;
+            let mut per_layer = Vec::with_capacity(layers);
+            for layer in &output.moe {
+                let (
+                    Some(c),
+                    LayerRouting::Device {
+                        first_bad: Some(bad),
+                        ..
+                    },
+                ) = (layer.routing.device_counts(), &layer.routing)
+                else {
+                    return Err(Error::Backend {
+                        backend: "trainer",
+                        message: "a padded pass routed a layer outside the padded layout"
+                            .to_string(),
+                    });
+                };
+                per_layer.push(c.reshape([1, width]));
+                first_bad.push(bad.clone());
+                logits.push(layer.logits.clone().detach());
+            }
+            let per_layer = Tensor::cat(per_layer, 0);
+            let loads = per_layer.clone().slice([0..layers, 1 + experts..width]);
+            k_sums.push(per_layer.clone().slice([0..layers, 0..1]).reshape([layers]));
+            counts.push(per_layer.reshape([layers * width]));
+            let parts = total_loss_on_device(
+                output.logits,
+                targets,
+                &output.moe,
+                loads,
+                &self.config.loss,
+            );
+            values.push(loss_values(&parts));
+            let grads = (parts.total / accum as f64).backward();
+            accumulator.accumulate(model, GradientsParams::from_grads(grads, model));
+        }
+        // The step's read-backs: every micro-batch's counts and first bad logits, then
+        // its losses.
+        let counted = counts.len() * layers * width;
+        let ints = read_counts(Tensor::cat(
+            counts.into_iter().chain(first_bad).collect(),
+            0,
+        ))?;
+        let (counts, first_bad) = ints.split_at(counted);
+        for (logits, &bad) in logits.iter().zip(first_bad) {
+            if bad < logits.shape().num_elements() as u64 {
+                return Err(non_finite_logit(logits, bad as usize));
+            }
+        }
+        let measured: Vec<RoutingStats> = counts
+            .chunks_exact(layers * width)
+            .map(|c| RoutingStats::unflatten(c, layers, experts))
+            .collect();
+        let tokens = batches.first().map_or(1, |b| b.batch * b.seq_len);
+        let grown = (0..layers)
+            .map(|l| {
+                let max_load = measured.iter().map(|s| s.max_load(l)).max().unwrap_or(0);
+                let max_k = measured.iter().map(|s| s.max_k(l)).max().unwrap_or(0);
+                ExpertBounds::after(max_load, max_k, tokens, experts)
+            })
+            .collect();
+        self.bounds = Some(grown);
+        if !measured.iter().all(|s| s.fit(&bounds)) {
+            self.padded.redone += batches.len() as u64;
+            return Ok(None);
+        }
+        let mut stats = RoutingStats::new(layers, experts);
+        for s in &measured {
+            self.padded.count_fitting(&bounds, experts, &s.k_sum);
+            stats.accumulate(s);
+        }
+        self.padded.micro_batches += batches.len() as u64;
+        let mut losses = [0.0f64; 4];
+        for micro in host_f32(Tensor::cat(values, 0))?.chunks_exact(4) {
+            for (sum, v) in losses.iter_mut().zip(micro) {
+                *sum += f64::from(*v) / accum as f64;
+            }
+        }
+        let k_sum = k_sums
+            .into_iter()
+            .reduce(|a, b| a + b)
+            .expect("a step has micro-batches");
+        Ok(Some(Pass {
+            grads: accumulator.grads(),
+            stats,
+            losses,
+            k_sum: Some(k_sum),
+        }))
     }
 
     /// The routing of the fixed validation snippet under the current model and policy.
@@ -818,6 +1001,30 @@ impl<B: AutodiffBackend> ModuleMapper<B> for LoadParams<'_> {
             }
         }
     }
+}
+
+/// What the micro-batches of a step leave for its optimizer and controller update.
+struct Pass<B: AutodiffBackend> {
+    grads: GradientsParams,
+    stats: RoutingStats,
+    /// Total, cross-entropy, balance and entropy, averaged over the micro-batches.
+    losses: [f64; 4],
+    /// `[L]` each layer's experts summed over the step's tokens, where still on the
+    /// device.
+    k_sum: Option<Tensor<B, 1, Int>>,
+}
+
+/// `[4]` total, cross-entropy, balance and entropy: one read-back for all four.
+fn loss_values<B: Backend>(parts: &LossParts<B>) -> Tensor<B, 1> {
+    Tensor::cat(
+        vec![
+            parts.total.clone(),
+            parts.cross_entropy.clone(),
+            parts.balance.clone(),
+            parts.entropy.clone(),
+        ],
+        0,
+    )
 }
 
 /// Per-layer routing counts (of a micro-batch, or summed over a step).

@@ -4,8 +4,8 @@
 use super::checkpoint::PolicyState;
 use super::config::TrainConfig;
 use super::mode::RoutingMode;
-use crate::controller::{ThresholdControl, ThresholdScope};
-use crate::error::Result;
+use crate::controller::{ControllerState, ThresholdControl, ThresholdScope};
+use crate::error::{Error, Result};
 use crate::model::Selector;
 
 /// How the next step's selectors are chosen.
@@ -95,6 +95,27 @@ impl ThresholdPolicy {
                 Some(c.iter().map(|c| c.state().integral).sum::<f64>() / c.len() as f64)
             }
             _ => None,
+        }
+    }
+
+    /// The controller(s), for a policy that has them.
+    pub fn control(&self) -> Option<&ThresholdControl> {
+        match self {
+            ThresholdPolicy::Controlled(control) => Some(control),
+            _ => None,
+        }
+    }
+
+    /// Takes the controllers' states from their copy on the device
+    /// ([`super::DeviceControl`]), which made the updates.
+    pub fn set_states(&mut self, states: Vec<ControllerState>) -> Result<()> {
+        match self {
+            ThresholdPolicy::Controlled(control) => control.set_states(states),
+            _ => Err(Error::param(
+                "controller states",
+                states.len(),
+                "none: this routing mode has no controller",
+            )),
         }
     }
 
