@@ -429,3 +429,40 @@ fn a_padded_run_resumes_exactly_from_its_checkpoint() {
         "controller state after resuming"
     );
 }
+
+/// A non-finite router logit in a step that reads back only at its end is still an
+/// error naming the token and expert, raised before the optimizer touches the weights.
+#[test]
+fn a_non_finite_logit_stops_a_deferred_padded_step() {
+    type B = Autodiff<NdArray>;
+    let config = tiny_dtopp(2);
+    let device = Default::default();
+    let engine = RouteEngine::DevicePadded;
+    let mut session = TrainSession::<B>::new(&config, &device, &engine).unwrap();
+    session.step().unwrap();
+    let mut poisoned = session.checkpoint().unwrap();
+    // The first parameter (the embedding) feeds every router.
+    poisoned.params[0].fill(f32::NAN);
+    let history = session.history().to_vec();
+    let mut session =
+        TrainSession::<B>::restore(&config, &device, &engine, &poisoned, history, None).unwrap();
+    let layers = config.model.moe_layers();
+    let roomy = ExpertBounds {
+        capacity: 64,
+        slots: config.model.experts,
+    };
+    session.set_padded_bounds(vec![roomy; layers]).unwrap();
+    match session.step() {
+        Err(dtopp::Error::NonFinite {
+            what,
+            token,
+            column,
+            value,
+            ..
+        }) => {
+            assert_eq!((what, token, column), ("router logit", 0, 0));
+            assert!(value.is_nan());
+        }
+        other => panic!("expected a non-finite router logit, got {other:?}"),
+    }
+}

@@ -47,8 +47,8 @@ pub(crate) struct TrainArgs {
     /// kernels of the backend on a host copy of each layer's probabilities), `device`
     /// (burn tensor ops where the model is; the probabilities stay there and the host
     /// reads E + 3 integers per layer) or `device-padded` (the same selection, experts on
-    /// buffers sized from the previous micro-batch: nothing read per layer; an
-    /// outgrown micro-batch is redone exactly). See docs/benchmarks.md for the trade-off.
+    /// buffers sized from the previous step, the PI controller on the device: one read
+    /// per step; an outgrown step is redone). See docs/benchmarks.md for the trade-off.
     #[arg(long, value_enum, default_value_t = RouteOn::Kernels)]
     route_on: RouteOn,
     /// Data-parallel training, one rank per device: `cuda:0,cuda:1`, `wgpu:0,wgpu:1`

@@ -191,7 +191,7 @@ impl<B: Backend> MoeLanguageModel<B> {
                     let selector = *selectors.next().expect("one selector per MoE layer");
                     let l = moe.len();
                     let bounds = routing.bounds.as_ref().map(|b| b[l]);
-                    let threshold = thresholds.map(|p| p.clone().slice([l..l + 1]));
+                    let threshold = thresholds.map(|p| p.clone().narrow(0, l, 1));
                     let out = layer.forward(
                         h,
                         routing.use_drn,

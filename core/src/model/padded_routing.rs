@@ -8,10 +8,11 @@
 //! all experts) and each token `S` combine slots, both bounds fixed on the host before
 //! the pass. Rows past an expert's routes read a zero row and are never combined.
 //!
-//! Nothing is dropped: the bounds come from an earlier micro-batch's counts with a
-//! margin ([`ExpertBounds::after`]), the trainer reads this micro-batch's counts in the
-//! one read-back it makes anyway, and a micro-batch that outgrew its bounds is run again
-//! in the exact layout before anything is differentiated ([`ExpertBounds::hold`]).
+//! Nothing is dropped: the bounds come from earlier counts with a margin
+//! ([`ExpertBounds::after`]), the trainer reads every layer's counts with the step's
+//! losses after its micro-batches have run, and a step in which some micro-batch outgrew
+//! its bounds ([`ExpertBounds::hold`]) is run again, micro-batch by micro-batch, before
+//! the optimizer sees its gradients.
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
@@ -60,9 +61,11 @@ impl ExpertBounds {
 /// How a session's padded layout went: reported by the trainer and `bench train`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PaddedUsage {
-    /// Micro-batches run (the first of a process in the exact layout, to measure).
+    /// Micro-batches whose gradients were used (the first step of a process in the exact
+    /// layout, to measure).
     pub micro_batches: u64,
-    /// Of those, run again in the exact layout because they outgrew their bounds.
+    /// Micro-batches run once more because they (or another micro-batch of their step)
+    /// outgrew their bounds.
     pub redone: u64,
     /// Expert buffer rows (`E C`, summed over the MoE layers) of the micro-batches that
     /// fit.
@@ -93,7 +96,7 @@ impl PaddedUsage {
             format!("; {r:.2} expert rows computed per route")
         });
         format!(
-            "padded expert buffers: {} of {} micro-batches outgrew them and were redone exactly{rows}",
+            "padded expert buffers: {} micro-batches run again (their step outgrew the buffers), {} used{rows}",
             self.redone, self.micro_batches
         )
     }

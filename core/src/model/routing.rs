@@ -37,7 +37,7 @@ pub enum RouteEngine {
     /// plan's `E + 1` offsets per layer.
     Device,
     /// The same selection in the padded layout ([`super::padded_routing`]): nothing is
-    /// read back per layer; the trainer checks the bounds once per micro-batch.
+    /// read back per layer; the trainer checks the bounds once per step.
     DevicePadded,
 }
 

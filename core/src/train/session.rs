@@ -62,7 +62,8 @@ pub struct TrainSession<'e, B: AutodiffBackend> {
     // `Some` in a data-parallel run (even of one rank: the same code path).
     rank: Option<Rank>,
     // The padded layout's bounds per MoE layer ([`RouteEngine::DevicePadded`]), from the
-    // last micro-batch; `None` until one has been measured.
+    // last step (the last micro-batch, where they are read one at a time); `None` until
+    // one has been measured.
     bounds: Option<Vec<ExpertBounds>>,
     // How the padded layout went in this process.
     padded: PaddedUsage,
@@ -358,7 +359,7 @@ impl<'e, B: AutodiffBackend> TrainSession<'e, B> {
     }
 
     /// Starts the padded layout ([`RouteEngine::DevicePadded`]) from `bounds`, one per
-    /// MoE layer, instead of measuring the next micro-batch in the exact layout first.
+    /// MoE layer, instead of measuring the next step in the exact layout first.
     pub fn set_padded_bounds(&mut self, bounds: Vec<ExpertBounds>) -> Result<()> {
         if bounds.len() != self.layers {
             return Err(Error::param(

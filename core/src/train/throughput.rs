@@ -41,8 +41,8 @@ pub struct Throughput {
     pub peak_memory_kind: String,
     /// Final training loss (sanity: the steps really trained).
     pub last_loss: f64,
-    /// In the padded layout (`--route-on device-padded`): micro-batches redone exactly
-    /// because they outgrew their buffers, and rows computed per route (warm-up
+    /// In the padded layout (`--route-on device-padded`): micro-batches run again
+    /// because their step outgrew its buffers, and rows computed per route (warm-up
     /// included).
     pub padded: Option<PaddedUsage>,
 }
