@@ -84,9 +84,10 @@ pub(crate) enum RouteOn {
     /// reads E + 3 integers per layer (the expert offsets, the route count, the first
     /// non-finite logit, the most experts a token took).
     Device,
-    /// The same selection, experts on padded buffers sized from the previous
-    /// micro-batch: the host reads nothing per layer (a micro-batch that outgrows the
-    /// buffers is run again exactly, so nothing is dropped).
+    /// The same selection, experts on padded buffers sized from the previous step: the
+    /// host reads nothing per layer, and in a single-process run the controller runs on
+    /// the device and the host reads once per step (a step that outgrows the buffers is
+    /// run again, so nothing is dropped).
     DevicePadded,
 }
 

@@ -635,14 +635,18 @@ impl<'e, B: AutodiffBackend> TrainSession<'e, B> {
             let mut plan = plan.clone();
             plan.bounds = self.bounds.clone().filter(|_| padded);
             // The host copy of the tokens spares the embedding's backward a read-back.
-            let mut output = model.forward_with_host_tokens(
-                inputs.clone(),
-                &batch.inputs,
-                &plan,
-                None,
-                self.engine,
-                precision,
-            )?;
+            let engine = self.engine;
+            let forward = |plan: &RoutingPlan| {
+                model.forward_with_host_tokens(
+                    inputs.clone(),
+                    &batch.inputs,
+                    plan,
+                    None,
+                    engine,
+                    precision,
+                )
+            };
+            let mut output = forward(&plan)?;
             // This micro-batch's own counts (in the one read-back it makes).
             let mut counts = RoutingStats::of_micro_batch(&output.moe, experts)?;
             if let Some(bounds) = &plan.bounds {
@@ -652,14 +656,7 @@ impl<'e, B: AutodiffBackend> TrainSession<'e, B> {
                     // Some expert or token outgrew its buffer: nothing is differentiated
                     // yet, so the micro-batch runs again in the exact layout.
                     plan.bounds = None;
-                    output = model.forward_with_host_tokens(
-                        inputs,
-                        &batch.inputs,
-                        &plan,
-                        None,
-                        self.engine,
-                        precision,
-                    )?;
+                    output = forward(&plan)?;
                     counts = RoutingStats::of_micro_batch(&output.moe, experts)?;
                     self.padded.redone += 1;
                 }
