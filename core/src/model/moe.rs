@@ -251,15 +251,7 @@ pub fn moe_forward<B: Backend>(
         softmax(logits.clone(), 1)
     };
     if let (RouteEngine::DevicePadded, Some(bounds)) = (engine, bounds) {
-        return moe_padded(
-            x,
-            w,
-            logits,
-            probs,
-            (selector, threshold),
-            bounds,
-            precision,
-        );
+        return moe_padded(x, w, logits, probs, selector, threshold, bounds, precision);
     }
 
     // Selection and plan (the spec's rules), through the run's engine.
@@ -344,12 +336,14 @@ fn selected_share<B: Backend>(
 
 /// [`moe_forward`] in the padded layout ([`super::padded_routing`]): every expert on a
 /// buffer of `bounds.capacity` rows in one batched product, nothing read back.
+#[allow(clippy::too_many_arguments)]
 fn moe_padded<B: Backend>(
     x: Tensor<B, 2>,
     w: &MoeWeights<B>,
     logits: Tensor<B, 2>,
     probs: Tensor<B, 2>,
-    (selector, threshold): (Selector, Option<Tensor<B, 1>>),
+    selector: Selector,
+    threshold: Option<Tensor<B, 1>>,
     bounds: ExpertBounds,
     precision: Precision,
 ) -> Result<MoeForward<B>> {

@@ -479,24 +479,21 @@ impl<'e, B: AutodiffBackend> TrainSession<'e, B> {
             .model
             .take()
             .expect("a failed step leaves no model; start a new session");
-        // A single-process run in padded buffers keeps its controller on the device.
-        if self.control.is_none()
-            && self.rank.is_none()
-            && matches!(self.engine, RouteEngine::DevicePadded)
+        // A single-process run in padded buffers keeps its controller on the device and
+        // reads back once per step.
+        let single_padded = self.rank.is_none() && matches!(self.engine, RouteEngine::DevicePadded);
+        if single_padded
+            && self.control.is_none()
             && let Some(control) = self.policy.control()
         {
             self.control = Some(DeviceControl::upload(control, device));
         }
-        let deferred = match &self.bounds {
-            Some(bounds)
-                if self.rank.is_none() && matches!(self.engine, RouteEngine::DevicePadded) =>
-            {
-                self.deferred_pass(&model, &batches, &plan, bounds.clone())?
-            }
+        let deferred = match self.bounds.clone() {
+            Some(bounds) if single_padded => self.deferred_pass(&model, &batches, &plan, bounds)?,
             _ => None,
         };
         let Pass {
-            grads,
+            mut grads,
             stats,
             mut losses,
             k_sum,
@@ -504,7 +501,6 @@ impl<'e, B: AutodiffBackend> TrainSession<'e, B> {
             Some(pass) => pass,
             None => self.immediate_pass(&model, &batches, &plan)?,
         };
-        let mut grads = grads;
         let config = &self.config;
         let run = &config.run;
         let device = &self.device;
@@ -680,10 +676,7 @@ impl<'e, B: AutodiffBackend> TrainSession<'e, B> {
                 &self.config.loss,
             );
             stats.accumulate(&counts);
-            let values = host_f32(loss_values(&parts))?;
-            for (sum, v) in losses.iter_mut().zip(&values) {
-                *sum += f64::from(*v) / accum as f64;
-            }
+            add_micro_batch_losses(&mut losses, &host_f32(loss_values(&parts))?, accum);
             let grads = (parts.total / accum as f64).backward();
             accumulator.accumulate(model, GradientsParams::from_grads(grads, model));
         }
@@ -801,9 +794,7 @@ impl<'e, B: AutodiffBackend> TrainSession<'e, B> {
         self.padded.micro_batches += batches.len() as u64;
         let mut losses = [0.0f64; 4];
         for micro in host_f32(Tensor::cat(values, 0))?.chunks_exact(4) {
-            for (sum, v) in losses.iter_mut().zip(micro) {
-                *sum += f64::from(*v) / accum as f64;
-            }
+            add_micro_batch_losses(&mut losses, micro, accum);
         }
         let k_sum = k_sums
             .into_iter()
@@ -1023,6 +1014,13 @@ fn loss_values<B: Backend>(parts: &LossParts<B>) -> Tensor<B, 1> {
         ],
         0,
     )
+}
+
+/// Adds one micro-batch's [`loss_values`] to the step's means over `accum` micro-batches.
+fn add_micro_batch_losses(losses: &mut [f64; 4], values: &[f32], accum: usize) {
+    for (sum, v) in losses.iter_mut().zip(values) {
+        *sum += f64::from(*v) / accum as f64;
+    }
 }
 
 /// Per-layer routing counts (of a micro-batch, or summed over a step).
