@@ -20,12 +20,13 @@ const LAVAPIPE_MAX_SELECT_EXPERTS: usize = 512;
 /// `status` value meaning "no non-finite input seen".
 const STATUS_CLEAN: u32 = u32::MAX;
 
-/// How a binding is used.
+/// How a binding is used. Inputs are storage like outputs (read_write in the WGSL): burn
+/// keeps many tensors in one pooled buffer, and wgpu tracks usage per buffer, refusing one
+/// bound read-only and read-write in the same dispatch.
 #[derive(Clone, Copy, Debug)]
 enum Slot {
     Uniform,
-    Read,
-    Write,
+    Storage,
 }
 
 /// One entry point: its pipeline, its explicit bind-group layout, and the binding
@@ -66,6 +67,82 @@ pub struct SelectionBuffers {
     pub status: wgpu::Buffer,
 }
 
+/// A bound range of a storage buffer: a whole buffer of this crate's, or the slice of a
+/// pooled buffer that holds one of burn's tensors (burn-wgpu keeps many tensors in one
+/// `wgpu::Buffer`; `offset` is a multiple of the device's storage offset alignment).
+#[derive(Clone, Copy, Debug)]
+pub struct Bound<'a> {
+    /// The buffer.
+    pub buffer: &'a wgpu::Buffer,
+    /// Where the range starts, in bytes.
+    pub offset: u64,
+    /// Its length in bytes.
+    pub size: u64,
+}
+
+impl<'a> From<&'a wgpu::Buffer> for Bound<'a> {
+    fn from(buffer: &'a wgpu::Buffer) -> Self {
+        Self {
+            buffer,
+            offset: 0,
+            size: buffer.size(),
+        }
+    }
+}
+
+impl Bound<'_> {
+    fn binding(&self) -> wgpu::BindingResource<'_> {
+        wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+            buffer: self.buffer,
+            offset: self.offset,
+            size: wgpu::BufferSize::new(self.size),
+        })
+    }
+}
+
+/// Where a selection is written: `[N, E]` i32 experts, `[N, E]` f32 weights, `[N]` i32
+/// counts and a `[1]` u32 status, which the caller initialises to `u32::MAX`.
+#[derive(Clone, Copy, Debug)]
+pub struct SelectionOut<'a> {
+    /// `[N, E]` i32.
+    pub experts: Bound<'a>,
+    /// `[N, E]` f32.
+    pub weights: Bound<'a>,
+    /// `[N]` i32.
+    pub counts: Bound<'a>,
+    /// `[1]` u32.
+    pub status: Bound<'a>,
+}
+
+/// Where a dispatch plan is written (layout of [`DispatchBuffers`]), with the plan's
+/// scratch table `chunk_offsets` (`[ceil(N / 32), E]` u32, [`RoutingKernels::plan_chunks`]).
+#[derive(Clone, Copy, Debug)]
+pub struct PlanOut<'a> {
+    /// `[num_chunks, E]` u32 scratch.
+    pub chunk_offsets: Bound<'a>,
+    /// `[E]` i32.
+    pub expert_counts: Bound<'a>,
+    /// `[E + 1]` i32.
+    pub expert_offsets: Bound<'a>,
+    /// `[capacity]` i32.
+    pub route_tokens: Bound<'a>,
+    /// `[capacity]` f32.
+    pub route_weights: Bound<'a>,
+    /// `[N, E]` i32.
+    pub token_routes: Bound<'a>,
+}
+
+impl SelectionBuffers {
+    fn bound(&self) -> SelectionOut<'_> {
+        SelectionOut {
+            experts: (&self.experts).into(),
+            weights: (&self.weights).into(),
+            counts: (&self.counts).into(),
+            status: (&self.status).into(),
+        }
+    }
+}
+
 /// Every routing kernel, compiled for one device.
 #[derive(Debug)]
 pub struct RoutingKernels {
@@ -83,7 +160,7 @@ pub struct RoutingKernels {
     controller_update: Kernel,
 }
 
-use Slot::{Read, Uniform, Write};
+use Slot::{Storage, Uniform};
 
 impl RoutingKernels {
     /// Compiles every shader and pipeline on the context's device (once; reuse it).
@@ -106,7 +183,7 @@ impl RoutingKernels {
                 &drn,
                 "drn_forward",
                 WG,
-                &[(0, Uniform), (1, Read), (2, Write), (3, Write)],
+                &[(0, Uniform), (1, Storage), (2, Storage), (3, Storage)],
             ),
             drn_backward: k(
                 &drn,
@@ -114,19 +191,19 @@ impl RoutingKernels {
                 WG,
                 &[
                     (0, Uniform),
-                    (1, Read),
-                    (3, Write),
-                    (4, Read),
-                    (5, Read),
-                    (6, Write),
-                    (7, Write),
+                    (1, Storage),
+                    (3, Storage),
+                    (4, Storage),
+                    (5, Storage),
+                    (6, Storage),
+                    (7, Storage),
                 ],
             ),
             drn_theta_sum: k(
                 &drn,
                 "drn_theta_sum",
                 WG,
-                &[(0, Uniform), (7, Write), (8, Write)],
+                &[(0, Uniform), (7, Storage), (8, Storage)],
             ),
             top_p: k(
                 &select,
@@ -134,12 +211,12 @@ impl RoutingKernels {
                 WG,
                 &[
                     (0, Uniform),
-                    (1, Read),
-                    (2, Read),
-                    (3, Write),
-                    (4, Write),
-                    (5, Write),
-                    (6, Write),
+                    (1, Storage),
+                    (2, Storage),
+                    (3, Storage),
+                    (4, Storage),
+                    (5, Storage),
+                    (6, Storage),
                 ],
             ),
             top_k: k(
@@ -148,24 +225,24 @@ impl RoutingKernels {
                 WG,
                 &[
                     (0, Uniform),
-                    (1, Read),
-                    (3, Write),
-                    (4, Write),
-                    (5, Write),
-                    (6, Write),
+                    (1, Storage),
+                    (3, Storage),
+                    (4, Storage),
+                    (5, Storage),
+                    (6, Storage),
                 ],
             ),
             plan_count: k(
                 &dispatch,
                 "plan_count",
                 WG,
-                &[(0, Uniform), (1, Read), (3, Read), (4, Write)],
+                &[(0, Uniform), (1, Storage), (3, Storage), (4, Storage)],
             ),
             plan_scan: k(
                 &dispatch,
                 "plan_scan",
                 WG_WIDE,
-                &[(0, Uniform), (4, Write), (5, Write), (6, Write)],
+                &[(0, Uniform), (4, Storage), (5, Storage), (6, Storage)],
             ),
             plan_scatter: k(
                 &dispatch,
@@ -173,32 +250,44 @@ impl RoutingKernels {
                 WG,
                 &[
                     (0, Uniform),
-                    (1, Read),
-                    (2, Read),
-                    (3, Read),
-                    (4, Write),
-                    (7, Write),
-                    (8, Write),
-                    (9, Write),
+                    (1, Storage),
+                    (2, Storage),
+                    (3, Storage),
+                    (4, Storage),
+                    (7, Storage),
+                    (8, Storage),
+                    (9, Storage),
                 ],
             ),
             gather: k(
                 &moves,
                 "gather",
                 WG,
-                &[(0, Uniform), (1, Read), (2, Read), (3, Read), (4, Write)],
+                &[
+                    (0, Uniform),
+                    (1, Storage),
+                    (2, Storage),
+                    (3, Storage),
+                    (4, Storage),
+                ],
             ),
             combine: k(
                 &moves,
                 "combine",
                 WG,
-                &[(0, Uniform), (5, Read), (6, Read), (7, Read), (8, Write)],
+                &[
+                    (0, Uniform),
+                    (5, Storage),
+                    (6, Storage),
+                    (7, Storage),
+                    (8, Storage),
+                ],
             ),
             controller_update: k(
                 &controller,
                 "controller_update",
                 WG_WIDE,
-                &[(0, Uniform), (1, Read), (2, Write)],
+                &[(0, Uniform), (1, Storage), (2, Storage)],
             ),
             ctx,
         }
@@ -219,8 +308,7 @@ impl RoutingKernels {
                 ty: wgpu::BindingType::Buffer {
                     ty: match slot {
                         Uniform => wgpu::BufferBindingType::Uniform,
-                        Read => wgpu::BufferBindingType::Storage { read_only: true },
-                        Write => wgpu::BufferBindingType::Storage { read_only: false },
+                        Storage => wgpu::BufferBindingType::Storage { read_only: false },
                     },
                     has_dynamic_offset: false,
                     min_binding_size: None,
@@ -426,7 +514,7 @@ impl RoutingKernels {
         self.grid(what, (threads as u64).div_ceil(u64::from(WG)))
     }
 
-    fn run(&self, kernel: &Kernel, params: &[u8], buffers: &[&wgpu::Buffer], grid: (u32, u32)) {
+    fn run(&self, kernel: &Kernel, params: &[u8], buffers: &[Bound<'_>], grid: (u32, u32)) {
         let device = &self.ctx.device;
         let uniform = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
             label: Some(kernel.name),
@@ -437,11 +525,11 @@ impl RoutingKernels {
         let entries: Vec<wgpu::BindGroupEntry> = kernel
             .bindings
             .iter()
-            .zip(std::iter::once(&uniform).chain(buffers.iter().copied()))
-            .map(|(&(binding, _), buffer)| wgpu::BindGroupEntry {
-                binding,
-                resource: buffer.as_entire_binding(),
-            })
+            .zip(
+                std::iter::once(uniform.as_entire_binding())
+                    .chain(buffers.iter().map(Bound::binding)),
+            )
+            .map(|(&(binding, _), resource)| wgpu::BindGroupEntry { binding, resource })
             .collect();
         let bind_group = device.create_bind_group(&wgpu::BindGroupDescriptor {
             label: Some(kernel.name),
@@ -490,7 +578,7 @@ impl RoutingKernels {
         self.run(
             &self.drn_forward,
             bytemuck::bytes_of(&params),
-            &[logits, &probs, &status],
+            &whole(&[logits, &probs, &status]),
             grid,
         );
         Ok((probs, status))
@@ -516,13 +604,13 @@ impl RoutingKernels {
         self.run(
             &self.drn_backward,
             bytemuck::bytes_of(&params),
-            &[logits, &status, probs, grad_probs, &grad_logits, &partials],
+            &whole(&[logits, &status, probs, grad_probs, &grad_logits, &partials]),
             grid,
         );
         self.run(
             &self.drn_theta_sum,
             bytemuck::bytes_of(&params),
-            &[&partials, &grad_theta],
+            &whole(&[&partials, &grad_theta]),
             (1, 1),
         );
         Ok((grad_logits, grad_theta, status))
@@ -575,9 +663,30 @@ impl RoutingKernels {
         threshold: &wgpu::Buffer,
         k_max: Option<usize>,
     ) -> Result<SelectionBuffers, ShaderError> {
+        let out = self.selection_buffers(tokens, experts)?;
+        self.top_p_into(
+            probs.into(),
+            threshold.into(),
+            tokens,
+            experts,
+            k_max,
+            out.bound(),
+        )?;
+        Ok(out)
+    }
+
+    /// [`RoutingKernels::top_p`] into ranges the caller owns (burn's tensors).
+    pub fn top_p_into(
+        &self,
+        probs: Bound<'_>,
+        threshold: Bound<'_>,
+        tokens: usize,
+        experts: usize,
+        k_max: Option<usize>,
+        out: SelectionOut<'_>,
+    ) -> Result<(), ShaderError> {
         self.check_select_experts("top_p", experts)?;
         let params = Self::select_params(tokens, experts, 0, k_max.unwrap_or(0));
-        let out = self.selection_buffers(tokens, experts)?;
         let grid = self.thread_grid("top_p", tokens)?;
         self.run(
             &self.top_p,
@@ -585,14 +694,14 @@ impl RoutingKernels {
             &[
                 probs,
                 threshold,
-                &out.experts,
-                &out.weights,
-                &out.counts,
-                &out.status,
+                out.experts,
+                out.weights,
+                out.counts,
+                out.status,
             ],
             grid,
         );
-        Ok(out)
+        Ok(())
     }
 
     /// Top-k selection.
@@ -603,17 +712,35 @@ impl RoutingKernels {
         experts: usize,
         k: usize,
     ) -> Result<SelectionBuffers, ShaderError> {
+        let out = self.selection_buffers(tokens, experts)?;
+        self.top_k_into(probs.into(), tokens, experts, k, out.bound())?;
+        Ok(out)
+    }
+
+    /// [`RoutingKernels::top_k`] into ranges the caller owns (burn's tensors).
+    pub fn top_k_into(
+        &self,
+        probs: Bound<'_>,
+        tokens: usize,
+        experts: usize,
+        k: usize,
+        out: SelectionOut<'_>,
+    ) -> Result<(), ShaderError> {
         self.check_select_experts("top_k", experts)?;
         let params = Self::select_params(tokens, experts, k, 0);
-        let out = self.selection_buffers(tokens, experts)?;
         let grid = self.thread_grid("top_k", tokens)?;
         self.run(
             &self.top_k,
             bytemuck::bytes_of(&params),
-            &[probs, &out.experts, &out.weights, &out.counts, &out.status],
+            &[probs, out.experts, out.weights, out.counts, out.status],
             grid,
         );
-        Ok(out)
+        Ok(())
+    }
+
+    /// Rows of the dispatch plan's scratch table `chunk_offsets` (`[rows, E]` u32).
+    pub fn plan_chunks(tokens: usize) -> usize {
+        tokens.div_ceil(PLAN_CHUNK as usize)
     }
 
     /// The dispatch plan of a selection, with route arrays of `capacity >= M` entries.
@@ -626,14 +753,8 @@ impl RoutingKernels {
         experts: usize,
         capacity: usize,
     ) -> Result<DispatchBuffers, ShaderError> {
-        let num_chunks = tokens.div_ceil(PLAN_CHUNK as usize);
-        let params = PlanParams {
-            tokens: tokens as u32,
-            experts: experts as u32,
-            chunk: PLAN_CHUNK,
-            num_chunks: num_chunks as u32,
-        };
-        let chunk_offsets = self.storage("plan chunk offsets", num_chunks * experts)?;
+        let chunk_offsets =
+            self.storage("plan chunk offsets", Self::plan_chunks(tokens) * experts)?;
         let plan = DispatchBuffers {
             expert_counts: self.storage("expert counts", experts)?,
             expert_offsets: self.storage("expert offsets", experts + 1)?,
@@ -641,18 +762,51 @@ impl RoutingKernels {
             route_weights: self.storage("route weights", capacity)?,
             token_routes: self.storage("token routes", tokens * experts)?,
         };
+        self.dispatch_plan_into(
+            [experts_sel.into(), weights_sel.into(), counts_sel.into()],
+            tokens,
+            experts,
+            PlanOut {
+                chunk_offsets: (&chunk_offsets).into(),
+                expert_counts: (&plan.expert_counts).into(),
+                expert_offsets: (&plan.expert_offsets).into(),
+                route_tokens: (&plan.route_tokens).into(),
+                route_weights: (&plan.route_weights).into(),
+                token_routes: (&plan.token_routes).into(),
+            },
+        )?;
+        Ok(plan)
+    }
+
+    /// [`RoutingKernels::dispatch_plan`] of a selection `[experts, weights, counts]`
+    /// into ranges the caller owns (burn's tensors).
+    pub fn dispatch_plan_into(
+        &self,
+        selection: [Bound<'_>; 3],
+        tokens: usize,
+        experts: usize,
+        out: PlanOut<'_>,
+    ) -> Result<(), ShaderError> {
+        let num_chunks = Self::plan_chunks(tokens);
+        let params = PlanParams {
+            tokens: tokens as u32,
+            experts: experts as u32,
+            chunk: PLAN_CHUNK,
+            num_chunks: num_chunks as u32,
+        };
+        let [experts_sel, weights_sel, counts_sel] = selection;
         let bytes = bytemuck::bytes_of(&params);
         let grid = self.thread_grid("dispatch_plan", num_chunks)?;
         self.run(
             &self.plan_count,
             bytes,
-            &[experts_sel, counts_sel, &chunk_offsets],
+            &[experts_sel, counts_sel, out.chunk_offsets],
             grid,
         );
         self.run(
             &self.plan_scan,
             bytes,
-            &[&chunk_offsets, &plan.expert_counts, &plan.expert_offsets],
+            &[out.chunk_offsets, out.expert_counts, out.expert_offsets],
             (1, 1),
         );
         self.run(
@@ -662,14 +816,14 @@ impl RoutingKernels {
                 experts_sel,
                 weights_sel,
                 counts_sel,
-                &chunk_offsets,
-                &plan.route_tokens,
-                &plan.route_weights,
-                &plan.token_routes,
+                out.chunk_offsets,
+                out.route_tokens,
+                out.route_weights,
+                out.token_routes,
             ],
             grid,
         );
-        Ok(plan)
+        Ok(())
     }
 
     /// `out[m] = x[route_tokens[m]]`, `[capacity, hidden]`; rows past `M` are zero.
@@ -692,7 +846,7 @@ impl RoutingKernels {
         self.run(
             &self.gather,
             bytemuck::bytes_of(&params),
-            &[&plan.route_tokens, &plan.expert_offsets, x, &out],
+            &whole(&[&plan.route_tokens, &plan.expert_offsets, x, &out]),
             grid,
         );
         Ok(out)
@@ -718,7 +872,7 @@ impl RoutingKernels {
         self.run(
             &self.combine,
             bytemuck::bytes_of(&params),
-            &[&plan.token_routes, &plan.route_weights, y, &out],
+            &whole(&[&plan.token_routes, &plan.route_weights, y, &out]),
             grid,
         );
         Ok(out)
@@ -750,7 +904,7 @@ impl RoutingKernels {
         self.run(
             &self.controller_update,
             bytemuck::bytes_of(&params),
-            &[counts, state],
+            &whole(&[counts, state]),
             (1, 1),
         );
         Ok(())
@@ -765,6 +919,11 @@ impl RoutingKernels {
             .map(|_| ())
             .map_err(|e| ShaderError::ReadBack(e.to_string()))
     }
+}
+
+/// Whole buffers as bound ranges.
+fn whole<'a>(buffers: &[&'a wgpu::Buffer]) -> Vec<Bound<'a>> {
+    buffers.iter().map(|&b| b.into()).collect()
 }
 
 /// Resolves when a buffer mapping callback has run (works with any executor, and with

@@ -19,5 +19,7 @@ pub mod source;
 pub use bytemuck;
 pub use context::GpuContext;
 pub use error::ShaderError;
-pub use kernels::{DispatchBuffers, RoutingKernels, SelectionBuffers};
+pub use kernels::{
+    Bound, DispatchBuffers, PlanOut, RoutingKernels, SelectionBuffers, SelectionOut,
+};
 pub use wgpu;

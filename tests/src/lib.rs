@@ -619,6 +619,20 @@ pub fn wgpu_or_skip() -> Option<dtopp::backends::WgpuOps> {
     }
 }
 
+/// burn's default wgpu device, set up so that dtopp's WGSL routing runs on its buffers
+/// (`dtopp::model::wgpu_routing::setup`), or `None` after printing why when no adapter
+/// exists (a failure under `DTOPP_REQUIRE_WGPU` / `DTOPP_REQUIRE_GPU`, as
+/// [`wgpu_or_skip`]). Every test that trains or routes on burn-wgpu takes its device here,
+/// before making any tensor on it.
+pub fn wgpu_model_device() -> Option<burn::backend::wgpu::WgpuDevice> {
+    wgpu_or_skip()?;
+    let device = burn::backend::wgpu::WgpuDevice::DefaultDevice;
+    let adapter = dtopp::model::wgpu_routing::setup(&device)
+        .unwrap_or_else(|e| panic!("setting up burn's wgpu device for dtopp: {e}"));
+    println!("burn wgpu device: {adapter}");
+    Some(device)
+}
+
 /// The CUDA backend on device 0, or `None` with the reason printed (no `cuda` feature,
 /// no driver, no NVRTC, no device). With `DTOPP_REQUIRE_GPU=1` a missing device fails.
 pub fn cuda_or_skip() -> Option<dtopp::backends::CudaOps> {

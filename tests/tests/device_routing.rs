@@ -1,7 +1,9 @@
-//! Routing on the model's device (`dtopp train --route-on device`: selection and dispatch
-//! plan in burn tensor ops) against the CPU reference, on burn's ndarray backend and on
-//! burn-wgpu (lavapipe in CI), over random probabilities of awkward shapes (N = 1, E not a
-//! power of two, E = 1, many ties) and every selection rule.
+//! Routing on the model's device (`dtopp train --route-on device`) against the CPU
+//! reference, on burn's ndarray backend and on burn-wgpu (lavapipe in CI), over random
+//! probabilities of awkward shapes (N = 1, E not a power of two, E = 1, many ties) and
+//! every selection rule. Two implementations each: the routing extension's default
+//! methods (burn tensor ops), and the backend's own (`RoutingBackend::route`: the CPU
+//! reference on ndarray, dtopp's WGSL kernels on burn-wgpu's buffers).
 //!
 //! - The selected set of each token equals the reference's, except tokens whose prefix
 //!   mass lies within `THRESHOLD_SLACK` of p (the device sums the mass ahead of an expert
@@ -17,7 +19,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use dtopp::Error;
 use dtopp::cpu::{CpuReference, rank_experts};
-use dtopp::model::{Selector, route_on_device};
+use dtopp::model::{DeviceRoute, RoutingBackend, Selector, route_on_device};
 use dtopp::ops::{HostSelection, Normalization, RouteShape, RoutingOps, Selection};
 use dtopp_tests::{Case, near_threshold, small_cases};
 
@@ -95,9 +97,37 @@ fn ints<B: Backend, const D: usize>(t: Tensor<B, D, burn::tensor::Int>) -> Vec<i
     t.into_data().convert::<i64>().to_vec().unwrap()
 }
 
+/// Which implementation routes.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Impl {
+    /// The extension's default methods: burn tensor ops.
+    Default,
+    /// The backend's own `RoutingBackend::route`.
+    Backend,
+}
+
+fn route_with<B: RoutingBackend>(
+    how: Impl,
+    probs: Tensor<B, 2>,
+    logits: Tensor<B, 2>,
+    selector: Selector,
+    threshold: Option<Tensor<B, 1>>,
+) -> dtopp::Result<DeviceRoute<B>> {
+    match how {
+        Impl::Default => route_on_device(probs, logits, selector, threshold),
+        Impl::Backend => B::route(probs, logits, selector, threshold),
+    }
+}
+
 /// `want_table`: whether the backend builds each token's slot table (where the MoE
 /// layer's rows move by gathers: wgpu, not ndarray).
-fn check_case<B: Backend>(device: &B::Device, case: &Case, want_table: bool, tally: &mut Tally) {
+fn check_case<B: RoutingBackend>(
+    how: Impl,
+    device: &B::Device,
+    case: &Case,
+    want_table: bool,
+    tally: &mut Tally,
+) {
     let shape = case.shape;
     let (n, e) = (shape.tokens, shape.experts);
     let probs = probabilities(case);
@@ -105,7 +135,7 @@ fn check_case<B: Backend>(device: &B::Device, case: &Case, want_table: bool, tal
     let on_device = Tensor::<B, 2>::from_data(TensorData::new(probs.clone(), [n, e]), device);
     for selector in selectors(e) {
         let what = format!("{} {selector:?}", case.name);
-        let route = route_on_device(on_device.clone(), logits.clone(), selector, None).unwrap();
+        let route = route_with(how, on_device.clone(), logits.clone(), selector, None).unwrap();
         let mask = ints(route.selected.clone());
         let want = reference(&probs, shape, selector);
         let threshold = match selector {
@@ -117,7 +147,7 @@ fn check_case<B: Backend>(device: &B::Device, case: &Case, want_table: bool, tal
             // exactly the same selection.
             let held = Tensor::<B, 1>::from_data(TensorData::new(vec![p], [1]), device);
             let from_device =
-                route_on_device(on_device.clone(), logits.clone(), selector, Some(held)).unwrap();
+                route_with(how, on_device.clone(), logits.clone(), selector, Some(held)).unwrap();
             assert_eq!(
                 ints(from_device.selected),
                 mask,
@@ -205,7 +235,7 @@ fn check_case<B: Backend>(device: &B::Device, case: &Case, want_table: bool, tal
     }
 }
 
-fn check_nonfinite<B: Backend>(device: &B::Device) {
+fn check_nonfinite<B: RoutingBackend>(how: Impl, device: &B::Device) {
     let (n, e) = (6, 5);
     for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
         let mut logits = vec![0.25f32; n * e];
@@ -213,7 +243,7 @@ fn check_nonfinite<B: Backend>(device: &B::Device) {
         logits[4 * e + 1] = f32::NAN;
         let t = Tensor::<B, 2>::from_data(TensorData::new(logits, [n, e]), device);
         let probs = Tensor::<B, 2>::ones([n, e], device).div_scalar(e as f32);
-        match route_on_device(probs, t, Selector::TopK(1), None) {
+        match route_with(how, probs, t, Selector::TopK(1), None) {
             Err(Error::NonFinite { token, column, .. }) => {
                 assert_eq!((token, column), (3, 2), "first non-finite logit ({bad})");
             }
@@ -222,7 +252,7 @@ fn check_nonfinite<B: Backend>(device: &B::Device) {
     }
 }
 
-fn run<B: Backend>(name: &str, device: &B::Device, want_table: bool) {
+fn run<B: RoutingBackend>(how: Impl, name: &str, device: &B::Device, want_table: bool) {
     let mut tally = Tally::default();
     let mut cases = small_cases(7);
     // Ties on purpose: every logit one of three values.
@@ -235,11 +265,11 @@ fn run<B: Backend>(name: &str, device: &B::Device, want_table: bool) {
         logits: (0..280).map(|i| ((i * 5 % 3) as f32) - 1.0).collect(),
     });
     for case in &cases {
-        check_case::<B>(device, case, want_table, &mut tally);
+        check_case::<B>(how, device, case, want_table, &mut tally);
     }
-    check_nonfinite::<B>(device);
+    check_nonfinite::<B>(how, device);
     println!(
-        "{name}: {} cases, {} token selections, {} excused within the threshold slack, {} routes planned, {} failures",
+        "{name} ({how:?}): {} cases, {} token selections, {} excused within the threshold slack, {} routes planned, {} failures",
         cases.len(),
         tally.tokens,
         tally.excused,
@@ -259,15 +289,49 @@ fn run<B: Backend>(name: &str, device: &B::Device, want_table: bool) {
 
 #[test]
 fn device_routing_on_ndarray_matches_the_reference() {
-    run::<NdArray>("ndarray", &Default::default(), false);
+    run::<NdArray>(Impl::Default, "ndarray", &Default::default(), false);
+}
+
+#[test]
+fn the_cpu_reference_routes_on_ndarray_tensors() {
+    run::<NdArray>(Impl::Backend, "ndarray", &Default::default(), false);
 }
 
 #[test]
 fn device_routing_on_wgpu_matches_the_reference() {
-    // An adapter check through the kernels' own probe, so a missing driver skips (or
-    // fails under DTOPP_REQUIRE_WGPU) with the reason instead of panicking inside burn.
-    if dtopp_tests::wgpu_or_skip().is_none() {
+    // An adapter check first, so a missing driver skips (or fails under
+    // DTOPP_REQUIRE_WGPU) with the reason instead of panicking inside burn.
+    let Some(device) = dtopp_tests::wgpu_model_device() else {
         return;
-    }
-    run::<burn::backend::Wgpu>("burn wgpu", &Default::default(), true);
+    };
+    run::<burn::backend::Wgpu>(Impl::Default, "burn wgpu", &device, true);
+}
+
+#[test]
+fn the_wgsl_kernels_route_on_burn_wgpu_buffers() {
+    let Some(device) = dtopp_tests::wgpu_model_device() else {
+        return;
+    };
+    println!("{}", burn::backend::Wgpu::routing_name(&device));
+    run::<burn::backend::Wgpu>(Impl::Backend, "burn wgpu", &device, true);
+    // Views of larger tensors (a row slice, a transposed copy) route as their values.
+    let (n, e) = (37, 6);
+    let logits: Vec<f32> = (0..2 * n * e)
+        .map(|i| ((i * 7919 % 97) as f32) / 17.0)
+        .collect();
+    let full =
+        Tensor::<burn::backend::Wgpu, 2>::from_data(TensorData::new(logits, [2 * n, e]), &device);
+    let part = burn::tensor::activation::softmax(full.clone(), 1).slice([n..2 * n, 0..e]);
+    let z = full.slice([n..2 * n, 0..e]);
+    let selector = Selector::TopP {
+        threshold: 0.6,
+        k_max: None,
+    };
+    let got = burn::backend::Wgpu::route(part.clone(), z.clone(), selector, None).unwrap();
+    let want = route_on_device(part, z, selector, None).unwrap();
+    assert_eq!(
+        ints(got.route_of),
+        ints(want.route_of),
+        "a row slice of a larger tensor"
+    );
 }

@@ -5,7 +5,6 @@
 //! through burn tensor ops on the device.
 
 use burn::backend::{Autodiff, NdArray, Wgpu};
-use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use dtopp::cpu::CpuReference;
 use dtopp::model::{MoeWeights, Precision, RouteEngine, Selector, moe_forward};
@@ -49,7 +48,7 @@ fn values() -> Values {
 }
 
 /// The loss, its gradients (x, router, theta, gate, up, down, flattened) and the route count.
-fn run<B: Backend>(
+fn run<B: dtopp::model::RoutingBackend>(
     device: &B::Device,
     v: &Values,
     selector: Selector,
@@ -105,6 +104,8 @@ fn moe_layer_past_the_loop_limit_on_wgpu_matches_ndarray() {
         return;
     };
     println!("wgpu adapter: {}", ops.adapter_name());
+    // burn's device set up for dtopp's WGSL routing on its buffers (the `device` engine).
+    dtopp_tests::wgpu_model_device();
     let v = values();
     let top_p = Selector::TopP {
         threshold: 0.95,

@@ -7,11 +7,10 @@
 //! run resumed from a checkpoint exactly.
 
 use burn::backend::{Autodiff, NdArray, Wgpu};
-use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use dtopp::model::{
-    ExpertBounds, LayerRouting, MoeWeights, PaddedUsage, Precision, RouteEngine, Selector,
-    moe_forward, route_padded,
+    ExpertBounds, LayerRouting, MoeWeights, PaddedUsage, Precision, RouteEngine, RoutingBackend,
+    Selector, TrainingBackend, moe_forward, route_padded,
 };
 use dtopp::rng::SplitMix64;
 use dtopp::train::{Preset, RoutingMode, TrainSession};
@@ -109,7 +108,7 @@ impl Run {
     }
 }
 
-fn run<B: Backend>(
+fn run<B: RoutingBackend>(
     s: Shape,
     v: &(Vec<Vec<f32>>, Vec<f32>),
     selector: Selector,
@@ -216,7 +215,7 @@ fn selectors(e: usize) -> [Selector; 3] {
     ]
 }
 
-fn padded_matches_exact<B: Backend>(backend: &str) {
+fn padded_matches_exact<B: RoutingBackend>(backend: &str) {
     let mut compared = 0;
     for (i, s) in SHAPES.into_iter().enumerate() {
         let v = values(s, 40 + i as u64);
@@ -258,7 +257,7 @@ fn the_padded_layout_equals_the_exact_one_on_ndarray() {
 
 #[test]
 fn the_padded_layout_equals_the_exact_one_on_wgpu() {
-    if dtopp_tests::wgpu_or_skip().is_none() {
+    if dtopp_tests::wgpu_model_device().is_none() {
         return;
     }
     padded_matches_exact::<Wgpu>("wgpu");
@@ -324,7 +323,7 @@ fn losses_of(metrics: &[dtopp::train::StepMetrics]) -> Losses {
 
 /// [`Losses`] of `steps` DTop-p steps of a tiny model with two micro-batches per step,
 /// and the padded report.
-fn train_steps<B: burn::tensor::backend::AutodiffBackend>(
+fn train_steps<B: TrainingBackend>(
     engine: &RouteEngine,
     start: Option<Vec<ExpertBounds>>,
     steps: u64,
@@ -341,7 +340,7 @@ fn train_steps<B: burn::tensor::backend::AutodiffBackend>(
     (losses_of(session.history()), session.padded_usage())
 }
 
-fn sessions_agree<B: burn::tensor::backend::AutodiffBackend>(backend: &str) {
+fn sessions_agree<B: TrainingBackend>(backend: &str) {
     let steps = 3;
     let (exact, report) = train_steps::<B>(&RouteEngine::Device, None, steps);
     assert_eq!(report, None, "the exact layout redoes nothing");
@@ -390,7 +389,7 @@ fn training_in_padded_buffers_follows_the_exact_layout_on_ndarray() {
 
 #[test]
 fn training_in_padded_buffers_follows_the_exact_layout_on_wgpu() {
-    if dtopp_tests::wgpu_or_skip().is_none() {
+    if dtopp_tests::wgpu_model_device().is_none() {
         return;
     }
     sessions_agree::<Autodiff<Wgpu>>("wgpu");

@@ -114,21 +114,26 @@ pub(crate) fn run(args: TrainBenchArgs) -> Result<()> {
                 sample: &process_peak_rss,
             };
             let engine = route_on.engine(|| Ok(RouteEngine::Cpu(CpuReference)))?;
+            let device = Default::default();
+            let name = routing(engine.describe_on::<NdArray>(&device));
             let t = measure_throughput::<Autodiff<NdArray>>(
-                &config,
-                &Default::default(),
-                &engine,
-                plan,
-                memory,
-                &progress,
+                &config, &device, &engine, plan, memory, &progress,
             )?;
-            let name = routing("dtopp CPU reference".to_string());
             (t, format!("ndarray (CPU) + {name}"))
         }
         #[cfg(feature = "wgpu")]
         Backend::Wgpu => {
+            use burn::backend::wgpu::WgpuDevice;
             use burn::backend::{Autodiff, Wgpu};
+            let device = super::wgpu_model_device(WgpuDevice::DefaultDevice)?;
             let (engine, name) = match (route_on.device_engine(), route_on.device_name()) {
+                (Some(RouteEngine::Device), _) => (
+                    RouteEngine::Device,
+                    format!(
+                        "wgpu + {}",
+                        RouteEngine::Device.describe_on::<Wgpu>(&device)
+                    ),
+                ),
                 (Some(engine), Some(name)) => (engine, format!("wgpu + {name}")),
                 _ => {
                     let ops = super::wgpu_backend()?;
@@ -141,12 +146,7 @@ pub(crate) fn run(args: TrainBenchArgs) -> Result<()> {
                 sample: &|| None,
             };
             let t = measure_throughput::<Autodiff<Wgpu>>(
-                &config,
-                &Default::default(),
-                &engine,
-                plan,
-                memory,
-                &progress,
+                &config, &device, &engine, plan, memory, &progress,
             )?;
             (t, name)
         }

@@ -98,7 +98,7 @@ impl RouteOn {
     pub(crate) fn device_name(self) -> Option<&'static str> {
         match self {
             RouteOn::Kernels => None,
-            RouteOn::Device => Some("routing on the model's device (burn tensor ops)"),
+            RouteOn::Device => Some("routing on the model's device (the backend's routing ops)"),
             RouteOn::DevicePadded => {
                 Some("routing on the model's device (burn tensor ops), experts in padded buffers")
             }
@@ -129,6 +129,17 @@ pub(crate) fn wgpu_backend() -> Result<crate::backends::WgpuOps> {
     let ops = crate::backends::WgpuOps::new()?;
     eprintln!("wgpu adapter: {}", ops.adapter_name());
     Ok(ops)
+}
+
+/// Sets up burn's wgpu `device` for the model so that dtopp's WGSL routing runs on its
+/// buffers (before any tensor is made there), and says which adapter it is.
+#[cfg(all(feature = "train", feature = "wgpu"))]
+pub(crate) fn wgpu_model_device(
+    device: burn::backend::wgpu::WgpuDevice,
+) -> Result<burn::backend::wgpu::WgpuDevice> {
+    let adapter = crate::model::wgpu_routing::setup(&device)?;
+    eprintln!("wgpu model device: {adapter}");
+    Ok(device)
 }
 
 /// Creates the CUDA backend on device 0 and says which GPU it runs on (never silently

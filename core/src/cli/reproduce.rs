@@ -60,7 +60,8 @@ pub(crate) fn run(args: ReproduceArgs) -> Result<()> {
             let ops = super::wgpu_backend()?;
             let name = format!("wgpu + dtopp WGSL kernels on {}", ops.adapter_name());
             let engine = RouteEngine::Wgpu(Box::new(ops));
-            reproduce::<Autodiff<Wgpu>>(&options(&name), &Default::default(), &engine)?;
+            let device = super::wgpu_model_device(burn::backend::wgpu::WgpuDevice::DefaultDevice)?;
+            reproduce::<Autodiff<Wgpu>>(&options(&name), &device, &engine)?;
         }
         #[cfg(feature = "cuda")]
         Backend::Cuda => {

@@ -137,9 +137,9 @@ pub(crate) fn run(args: TrainArgs) -> Result<()> {
     let options = |backend_name| args.options(&dir, backend_name);
     let route_on = args.route_on;
     macro_rules! go {
-        ($backend:ty, $engine:expr, $name:expr) => {{
+        ($backend:ty, $device:expr, $engine:expr, $name:expr) => {{
+            let device = $device;
             let engine = route_on.engine(|| Ok($engine))?;
-            let device = Default::default();
             match &args.resume {
                 Some(run_dir) => {
                     resume::<$backend>(run_dir, args.steps, &device, &engine, &options($name))?;
@@ -156,15 +156,18 @@ pub(crate) fn run(args: TrainArgs) -> Result<()> {
             use burn::backend::{Autodiff, NdArray};
             go!(
                 Autodiff<NdArray>,
+                Default::default(),
                 RouteEngine::Cpu(CpuReference),
                 "ndarray (CPU)"
             );
         }
         #[cfg(feature = "wgpu")]
         Backend::Wgpu => {
+            use burn::backend::wgpu::WgpuDevice;
             use burn::backend::{Autodiff, Wgpu};
             go!(
                 Autodiff<Wgpu>,
+                super::wgpu_model_device(WgpuDevice::DefaultDevice)?,
                 RouteEngine::Wgpu(Box::new(super::wgpu_backend()?)),
                 "wgpu"
             );
@@ -176,7 +179,12 @@ pub(crate) fn run(args: TrainArgs) -> Result<()> {
             // for the driver and the device, which burn-cuda would only discover by
             // panicking inside its first operation.
             let kernels = super::cuda_backend()?;
-            go!(Autodiff<Cuda>, RouteEngine::Cuda(Box::new(kernels)), "cuda");
+            go!(
+                Autodiff<Cuda>,
+                Default::default(),
+                RouteEngine::Cuda(Box::new(kernels)),
+                "cuda"
+            );
         }
         #[cfg(not(feature = "cuda"))]
         Backend::Cuda => return Err(super::cuda_backend().expect_err(NO_CUDA_STAND_IN)),
@@ -233,7 +241,10 @@ fn run_data_parallel(args: &TrainArgs, specs: &[DeviceSpec]) -> Result<()> {
             use burn::backend::{Autodiff, Wgpu};
             go!(
                 Autodiff<Wgpu>,
-                specs.iter().map(|d| d.wgpu_device()).collect(),
+                specs
+                    .iter()
+                    .map(|d| super::wgpu_model_device(d.wgpu_device()))
+                    .collect::<Result<_>>()?,
                 |_| super::wgpu_backend().map(|ops| RouteEngine::Wgpu(Box::new(ops))),
                 "wgpu"
             );

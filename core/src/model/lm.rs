@@ -16,6 +16,7 @@ use super::moe_layer::MoeLayer;
 use super::padded_routing::ExpertBounds;
 use super::precision::Precision;
 use super::routing::{RouteEngine, Selector};
+use super::routing_backend::RoutingBackend;
 use super::token_embedding::{embed_host_tokens, embed_tokens};
 use crate::error::{Error, Result};
 use crate::rng::SplitMix64;
@@ -97,7 +98,9 @@ impl<B: Backend> MoeLanguageModel<B> {
     pub fn moe_layers(&self) -> impl Iterator<Item = &MoeLayer<B>> {
         self.blocks.iter().filter_map(|b| b.moe.as_ref())
     }
+}
 
+impl<B: RoutingBackend> MoeLanguageModel<B> {
     /// Next-token logits for `tokens` `[B, S]`, the large products in `precision`.
     pub fn forward(
         &self,

@@ -17,6 +17,7 @@ mod padded_routing;
 mod precision;
 pub(crate) mod routed_rows;
 mod routing;
+mod routing_backend;
 mod token_embedding;
 
 pub use attention::{CausalSelfAttention, causal_mask};
@@ -32,4 +33,7 @@ pub use moe_layer::MoeLayer;
 pub use padded_routing::{ExpertBounds, PaddedRoute, PaddedUsage, route_padded};
 pub use precision::Precision;
 pub use routing::{RouteEngine, Selector};
+#[cfg(feature = "wgpu")]
+pub use routing_backend::wgpu as wgpu_routing;
+pub use routing_backend::{RoutingBackend, TrainingBackend};
 pub use token_embedding::{embed_host_tokens, embed_tokens};

@@ -13,13 +13,14 @@ use burn::tensor::activation::{silu, softmax};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 
-use super::device_routing::{read_ints, route_on_device};
+use super::device_routing::read_ints;
 use super::drn::drn_probs;
 use super::long_reductions::column_sums;
 use super::padded_routing::{ExpertBounds, route_padded};
 use super::precision::Precision;
 use super::routed_rows::{gather_rows, gathers, sum_rows};
 use super::routing::{RouteEngine, Selector};
+use super::routing_backend::RoutingBackend;
 use crate::cpu::rank_experts;
 use crate::error::{Error, Result};
 use crate::ops::RouteShape;
@@ -229,7 +230,7 @@ fn plan_on_host<B: Backend>(
 /// One dropless MoE layer on token rows `x` `[N, D]`. `threshold` (`[1]`, on the model's
 /// device) replaces a Top-p selector's host threshold; only the device engines take one.
 #[allow(clippy::too_many_arguments)]
-pub fn moe_forward<B: Backend>(
+pub fn moe_forward<B: RoutingBackend>(
     x: Tensor<B, 2>,
     w: &MoeWeights<B>,
     use_drn: bool,
@@ -257,7 +258,7 @@ pub fn moe_forward<B: Backend>(
     // Selection and plan (the spec's rules), through the run's engine.
     let plan = match engine {
         RouteEngine::Device | RouteEngine::DevicePadded => {
-            let route = route_on_device(
+            let route = B::route(
                 probs.clone().detach(),
                 logits.clone().detach(),
                 selector,

@@ -11,6 +11,7 @@ use super::moe::{MoeForward, MoeWeights, moe_forward};
 use super::padded_routing::ExpertBounds;
 use super::precision::Precision;
 use super::routing::{RouteEngine, Selector};
+use super::routing_backend::RoutingBackend;
 use crate::error::Result;
 use crate::rng::SplitMix64;
 
@@ -47,7 +48,9 @@ impl<B: Backend> MoeLayer<B> {
             down: normal_param(rng, [e, f, d], down_std, device),
         }
     }
+}
 
+impl<B: RoutingBackend> MoeLayer<B> {
     /// Token rows `[N, D]` through the router and the selected experts (`threshold`: a
     /// Top-p threshold held on the device; `bounds`: the padded layout's, for
     /// [`RouteEngine::DevicePadded`]).

@@ -4,6 +4,7 @@
 //! model's own device ([`RouteEngine::Device`], `--route-on device`); never a silent
 //! substitute. The probabilities come from the model (burn, differentiable).
 
+use super::routing_backend::RoutingBackend;
 use crate::cpu::CpuReference;
 use crate::error::{Error, Result};
 use crate::ops::{HostDispatchPlan, HostSelection, RouteShape, RoutingOps};
@@ -63,6 +64,16 @@ impl RouteEngine {
                 "burn tensor ops on the model's device, experts in padded buffers (no read-back per layer)"
                     .to_string()
             }
+        }
+    }
+
+    /// [`RouteEngine::describe`], naming what routes on backend `B` for the device
+    /// engine (`B`'s [`RoutingBackend::route`]: dtopp's WGSL on burn-wgpu's buffers, the
+    /// CPU reference on burn ndarray, burn tensor ops elsewhere).
+    pub fn describe_on<B: RoutingBackend>(&self, device: &B::Device) -> String {
+        match self {
+            RouteEngine::Device => B::routing_name(device),
+            _ => self.describe(),
         }
     }
 

@@ -9,7 +9,7 @@ mod report;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use burn::tensor::backend::AutodiffBackend;
+use crate::model::TrainingBackend;
 
 pub use analysis::{ModeResult, RunRecord, summarize_mode};
 
@@ -94,7 +94,7 @@ pub struct ReproduceOptions {
 }
 
 /// Trains every mode for every seed, then writes `report.md` and the plots.
-pub fn reproduce<B: AutodiffBackend>(
+pub fn reproduce<B: TrainingBackend>(
     options: &ReproduceOptions,
     device: &B::Device,
     engine: &RouteEngine,

@@ -9,7 +9,7 @@ use std::panic::AssertUnwindSafe;
 use std::path::Path;
 use std::sync::Mutex;
 
-use burn::tensor::backend::AutodiffBackend;
+use crate::model::TrainingBackend;
 
 use super::collective::{ANOTHER_RANK_FAILED, Rank};
 use super::config::TrainConfig;
@@ -23,7 +23,7 @@ use crate::model::RouteEngine;
 
 /// Trains `config` data-parallel on `devices` (one rank each; `run.devices` is set to
 /// their number), rank `i` routing through `engines[i]`. `run.batch_size` is per rank.
-pub fn train_data_parallel<B: AutodiffBackend>(
+pub fn train_data_parallel<B: TrainingBackend>(
     config: &TrainConfig,
     devices: &[B::Device],
     engines: Vec<RouteEngine>,
@@ -48,7 +48,7 @@ pub fn train_data_parallel<B: AutodiffBackend>(
 
 /// [`super::resume`] of a run trained data-parallel, on as many devices as it was
 /// trained on; every rank restores the same checkpoint.
-pub fn resume_data_parallel<B: AutodiffBackend>(
+pub fn resume_data_parallel<B: TrainingBackend>(
     dir: &Path,
     steps: Option<u64>,
     devices: &[B::Device],
@@ -91,7 +91,7 @@ fn announce(config: &TrainConfig, world: usize, options: &TrainOptions) {
 /// engine, after every rank has joined the collective. Returns the leader's value. The
 /// first rank to fail releases the others (they stop at their next all-reduce) and its
 /// error is the one returned.
-fn run_ranks<B: AutodiffBackend>(
+fn run_ranks<B: TrainingBackend>(
     devices: &[B::Device],
     engines: Vec<RouteEngine>,
     body: impl Fn(Rank, &B::Device, &RouteEngine) -> Result<Option<RunSummary>> + Sync,

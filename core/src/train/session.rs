@@ -5,9 +5,10 @@
 
 use std::time::Instant;
 
+use crate::model::{RoutingBackend, TrainingBackend};
 use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::{GradientsAccumulator, GradientsParams};
-use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 
 use super::adamw::AdamW;
@@ -41,7 +42,7 @@ pub struct StepOutput {
 }
 
 /// A run in progress.
-pub struct TrainSession<'e, B: AutodiffBackend> {
+pub struct TrainSession<'e, B: TrainingBackend> {
     config: TrainConfig,
     device: B::Device,
     engine: &'e RouteEngine,
@@ -74,7 +75,7 @@ pub struct TrainSession<'e, B: AutodiffBackend> {
     control: Option<DeviceControl<B>>,
 }
 
-impl<B: AutodiffBackend> std::fmt::Debug for TrainSession<'_, B> {
+impl<B: TrainingBackend> std::fmt::Debug for TrainSession<'_, B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TrainSession")
             .field("mode", &self.config.routing.mode)
@@ -85,7 +86,7 @@ impl<B: AutodiffBackend> std::fmt::Debug for TrainSession<'_, B> {
     }
 }
 
-impl<'e, B: AutodiffBackend> TrainSession<'e, B> {
+impl<'e, B: TrainingBackend> TrainSession<'e, B> {
     /// Builds the model `config` describes on `device` (selecting experts through
     /// `engine`), opens the corpus, calibrates the threshold and measures the initial
     /// validation loss.
@@ -104,6 +105,11 @@ impl<'e, B: AutodiffBackend> TrainSession<'e, B> {
         rank: Rank,
     ) -> Result<Self> {
         Self::start(config, device, engine, Some(rank))
+    }
+
+    /// The device the model trains on.
+    pub fn device(&self) -> &B::Device {
+        &self.device
     }
 
     fn start(
@@ -919,7 +925,7 @@ fn open_data(config: &TrainConfig, rank: Option<Rank>) -> Result<(Corpus, Vec<Ba
 }
 
 /// Reads every parameter (and its AdamW moments) in visiting order.
-struct CollectParams<'a, B: AutodiffBackend> {
+struct CollectParams<'a, B: TrainingBackend> {
     optimizer: &'a AdamW<B>,
     shapes: Vec<Vec<usize>>,
     values: Vec<Vec<f32>>,
@@ -927,7 +933,7 @@ struct CollectParams<'a, B: AutodiffBackend> {
     error: Option<String>,
 }
 
-impl<B: AutodiffBackend> ModuleVisitor<B> for CollectParams<'_, B> {
+impl<B: TrainingBackend> ModuleVisitor<B> for CollectParams<'_, B> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
         let tensor = param.val();
         self.shapes.push(tensor.dims().to_vec());
@@ -967,7 +973,7 @@ struct LoadParams<'a> {
     error: Option<String>,
 }
 
-impl<B: AutodiffBackend> ModuleMapper<B> for LoadParams<'_> {
+impl<B: TrainingBackend> ModuleMapper<B> for LoadParams<'_> {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
         let (_, tensor, mapper) = param.consume();
         let index = self.ids.len();
@@ -993,7 +999,7 @@ impl<B: AutodiffBackend> ModuleMapper<B> for LoadParams<'_> {
 }
 
 /// What the micro-batches of a step leave for its optimizer and controller update.
-struct Pass<B: AutodiffBackend> {
+struct Pass<B: TrainingBackend> {
     grads: GradientsParams,
     stats: RoutingStats,
     /// Total, cross-entropy, balance and entropy, averaged over the micro-batches.
@@ -1183,7 +1189,7 @@ fn host_f32<B: Backend, const D: usize>(t: Tensor<B, D>) -> Result<Vec<f32>> {
 /// `p_0` per MoE layer: configured, or calibrated on the first training batch so it
 /// activates about `T` experts per token (global scope: one value over all layers). The
 /// probe routes Top-k with `k = ceil(T)`, which only shapes what later layers see.
-fn initial_thresholds<B: Backend>(
+fn initial_thresholds<B: RoutingBackend>(
     config: &TrainConfig,
     model: &MoeLanguageModel<B>,
     corpus: &Corpus,
@@ -1242,7 +1248,7 @@ struct Evaluation {
     by_difficulty: Vec<DifficultyBucket>,
 }
 
-fn evaluate<B: Backend>(
+fn evaluate<B: RoutingBackend>(
     model: &MoeLanguageModel<B>,
     batches: &[Batch],
     plan: &RoutingPlan,
@@ -1292,7 +1298,7 @@ fn evaluate<B: Backend>(
     })
 }
 
-fn routing_sample<B: Backend>(
+fn routing_sample<B: RoutingBackend>(
     model: &MoeLanguageModel<B>,
     snippet: &Batch,
     corpus: &Corpus,

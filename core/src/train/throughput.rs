@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use burn::tensor::backend::AutodiffBackend;
+use crate::model::TrainingBackend;
 use serde::Serialize;
 
 use super::config::TrainConfig;
@@ -74,7 +74,7 @@ impl std::fmt::Debug for MemoryProbe<'_> {
 
 /// Measures the optimizer steps `plan` asks for on `config`. `memory` is sampled after
 /// every step and the largest value kept.
-pub fn measure_throughput<B: AutodiffBackend>(
+pub fn measure_throughput<B: TrainingBackend>(
     config: &TrainConfig,
     device: &B::Device,
     engine: &RouteEngine,

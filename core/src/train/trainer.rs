@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use burn::tensor::backend::AutodiffBackend;
+use crate::model::TrainingBackend;
 
 use super::checkpoint::{Checkpoint, latest_checkpoint, write_checkpoint};
 use super::config::TrainConfig;
@@ -35,7 +35,7 @@ impl TrainOptions<'_> {
 }
 
 /// Trains the model `config` describes on `device`, selecting experts through `engine`.
-pub fn train<B: AutodiffBackend>(
+pub fn train<B: TrainingBackend>(
     config: &TrainConfig,
     device: &B::Device,
     engine: &RouteEngine,
@@ -50,7 +50,7 @@ pub fn train<B: AutodiffBackend>(
 /// Refuses, before anything is written, `run.precision` where the backend on `device`
 /// cannot run it, and a vocabulary or micro-batch whose loops would reach the device's
 /// shader loop limit.
-pub(super) fn check_backend<B: AutodiffBackend>(
+pub(super) fn check_backend<B: TrainingBackend>(
     config: &TrainConfig,
     device: &B::Device,
 ) -> Result<()> {
@@ -79,7 +79,7 @@ pub(super) fn begin_run(config: &TrainConfig, options: &TrainOptions) -> Result<
 
 /// Logs how `session` (new, of a run begun by [`begin_run`]) routes, then drives it to
 /// the end, writing the run directory.
-pub(super) fn lead<B: AutodiffBackend>(
+pub(super) fn lead<B: TrainingBackend>(
     mut session: TrainSession<'_, B>,
     options: &TrainOptions,
 ) -> Result<RunSummary> {
@@ -105,7 +105,7 @@ pub(super) fn lead<B: AutodiffBackend>(
         } else {
             "Top-k"
         },
-        engine.describe()
+        engine.describe_on::<B>(session.device())
     ));
     if let Some(p) = session.thresholds() {
         let how = if config.routing.threshold.is_some() {
@@ -138,7 +138,7 @@ pub(super) fn lead<B: AutodiffBackend>(
 /// the `run.steps` it was started with). Metrics and routing samples written after that
 /// checkpoint (by a process that then crashed) are dropped, so on the CPU backend the
 /// continued run's losses equal those of an uninterrupted run exactly.
-pub fn resume<B: AutodiffBackend>(
+pub fn resume<B: TrainingBackend>(
     dir: &Path,
     steps: Option<u64>,
     device: &B::Device,
@@ -239,7 +239,7 @@ impl ResumePoint {
 }
 
 /// Drives a restored `session` to the end, appending to the run directory `dir`.
-pub(super) fn continue_run<B: AutodiffBackend>(
+pub(super) fn continue_run<B: TrainingBackend>(
     mut session: TrainSession<'_, B>,
     dir: &Path,
     options: &TrainOptions,
@@ -253,7 +253,7 @@ pub(super) fn continue_run<B: AutodiffBackend>(
 
 /// Steps a session that is not the leader of its data-parallel run to the end: it takes
 /// part in every all-reduce and writes nothing.
-pub(super) fn follow<B: AutodiffBackend>(mut session: TrainSession<'_, B>) -> Result<()> {
+pub(super) fn follow<B: TrainingBackend>(mut session: TrainSession<'_, B>) -> Result<()> {
     while !session.finished() {
         session.step()?;
     }
@@ -288,7 +288,7 @@ fn keep_lines_up_to(path: &Path, step: u64) -> Result<Vec<String>> {
 
 /// Steps `session` to its last step, appending metrics and samples, writing
 /// checkpoints when due, then the summary.
-fn run_to_end<B: AutodiffBackend>(
+fn run_to_end<B: TrainingBackend>(
     session: &mut TrainSession<'_, B>,
     out: &Path,
     metrics: &mut JsonLines,

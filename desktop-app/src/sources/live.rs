@@ -263,7 +263,7 @@ fn worker(
     }
 }
 
-fn train_loop<B: burn::tensor::backend::AutodiffBackend>(
+fn train_loop<B: dtopp::model::TrainingBackend>(
     config: &TrainConfig,
     device: &B::Device,
     engine: &RouteEngine,
@@ -282,7 +282,7 @@ fn train_loop<B: burn::tensor::backend::AutodiffBackend>(
         ),
         format!(
             "training: burn {backend_name}; routing: {}",
-            engine.describe()
+            engine.describe_on::<B>(session.device())
         ),
         format!("data: {}", session.corpus().describe()),
     ];

@@ -25,8 +25,10 @@ struct ControllerParams {
 
 override WG: u32 = 256u;
 
+// Inputs are bound read_write too: burn-wgpu pools many tensors in one buffer, and wgpu
+// refuses a buffer bound read-only and read-write in the same dispatch.
 @group(0) @binding(0) var<uniform> params: ControllerParams;
-@group(0) @binding(1) var<storage, read> counts: array<i32>;
+@group(0) @binding(1) var<storage, read_write> counts: array<i32>;
 @group(0) @binding(2) var<storage, read_write> state: array<f32>;
 
 var<workgroup> partial: array<u32, 256>;

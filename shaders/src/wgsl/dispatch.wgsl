@@ -22,10 +22,12 @@ struct PlanParams {
 
 override WG: u32 = 64u;
 
+// Inputs are bound read_write too: burn-wgpu pools many tensors in one buffer, and wgpu
+// refuses a buffer bound read-only and read-write in the same dispatch.
 @group(0) @binding(0) var<uniform> params: PlanParams;
-@group(0) @binding(1) var<storage, read> sel_experts: array<i32>;
-@group(0) @binding(2) var<storage, read> sel_weights: array<f32>;
-@group(0) @binding(3) var<storage, read> sel_counts: array<i32>;
+@group(0) @binding(1) var<storage, read_write> sel_experts: array<i32>;
+@group(0) @binding(2) var<storage, read_write> sel_weights: array<f32>;
+@group(0) @binding(3) var<storage, read_write> sel_counts: array<i32>;
 @group(0) @binding(4) var<storage, read_write> chunk_offsets: array<u32>;
 @group(0) @binding(5) var<storage, read_write> expert_counts: array<i32>;
 @group(0) @binding(6) var<storage, read_write> expert_offsets: array<i32>;

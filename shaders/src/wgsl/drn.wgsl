@@ -31,12 +31,14 @@ struct DrnParams {
 // Threads per workgroup: a power of two, at most 256.
 override WG: u32 = 64u;
 
+// Inputs are bound read_write too: burn-wgpu pools many tensors in one buffer, and wgpu
+// refuses a buffer bound read-only and read-write in the same dispatch.
 @group(0) @binding(0) var<uniform> params: DrnParams;
-@group(0) @binding(1) var<storage, read> logits: array<f32>;
+@group(0) @binding(1) var<storage, read_write> logits: array<f32>;
 @group(0) @binding(2) var<storage, read_write> probs: array<f32>;
 @group(0) @binding(3) var<storage, read_write> status: array<atomic<u32>>;
-@group(0) @binding(4) var<storage, read> probs_in: array<f32>;
-@group(0) @binding(5) var<storage, read> grad_probs: array<f32>;
+@group(0) @binding(4) var<storage, read_write> probs_in: array<f32>;
+@group(0) @binding(5) var<storage, read_write> grad_probs: array<f32>;
 @group(0) @binding(6) var<storage, read_write> grad_logits: array<f32>;
 @group(0) @binding(7) var<storage, read_write> theta_partials: array<f32>;
 @group(0) @binding(8) var<storage, read_write> grad_theta: array<f32>;

@@ -19,14 +19,16 @@ struct MoveParams {
 
 override WG: u32 = 64u;
 
+// Inputs are bound read_write too: burn-wgpu pools many tensors in one buffer, and wgpu
+// refuses a buffer bound read-only and read-write in the same dispatch.
 @group(0) @binding(0) var<uniform> params: MoveParams;
-@group(0) @binding(1) var<storage, read> route_tokens: array<i32>;
-@group(0) @binding(2) var<storage, read> expert_offsets: array<i32>;
-@group(0) @binding(3) var<storage, read> x: array<f32>;
+@group(0) @binding(1) var<storage, read_write> route_tokens: array<i32>;
+@group(0) @binding(2) var<storage, read_write> expert_offsets: array<i32>;
+@group(0) @binding(3) var<storage, read_write> x: array<f32>;
 @group(0) @binding(4) var<storage, read_write> gathered: array<f32>;
-@group(0) @binding(5) var<storage, read> token_routes: array<i32>;
-@group(0) @binding(6) var<storage, read> route_weights: array<f32>;
-@group(0) @binding(7) var<storage, read> y: array<f32>;
+@group(0) @binding(5) var<storage, read_write> token_routes: array<i32>;
+@group(0) @binding(6) var<storage, read_write> route_weights: array<f32>;
+@group(0) @binding(7) var<storage, read_write> y: array<f32>;
 @group(0) @binding(8) var<storage, read_write> combined: array<f32>;
 
 fn element_of(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {

@@ -26,9 +26,11 @@ struct SelectParams {
 
 override WG: u32 = 64u;
 
+// Inputs are bound read_write too: burn-wgpu pools many tensors in one buffer, and wgpu
+// refuses a buffer bound read-only and read-write in the same dispatch.
 @group(0) @binding(0) var<uniform> params: SelectParams;
-@group(0) @binding(1) var<storage, read> probs: array<f32>;
-@group(0) @binding(2) var<storage, read> threshold: array<f32>;
+@group(0) @binding(1) var<storage, read_write> probs: array<f32>;
+@group(0) @binding(2) var<storage, read_write> threshold: array<f32>;
 @group(0) @binding(3) var<storage, read_write> experts_out: array<i32>;
 @group(0) @binding(4) var<storage, read_write> weights_out: array<f32>;
 @group(0) @binding(5) var<storage, read_write> counts_out: array<i32>;

@@ -1,0 +1,138 @@
+//! The routing extension of burn's backends: the selection and the expert-major dispatch
+//! plan of a MoE layer as backend ops, the way burn adds custom ops (an extension trait
+//! on the backend with default methods; `examples/custom-wgpu-kernel` in burn 0.21).
+//!
+//! - **Default methods** are burn tensor ops ([`super::device_routing`]): any backend.
+//! - **ndarray** ([`ndarray`]) runs the CPU reference on the tensors' host memory.
+//! - **wgpu** ([`wgpu`]) runs dtopp's own `.wgsl` kernels (`dtopp-shaders`, the text
+//!   `dtopp route` and the browser run) on burn's own buffers, on burn's own device and
+//!   queue: no second device, no host copy of the probabilities.
+//! - **`Autodiff<B>`** routes on `B`: selection is not differentiable (the spec), so the
+//!   results carry no graph; gradients reach the router through the combine weights.
+//!
+//! Every implementation follows the spec's rules (`crate::ops`): rank order with ties to
+//! the lower index, Top-p's rank-ordered prefix sum, routes ordered by expert then token.
+
+mod ndarray;
+#[cfg(feature = "wgpu")]
+pub mod wgpu;
+
+use burn::backend::Autodiff;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Int, Tensor, TensorData};
+
+use super::device_routing::{DeviceRoute, route_on_device};
+use super::routed_rows::gathers;
+use super::routing::Selector;
+use crate::error::Result;
+use crate::ops::{HostDispatchPlan, HostSelection};
+
+/// A burn backend that routes MoE layers: every backend the model trains on.
+pub trait RoutingBackend: Backend {
+    /// What selects and plans on `device`, for the training log.
+    fn routing_name(_device: &Self::Device) -> String {
+        "burn tensor ops on the model's device (pairwise ranks, blocked scan)".to_string()
+    }
+
+    /// Selects experts from `probs` `[N, E]` and builds the exact dispatch plan, on the
+    /// device of `probs`. `logits` are the router's raw logits: a NaN or Inf among them
+    /// is [`crate::Error::NonFinite`] naming token and expert. `threshold` (`[1]`, on the
+    /// device) replaces a Top-p selector's host threshold. The host reads `E + 3`
+    /// integers (offsets, route count, first bad logit, most experts of a token), which
+    /// burn's matrix products need as shapes.
+    fn route(
+        probs: Tensor<Self, 2>,
+        logits: Tensor<Self, 2>,
+        selector: Selector,
+        threshold: Option<Tensor<Self, 1>>,
+    ) -> Result<DeviceRoute<Self>> {
+        route_on_device(probs, logits, selector, threshold)
+    }
+}
+
+impl<B: RoutingBackend, C: CheckpointStrategy> RoutingBackend for Autodiff<B, C> {
+    fn routing_name(device: &Self::Device) -> String {
+        B::routing_name(device)
+    }
+
+    fn route(
+        probs: Tensor<Self, 2>,
+        logits: Tensor<Self, 2>,
+        selector: Selector,
+        threshold: Option<Tensor<Self, 1>>,
+    ) -> Result<DeviceRoute<Self>> {
+        let route = B::route(
+            probs.inner(),
+            logits.inner(),
+            selector,
+            threshold.map(Tensor::inner),
+        )?;
+        Ok(DeviceRoute {
+            selected: Tensor::from_inner(route.selected),
+            route_tokens: Tensor::from_inner(route.route_tokens),
+            route_sources: Tensor::from_inner(route.route_sources),
+            route_of: Tensor::from_inner(route.route_of),
+            token_slots: route.token_slots.map(Tensor::from_inner),
+            expert_offsets: route.expert_offsets,
+        })
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl RoutingBackend for burn::backend::Cuda {}
+
+/// Without dtopp's WGSL kernels in the build, burn-wgpu routes with the default methods.
+#[cfg(not(feature = "wgpu"))]
+impl RoutingBackend for burn::backend::Wgpu {}
+
+/// A selection and plan made on the host, as the model's index tensors on `device`.
+pub(crate) fn route_from_host<B: Backend>(
+    selection: &HostSelection,
+    plan: &HostDispatchPlan,
+    device: &B::Device,
+) -> DeviceRoute<B> {
+    let (n, e) = (selection.shape.tokens, selection.shape.experts);
+    let routes = plan.route_tokens.len();
+    // Slots for the most experts any token of this batch took (the plan is on the host).
+    let slots = selection.counts.iter().copied().max().unwrap_or(1).max(1) as usize;
+    let with_slots = gathers::<B>();
+    let mut sources = vec![0i64; routes];
+    let mut route_of = vec![routes as i64; n * e];
+    let mut token_slots = vec![routes as i64; if with_slots { n * slots } else { 0 }];
+    for i in 0..n {
+        for s in 0..selection.counts[i] as usize {
+            let m = i64::from(plan.token_routes[i * e + s]);
+            let j = selection.experts[i * e + s] as usize;
+            sources[m as usize] = (i * e + j) as i64;
+            route_of[i * e + j] = m;
+            if with_slots {
+                token_slots[i * slots + s] = m;
+            }
+        }
+    }
+    let selected: Vec<i64> = route_of
+        .iter()
+        .map(|&m| i64::from(m < routes as i64))
+        .collect();
+    let tokens: Vec<i64> = plan.route_tokens.iter().map(|&t| i64::from(t)).collect();
+    let rows = |v: Vec<i64>| Tensor::<B, 1, Int>::from_data(TensorData::new(v, [routes]), device);
+    let table = |v: Vec<i64>, cols: usize| {
+        Tensor::<B, 2, Int>::from_data(TensorData::new(v, [n, cols]), device)
+    };
+    DeviceRoute {
+        selected: table(selected, e),
+        route_tokens: rows(tokens),
+        route_sources: rows(sources),
+        route_of: table(route_of, e),
+        token_slots: with_slots.then(|| table(token_slots, slots)),
+        expert_offsets: plan.expert_offsets.iter().map(|&o| o as usize).collect(),
+    }
+}
+
+/// A backend the trainer runs on: autodiff over a routing backend (training routes on
+/// it; evaluation, on the model without autodiff, on the inner one).
+pub trait TrainingBackend: AutodiffBackend<InnerBackend: RoutingBackend> + RoutingBackend {}
+
+impl<B> TrainingBackend for B where B: AutodiffBackend<InnerBackend: RoutingBackend> + RoutingBackend
+{}

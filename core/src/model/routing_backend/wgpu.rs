@@ -1,0 +1,271 @@
+//! burn-wgpu routes with dtopp's WGSL kernels (`dtopp-shaders`: `select.wgsl`,
+//! `dispatch.wgsl`) on burn's own buffers.
+//!
+//! burn-wgpu pools many tensors in one `wgpu::Buffer`; cubecl hands out the buffer, offset
+//! and size of a tensor (`ComputeClient::get_resource`, which also keeps the allocation
+//! alive while the resource is held). The kernels are bound to those ranges and submitted
+//! on burn's own queue, right after cubecl has submitted its pending work
+//! (`ComputeClient::flush`): one queue, so everything burn recorded before runs before
+//! them and everything it records after runs after them. No second device, no host copy.
+//!
+//! cubecl gives no way back from a running device to its `wgpu::Device`, so the device is
+//! set up here before burn first uses it ([`setup`]): cubecl's own `init_setup` with
+//! the adapter choice of the `WgpuDevice`, its device and queue kept beside the compiled
+//! pipelines. A device burn set up on its own is refused by name, never routed elsewhere.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use burn::backend::Wgpu;
+use burn::backend::wgpu::graphics::AutoGraphicsApi;
+use burn::backend::wgpu::{CubeTensor, RuntimeOptions, WgpuDevice, WgpuRuntime, init_setup};
+use burn::tensor::{Int, Tensor};
+use dtopp_shaders::{Bound, GpuContext, PlanOut, RoutingKernels, SelectionOut};
+
+use super::RoutingBackend;
+use crate::error::{Error, Result};
+use crate::model::device_routing::{DeviceRoute, first_above, first_non_finite, non_finite_logit};
+use crate::model::long_reductions::int_max;
+use crate::model::routing::Selector;
+use crate::ops::RouteShape;
+
+/// The kernels compiled for each device set up through [`setup`].
+static DEVICES: Mutex<Vec<(WgpuDevice, Arc<RoutingKernels>)>> = Mutex::new(Vec::new());
+
+/// Sets up burn's wgpu `device` so that dtopp's kernels share it, before any tensor is
+/// made on it; again on a device already set up here does nothing. Returns the adapter
+/// ("name (backend, driver)").
+pub fn setup(device: &WgpuDevice) -> Result<String> {
+    let mut devices = DEVICES.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some((_, kernels)) = devices.iter().find(|(d, _)| d == device) {
+        return Ok(kernels.context().adapter_name());
+    }
+    // cubecl panics when the device is already running (burn made a tensor on it first).
+    let made = catch_unwind(AssertUnwindSafe(|| {
+        init_setup::<AutoGraphicsApi>(device, RuntimeOptions::default())
+    }))
+    .map_err(|_| Error::Backend {
+        backend: "wgpu",
+        message: format!(
+            "burn already runs wgpu device {device:?}, set up without dtopp: call dtopp::model::wgpu_routing::setup on it before making any tensor there, so dtopp's WGSL routing shares burn's device and queue"
+        ),
+    })?;
+    let info = made.adapter.get_info();
+    let kernels = Arc::new(RoutingKernels::new(GpuContext::from_device(
+        made.device,
+        made.queue,
+        info,
+    )));
+    let adapter = kernels.context().adapter_name();
+    devices.push((device.clone(), kernels));
+    Ok(adapter)
+}
+
+fn kernels(device: &WgpuDevice) -> Result<Arc<RoutingKernels>> {
+    let devices = DEVICES.lock().unwrap_or_else(PoisonError::into_inner);
+    devices
+        .iter()
+        .find(|(d, _)| d == device)
+        .map(|(_, k)| k.clone())
+        .ok_or_else(|| Error::Backend {
+            backend: "wgpu",
+            message: format!(
+                "wgpu device {device:?} was not set up for dtopp's WGSL routing: call dtopp::model::wgpu_routing::setup on it before making any tensor there"
+            ),
+        })
+}
+
+impl RoutingBackend for Wgpu {
+    fn routing_name(device: &Self::Device) -> String {
+        match kernels(device) {
+            Ok(k) => format!(
+                "dtopp WGSL kernels on burn's wgpu buffers ({})",
+                k.context().adapter_name()
+            ),
+            Err(e) => format!("none: {e}"),
+        }
+    }
+
+    fn route(
+        probs: Tensor<Self, 2>,
+        logits: Tensor<Self, 2>,
+        selector: Selector,
+        threshold: Option<Tensor<Self, 1>>,
+    ) -> Result<DeviceRoute<Self>> {
+        let device = probs.device();
+        let kernels = kernels(&device)?;
+        let [n, e] = probs.dims();
+        RouteShape::new(n, e)?;
+        let k_bound = match selector {
+            Selector::TopK(k) => k,
+            Selector::TopP { k_max, .. } => k_max.unwrap_or(e),
+        }
+        .clamp(1, e);
+
+        // The kernels' outputs, allocated by burn; the status starts at u32::MAX (-1).
+        let experts = Tensor::<Self, 2, Int>::empty([n, e], &device);
+        let weights = Tensor::<Self, 2>::empty([n, e], &device);
+        let counts = Tensor::<Self, 1, Int>::empty([n], &device);
+        let status = Tensor::<Self, 1, Int>::full([1], -1, &device);
+        let chunks = Tensor::<Self, 1, Int>::empty([RoutingKernels::plan_chunks(n) * e], &device);
+        let expert_counts = Tensor::<Self, 1, Int>::empty([e], &device);
+        let offsets = Tensor::<Self, 1, Int>::empty([e + 1], &device);
+        let route_tokens = Tensor::<Self, 1, Int>::empty([n * k_bound], &device);
+        let route_weights = Tensor::<Self, 1>::empty([n * k_bound], &device);
+        let token_routes = Tensor::<Self, 2, Int>::empty([n, e], &device);
+
+        let threshold = match selector {
+            Selector::TopP { threshold: p, .. } => {
+                threshold.unwrap_or_else(|| Tensor::from_floats([p], &device))
+            }
+            // Not read by top_k; bound so that both selections take the same list.
+            Selector::TopK(_) => Tensor::zeros([1], &device),
+        };
+        let tensors = [
+            float(probs),
+            float(threshold),
+            int(experts.clone()),
+            float(weights),
+            int(counts.clone()),
+            int(status.clone()),
+            int(chunks),
+            int(expert_counts),
+            int(offsets.clone()),
+            int(route_tokens.clone()),
+            float(route_weights),
+            int(token_routes.clone()),
+        ];
+        {
+            // Held while the kernels are recorded: the allocations stay alive.
+            let held = tensors
+                .iter()
+                .map(|t| t.client.get_resource(t.handle.clone()))
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .map_err(|e| backend_error("binding a tensor's buffer", e))?;
+            let b: Vec<Bound<'_>> = held
+                .iter()
+                .map(|h| {
+                    let r = h.resource();
+                    Bound {
+                        buffer: &r.buffer,
+                        offset: r.offset,
+                        size: r.size,
+                    }
+                })
+                .collect();
+            // Everything burn recorded (the probabilities among it) goes to the queue first.
+            tensors[0]
+                .client
+                .flush()
+                .map_err(|e| backend_error("submitting burn's pending work", e))?;
+            let out = SelectionOut {
+                experts: b[2],
+                weights: b[3],
+                counts: b[4],
+                status: b[5],
+            };
+            match selector {
+                Selector::TopP { k_max, .. } => kernels.top_p_into(b[0], b[1], n, e, k_max, out),
+                Selector::TopK(k) => kernels.top_k_into(b[0], n, e, k, out),
+            }
+            .map_err(shader_error)?;
+            kernels
+                .dispatch_plan_into(
+                    [b[2], b[3], b[4]],
+                    n,
+                    e,
+                    PlanOut {
+                        chunk_offsets: b[6],
+                        expert_counts: b[7],
+                        expert_offsets: b[8],
+                        route_tokens: b[9],
+                        route_weights: b[10],
+                        token_routes: b[11],
+                    },
+                )
+                .map_err(shader_error)?;
+        }
+
+        // One read: the offsets, the route count, the first bad logit, the selection's
+        // status (first non-finite probability) and the most experts a token took.
+        let head = crate::model::read_ints(Tensor::cat(
+            vec![
+                offsets.clone(),
+                first_non_finite(logits.clone()),
+                status,
+                int_max(counts),
+            ],
+            0,
+        ))?;
+        let routes = head[e] as usize;
+        let (bad_logit, bad_prob) = (head[e + 1] as usize, head[e + 2]);
+        let slots = (head[e + 3] as usize).max(1);
+        if bad_logit < n * e {
+            return Err(non_finite_logit(&logits, bad_logit));
+        }
+        if bad_prob >= 0 {
+            let flat = bad_prob as usize;
+            return Err(Error::NonFinite {
+                op: "top_p",
+                what: "routing probability",
+                token: flat / e,
+                column: flat % e,
+                value: f32::NAN,
+            });
+        }
+
+        // The model's index tensors from the plan (gathers, and a scatter within rows).
+        let route_tokens = route_tokens.narrow(0, 0, routes);
+        let expert_ends = offsets.clone().narrow(0, 1, e);
+        let route_expert = first_above(&expert_ends, Tensor::arange(0..routes as i64, &device));
+        let route_sources = route_tokens.clone().mul_scalar(e as i64) + route_expert;
+        let raw_slots = token_routes.narrow(1, 0, slots);
+        let token_slots = raw_slots
+            .clone()
+            .mask_fill(raw_slots.lower_elem(0), routes as i64);
+        let slot_experts = experts.narrow(1, 0, slots).clamp_min(0);
+        let route_of = Tensor::<Self, 2, Int>::zeros([n, e], &device)
+            .scatter(
+                1,
+                slot_experts,
+                token_slots.clone().sub_scalar(routes as i64),
+                burn::tensor::IndexingUpdateOp::Add,
+            )
+            .add_scalar(routes as i64);
+        let selected = route_of.clone().lower_elem(routes as i64).int();
+        let mut expert_offsets: Vec<usize> = head[..e].iter().map(|&o| o as usize).collect();
+        expert_offsets.push(routes);
+        Ok(DeviceRoute {
+            selected,
+            route_tokens,
+            route_sources,
+            route_of,
+            token_slots: Some(token_slots),
+            expert_offsets,
+        })
+    }
+}
+
+/// The contiguous cubecl tensor behind a burn float tensor.
+fn float<const D: usize>(t: Tensor<Wgpu, D>) -> CubeTensor<WgpuRuntime> {
+    burn_cubecl::kernel::into_contiguous(t.into_primitive().tensor())
+}
+
+/// The contiguous cubecl tensor behind a burn int tensor.
+fn int<const D: usize>(t: Tensor<Wgpu, D, Int>) -> CubeTensor<WgpuRuntime> {
+    burn_cubecl::kernel::into_contiguous(t.into_primitive())
+}
+
+fn backend_error(what: &str, e: impl std::fmt::Debug) -> Error {
+    Error::Backend {
+        backend: "wgpu",
+        message: format!("{what}: {e:?}"),
+    }
+}
+
+fn shader_error(e: dtopp_shaders::ShaderError) -> Error {
+    Error::Backend {
+        backend: "wgpu",
+        message: e.to_string(),
+    }
+}
