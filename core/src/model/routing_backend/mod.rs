@@ -86,6 +86,18 @@ impl RoutingBackend for burn::backend::Cuda {}
 #[cfg(not(feature = "wgpu"))]
 impl RoutingBackend for burn::backend::Wgpu {}
 
+/// `selector` with its counts capped at `experts` (a cap past E caps nothing; the kernels'
+/// contract wants `k`, `k_max` in `1..=E`).
+pub(crate) fn within(selector: Selector, experts: usize) -> Selector {
+    match selector {
+        Selector::TopK(k) => Selector::TopK(k.clamp(1, experts)),
+        Selector::TopP { threshold, k_max } => Selector::TopP {
+            threshold,
+            k_max: k_max.map(|k| k.clamp(1, experts)),
+        },
+    }
+}
+
 /// A selection and plan made on the host, as the model's index tensors on `device`.
 pub(crate) fn route_from_host<B: Backend>(
     selection: &HostSelection,

@@ -3,7 +3,7 @@
 use burn::backend::NdArray;
 use burn::tensor::Tensor;
 
-use super::{RoutingBackend, route_from_host};
+use super::{RoutingBackend, route_from_host, within};
 use crate::cpu::CpuReference;
 use crate::error::{Error, Result};
 use crate::model::device_routing::{DeviceRoute, non_finite_logit};
@@ -23,6 +23,7 @@ impl RoutingBackend for NdArray {
     ) -> Result<DeviceRoute<Self>> {
         let [n, e] = probs.dims();
         let shape = RouteShape::new(n, e)?;
+        let selector = within(selector, e);
         if let Some(flat) = host(&logits)?.iter().position(|z| !z.is_finite()) {
             return Err(non_finite_logit(&logits, flat));
         }

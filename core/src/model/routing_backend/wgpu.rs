@@ -22,7 +22,7 @@ use burn::backend::wgpu::{CubeTensor, RuntimeOptions, WgpuDevice, WgpuRuntime, i
 use burn::tensor::{Int, Tensor};
 use dtopp_shaders::{Bound, GpuContext, PlanOut, RoutingKernels, SelectionOut};
 
-use super::RoutingBackend;
+use super::{RoutingBackend, within};
 use crate::error::{Error, Result};
 use crate::model::device_routing::{DeviceRoute, first_above, first_non_finite, non_finite_logit};
 use crate::model::long_reductions::int_max;
@@ -96,11 +96,11 @@ impl RoutingBackend for Wgpu {
         let kernels = kernels(&device)?;
         let [n, e] = probs.dims();
         RouteShape::new(n, e)?;
+        let selector = within(selector, e);
         let k_bound = match selector {
             Selector::TopK(k) => k,
             Selector::TopP { k_max, .. } => k_max.unwrap_or(e),
-        }
-        .clamp(1, e);
+        };
 
         // The kernels' outputs, allocated by burn; the status starts at u32::MAX (-1).
         let experts = Tensor::<Self, 2, Int>::empty([n, e], &device);
