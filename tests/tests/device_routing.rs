@@ -154,6 +154,16 @@ fn check_case<B: RoutingBackend>(
                 "{what}: threshold held on the device"
             );
         }
+        // The selection alone (the padded layout's), read nowhere: the same mask, and the
+        // selected experts ranked as the reference ranks them.
+        let (alone, rank) = match how {
+            Impl::Default => (route.selected.clone(), None),
+            Impl::Backend => {
+                let (m, r) = B::select(on_device.clone(), selector, None).unwrap();
+                (m, Some(ints(r)))
+            }
+        };
+        assert_eq!(ints(alone), mask, "{what}: select against route");
         for i in 0..n {
             tally.tokens += 1;
             let k = want.counts[i] as usize;
@@ -162,6 +172,14 @@ fn check_case<B: RoutingBackend>(
                 wanted[j as usize] = 1;
             }
             if mask[i * e..(i + 1) * e] == wanted[..] {
+                for (s, &j) in want.experts[i * e..i * e + k].iter().enumerate() {
+                    let got = rank.as_ref().map_or(s as i64, |r| r[i * e + j as usize]);
+                    if got != s as i64 && tally.failures.len() < 10 {
+                        tally.failures.push(format!(
+                            "{what}: token {i}'s expert {j} ranks {got}, the reference {s}"
+                        ));
+                    }
+                }
                 continue;
             }
             let row = &probs[i * e..(i + 1) * e];

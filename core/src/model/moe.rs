@@ -338,7 +338,7 @@ fn selected_share<B: Backend>(
 /// [`moe_forward`] in the padded layout ([`super::padded_routing`]): every expert on a
 /// buffer of `bounds.capacity` rows in one batched product, nothing read back.
 #[allow(clippy::too_many_arguments)]
-fn moe_padded<B: Backend>(
+fn moe_padded<B: RoutingBackend>(
     x: Tensor<B, 2>,
     w: &MoeWeights<B>,
     logits: Tensor<B, 2>,

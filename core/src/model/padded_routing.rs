@@ -19,10 +19,11 @@ use burn::tensor::{Int, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::device_routing::{
-    ExpertMajor, expert_major, first_above, first_non_finite, select_ranked, slots_by_rank,
+    ExpertMajor, expert_major, first_above, first_non_finite, slots_by_rank,
 };
 use super::routed_rows::gathers;
 use super::routing::Selector;
+use super::routing_backend::RoutingBackend;
 use crate::error::{Error, Result};
 
 /// Rows per expert buffer are rounded up to a multiple of this (matrix-product tiles).
@@ -126,7 +127,7 @@ pub struct PaddedRoute<B: Backend> {
 /// Selects experts from `probs` `[N, E]` (detached) and lays the routes out in buffers
 /// of `bounds.capacity` rows per expert, on the device of `probs`, reading nothing back.
 /// `threshold` (`[1]`, on the device) replaces a Top-p selector's host threshold.
-pub fn route_padded<B: Backend>(
+pub fn route_padded<B: RoutingBackend>(
     probs: Tensor<B, 2>,
     logits: Tensor<B, 2>,
     selector: Selector,
@@ -143,7 +144,7 @@ pub fn route_padded<B: Backend>(
         ));
     }
     let rows = e * c;
-    let (selected, rank) = select_ranked(probs, selector, threshold)?;
+    let (selected, rank) = B::select(probs, selector, threshold)?;
     let device = selected.device();
 
     let ExpertMajor {

@@ -22,7 +22,7 @@ use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
 
-use super::device_routing::{DeviceRoute, route_on_device};
+use super::device_routing::{DeviceRoute, route_on_device, select_ranked};
 use super::routed_rows::gathers;
 use super::routing::Selector;
 use crate::error::Result;
@@ -48,6 +48,19 @@ pub trait RoutingBackend: Backend {
         threshold: Option<Tensor<Self, 1>>,
     ) -> Result<DeviceRoute<Self>> {
         route_on_device(probs, logits, selector, threshold)
+    }
+
+    /// Which experts each token selects from `probs` `[N, E]`, reading nothing back:
+    /// `[N, E]` 1 where token i selected expert j, and `[N, E]` each selected expert's
+    /// rank within its token (0 = most probable; an unselected expert's rank is only
+    /// known to be past the selected ones'). `threshold` as in [`RoutingBackend::route`].
+    /// The padded layout ([`super::padded_routing`]) builds its plan from it.
+    fn select(
+        probs: Tensor<Self, 2>,
+        selector: Selector,
+        threshold: Option<Tensor<Self, 1>>,
+    ) -> Result<(Tensor<Self, 2, Int>, Tensor<Self, 2, Int>)> {
+        select_ranked(probs, selector, threshold)
     }
 }
 
@@ -77,6 +90,15 @@ impl<B: RoutingBackend, C: CheckpointStrategy> RoutingBackend for Autodiff<B, C>
             expert_offsets: route.expert_offsets,
         })
     }
+
+    fn select(
+        probs: Tensor<Self, 2>,
+        selector: Selector,
+        threshold: Option<Tensor<Self, 1>>,
+    ) -> Result<(Tensor<Self, 2, Int>, Tensor<Self, 2, Int>)> {
+        let (selected, rank) = B::select(probs.inner(), selector, threshold.map(Tensor::inner))?;
+        Ok((Tensor::from_inner(selected), Tensor::from_inner(rank)))
+    }
 }
 
 #[cfg(feature = "cuda")]
@@ -96,6 +118,32 @@ pub(crate) fn within(selector: Selector, experts: usize) -> Selector {
             k_max: k_max.map(|k| k.clamp(1, experts)),
         },
     }
+}
+
+/// The selected mask and ranks ([`RoutingBackend::select`]) of a selection in the ops
+/// contract's form, `experts` `[N, E]` (rank order, padded with -1) and `counts` `[N]`,
+/// on the device: unselected experts get rank `E`.
+pub(crate) fn mask_and_rank<B: Backend>(
+    experts: Tensor<B, 2, Int>,
+    counts: Tensor<B, 1, Int>,
+) -> (Tensor<B, 2, Int>, Tensor<B, 2, Int>) {
+    let [n, e] = experts.dims();
+    let device = experts.device();
+    let slot = Tensor::<B, 1, Int>::arange(0..e as i64, &device)
+        .reshape([1, e])
+        .expand([n, e]);
+    // Slot s of token i moves rank E - (E - s) = s onto its expert; padding adds 0.
+    let taken = slot.clone().lower(counts.reshape([n, 1]).expand([n, e]));
+    let shift = slot
+        .sub_scalar(e as i64)
+        .mask_fill(taken.clone().bool_not(), 0);
+    let rank = Tensor::<B, 2, Int>::full([n, e], e as i64, &device).scatter(
+        1,
+        experts.clamp_min(0),
+        shift,
+        burn::tensor::IndexingUpdateOp::Add,
+    );
+    (rank.clone().lower_elem(e as i64).int(), rank)
 }
 
 /// A selection and plan made on the host, as the model's index tensors on `device`.

@@ -1,14 +1,14 @@
 //! burn ndarray routes with the CPU reference, on the tensors' own host memory.
 
 use burn::backend::NdArray;
-use burn::tensor::Tensor;
+use burn::tensor::{Int, Tensor, TensorData};
 
-use super::{RoutingBackend, route_from_host, within};
+use super::{RoutingBackend, mask_and_rank, route_from_host, within};
 use crate::cpu::CpuReference;
 use crate::error::{Error, Result};
-use crate::model::device_routing::{DeviceRoute, non_finite_logit};
+use crate::model::device_routing::{DeviceRoute, non_finite_logit, select_ranked};
 use crate::model::routing::Selector;
-use crate::ops::{RouteShape, RoutingOps};
+use crate::ops::{HostSelection, RouteShape, RoutingOps};
 
 impl RoutingBackend for NdArray {
     fn routing_name(_device: &Self::Device) -> String {
@@ -22,29 +22,62 @@ impl RoutingBackend for NdArray {
         threshold: Option<Tensor<Self, 1>>,
     ) -> Result<DeviceRoute<Self>> {
         let [n, e] = probs.dims();
-        let shape = RouteShape::new(n, e)?;
+        RouteShape::new(n, e)?;
         let selector = within(selector, e);
         if let Some(flat) = host(&logits)?.iter().position(|z| !z.is_finite()) {
             return Err(non_finite_logit(&logits, flat));
         }
+        let selection = select_on_host(&probs, selector, threshold)?;
         let cpu = CpuReference;
-        let p = host(&probs)?;
-        let selection = match selector {
-            Selector::TopK(k) => cpu.top_k(&p, shape, k)?,
-            Selector::TopP {
-                threshold: at,
-                k_max,
-            } => {
-                let at = match threshold {
-                    Some(t) => host(&t.reshape([1, 1]))?,
-                    None => vec![at],
-                };
-                cpu.top_p(&p, shape, &at, k_max)?
-            }
-        };
         let plan = cpu.read_plan(&cpu.dispatch_plan(&selection)?)?;
         Ok(route_from_host(&selection, &plan, &probs.device()))
     }
+
+    fn select(
+        probs: Tensor<Self, 2>,
+        selector: Selector,
+        threshold: Option<Tensor<Self, 1>>,
+    ) -> Result<(Tensor<Self, 2, Int>, Tensor<Self, 2, Int>)> {
+        let [n, e] = probs.dims();
+        if host(&probs)?.iter().any(|p| !p.is_finite()) {
+            // Nothing is refused here: the padded layout reports the non-finite router
+            // logit behind it with the step's counts, as on every backend.
+            return select_ranked(probs, selector, threshold);
+        }
+        let selection = select_on_host(&probs, within(selector, e), threshold)?;
+        let device = probs.device();
+        let experts: Vec<i64> = selection.experts.iter().map(|&j| i64::from(j)).collect();
+        let counts: Vec<i64> = selection.counts.iter().map(|&k| i64::from(k)).collect();
+        Ok(mask_and_rank(
+            Tensor::from_data(TensorData::new(experts, [n, e]), &device),
+            Tensor::from_data(TensorData::new(counts, [n]), &device),
+        ))
+    }
+}
+
+/// The CPU reference's selection of `probs` (the threshold read out of host memory).
+fn select_on_host(
+    probs: &Tensor<NdArray, 2>,
+    selector: Selector,
+    threshold: Option<Tensor<NdArray, 1>>,
+) -> Result<HostSelection> {
+    let [n, e] = probs.dims();
+    let shape = RouteShape::new(n, e)?;
+    let cpu = CpuReference;
+    let p = host(probs)?;
+    Ok(match selector {
+        Selector::TopK(k) => cpu.top_k(&p, shape, k)?,
+        Selector::TopP {
+            threshold: at,
+            k_max,
+        } => {
+            let at = match threshold {
+                Some(t) => host(&t.reshape([1, 1]))?,
+                None => vec![at],
+            };
+            cpu.top_p(&p, shape, &at, k_max)?
+        }
+    })
 }
 
 /// The values of a float tensor (ndarray: a copy out of host memory, no device).

@@ -22,7 +22,7 @@ use burn::backend::wgpu::{CubeTensor, RuntimeOptions, WgpuDevice, WgpuRuntime, i
 use burn::tensor::{Int, Tensor};
 use dtopp_shaders::{Bound, GpuContext, PlanOut, RoutingKernels, SelectionOut};
 
-use super::{RoutingBackend, within};
+use super::{RoutingBackend, mask_and_rank, within};
 use crate::error::{Error, Result};
 use crate::model::device_routing::{DeviceRoute, first_above, first_non_finite, non_finite_logit};
 use crate::model::long_reductions::int_max;
@@ -102,32 +102,19 @@ impl RoutingBackend for Wgpu {
             Selector::TopP { k_max, .. } => k_max.unwrap_or(e),
         };
 
-        // The kernels' outputs, allocated by burn; the status starts at u32::MAX (-1).
-        let experts = Tensor::<Self, 2, Int>::empty([n, e], &device);
-        let weights = Tensor::<Self, 2>::empty([n, e], &device);
-        let counts = Tensor::<Self, 1, Int>::empty([n], &device);
-        let status = Tensor::<Self, 1, Int>::full([1], -1, &device);
+        let sel = Launched::selection(&kernels, probs, selector, threshold, n, e)?;
+        let (experts, counts, status) =
+            (sel.experts.clone(), sel.counts.clone(), sel.status.clone());
         let chunks = Tensor::<Self, 1, Int>::empty([RoutingKernels::plan_chunks(n) * e], &device);
         let expert_counts = Tensor::<Self, 1, Int>::empty([e], &device);
         let offsets = Tensor::<Self, 1, Int>::empty([e + 1], &device);
         let route_tokens = Tensor::<Self, 1, Int>::empty([n * k_bound], &device);
         let route_weights = Tensor::<Self, 1>::empty([n * k_bound], &device);
         let token_routes = Tensor::<Self, 2, Int>::empty([n, e], &device);
-
-        let threshold = match selector {
-            Selector::TopP { threshold: p, .. } => {
-                threshold.unwrap_or_else(|| Tensor::from_floats([p], &device))
-            }
-            // Not read by top_k; bound so that both selections take the same list.
-            Selector::TopK(_) => Tensor::zeros([1], &device),
-        };
-        let tensors = [
-            float(probs),
-            float(threshold),
-            int(experts.clone()),
-            float(weights),
-            int(counts.clone()),
-            int(status.clone()),
+        let inputs = [
+            int(sel.experts),
+            float(sel.weights),
+            int(sel.counts),
             int(chunks),
             int(expert_counts),
             int(offsets.clone()),
@@ -135,56 +122,21 @@ impl RoutingBackend for Wgpu {
             float(route_weights),
             int(token_routes.clone()),
         ];
-        {
-            // Held while the kernels are recorded: the allocations stay alive.
-            let held = tensors
-                .iter()
-                .map(|t| t.client.get_resource(t.handle.clone()))
-                .collect::<std::result::Result<Vec<_>, _>>()
-                .map_err(|e| backend_error("binding a tensor's buffer", e))?;
-            let b: Vec<Bound<'_>> = held
-                .iter()
-                .map(|h| {
-                    let r = h.resource();
-                    Bound {
-                        buffer: &r.buffer,
-                        offset: r.offset,
-                        size: r.size,
-                    }
-                })
-                .collect();
-            // Everything burn recorded (the probabilities among it) goes to the queue first.
-            tensors[0]
-                .client
-                .flush()
-                .map_err(|e| backend_error("submitting burn's pending work", e))?;
-            let out = SelectionOut {
-                experts: b[2],
-                weights: b[3],
-                counts: b[4],
-                status: b[5],
-            };
-            match selector {
-                Selector::TopP { k_max, .. } => kernels.top_p_into(b[0], b[1], n, e, k_max, out),
-                Selector::TopK(k) => kernels.top_k_into(b[0], n, e, k, out),
-            }
-            .map_err(shader_error)?;
-            kernels
-                .dispatch_plan_into(
-                    [b[2], b[3], b[4]],
-                    n,
-                    e,
-                    PlanOut {
-                        chunk_offsets: b[6],
-                        expert_counts: b[7],
-                        expert_offsets: b[8],
-                        route_tokens: b[9],
-                        route_weights: b[10],
-                        token_routes: b[11],
-                    },
-                )
-                .map_err(shader_error)?;
-        }
+        launch(&inputs, |b| {
+            kernels.dispatch_plan_into(
+                [b[0], b[1], b[2]],
+                n,
+                e,
+                PlanOut {
+                    chunk_offsets: b[3],
+                    expert_counts: b[4],
+                    expert_offsets: b[5],
+                    route_tokens: b[6],
+                    route_weights: b[7],
+                    token_routes: b[8],
+                },
+            )
+        })?;
 
         // One read: the offsets, the route count, the first bad logit, the selection's
         // status (first non-finite probability) and the most experts a token took.
@@ -244,6 +196,107 @@ impl RoutingBackend for Wgpu {
             expert_offsets,
         })
     }
+
+    fn select(
+        probs: Tensor<Self, 2>,
+        selector: Selector,
+        threshold: Option<Tensor<Self, 1>>,
+    ) -> Result<(Tensor<Self, 2, Int>, Tensor<Self, 2, Int>)> {
+        let device = probs.device();
+        let kernels = kernels(&device)?;
+        let [n, e] = probs.dims();
+        RouteShape::new(n, e)?;
+        let sel = Launched::selection(&kernels, probs, within(selector, e), threshold, n, e)?;
+        Ok(mask_and_rank(sel.experts, sel.counts))
+    }
+}
+
+/// A selection the kernels wrote into burn tensors (the ops contract's layout).
+struct Launched {
+    experts: Tensor<Wgpu, 2, Int>,
+    weights: Tensor<Wgpu, 2>,
+    counts: Tensor<Wgpu, 1, Int>,
+    /// `[1]` the first non-finite probability, row-major, or -1 (`u32::MAX`).
+    status: Tensor<Wgpu, 1, Int>,
+}
+
+impl Launched {
+    /// Top-p (at `threshold` on the device, else the selector's) or Top-k of `probs`.
+    fn selection(
+        kernels: &RoutingKernels,
+        probs: Tensor<Wgpu, 2>,
+        selector: Selector,
+        threshold: Option<Tensor<Wgpu, 1>>,
+        n: usize,
+        e: usize,
+    ) -> Result<Self> {
+        let device = probs.device();
+        let out = Self {
+            experts: Tensor::empty([n, e], &device),
+            weights: Tensor::empty([n, e], &device),
+            counts: Tensor::empty([n], &device),
+            status: Tensor::full([1], -1, &device),
+        };
+        let threshold = match selector {
+            Selector::TopP { threshold: p, .. } => {
+                threshold.unwrap_or_else(|| Tensor::from_floats([p], &device))
+            }
+            // Not read by top_k; bound so that both selections take the same list.
+            Selector::TopK(_) => Tensor::zeros([1], &device),
+        };
+        let inputs = [
+            float(probs),
+            float(threshold),
+            int(out.experts.clone()),
+            float(out.weights.clone()),
+            int(out.counts.clone()),
+            int(out.status.clone()),
+        ];
+        launch(&inputs, |b| {
+            let sel = SelectionOut {
+                experts: b[2],
+                weights: b[3],
+                counts: b[4],
+                status: b[5],
+            };
+            match selector {
+                Selector::TopP { k_max, .. } => kernels.top_p_into(b[0], b[1], n, e, k_max, sel),
+                Selector::TopK(k) => kernels.top_k_into(b[0], n, e, k, sel),
+            }
+        })?;
+        Ok(out)
+    }
+}
+
+/// Binds `tensors` (holding their allocations while the kernels are recorded), submits
+/// what burn has recorded so far, and runs `kernels` on the ranges, in order.
+fn launch(
+    tensors: &[CubeTensor<WgpuRuntime>],
+    kernels: impl FnOnce(&[Bound<'_>]) -> std::result::Result<(), dtopp_shaders::ShaderError>,
+) -> Result<()> {
+    let held = tensors
+        .iter()
+        .map(|t| t.client.get_resource(t.handle.clone()))
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| backend_error("binding a tensor's buffer", e))?;
+    let bound: Vec<Bound<'_>> = held
+        .iter()
+        .map(|h| {
+            let r = h.resource();
+            Bound {
+                buffer: &r.buffer,
+                offset: r.offset,
+                size: r.size,
+            }
+        })
+        .collect();
+    // Everything burn recorded (the kernels' inputs among it) goes to the queue first.
+    if let Some(t) = tensors.first() {
+        t.client
+            .flush()
+            .map_err(|e| backend_error("submitting burn's pending work", e))?;
+    }
+    kernels(&bound).map_err(shader_error)
 }
 
 /// The contiguous cubecl tensor behind a burn float tensor.
