@@ -525,9 +525,10 @@ fn train_on_wgpu_follows_the_cpu_run() {
     )
     .unwrap();
     let mut runs = Vec::new();
-    // The WGSL kernels on a host copy of each layer's probabilities (the default), and
-    // burn tensor ops on the model's device (`--route-on device`, and in padded expert
-    // buffers with no read-back per layer, `--route-on device-padded`).
+    // The backend's routing ops on the model's tensors (the default: the CPU reference on
+    // ndarray, the WGSL kernels on burn-wgpu's buffers), in padded expert buffers with no
+    // read-back per layer (`--route-on device-padded`), and the WGSL kernels on a host
+    // copy of each layer's probabilities (`--route-on kernels`).
     for (name, backend, route_on, log) in [
         (
             "cpu",
@@ -539,13 +540,13 @@ fn train_on_wgpu_follows_the_cpu_run() {
             "wgpu",
             "wgpu",
             None,
-            "selection and dispatch plan: dtopp WGSL kernels on",
+            "selection and dispatch plan: dtopp WGSL kernels on burn's wgpu buffers",
         ),
         (
-            "wgpu-device",
+            "wgpu-kernels",
             "wgpu",
-            Some("device"),
-            "selection and dispatch plan: burn tensor ops on the model's device",
+            Some("kernels"),
+            "selection and dispatch plan: dtopp WGSL kernels on ",
         ),
         (
             "wgpu-device-padded",
@@ -573,6 +574,14 @@ fn train_on_wgpu_follows_the_cpu_run() {
         let (_, err) = text(&out);
         assert!(out.status.success(), "{name}: {err}");
         assert!(err.contains(log), "{name}: {err}");
+        // On wgpu only the host-copy engine routes on a device of its own, not burn's.
+        if backend == "wgpu" {
+            assert_eq!(
+                name == "wgpu-kernels",
+                !err.contains("burn's wgpu buffers"),
+                "{name}: {err}"
+            );
+        }
         let metrics = std::fs::read_to_string(out_dir.join("metrics.jsonl")).unwrap();
         let steps: Vec<serde_json::Value> = metrics
             .lines()

@@ -34,7 +34,7 @@ pub(crate) struct TrainBenchArgs {
     #[arg(long, value_enum, default_value_t = Backend::Cpu)]
     backend: Backend,
     /// Where experts are selected and the plan built (as `dtopp train --route-on`).
-    #[arg(long, value_enum, default_value_t = RouteOn::Kernels)]
+    #[arg(long, value_enum, default_value_t = RouteOn::Device)]
     route_on: RouteOn,
     /// The dtype of the large matrix products (as `dtopp train --precision`).
     #[arg(long, value_enum)]
@@ -105,7 +105,6 @@ pub(crate) fn run(args: TrainBenchArgs) -> Result<()> {
         peak_tflops: args.peak_tflops,
     };
     let route_on = args.route_on;
-    let routing = |kernels: String| route_on.device_name().map_or(kernels, str::to_string);
     let (result, backend) = match args.backend {
         Backend::Cpu => {
             use burn::backend::{Autodiff, NdArray};
@@ -115,7 +114,7 @@ pub(crate) fn run(args: TrainBenchArgs) -> Result<()> {
             };
             let engine = route_on.engine(|| Ok(RouteEngine::Cpu(CpuReference)))?;
             let device = Default::default();
-            let name = routing(engine.describe_on::<NdArray>(&device));
+            let name = engine.describe_on::<NdArray>(&device);
             let t = measure_throughput::<Autodiff<NdArray>>(
                 &config, &device, &engine, plan, memory, &progress,
             )?;
@@ -126,16 +125,12 @@ pub(crate) fn run(args: TrainBenchArgs) -> Result<()> {
             use burn::backend::wgpu::WgpuDevice;
             use burn::backend::{Autodiff, Wgpu};
             let device = super::wgpu_model_device(WgpuDevice::DefaultDevice)?;
-            let (engine, name) = match (route_on.device_engine(), route_on.device_name()) {
-                (Some(RouteEngine::Device), _) => (
-                    RouteEngine::Device,
-                    format!(
-                        "wgpu + {}",
-                        RouteEngine::Device.describe_on::<Wgpu>(&device)
-                    ),
-                ),
-                (Some(engine), Some(name)) => (engine, format!("wgpu + {name}")),
-                _ => {
+            let (engine, name) = match route_on.device_engine() {
+                Some(engine) => {
+                    let name = format!("wgpu + {}", engine.describe_on::<Wgpu>(&device));
+                    (engine, name)
+                }
+                None => {
                     let ops = super::wgpu_backend()?;
                     let name = format!("wgpu + dtopp WGSL kernels on {}", ops.adapter_name());
                     (RouteEngine::Wgpu(Box::new(ops)), name)
@@ -155,15 +150,15 @@ pub(crate) fn run(args: TrainBenchArgs) -> Result<()> {
             use burn::backend::{Autodiff, Cuda};
             // The CUDA kernels' handle also reads the GPU's memory, whichever routes.
             let ops = super::cuda_backend()?;
-            let name = format!(
-                "cuda + {} on {}",
-                routing("dtopp CUDA kernels".to_string()),
-                ops.device_name()
-            );
+            let gpu = ops.device_name();
             let (engine, probe) = match route_on.device_engine() {
                 None => (RouteEngine::Cuda(Box::new(ops)), None),
                 Some(engine) => (engine, Some(ops)),
             };
+            let name = format!(
+                "cuda + {} on {gpu}",
+                engine.describe_on::<Cuda>(&Default::default())
+            );
             // The GPU's memory, read through whichever handle of the kernels is kept.
             let in_use = || match (&engine, &probe) {
                 (RouteEngine::Cuda(ops), _) => ops.memory_in_use().ok(),
@@ -208,17 +203,18 @@ fn report(t: &Throughput, backend: &str, json: bool) {
         .mfu
         .map_or_else(|| "-".to_string(), |m| format!("{:.1} %", 100.0 * m));
     println!(
-        "| backend | mode | tokens/s | median step | a_t | model TFLOP/s | MFU | peak memory |"
+        "| backend | mode | tokens/s | median step | a_t | model TFLOP/s | MFU | peak memory | host reads per step |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     println!(
-        "| {backend} | {} | {:.0} | {:.3} s | {:.3} | {:.3} | {mfu} | {memory} ({}) |",
+        "| {backend} | {} | {:.0} | {:.3} s | {:.3} | {:.3} | {mfu} | {memory} ({}) | {:.1} |",
         t.mode,
         t.tokens_per_sec,
         t.median_step_s,
         t.active_experts,
         t.model_tflops,
-        t.peak_memory_kind
+        t.peak_memory_kind,
+        t.host_reads_per_step
     );
     if let Some(usage) = t.padded {
         println!("\n{}", usage.describe());

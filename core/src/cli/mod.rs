@@ -78,11 +78,13 @@ impl Backend {
 pub(crate) enum RouteOn {
     /// dtopp's routing kernels of the backend (CPU reference, WGSL, CUDA) on a host copy
     /// of each layer's probabilities: the spec's rule term for term.
-    #[default]
     Kernels,
-    /// burn tensor ops on the model's device: the probabilities stay there; the host
-    /// reads E + 3 integers per layer (the expert offsets, the route count, the first
-    /// non-finite logit, the most experts a token took).
+    /// The backend's routing ops ([`crate::model::RoutingBackend`]) on the model's own
+    /// tensors: dtopp's WGSL on burn-wgpu's buffers, the CPU reference on ndarray, burn
+    /// tensor ops elsewhere. The host reads E + 4 integers per layer (the expert offsets,
+    /// the route count, the first non-finite logit and probability, the most experts a
+    /// token took).
+    #[default]
     Device,
     /// The same selection, experts on padded buffers sized from the previous step: the
     /// host reads nothing per layer, and in a single-process run the controller runs on
@@ -93,18 +95,6 @@ pub(crate) enum RouteOn {
 
 #[cfg(feature = "train")]
 impl RouteOn {
-    /// How routing on the model's device is named in logs and benchmark tables (`None`
-    /// for the kernels, which name themselves).
-    pub(crate) fn device_name(self) -> Option<&'static str> {
-        match self {
-            RouteOn::Kernels => None,
-            RouteOn::Device => Some("routing on the model's device (the backend's routing ops)"),
-            RouteOn::DevicePadded => {
-                Some("routing on the model's device (burn tensor ops), experts in padded buffers")
-            }
-        }
-    }
-
     /// The engine that routes on the model's device (`None` for the kernels).
     pub(crate) fn device_engine(self) -> Option<crate::model::RouteEngine> {
         match self {

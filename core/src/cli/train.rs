@@ -43,13 +43,15 @@ pub(crate) struct TrainArgs {
     /// Where the model and the routing ops run.
     #[arg(long, value_enum, default_value_t = Backend::Cpu)]
     backend: Backend,
-    /// Where experts are selected and the dispatch plan built: `kernels` (dtopp's routing
-    /// kernels of the backend on a host copy of each layer's probabilities), `device`
-    /// (burn tensor ops where the model is; the probabilities stay there and the host
-    /// reads E + 3 integers per layer) or `device-padded` (the same selection, experts on
-    /// buffers sized from the previous step, the PI controller on the device: one read
-    /// per step; an outgrown step is redone). See docs/benchmarks.md for the trade-off.
-    #[arg(long, value_enum, default_value_t = RouteOn::Kernels)]
+    /// Where experts are selected and the dispatch plan built: `device` (the backend's
+    /// routing ops on the model's own tensors: dtopp's WGSL kernels on burn-wgpu's
+    /// buffers, the CPU reference on ndarray, burn tensor ops on CUDA; the host reads E + 4
+    /// integers per layer), `device-padded` (the same selection, experts on buffers sized
+    /// from the previous step, the PI controller on the device: one read per step; an
+    /// outgrown step is redone) or `kernels` (dtopp's routing kernels of the backend on a
+    /// host copy of each layer's probabilities; on CUDA the only way the CUDA kernels
+    /// train today). See docs/benchmarks.md for the trade-off.
+    #[arg(long, value_enum, default_value_t = RouteOn::Device)]
     route_on: RouteOn,
     /// Data-parallel training, one rank per device: `cuda:0,cuda:1`, `wgpu:0,wgpu:1`
     /// (also `wgpu:cpu`, `wgpu:default`) or `cpu:0,cpu:1` (ranks sharing the host). The

@@ -68,11 +68,15 @@ impl RouteEngine {
     }
 
     /// [`RouteEngine::describe`], naming what routes on backend `B` for the device
-    /// engine (`B`'s [`RoutingBackend::route`]: dtopp's WGSL on burn-wgpu's buffers, the
+    /// engines (`B`'s [`RoutingBackend::route`]: dtopp's WGSL on burn-wgpu's buffers, the
     /// CPU reference on burn ndarray, burn tensor ops elsewhere).
     pub fn describe_on<B: RoutingBackend>(&self, device: &B::Device) -> String {
         match self {
             RouteEngine::Device => B::routing_name(device),
+            RouteEngine::DevicePadded => format!(
+                "{}, experts in padded buffers (no read-back per layer)",
+                B::routing_name(device)
+            ),
             _ => self.describe(),
         }
     }
@@ -114,5 +118,9 @@ fn route_with<O: RoutingOps>(
         }
     };
     let plan = ops.dispatch_plan(&selection)?;
+    if ops.backend_name() != "cpu" {
+        // A device's buffers read back one by one: the selection's 3, the plan's 5.
+        super::host_reads::count(8);
+    }
     Ok((ops.read_selection(&selection)?, ops.read_plan(&plan)?))
 }

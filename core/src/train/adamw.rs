@@ -101,6 +101,7 @@ impl<B: AutodiffBackend> AdamW<B> {
             total: None,
         };
         module.visit(&mut norm);
+        crate::model::host_reads::count(u64::from(norm.total.is_some()));
         let grad_norm = norm
             .total
             .map(|t| f64::from(t.into_scalar().to_f32()).sqrt())

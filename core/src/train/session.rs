@@ -5,7 +5,7 @@
 
 use std::time::Instant;
 
-use crate::model::{RoutingBackend, TrainingBackend};
+use crate::model::{RoutingBackend, TrainingBackend, host_reads};
 use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::Backend;
@@ -1177,6 +1177,7 @@ fn read_counts<B: Backend>(t: Tensor<B, 1, Int>) -> Result<Vec<u64>> {
 }
 
 fn host_f32<B: Backend, const D: usize>(t: Tensor<B, D>) -> Result<Vec<f32>> {
+    host_reads::count(1);
     t.into_data()
         .convert::<f32>()
         .to_vec()

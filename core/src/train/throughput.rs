@@ -10,7 +10,7 @@ use serde::Serialize;
 use super::config::TrainConfig;
 use super::session::TrainSession;
 use crate::error::{Error, Result};
-use crate::model::{PaddedUsage, RouteEngine};
+use crate::model::{PaddedUsage, RouteEngine, host_reads};
 
 /// What a throughput run measured.
 #[derive(Clone, Debug, Serialize)]
@@ -41,6 +41,9 @@ pub struct Throughput {
     pub peak_memory_kind: String,
     /// Final training loss (sanity: the steps really trained).
     pub last_loss: f64,
+    /// Reads of the backend's results by the host per timed optimizer step, counted
+    /// ([`crate::model::host_reads`]): each is a wait for the device.
+    pub host_reads_per_step: f64,
     /// In the padded layout (`--route-on device-padded`): micro-batches run again
     /// because their step outgrew its buffers, and rows computed per route (warm-up
     /// included).
@@ -105,16 +108,20 @@ pub fn measure_throughput<B: TrainingBackend>(
     super::trainer::check_backend::<B>(&config, device)?;
     let mut session = TrainSession::<B>::new(&config, device, engine)?;
     let mut times = Vec::with_capacity(steps);
+    let mut reads = 0;
     let (mut active, mut last_loss, mut peak_memory) = (0.0, f64::NAN, (memory.sample)());
     for i in 0..warmup + steps {
         let start = Instant::now();
+        let reads_before = host_reads::total();
         // The step reads its losses back, so it has finished on the device when it returns.
         let output = session.step()?;
         let elapsed = start.elapsed().as_secs_f64();
+        let step_reads = host_reads::total() - reads_before;
         peak_memory = peak_memory.max((memory.sample)());
         let timed = i >= warmup;
         if timed {
             times.push(elapsed);
+            reads += step_reads;
             active += output.metrics.active_experts / steps as f64;
         }
         last_loss = output.metrics.loss;
@@ -147,6 +154,7 @@ pub fn measure_throughput<B: TrainingBackend>(
         peak_memory_bytes: peak_memory,
         peak_memory_kind: memory.kind.to_string(),
         last_loss,
+        host_reads_per_step: reads as f64 / steps as f64,
         padded: session.padded_usage(),
     })
 }

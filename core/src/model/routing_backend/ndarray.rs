@@ -82,6 +82,7 @@ fn select_on_host(
 
 /// The values of a float tensor (ndarray: a copy out of host memory, no device).
 fn host(t: &Tensor<NdArray, 2>) -> Result<Vec<f32>> {
+    crate::model::host_reads::count(1);
     t.to_data().to_vec().map_err(|e| Error::Backend {
         backend: "burn ndarray",
         message: format!("reading routing inputs: {e:?}"),
