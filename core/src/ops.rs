@@ -348,3 +348,36 @@ pub(crate) fn check_len(op: &'static str, name: &str, len: usize, expected: usiz
         ))
     }
 }
+
+/// Checks a Top-k count `k` in `1..=E`.
+pub fn check_k(k: usize, experts: usize) -> Result<()> {
+    if k == 0 || k > experts {
+        return Err(Error::param(
+            "k",
+            k,
+            format!("a count in 1..={experts} (the number of experts)"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks `p` in `(0, 1]`.
+pub fn check_threshold(p: f32) -> Result<()> {
+    if p.is_finite() && p > 0.0 && p <= 1.0 {
+        Ok(())
+    } else {
+        Err(Error::param("threshold p", p, "a value in (0, 1]"))
+    }
+}
+
+/// Checks an optional cap `k_max` in `1..=E`.
+pub fn check_k_max(k_max: Option<usize>, experts: usize) -> Result<()> {
+    match k_max {
+        Some(k) if k == 0 || k > experts => Err(Error::param(
+            "k_max",
+            k,
+            format!("a cap in 1..={experts} (the number of experts)"),
+        )),
+        _ => Ok(()),
+    }
+}

@@ -10,7 +10,7 @@ use burn::backend::{Autodiff, NdArray, Wgpu};
 use burn::tensor::{Tensor, TensorData};
 use dtopp::model::{
     ExpertBounds, LayerRouting, MoeWeights, PaddedUsage, Precision, RouteEngine, RoutingBackend,
-    Selector, TrainingBackend, moe_forward, route_padded,
+    Selector, TrainingBackend, host_reads, moe_forward, route_padded,
 };
 use dtopp::rng::SplitMix64;
 use dtopp::train::{Preset, RoutingMode, TrainSession};
@@ -463,5 +463,43 @@ fn a_non_finite_logit_stops_a_deferred_padded_step() {
             assert!(value.is_nan());
         }
         other => panic!("expected a non-finite router logit, got {other:?}"),
+    }
+}
+
+/// The host's reads of the device per optimizer step on burn-wgpu, counted
+/// (`dtopp::model::host_reads`), with `grad_accum` micro-batches of a model with `L`
+/// MoE layers:
+/// - the exact layout (`--route-on device`) reads each layer's plan head (burn's matrix
+///   products need the expert offsets as shapes), the counts and the losses of each
+///   micro-batch, then AdamW's gradient norm and theta: `A (L + 2) + 2`;
+/// - the padded layout, its bounds known, reads the step's counts, its losses, the
+///   gradient norm and theta with the controller's state: 4, whatever `A` and `L`.
+#[test]
+fn host_reads_per_step_on_wgpu() {
+    if dtopp_tests::wgpu_model_device().is_none() {
+        return;
+    }
+    type B = Autodiff<Wgpu>;
+    // Steps in the middle of a longer run (the last step also evaluates).
+    let config = tiny_dtopp(100);
+    let layers = (0..config.model.layers)
+        .filter(|&l| config.model.is_moe_block(l))
+        .count() as u64;
+    let accum = config.run.grad_accum as u64;
+    for (engine, want) in [
+        (RouteEngine::Device, accum * (layers + 2) + 2),
+        (RouteEngine::DevicePadded, 4),
+    ] {
+        let device = Default::default();
+        let mut session = TrainSession::<B>::new(&config, &device, &engine).unwrap();
+        // The padded layout's first step measures its bounds in the exact layout.
+        session.step().unwrap();
+        for step in 1..4 {
+            let before = host_reads::total();
+            session.step().unwrap();
+            let reads = host_reads::total() - before;
+            println!("{engine:?} step {step}: {reads} host reads");
+            assert_eq!(reads, want, "{engine:?} step {step}");
+        }
     }
 }

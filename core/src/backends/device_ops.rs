@@ -219,7 +219,7 @@ impl<K: KernelSet> RoutingOps for DeviceOps<K> {
         if threshold.is_empty() {
             return Err(Error::shape("top_p", "threshold buffer is empty"));
         }
-        crate::cpu::check_k_max(k_max, shape.experts)?;
+        crate::ops::check_k_max(k_max, shape.experts)?;
         let out = self.kernels.top_p(
             &probs.buffer,
             shape.tokens,
@@ -237,7 +237,7 @@ impl<K: KernelSet> RoutingOps for DeviceOps<K> {
         k: usize,
     ) -> Result<Selection<GpuArray<K::Buffer>, GpuArray<K::Buffer>>> {
         Self::check_len("top_k", "probs", probs, shape.len())?;
-        crate::cpu::check_k(k, shape.experts)?;
+        crate::ops::check_k(k, shape.experts)?;
         let out = self
             .kernels
             .top_k(&probs.buffer, shape.tokens, shape.experts, k)?;
@@ -256,7 +256,7 @@ impl<K: KernelSet> RoutingOps for DeviceOps<K> {
         if threshold.is_empty() {
             return Err(Error::shape("drn_top_p", "threshold buffer is empty"));
         }
-        crate::cpu::check_k_max(k_max, shape.experts)?;
+        crate::ops::check_k_max(k_max, shape.experts)?;
         let theta = norm.theta()?;
         let keep = Keep::TopP {
             threshold: &threshold.buffer,
@@ -277,7 +277,7 @@ impl<K: KernelSet> RoutingOps for DeviceOps<K> {
         k: usize,
     ) -> Result<Routed<GpuArray<K::Buffer>, GpuArray<K::Buffer>>> {
         Self::check_len("drn_top_k", "logits", logits, shape.len())?;
-        crate::cpu::check_k(k, shape.experts)?;
+        crate::ops::check_k(k, shape.experts)?;
         let theta = norm.theta()?;
         let out = self.kernels.drn_select(
             &logits.buffer,

@@ -93,7 +93,7 @@ pub(crate) fn run(command: BenchCommand) -> Result<()> {
         .k_max
         .unwrap_or((2.0 * args.target).ceil() as usize)
         .min(args.experts);
-    crate::cpu::check_k_max(Some(k_max), args.experts)?;
+    crate::ops::check_k_max(Some(k_max), args.experts)?;
     eprintln!(
         "bench routing: N={} E={} T={} k_max={k_max} D={} iters={} (median after {} warm-up runs)",
         args.tokens, args.experts, args.target, args.hidden, args.iters, args.warmup

@@ -5,10 +5,11 @@ use std::path::PathBuf;
 use clap::{Args, ValueEnum};
 
 use super::Backend;
-use crate::cpu::{CpuReference, check_k_max, check_threshold};
+use crate::cpu::CpuReference;
 use crate::error::{Error, Result};
 use crate::io::{NpyArray, read_npy_matrix_f32, write_npz};
 use crate::ops::{Normalization, RouteShape, Routed, RoutingOps};
+use crate::ops::{check_k_max, check_threshold};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub(crate) enum RouteMode {

@@ -15,8 +15,8 @@ pub use controller_update::controller_update;
 pub use dispatch::{check_selection, dispatch_plan};
 pub use drn::{drn_backward, drn_forward};
 pub use gather::gather;
-pub use top_k::{check_k, top_k};
-pub use top_p::{check_k_max, check_threshold, top_p, top_p_count};
+pub use top_k::top_k;
+pub use top_p::{top_p, top_p_count};
 
 pub(crate) use drn::check_finite;
 pub use rank::rank_experts;

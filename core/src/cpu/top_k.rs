@@ -2,20 +2,8 @@
 
 use super::drn::check_finite;
 use super::rank::{rank_experts, write_selection_row};
-use crate::error::{Error, Result};
-use crate::ops::{HostSelection, RouteShape, check_len};
-
-/// Checks a Top-k count `k` in `1..=E`.
-pub fn check_k(k: usize, experts: usize) -> Result<()> {
-    if k == 0 || k > experts {
-        return Err(Error::param(
-            "k",
-            k,
-            format!("a count in 1..={experts} (the number of experts)"),
-        ));
-    }
-    Ok(())
-}
+use crate::error::Result;
+use crate::ops::{HostSelection, RouteShape, check_k, check_len};
 
 /// Top-k selection, `k` in `1..=E`.
 pub fn top_k(probs: &[f32], shape: RouteShape, k: usize) -> Result<HostSelection> {

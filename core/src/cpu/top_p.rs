@@ -3,29 +3,8 @@
 
 use super::drn::check_finite;
 use super::rank::{rank_experts, write_selection_row};
-use crate::error::{Error, Result};
-use crate::ops::{HostSelection, RouteShape, check_len};
-
-/// Checks `p` in `(0, 1]`.
-pub fn check_threshold(p: f32) -> Result<()> {
-    if p.is_finite() && p > 0.0 && p <= 1.0 {
-        Ok(())
-    } else {
-        Err(Error::param("threshold p", p, "a value in (0, 1]"))
-    }
-}
-
-/// Checks an optional cap `k_max` in `1..=E`.
-pub fn check_k_max(k_max: Option<usize>, experts: usize) -> Result<()> {
-    match k_max {
-        Some(k) if k == 0 || k > experts => Err(Error::param(
-            "k_max",
-            k,
-            format!("a cap in 1..={experts} (the number of experts)"),
-        )),
-        _ => Ok(()),
-    }
-}
+use crate::error::Result;
+use crate::ops::{HostSelection, RouteShape, check_k_max, check_len, check_threshold};
 
 /// `k` for one token: the smallest `k` with the `k` top-ranked probabilities, summed in
 /// rank order, `>= p`; `E` if rounding keeps the sum below `p`.

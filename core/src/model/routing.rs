@@ -33,9 +33,9 @@ pub enum RouteEngine {
     Wgpu(Box<crate::backends::WgpuOps>),
     /// The CUDA kernels (`dtopp-cuda`).
     Cuda(Box<crate::backends::CudaOps>),
-    /// burn tensor ops on the device that holds the model
-    /// ([`super::device_routing`]): the probabilities stay there; the host reads the
-    /// plan's `E + 1` offsets per layer.
+    /// The backend's routing ops ([`super::RoutingBackend`]) on the device that holds the
+    /// model: the probabilities stay there; the host reads the plan's head (`E + 4`
+    /// integers) per layer.
     Device,
     /// The same selection in the padded layout ([`super::padded_routing`]): nothing is
     /// read back per layer; the trainer checks the bounds once per step.
@@ -57,11 +57,9 @@ impl RouteEngine {
             #[cfg(feature = "wgpu")]
             RouteEngine::Wgpu(ops) => format!("dtopp WGSL kernels on {}", ops.adapter_name()),
             RouteEngine::Cuda(ops) => format!("dtopp CUDA kernels on {}", ops.device_name()),
-            RouteEngine::Device => {
-                "burn tensor ops on the model's device (pairwise ranks, blocked scan)".to_string()
-            }
+            RouteEngine::Device => "the backend's routing ops on the model's device".to_string(),
             RouteEngine::DevicePadded => {
-                "burn tensor ops on the model's device, experts in padded buffers (no read-back per layer)"
+                "the backend's routing ops on the model's device, experts in padded buffers (no read-back per layer)"
                     .to_string()
             }
         }

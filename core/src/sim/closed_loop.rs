@@ -9,7 +9,7 @@
 //! 3. [`ClosedLoop::begin`] gives the [`SelectionRule`], [`launch_selection`] runs it;
 //! 4. [`ClosedLoop::finish`] with each layer's mean expert count.
 
-use super::run::{SimConfig, SimMode, SimOutcome, StepRecord};
+use super::config::{SimConfig, SimMode, SimOutcome, StepRecord};
 use super::summary::TrackingSummary;
 use crate::controller::{ThresholdControl, ThresholdScope, calibrate_threshold};
 use crate::error::{Error, Result};

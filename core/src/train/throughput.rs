@@ -100,7 +100,9 @@ pub fn measure_throughput<B: TrainingBackend>(
     }
     let mut config = config.clone();
     // Every step is a training step: no evaluation, samples or checkpoints in between.
-    config.run.steps = (warmup + steps) as u64;
+    // One step more than are run: the run's last step also evaluates, which no timed
+    // step should.
+    config.run.steps = (warmup + steps + 1) as u64;
     config.run.eval_every = 0;
     config.run.eval_batches = 1;
     config.run.sample_every = 0;

@@ -18,7 +18,7 @@ use crate::run_data::RunData;
 pub enum LiveBackend {
     /// burn's ndarray backend and the CPU routing reference.
     Cpu,
-    /// burn's wgpu backend and the dtopp WGSL routing kernels.
+    /// burn's wgpu backend and the dtopp WGSL routing kernels on its buffers.
     Wgpu,
 }
 
@@ -240,23 +240,25 @@ fn worker(
                 &events,
             )
         }
-        LiveBackend::Wgpu => match dtopp::backends::WgpuOps::new() {
-            Ok(ops) => {
-                use burn::backend::{Autodiff, Wgpu};
-                let engine = RouteEngine::Wgpu(Box::new(ops));
-                train_loop::<Autodiff<Wgpu>>(
+        LiveBackend::Wgpu => {
+            use burn::backend::wgpu::WgpuDevice;
+            use burn::backend::{Autodiff, Wgpu};
+            // burn's device set up so that dtopp's WGSL kernels route on its own buffers.
+            let device = WgpuDevice::DefaultDevice;
+            match dtopp::model::wgpu_routing::setup(&device) {
+                Ok(_) => train_loop::<Autodiff<Wgpu>>(
                     &config,
-                    &Default::default(),
-                    &engine,
+                    &device,
+                    &RouteEngine::Device,
                     "wgpu",
                     &commands,
                     &events,
-                )
+                ),
+                Err(e) => Err(format!(
+                    "no GPU for live training ({e}); choose the CPU backend"
+                )),
             }
-            Err(e) => Err(format!(
-                "no GPU for live training ({e}); choose the CPU backend"
-            )),
-        },
+        }
     };
     if let Err(e) = result {
         let _ = events.send(Event::Error(e));

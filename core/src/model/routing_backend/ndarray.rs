@@ -27,7 +27,7 @@ impl RoutingBackend for NdArray {
         if let Some(flat) = host(&logits)?.iter().position(|z| !z.is_finite()) {
             return Err(non_finite_logit(&logits, flat));
         }
-        let selection = select_on_host(&probs, selector, threshold)?;
+        let selection = select_on_host(host(&probs)?, n, e, selector, threshold)?;
         let cpu = CpuReference;
         let plan = cpu.read_plan(&cpu.dispatch_plan(&selection)?)?;
         Ok(route_from_host(&selection, &plan, &probs.device()))
@@ -39,12 +39,13 @@ impl RoutingBackend for NdArray {
         threshold: Option<Tensor<Self, 1>>,
     ) -> Result<(Tensor<Self, 2, Int>, Tensor<Self, 2, Int>)> {
         let [n, e] = probs.dims();
-        if host(&probs)?.iter().any(|p| !p.is_finite()) {
+        let p = host(&probs)?;
+        if p.iter().any(|p| !p.is_finite()) {
             // Nothing is refused here: the padded layout reports the non-finite router
             // logit behind it with the step's counts, as on every backend.
             return select_ranked(probs, selector, threshold);
         }
-        let selection = select_on_host(&probs, within(selector, e), threshold)?;
+        let selection = select_on_host(p, n, e, within(selector, e), threshold)?;
         let device = probs.device();
         let experts: Vec<i64> = selection.experts.iter().map(|&j| i64::from(j)).collect();
         let counts: Vec<i64> = selection.counts.iter().map(|&k| i64::from(k)).collect();
@@ -55,16 +56,17 @@ impl RoutingBackend for NdArray {
     }
 }
 
-/// The CPU reference's selection of `probs` (the threshold read out of host memory).
+/// The CPU reference's selection of probabilities `p` `[N, E]` (the threshold read out of
+/// host memory).
 fn select_on_host(
-    probs: &Tensor<NdArray, 2>,
+    p: Vec<f32>,
+    n: usize,
+    e: usize,
     selector: Selector,
     threshold: Option<Tensor<NdArray, 1>>,
 ) -> Result<HostSelection> {
-    let [n, e] = probs.dims();
     let shape = RouteShape::new(n, e)?;
     let cpu = CpuReference;
-    let p = host(probs)?;
     Ok(match selector {
         Selector::TopK(k) => cpu.top_k(&p, shape, k)?,
         Selector::TopP {
@@ -80,9 +82,9 @@ fn select_on_host(
     })
 }
 
-/// The values of a float tensor (ndarray: a copy out of host memory, no device).
+/// The values of a float tensor: a copy out of host memory, with no device to wait for
+/// (not counted in [`crate::model::host_reads`]).
 fn host(t: &Tensor<NdArray, 2>) -> Result<Vec<f32>> {
-    crate::model::host_reads::count(1);
     t.to_data().to_vec().map_err(|e| Error::Backend {
         backend: "burn ndarray",
         message: format!("reading routing inputs: {e:?}"),

@@ -40,15 +40,23 @@ pub fn setup(device: &WgpuDevice) -> Result<String> {
     if let Some((_, kernels)) = devices.iter().find(|(d, _)| d == device) {
         return Ok(kernels.context().adapter_name());
     }
-    // cubecl panics when the device is already running (burn made a tensor on it first).
+    // cubecl panics where it finds no adapter, and when burn already runs the device
+    // (it made a tensor there first).
     let made = catch_unwind(AssertUnwindSafe(|| {
         init_setup::<AutoGraphicsApi>(device, RuntimeOptions::default())
     }))
-    .map_err(|_| Error::Backend {
-        backend: "wgpu",
-        message: format!(
-            "burn already runs wgpu device {device:?}, set up without dtopp: call dtopp::model::wgpu_routing::setup on it before making any tensor there, so dtopp's WGSL routing shares burn's device and queue"
-        ),
+    .map_err(|panic| {
+        let why = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("no reason given");
+        Error::Backend {
+            backend: "wgpu",
+            message: format!(
+                "cannot set up burn's wgpu device {device:?} for dtopp's WGSL routing: {why} (a device burn already runs cannot be set up again: call dtopp::model::wgpu_routing::setup on it before making any tensor there; without a GPU install Mesa's lavapipe: apt-get install mesa-vulkan-drivers)"
+            ),
+        }
     })?;
     let info = made.adapter.get_info();
     let kernels = Arc::new(RoutingKernels::new(GpuContext::from_device(
