@@ -89,27 +89,58 @@ impl<B: AutodiffBackend> AdamW<B> {
     }
 
     /// One update of `module` with learning rate `lr`. Returns the updated module and the
-    /// global gradient norm before clipping.
+    /// global gradient norm before clipping (read back: the host decides the clipping).
     pub fn step<M: AutodiffModule<B>>(
         &mut self,
         module: M,
-        mut grads: GradientsParams,
+        grads: GradientsParams,
         lr: f64,
     ) -> (M, f64) {
-        let mut norm = SquaredNorm::<B> {
-            grads: &grads,
-            total: None,
-        };
-        module.visit(&mut norm);
-        crate::model::host_reads::count(u64::from(norm.total.is_some()));
-        let grad_norm = norm
-            .total
+        let total = squared_norm(&module, &grads);
+        crate::model::host_reads::count(u64::from(total.is_some()));
+        let grad_norm = total
             .map(|t| f64::from(t.into_scalar().to_f32()).sqrt())
             .unwrap_or(0.0);
         let scale = match self.config.grad_clip {
             Some(clip) if grad_norm > clip => clip / (grad_norm + 1e-6),
             _ => 1.0,
         };
+        (
+            self.update(module, grads, lr, Scale::Host(scale)),
+            grad_norm,
+        )
+    }
+
+    /// [`AdamW::step`] with nothing read back: the gradient norm and the clipping factor
+    /// stay on the device. Returns the updated module and the norm before clipping
+    /// (`[1]`, for the step's one read), computed in f32 where [`AdamW::step`] takes the
+    /// square root in f64.
+    pub fn step_on_device<M: AutodiffModule<B>>(
+        &mut self,
+        module: M,
+        grads: GradientsParams,
+        lr: f64,
+        device: &B::Device,
+    ) -> (M, Tensor<B::InnerBackend, 1>) {
+        let norm =
+            squared_norm(&module, &grads).map_or_else(|| Tensor::zeros([1], device), Tensor::sqrt);
+        let scale = match self.config.grad_clip {
+            Some(clip) => {
+                let clipped = (norm.clone() + 1e-6).recip() * clip;
+                Tensor::ones([1], device).mask_where(norm.clone().greater_elem(clip), clipped)
+            }
+            None => Tensor::ones([1], device),
+        };
+        (self.update(module, grads, lr, Scale::Device(scale)), norm)
+    }
+
+    fn update<M: AutodiffModule<B>>(
+        &mut self,
+        module: M,
+        mut grads: GradientsParams,
+        lr: f64,
+        scale: Scale<B::InnerBackend>,
+    ) -> M {
         self.step += 1;
         let mut update = Update {
             config: &self.config,
@@ -119,8 +150,27 @@ impl<B: AutodiffBackend> AdamW<B> {
             grads: &mut grads,
             moments: &mut self.moments,
         };
-        (module.map(&mut update), grad_norm)
+        module.map(&mut update)
     }
+}
+
+/// `[1]` the squared global norm of the gradients of `module`'s parameters (`None`
+/// when none has one).
+fn squared_norm<B: AutodiffBackend, M: AutodiffModule<B>>(
+    module: &M,
+    grads: &GradientsParams,
+) -> Option<Tensor<B::InnerBackend, 1>> {
+    let mut norm = SquaredNorm::<B> { grads, total: None };
+    module.visit(&mut norm);
+    norm.total
+}
+
+/// The factor every gradient is multiplied by (global-norm clipping).
+enum Scale<B: Backend> {
+    /// Decided on the host.
+    Host(f64),
+    /// `[1]` on the device.
+    Device(Tensor<B, 1>),
 }
 
 trait ToF32 {
@@ -154,7 +204,7 @@ struct Update<'a, B: AutodiffBackend> {
     config: &'a OptimizerConfig,
     step: u64,
     lr: f64,
-    scale: f64,
+    scale: Scale<B::InnerBackend>,
     grads: &'a mut GradientsParams,
     moments: &'a mut HashMap<ParamId, Moments<B::InnerBackend>>,
 }
@@ -168,7 +218,10 @@ impl<B: AutodiffBackend> ModuleMapper<B> for Update<'_, B> {
         let c = self.config;
         let dims = tensor.dims();
         let n = dims.iter().product::<usize>();
-        let grad = grad.reshape([n]) * self.scale;
+        let grad = match &self.scale {
+            Scale::Host(scale) => grad.reshape([n]) * *scale,
+            Scale::Device(scale) => grad.reshape([n]) * scale.clone().expand([n]),
+        };
         let Moments { first, second } = self.moments.remove(&id).unwrap_or_else(|| Moments {
             first: grad.zeros_like(),
             second: grad.zeros_like(),

@@ -503,6 +503,7 @@ impl<'e, B: TrainingBackend> TrainSession<'e, B> {
             stats,
             mut losses,
             k_sum,
+            loss_values,
         } = match deferred {
             Some(pass) => pass,
             None => self.immediate_pass(&model, &batches, &plan)?,
@@ -516,27 +517,32 @@ impl<'e, B: TrainingBackend> TrainSession<'e, B> {
                 *sum = f64::from(mean);
             }
         }
-        // After the all-reduce, so every rank stops at the same step.
-        if !losses[0].is_finite() {
-            return Err(Error::Backend {
-                backend: "trainer",
-                message: format!(
-                    "the loss became {} at step {step}: training diverged (try a lower optimizer.lr or optimizer.grad_clip)",
-                    losses[0]
-                ),
-            });
+        // After the all-reduce, so every rank stops at the same step. Losses still on the
+        // device are checked when the step's read brings them.
+        if loss_values.is_none() && !losses[0].is_finite() {
+            return Err(diverged(losses[0], step));
         }
         if let Some(rank) = self.rank {
             grads = rank.mean_gradients::<B>(grads)?;
         }
-        let grad_norm;
-        (model, grad_norm) = self.optimizer.step(model, grads, lr);
+        // Where the losses stay on the device, so do the gradient norm and the clipping.
+        let (mut grad_norm, norm_on_device) = (0.0, loss_values.is_some());
+        let mut tail: Vec<Tensor<B, 1>> = Vec::new();
+        if norm_on_device {
+            let norm;
+            (model, norm) = self.optimizer.step_on_device(model, grads, lr, device);
+            tail.extend(loss_values);
+            tail.push(Tensor::from_inner(norm));
+        } else {
+            (model, grad_norm) = self.optimizer.step(model, grads, lr);
+        }
 
         let tokens = run.batch_size * config.model.seq_len * run.grad_accum * world;
         let active_per_layer = stats.active_per_layer(tokens);
         let active = active_per_layer.iter().sum::<f64>() / layers as f64;
-        // One read-back for every layer's theta and, where the controller runs on the
-        // device, its state after this step's update.
+        // One read-back for every layer's theta, where the controller runs on the device
+        // its state after this step's update, and where they stayed there the losses and
+        // the gradient norm.
         let mut read: Vec<Tensor<B, 1>> = model.moe_layers().map(|m| m.theta.val()).collect();
         if let Some(control) = &mut self.control {
             let k_sum = k_sum.unwrap_or_else(|| {
@@ -548,7 +554,20 @@ impl<'e, B: TrainingBackend> TrainSession<'e, B> {
         } else {
             self.policy.update(&active_per_layer)?;
         }
+        let tail_len: usize = tail.iter().map(|t| t.dims()[0]).sum();
+        read.extend(tail);
         let mut values = host_f32(Tensor::cat(read, 0))?;
+        if norm_on_device {
+            let tail = values.split_off(values.len() - tail_len);
+            let (micro_batches, norm) = tail.split_at(tail_len - 1);
+            for micro in micro_batches.chunks_exact(4) {
+                add_micro_batch_losses(&mut losses, micro, run.grad_accum);
+            }
+            grad_norm = f64::from(norm[0]);
+            if !losses[0].is_finite() {
+                return Err(diverged(losses[0], step));
+            }
+        }
         if self.control.is_some() {
             let states = DeviceControl::<B>::states_from(&values.split_off(layers))?;
             self.policy.set_states(states)?;
@@ -691,14 +710,16 @@ impl<'e, B: TrainingBackend> TrainSession<'e, B> {
             stats,
             losses,
             k_sum: None,
+            loss_values: None,
         })
     }
 
     /// The micro-batches of a step in the padded layout ([`RouteEngine::DevicePadded`],
     /// one process) with nothing read back until all have run forward and backward: the
-    /// counts, first non-finite logits and losses of every micro-batch then come back in
-    /// one read of integers and one of floats, and the device controller's thresholds
-    /// route every layer. `None` when some micro-batch outgrew `bounds`: its gradients
+    /// counts and first non-finite logits of every micro-batch then come back in one read
+    /// of integers (before the optimizer, which must not see an outgrown micro-batch);
+    /// the losses stay on the device for the step's one read of floats after the update,
+    /// and the device controller's thresholds route every layer. `None` when some micro-batch outgrew `bounds`: its gradients
     /// are dropped and the step runs again through [`Self::immediate_pass`], from bounds
     /// grown to what was measured.
     fn deferred_pass(
@@ -762,8 +783,7 @@ impl<'e, B: TrainingBackend> TrainSession<'e, B> {
             let grads = (parts.total / accum as f64).backward();
             accumulator.accumulate(model, GradientsParams::from_grads(grads, model));
         }
-        // The step's read-backs: every micro-batch's counts and first bad logits, then
-        // its losses.
+        // The pass's one read-back: every micro-batch's counts and first bad logits.
         let counted = counts.len() * layers * width;
         let ints = read_counts(Tensor::cat(
             counts.into_iter().chain(first_bad).collect(),
@@ -798,10 +818,6 @@ impl<'e, B: TrainingBackend> TrainSession<'e, B> {
             stats.accumulate(s);
         }
         self.padded.micro_batches += batches.len() as u64;
-        let mut losses = [0.0f64; 4];
-        for micro in host_f32(Tensor::cat(values, 0))?.chunks_exact(4) {
-            add_micro_batch_losses(&mut losses, micro, accum);
-        }
         let k_sum = k_sums
             .into_iter()
             .reduce(|a, b| a + b)
@@ -809,8 +825,10 @@ impl<'e, B: TrainingBackend> TrainSession<'e, B> {
         Ok(Some(Pass {
             grads: accumulator.grads(),
             stats,
-            losses,
+            // Added up from `loss_values` by the step's one read of floats.
+            losses: [0.0; 4],
             k_sum: Some(k_sum),
+            loss_values: Some(Tensor::cat(values, 0)),
         }))
     }
 
@@ -1007,6 +1025,19 @@ struct Pass<B: TrainingBackend> {
     /// `[L]` each layer's experts summed over the step's tokens, where still on the
     /// device.
     k_sum: Option<Tensor<B, 1, Int>>,
+    /// `[4 A]` each micro-batch's four losses, where still on the device (then `losses`
+    /// is zero until the step reads them).
+    loss_values: Option<Tensor<B, 1>>,
+}
+
+/// The error of a step whose loss is not finite.
+fn diverged(loss: f64, step: u64) -> Error {
+    Error::Backend {
+        backend: "trainer",
+        message: format!(
+            "the loss became {loss} at step {step}: training diverged (try a lower optimizer.lr or optimizer.grad_clip)"
+        ),
+    }
 }
 
 /// `[4]` total, cross-entropy, balance and entropy: one read-back for all four.

@@ -166,7 +166,10 @@ impl RoutingBackend for Wgpu {
         if bad_prob >= 0 {
             let flat = bad_prob as usize;
             return Err(Error::NonFinite {
-                op: "top_p",
+                op: match selector {
+                    Selector::TopK(_) => "top_k",
+                    Selector::TopP { .. } => "top_p",
+                },
                 what: "routing probability",
                 token: flat / e,
                 column: flat % e,
