@@ -11,16 +11,16 @@
 
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::backend::Backend;
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{Int, Tensor};
 
 use super::device_routing::read_ints;
 use super::drn::drn_probs;
 use super::long_reductions::column_sums;
 use super::padded_routing::{ExpertBounds, route_padded};
 use super::precision::Precision;
-use super::routed_rows::{gather_rows, gathers, sum_rows};
+use super::routed_rows::{gather_rows, sum_rows};
 use super::routing::{RouteEngine, Selector};
-use super::routing_backend::RoutingBackend;
+use super::routing_backend::{RoutingBackend, route_from_host};
 use crate::cpu::rank_experts;
 use crate::error::{Error, Result};
 use crate::ops::RouteShape;
@@ -153,15 +153,6 @@ impl<B: Backend> LayerRouting<B> {
     }
 }
 
-fn ints<B: Backend, const D: usize>(
-    values: &[i32],
-    shape: [usize; D],
-    device: &B::Device,
-) -> Tensor<B, D, Int> {
-    let v: Vec<i64> = values.iter().map(|&x| i64::from(x)).collect();
-    Tensor::from_data(TensorData::new(v, shape), device)
-}
-
 /// The dispatch plan as the model uses it: both directions of each map, so that moving
 /// rows either way differentiates into a gather ([`super::routed_rows`]).
 struct Plan<B: Backend> {
@@ -172,7 +163,7 @@ struct Plan<B: Backend> {
     /// `[N, E]` route of each (token, expert), `M` where not selected.
     route_of: Tensor<B, 2, Int>,
     /// `[N, S]` each token's routes, padded with `M`; built only where rows move by
-    /// gathers ([`gathers`]), the only users.
+    /// gathers ([`super::routed_rows::gathers`]), the only users.
     token_slots: Option<Tensor<B, 2, Int>>,
     expert_offsets: Vec<usize>,
     routing: LayerRouting<B>,
@@ -196,30 +187,13 @@ fn plan_on_host<B: Backend>(
             message: format!("{e:?}"),
         })?;
     let (selection, plan) = engine.route(&host, RouteShape::new(n, e)?, selector)?;
-    let routes = plan.route_tokens.len();
-    // Slots for the most experts any token of this batch took (the plan is on the host).
-    let slots = selection.counts.iter().copied().max().unwrap_or(1).max(1) as usize;
-    let mut sources = vec![0i32; routes];
-    let mut route_of = vec![routes as i32; n * e];
-    let with_slots = gathers::<B>();
-    let mut token_slots = vec![routes as i32; if with_slots { n * slots } else { 0 }];
-    for i in 0..n {
-        for s in 0..selection.counts[i] as usize {
-            let m = plan.token_routes[i * e + s];
-            let j = selection.experts[i * e + s];
-            sources[m as usize] = (i * e) as i32 + j;
-            route_of[i * e + j as usize] = m;
-            if with_slots {
-                token_slots[i * slots + s] = m;
-            }
-        }
-    }
+    let route = route_from_host::<B>(&selection, &plan, &device);
     Ok(Plan {
-        route_tokens: ints(&plan.route_tokens, [routes], &device),
-        route_sources: ints(&sources, [routes], &device),
-        route_of: ints(&route_of, [n, e], &device),
-        token_slots: with_slots.then(|| ints(&token_slots, [n, slots], &device)),
-        expert_offsets: plan.expert_offsets.iter().map(|&o| o as usize).collect(),
+        route_tokens: route.route_tokens,
+        route_sources: route.route_sources,
+        route_of: route.route_of,
+        token_slots: route.token_slots,
+        expert_offsets: route.expert_offsets,
         routing: LayerRouting::Host {
             experts: selection.experts,
             counts: selection.counts,

@@ -171,20 +171,17 @@ pub(crate) fn route_from_host<B: Backend>(
             }
         }
     }
-    let selected: Vec<i64> = route_of
-        .iter()
-        .map(|&m| i64::from(m < routes as i64))
-        .collect();
     let tokens: Vec<i64> = plan.route_tokens.iter().map(|&t| i64::from(t)).collect();
     let rows = |v: Vec<i64>| Tensor::<B, 1, Int>::from_data(TensorData::new(v, [routes]), device);
     let table = |v: Vec<i64>, cols: usize| {
         Tensor::<B, 2, Int>::from_data(TensorData::new(v, [n, cols]), device)
     };
+    let route_of = table(route_of, e);
     DeviceRoute {
-        selected: table(selected, e),
+        selected: route_of.clone().lower_elem(routes as i64).int(),
         route_tokens: rows(tokens),
         route_sources: rows(sources),
-        route_of: table(route_of, e),
+        route_of,
         token_slots: with_slots.then(|| table(token_slots, slots)),
         expert_offsets: plan.expert_offsets.iter().map(|&o| o as usize).collect(),
     }
