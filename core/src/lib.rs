@@ -19,6 +19,7 @@ pub mod controller;
 pub mod cpu;
 pub mod data;
 pub mod error;
+pub mod host_reads;
 pub mod io;
 pub mod metrics;
 pub mod ops;

@@ -8,9 +8,10 @@
 
 use burn::backend::{Autodiff, NdArray, Wgpu};
 use burn::tensor::{Tensor, TensorData};
+use dtopp::host_reads;
 use dtopp::model::{
     ExpertBounds, LayerRouting, MoeWeights, PaddedUsage, Precision, RouteEngine, RoutingBackend,
-    Selector, TrainingBackend, host_reads, moe_forward, route_padded,
+    Selector, TrainingBackend, moe_forward, route_padded,
 };
 use dtopp::rng::SplitMix64;
 use dtopp::train::{Preset, RoutingMode, TrainSession};
@@ -467,7 +468,7 @@ fn a_non_finite_logit_stops_a_deferred_padded_step() {
 }
 
 /// The host's reads of the device per optimizer step on burn-wgpu, counted
-/// (`dtopp::model::host_reads`), with `grad_accum` micro-batches of a model with `L`
+/// (`dtopp::host_reads`), with `grad_accum` micro-batches of a model with `L`
 /// MoE layers:
 /// - the exact layout (`--route-on device`) reads each layer's plan head (burn's matrix
 ///   products need the expert offsets as shapes), the counts and the losses of each

@@ -149,11 +149,13 @@ impl<K: KernelSet> RoutingOps for DeviceOps<K> {
 
     fn read_floats(&self, a: &GpuArray<K::Buffer>) -> Result<Vec<f32>> {
         self.check(a)?;
+        crate::host_reads::count(1);
         self.read(&a.buffer, a.len)
     }
 
     fn read_ints(&self, a: &GpuArray<K::Buffer>) -> Result<Vec<i32>> {
         self.check(a)?;
+        crate::host_reads::count(1);
         self.read(&a.buffer, a.len)
     }
 

@@ -333,7 +333,7 @@ pub(super) fn inclusive_scan<B: Backend>(values: Tensor<B, 1, Int>) -> Tensor<B,
 
 /// A small integer tensor on the host (the one read-back per layer).
 pub(crate) fn read_ints<B: Backend, const D: usize>(t: Tensor<B, D, Int>) -> Result<Vec<i64>> {
-    super::host_reads::count(1);
+    crate::host_reads::count(1);
     t.into_data()
         .convert::<i64>()
         .to_vec()

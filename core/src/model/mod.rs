@@ -8,7 +8,6 @@ mod config;
 mod dense;
 mod device_routing;
 mod drn;
-pub mod host_reads;
 mod init;
 mod lm;
 pub mod long_reductions;

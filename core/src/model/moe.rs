@@ -177,7 +177,7 @@ fn plan_on_host<B: Backend>(
 ) -> Result<Plan<B>> {
     let device = probs.device();
     let [n, e] = probs.dims();
-    super::host_reads::count(1);
+    crate::host_reads::count(1);
     let host: Vec<f32> = probs
         .clone()
         .into_data()

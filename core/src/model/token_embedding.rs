@@ -179,7 +179,7 @@ fn embed_tokens_tracked<I: Backend>(
             // Without a host copy, one read-back per backward pass: the grouping is
             // planned on the host.
             let plan = plan.unwrap_or_else(|| {
-                super::host_reads::count(1);
+                crate::host_reads::count(1);
                 let tokens = Tensor::<I, 1, Int>::from_primitive(tokens)
                     .into_data()
                     .convert::<i64>()

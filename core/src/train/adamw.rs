@@ -97,7 +97,7 @@ impl<B: AutodiffBackend> AdamW<B> {
         lr: f64,
     ) -> (M, f64) {
         let total = squared_norm(&module, &grads);
-        crate::model::host_reads::count(u64::from(total.is_some()));
+        crate::host_reads::count(u64::from(total.is_some()));
         let grad_norm = total
             .map(|t| f64::from(t.into_scalar().to_f32()).sqrt())
             .unwrap_or(0.0);

@@ -5,7 +5,8 @@
 
 use std::time::Instant;
 
-use crate::model::{RoutingBackend, TrainingBackend, host_reads};
+use crate::host_reads;
+use crate::model::{RoutingBackend, TrainingBackend};
 use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::Backend;

@@ -10,7 +10,8 @@ use serde::Serialize;
 use super::config::TrainConfig;
 use super::session::TrainSession;
 use crate::error::{Error, Result};
-use crate::model::{PaddedUsage, RouteEngine, host_reads};
+use crate::host_reads;
+use crate::model::{PaddedUsage, RouteEngine};
 
 /// What a throughput run measured.
 #[derive(Clone, Debug, Serialize)]
@@ -42,7 +43,7 @@ pub struct Throughput {
     /// Final training loss (sanity: the steps really trained).
     pub last_loss: f64,
     /// Reads of the backend's results by the host per timed optimizer step, counted
-    /// ([`crate::model::host_reads`]): each is a wait for the device.
+    /// ([`crate::host_reads`]): each is a wait for the device.
     pub host_reads_per_step: f64,
     /// In the padded layout (`--route-on device-padded`): micro-batches run again
     /// because their step outgrew its buffers, and rows computed per route (warm-up

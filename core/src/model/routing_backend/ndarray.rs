@@ -83,7 +83,7 @@ fn select_on_host(
 }
 
 /// The values of a float tensor: a copy out of host memory, with no device to wait for
-/// (not counted in [`crate::model::host_reads`]).
+/// (not counted in [`crate::host_reads`]).
 fn host(t: &Tensor<NdArray, 2>) -> Result<Vec<f32>> {
     t.to_data().to_vec().map_err(|e| Error::Backend {
         backend: "burn ndarray",
