@@ -2,7 +2,7 @@
 """PyTorch eager baseline of a dtopp training step: the same MoE language model (same
 shapes, same routing, dropless), timed beside `dtopp bench train`.
 
-The model is the one `docs/export.md` describes: token embedding, pre-norm blocks of
+The model is `python/dtopp_torch.py`'s, the one `docs/export.md` describes: token embedding, pre-norm blocks of
 causal self-attention (fused qkv, RoPE on consecutive pairs) and an MoE feed-forward of
 SwiGLU experts (a dense SwiGLU in the blocks `moe_every` skips), final RMSNorm, untied
 head. Routing: DRN (standardise the router logits over experts, scale by the layer's
@@ -25,6 +25,7 @@ Prints tokens/s, the median step time, a_t, model TFLOP/s (the same FLOP count a
 import argparse
 import json
 import math
+import os
 import resource
 import statistics
 import sys
@@ -33,131 +34,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-DRN_EPS = 1e-6
-NORM_EPS = 1e-5
-
-
-def rms_norm(x, gamma):
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + NORM_EPS) * gamma
-
-
-def rope_tables(seq, head_dim, theta, device):
-    inv = theta ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
-    angles = torch.arange(seq, device=device, dtype=torch.float32)[:, None] * inv[None, :]
-    return angles.cos(), angles.sin()
-
-
-def rope(x, cos, sin):
-    # x: [B, H, S, Dh]; rotate consecutive pairs (2i, 2i+1).
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    c, s = cos[: x.shape[2]], sin[: x.shape[2]]
-    out = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1)
-    return out.flatten(-2)
-
-
-class MoeLm(torch.nn.Module):
-    def __init__(self, m, dtype, device):
-        super().__init__()
-        self.m = m
-        d, e, f, v = m["d_model"], m["experts"], m["expert_hidden"], m["vocab"]
-        std = m["init_std"]
-
-        def mat(*shape):
-            return torch.nn.Parameter(torch.randn(*shape, device=device, dtype=dtype) * std)
-
-        def ones(n):
-            return torch.nn.Parameter(torch.ones(n, device=device, dtype=dtype))
-
-        self.embed = mat(v, d)
-        self.blocks = torch.nn.ModuleList()
-        for layer in range(m["layers"]):
-            b = torch.nn.Module()
-            b.attn_norm, b.ffn_norm = ones(d), ones(d)
-            b.qkv, b.out = mat(d, 3 * d), mat(d, d)
-            b.is_moe = layer % m["moe_every"] == 0
-            if b.is_moe:
-                b.router = mat(d, e)
-                b.theta = torch.nn.Parameter(torch.ones(1, device=device, dtype=torch.float32))
-                b.gate, b.up, b.down = mat(e, d, f), mat(e, d, f), mat(e, f, d)
-            else:
-                h = m["dense_hidden"]
-                b.gate, b.up, b.down = mat(d, h), mat(d, h), mat(h, d)
-            self.blocks.append(b)
-        self.final_norm = ones(d)
-        self.head = mat(d, v)
-        hd = d // m["heads"]
-        self.cos, self.sin = rope_tables(m["seq_len"], hd, m["rope_theta"], device)
-
-    def attention(self, b, x):
-        bsz, seq, d = x.shape
-        h = self.m["heads"]
-        q, k, v = (x @ b.qkv).split(d, dim=-1)
-        shape = (bsz, seq, h, d // h)
-        q, k, v = (t.view(shape).transpose(1, 2) for t in (q, k, v))
-        q, k = rope(q, self.cos, self.sin), rope(k, self.cos, self.sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return y.transpose(1, 2).reshape(bsz, seq, d) @ b.out
-
-    def moe(self, b, x, routing):
-        n, d = x.shape
-        e = self.m["experts"]
-        z = (x @ b.router).float()
-        if routing["drn"]:
-            mu = z.mean(-1, keepdim=True)
-            var = (z - mu).pow(2).mean(-1, keepdim=True)
-            probs = torch.softmax(b.theta * (z - mu) / torch.sqrt(var + DRN_EPS), dim=-1)
-        else:
-            probs = torch.softmax(z, dim=-1)
-        sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)
-        if routing["top_k"] is not None:
-            k = torch.full((n, 1), routing["top_k"], device=x.device)
-        else:
-            prefix = sorted_p.cumsum(-1)
-            k = (prefix < routing["p"]).sum(-1, keepdim=True) + 1
-            k = k.clamp(max=routing["k_max"])
-        ranks = torch.arange(e, device=x.device).expand(n, e)
-        selected = ranks < k
-        weights = torch.where(selected, sorted_p, torch.zeros_like(sorted_p))
-        weights = weights / weights.sum(-1, keepdim=True)
-        # Dropless dispatch: routes sorted by expert, one slice per expert.
-        tok = torch.arange(n, device=x.device)[:, None].expand(n, e)[selected]
-        exp = order[selected]
-        w = weights[selected]
-        perm = torch.argsort(exp, stable=True)
-        tok, exp, w = tok[perm], exp[perm], w[perm]
-        counts = torch.bincount(exp, minlength=e)
-        out = torch.zeros_like(x)
-        start = 0
-        for j, c in enumerate(counts.tolist()):
-            if c == 0:
-                continue
-            idx = tok[start : start + c]
-            xe = x.index_select(0, idx)
-            ye = (F.silu(xe @ b.gate[j]) * (xe @ b.up[j])) @ b.down[j]
-            out.index_add_(0, idx, ye * w[start : start + c, None].to(ye.dtype))
-            start += c
-        load = counts.float()
-        balance = e * (probs.mean(0) * (load / load.sum().clamp(min=1))).sum()
-        entropy = -(probs * probs.clamp(min=1e-12).log()).sum(-1).mean()
-        return out, k.float().mean(), balance, entropy
-
-    def forward(self, tokens, routing):
-        bsz, seq = tokens.shape
-        x = self.embed[tokens]
-        actives, balances, entropies = [], [], []
-        for b in self.blocks:
-            x = x + self.attention(b, rms_norm(x, b.attn_norm))
-            h = rms_norm(x, b.ffn_norm)
-            if b.is_moe:
-                y, a, bal, ent = self.moe(b, h.reshape(bsz * seq, -1), routing)
-                x = x + y.view(bsz, seq, -1)
-                actives.append(a)
-                balances.append(bal)
-                entropies.append(ent)
-            else:
-                x = x + (F.silu(h @ b.gate) * (h @ b.up)) @ b.down
-        logits = rms_norm(x, self.final_norm) @ self.head
-        return logits, actives, balances, entropies
+# The model and its routing are dtopp_torch's (python/), which loads `dtopp export`s too.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+from dtopp_torch import DRN_EPS, MoeLm, rms_norm  # noqa: E402
 
 
 def flops_per_token(m, active):
@@ -245,7 +124,10 @@ def main():
             g["lr"] = lr_at(step, total, o)
         with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16,
                             enabled=autocast_dtype is not None):
-            logits, act, bal, ent = model(tokens[:, :-1], routing)
+            logits, layers = model(tokens[:, :-1], routing)
+            act = [layer["k"].float().mean() for layer in layers]
+            bal = [layer["balance"] for layer in layers]
+            ent = [layer["entropy"] for layer in layers]
             ce = F.cross_entropy(logits.float().view(-1, m["vocab"]), tokens[:, 1:].reshape(-1))
         loss = ce + loss_cfg["balance"] * torch.stack(bal).mean() + loss_cfg["entropy"] * torch.stack(ent).mean()
         opt.zero_grad(set_to_none=True)

@@ -32,6 +32,9 @@ pub mod model;
 #[cfg(feature = "train")]
 pub mod train;
 
+#[cfg(feature = "train")]
+pub mod infer;
+
 #[cfg(feature = "reproduce")]
 pub mod reproduce;
 

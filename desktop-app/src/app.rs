@@ -60,6 +60,8 @@ pub struct DesktopApp {
     live_sent: Option<crate::sources::live::LiveSettings>,
     replays: Vec<ReplaySource>,
     primary_replay: usize,
+    #[cfg(feature = "live")]
+    inference: views::inference::InferencePanel,
     sim: Option<SimSource>,
     gpu: GpuState,
     messages: Vec<String>,
@@ -82,6 +84,12 @@ impl DesktopApp {
         Self::with_settings(settings, options)
     }
 
+    /// The Inference view's inputs and worker.
+    #[cfg(feature = "live")]
+    pub fn inference_mut(&mut self) -> &mut views::inference::InferencePanel {
+        &mut self.inference
+    }
+
     /// The app with the given settings (tests, and the first start).
     pub fn with_settings(settings: Settings, options: StartOptions) -> Self {
         let mut app = Self {
@@ -94,6 +102,8 @@ impl DesktopApp {
             live_sent: None,
             replays: Vec::new(),
             primary_replay: 0,
+            #[cfg(feature = "live")]
+            inference: Default::default(),
             sim: None,
             gpu: GpuState::NotRequested,
             messages: Vec::new(),
@@ -335,6 +345,10 @@ impl DesktopApp {
             live.drain();
             moving |= live.running;
         }
+        #[cfg(feature = "live")]
+        {
+            moving |= self.inference.poll();
+        }
         if self.settings.source == SourceKind::Simulator {
             self.sync_simulator();
             if let Some(sim) = self.sim.as_mut() {
@@ -446,7 +460,7 @@ impl DesktopApp {
                 ui.selectable_value(&mut self.settings.source, kind, kind.label());
             }
             ui.separator();
-            for view in View::ALL {
+            for view in View::ALL.into_iter().filter(|v| v.available()) {
                 ui.selectable_value(&mut self.settings.view, view, view.label());
             }
         });
@@ -796,6 +810,21 @@ impl DesktopApp {
             SourceKind::Replay => "Open a run directory on the left.",
             SourceKind::Simulator => "Starting the simulator…",
         };
+        if view == View::Inference {
+            #[cfg(feature = "live")]
+            {
+                if self.inference.source().is_none()
+                    && self.inference.dir.is_empty()
+                    && let Some(replay) = self.replays.get(self.primary_replay)
+                {
+                    self.inference.dir = replay.dir().display().to_string();
+                }
+                views::inference::show(ui, &mut self.inference);
+            }
+            #[cfg(not(feature = "live"))]
+            ui.label("Inference needs the model, which this build leaves out.");
+            return;
+        }
         let runs = self.runs();
         let points = match (runs.first(), view) {
             (None, _) => {
@@ -819,6 +848,7 @@ impl DesktopApp {
                 views::compare::show(ui, &runs, visible);
                 None
             }
+            (Some(_), View::Inference) => unreachable!("drawn above"),
         };
         if let Some(points) = points {
             self.controller_points = points;

@@ -91,7 +91,8 @@ fn every_view_renders_a_snapshot() {
     let app = replay_app(vec![fixture("tiny-dtopp"), fixture("tiny-topp")]);
     let mut h = harness(app, true);
     let mut results = egui_kittest::SnapshotResults::new();
-    for view in View::ALL {
+    // Inference draws a trained run, not the replayed ones: its own test below.
+    for view in View::ALL.into_iter().filter(|&v| v != View::Inference) {
         h.state_mut().settings_mut().view = view;
         h.run_steps(3);
         results.add(h.try_snapshot(format!("view-{}", view.label().to_lowercase())));
@@ -258,4 +259,143 @@ fn live_training_advances_and_takes_a_new_target() {
     h.get_by_label("⏸ Pause").click();
     h.run_steps(2);
     assert!(!h.state().live().unwrap().running);
+}
+
+/// A tiny run trained here for a few steps (the fixtures hold no checkpoint), with an
+/// `eval.json` for the view's plot. Always the same path, so snapshots show the same text.
+#[cfg(feature = "live")]
+fn trained_run() -> PathBuf {
+    use burn::backend::{Autodiff, NdArray};
+    use dtopp::infer::{SweepRequest, TrainedRun, evaluate_sweep};
+    use dtopp::model::RouteEngine;
+    use dtopp::train::{Preset, TrainOptions, train};
+
+    let dir = std::env::temp_dir().join("dtopp-desktop-inference-run");
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut config = Preset::Tiny.config();
+    config.run.steps = 20;
+    let options = TrainOptions {
+        out: &dir,
+        progress: false,
+        backend_name: "ndarray",
+    };
+    train::<Autodiff<NdArray>>(&config, &Default::default(), &RouteEngine::Device, &options)
+        .unwrap();
+    let run = TrainedRun::<NdArray>::load(&dir, &Default::default()).unwrap();
+    let corpus = run.corpus(None).unwrap();
+    let batches = run.validation_batches(&corpus, 0, 1).unwrap();
+    let calibration = run.validation_batches(&corpus, 1, 1).unwrap();
+    let request = SweepRequest {
+        targets: vec![1.0, 2.0, 6.0],
+        thresholds: Vec::new(),
+    };
+    let report = evaluate_sweep(
+        &run,
+        &batches,
+        &calibration,
+        &request,
+        &RouteEngine::Device,
+        "synthetic".into(),
+        |_| {},
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("eval.json"),
+        serde_json::to_string(&report).unwrap(),
+    )
+    .unwrap();
+    dir
+}
+
+#[cfg(feature = "live")]
+#[test]
+fn inference_generates_from_a_trained_run_and_regenerates_at_a_new_target() {
+    let dir = trained_run();
+    let render =
+        can_render("inference_generates_from_a_trained_run_and_regenerates_at_a_new_target");
+    let mut app = replay_app(Vec::new());
+    app.settings_mut().view = View::Inference;
+    app.inference_mut().open(&dir);
+    let mut h = harness(app, render);
+    let wait = |h: &mut Harness<'_, DesktopApp>, what: &str| {
+        let start = Instant::now();
+        loop {
+            h.step();
+            let panel = h.state_mut().inference_mut();
+            let source = panel.source().unwrap();
+            assert!(source.load_error.is_none(), "{:?}", source.load_error);
+            if source.pending == 0 && source.latest.is_some() {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(120),
+                "{what}: no generation in 120 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait(&mut h, "trained compute");
+    let latest = |h: &mut Harness<'_, DesktopApp>| {
+        h.state_mut()
+            .inference_mut()
+            .source()
+            .unwrap()
+            .latest
+            .clone()
+            .unwrap()
+            .unwrap()
+    };
+    let trained = latest(&mut h);
+    assert_eq!(trained.sample.tokens.len(), trained.prompt_tokens + 120);
+    assert_eq!(trained.sample.experts.len(), 2);
+    h.run_steps(2);
+    h.get_by_label_contains("experts per generated token");
+    h.get_by_label_contains("loss against compute");
+    if render {
+        h.snapshot("view-inference");
+    }
+    // T' = 1 through the slider's setting: one expert for every token.
+    {
+        let panel = h.state_mut().inference_mut();
+        panel.use_target = true;
+        panel.target = 1.0;
+        panel.generate();
+    }
+    wait(&mut h, "T' = 1");
+    let lean = latest(&mut h);
+    assert!(lean.compute.starts_with("p = "), "{}", lean.compute);
+    assert!(
+        lean.active < trained.active,
+        "{} vs {}",
+        lean.active,
+        trained.active
+    );
+    assert!((lean.active - 1.0).abs() < 0.1, "{}", lean.active);
+}
+
+#[cfg(feature = "live")]
+#[test]
+fn inference_on_a_directory_without_a_checkpoint_is_a_message() {
+    let mut app = replay_app(Vec::new());
+    app.settings_mut().view = View::Inference;
+    app.inference_mut().open(&fixture("tiny-dtopp"));
+    let mut h = harness(app, false);
+    let start = Instant::now();
+    while h
+        .state_mut()
+        .inference_mut()
+        .source()
+        .unwrap()
+        .load_error
+        .is_none()
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no error reported"
+        );
+        h.step();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    h.run_steps(2);
+    h.get_by_label_contains("no checkpoint");
 }

@@ -6,7 +6,13 @@ mod bench_train;
 #[cfg(feature = "train")]
 mod devices;
 #[cfg(feature = "train")]
+mod eval;
+#[cfg(feature = "train")]
 mod export;
+#[cfg(feature = "train")]
+mod generate;
+#[cfg(feature = "train")]
+mod inference_backend;
 #[cfg(feature = "reproduce")]
 mod reproduce;
 mod route;
@@ -36,6 +42,13 @@ enum Command {
     /// Write a run's newest checkpoint as safetensors weights plus a JSON config.
     #[cfg(feature = "train")]
     Export(export::ExportArgs),
+    /// Validation loss of trained runs at their trained compute and at compute chosen now
+    /// (targets T' or thresholds), with a plot of loss against active experts.
+    #[cfg(feature = "train")]
+    Eval(eval::EvalArgs),
+    /// Sample text from a trained run (KV cache), optionally showing each token's experts.
+    #[cfg(feature = "train")]
+    Generate(generate::GenerateArgs),
     /// Train every routing mode on the same data and write a report with plots.
     #[cfg(feature = "reproduce")]
     Reproduce(reproduce::ReproduceArgs),
@@ -175,6 +188,10 @@ fn run(cli: Cli) -> Result<()> {
         Command::Train(args) => train::run(args),
         #[cfg(feature = "train")]
         Command::Export(args) => export::run(args),
+        #[cfg(feature = "train")]
+        Command::Eval(args) => eval::run(args),
+        #[cfg(feature = "train")]
+        Command::Generate(args) => generate::run(args),
         #[cfg(feature = "reproduce")]
         Command::Reproduce(args) => reproduce::run(args),
         Command::Simulate(args) => simulate::run(args),

@@ -136,66 +136,39 @@ pub fn write_shard(path: &Path, tokens: &[u16]) -> Result<()> {
     crate::io::write_atomic(path, &bytes)
 }
 
-/// The files a pattern names: a path, or a path whose last component holds `*` / `?`
-/// wildcards; sorted by name.
+/// The files a pattern names: a path, or a glob pattern (`*`, `?`, `[...]`, `**`; the
+/// `glob` crate's rules); sorted by name.
 pub fn expand_pattern(pattern: &str) -> Result<Vec<PathBuf>> {
-    let path = Path::new(pattern);
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().to_string())
-        .unwrap_or_default();
-    if !name.contains(['*', '?']) {
-        return Ok(vec![path.to_path_buf()]);
+    if !pattern.contains(['*', '?', '[']) {
+        return Ok(vec![PathBuf::from(pattern)]);
     }
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    if dir.to_string_lossy().contains(['*', '?']) {
-        return Err(Error::param(
+    let paths = glob::glob(pattern).map_err(|e| {
+        Error::param(
             "shard pattern",
             pattern,
-            "wildcards in the file name only (e.g. data/fineweb_train_*.bin)",
-        ));
+            format!("a glob pattern such as data/fineweb_train_*.bin ({e})"),
+        )
+    })?;
+    let mut found = Vec::new();
+    for entry in paths {
+        match entry {
+            Ok(path) if path.is_file() => found.push(path),
+            Ok(_) => {}
+            Err(e) => {
+                let path = e.path().to_path_buf();
+                return Err(Error::io("cannot list", path, e.into()));
+            }
+        }
     }
-    let entries = std::fs::read_dir(&dir).map_err(|e| Error::io("cannot list", &dir, e))?;
-    let mut found: Vec<PathBuf> = entries
-        .filter_map(|e| e.ok())
-        .filter(|e| wildcard_match(&name, &e.file_name().to_string_lossy()))
-        .map(|e| e.path())
-        .collect();
     found.sort();
     if found.is_empty() {
         return Err(Error::param(
             "shard pattern",
             pattern,
-            format!("a pattern matching at least one file in {}", dir.display()),
+            "a pattern matching at least one file",
         ));
     }
     Ok(found)
-}
-
-fn wildcard_match(pattern: &str, name: &str) -> bool {
-    let (p, n): (Vec<char>, Vec<char>) = (pattern.chars().collect(), name.chars().collect());
-    // Classic two-pointer match with backtracking to the last `*`.
-    let (mut i, mut j, mut star, mut mark) = (0, 0, None, 0);
-    while j < n.len() {
-        if i < p.len() && (p[i] == '?' || p[i] == n[j]) {
-            i += 1;
-            j += 1;
-        } else if i < p.len() && p[i] == '*' {
-            star = Some(i);
-            mark = j;
-            i += 1;
-        } else if let Some(s) = star {
-            i = s + 1;
-            mark += 1;
-            j = mark;
-        } else {
-            return false;
-        }
-    }
-    p[i..].iter().all(|&c| c == '*')
 }
 
 /// Token ranges of shards that windows are drawn from.
@@ -421,10 +394,30 @@ mod tests {
     }
 
     #[test]
-    fn wildcards() {
-        assert!(wildcard_match("a_*_0?.bin", "a_train_01.bin"));
-        assert!(!wildcard_match("a_*_0?.bin", "a_train_011.bin"));
-        assert!(wildcard_match("*", "anything"));
-        assert!(!wildcard_match("*.bin", "x.bin.tmp"));
+    fn patterns_follow_glob_rules() {
+        let d = std::env::temp_dir().join(format!("dtopp-glob-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(d.join("sub")).unwrap();
+        for name in [
+            "a_train_01.bin",
+            "a_train_011.bin",
+            "x.bin.tmp",
+            "sub/b_02.bin",
+        ] {
+            std::fs::write(d.join(name), b"").unwrap();
+        }
+        let names = |pattern: &str| -> Vec<String> {
+            expand_pattern(&format!("{}/{pattern}", d.display()))
+                .unwrap()
+                .iter()
+                .map(|p| p.strip_prefix(&d).unwrap().display().to_string())
+                .collect()
+        };
+        assert_eq!(names("a_*_0?.bin"), ["a_train_01.bin"]);
+        assert_eq!(names("*.bin"), ["a_train_01.bin", "a_train_011.bin"]);
+        assert_eq!(names("**/*_0?.bin"), ["a_train_01.bin", "sub/b_02.bin"]);
+        let bad = expand_pattern(&format!("{}/[.bin", d.display())).unwrap_err();
+        assert!(bad.to_string().contains("glob pattern"), "{bad}");
+        std::fs::remove_dir_all(&d).unwrap();
     }
 }

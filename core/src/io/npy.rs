@@ -5,6 +5,12 @@
 //! length (u16 in 1.0, u32 in 2.0 and 3.0), a Python dict literal such as
 //! `{'descr': '<f4', 'fortran_order': False, 'shape': (4, 8), }` padded with spaces to a
 //! 64-byte boundary and ended by `\n`, then the raw values.
+//!
+//! Written here rather than taken from `npyz` (0.9.1), measured 2026-12-03: npyz parses
+//! the header through `py_literal`, which brings 11 more crates (pest and its derive,
+//! stacker and psm, whose build script compiles assembly with `cc`) into a module the
+//! wasm32 browser build also compiles; this reader is 200 lines and covers every header
+//! NumPy writes for float32 and int32.
 
 use std::path::Path;
 

@@ -1,11 +1,13 @@
-//! The safetensors format (Hugging Face), written here without a dependency: an 8-byte
-//! little-endian header length, a JSON header naming every tensor's dtype, shape and
-//! byte range, then the raw little-endian data. PyTorch (`safetensors.torch.load_file`),
-//! NumPy (`safetensors.numpy.load_file`) and JAX read it without unpickling anything.
+//! The safetensors format (Hugging Face), written by Hugging Face's own `safetensors`
+//! crate: an 8-byte little-endian header length, a JSON header naming every tensor's
+//! dtype, shape and byte range, then the raw little-endian data. PyTorch
+//! (`safetensors.torch.load_file`), NumPy (`safetensors.numpy.load_file`) and JAX read it
+//! without unpickling anything. The checks here come first so that a bad tensor is named
+//! in dtopp's words.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
-use serde_json::{Value, json};
+use safetensors::tensor::{Dtype, TensorView};
 
 use crate::error::{Error, Result};
 
@@ -20,17 +22,14 @@ pub struct SafeTensor<'a> {
     pub data: &'a [f32],
 }
 
-/// The bytes of a safetensors file holding `tensors` (in that order) and `metadata`
-/// (free-form string pairs, stored under `__metadata__`).
+/// The bytes of a safetensors file holding `tensors` and `metadata` (free-form string
+/// pairs, stored under `__metadata__`). The crate lays tensors out by dtype and name;
+/// readers look them up by name.
 pub fn encode_safetensors(
     tensors: &[SafeTensor<'_>],
     metadata: &BTreeMap<String, String>,
 ) -> Result<Vec<u8>> {
-    let mut header = serde_json::Map::new();
-    if !metadata.is_empty() {
-        header.insert("__metadata__".into(), json!(metadata));
-    }
-    let mut offset = 0usize;
+    let mut names = HashSet::new();
     for t in tensors {
         let elements: usize = t.shape.iter().product();
         if elements != t.data.len() {
@@ -44,40 +43,39 @@ pub fn encode_safetensors(
                 ),
             ));
         }
-        if t.name == "__metadata__" || header.contains_key(t.name) {
+        if t.name == "__metadata__" || !names.insert(t.name) {
             return Err(Error::shape(
                 "safetensors",
                 format!("tensor name {:?} is reserved or used twice", t.name),
             ));
         }
-        let end = offset + 4 * elements;
-        header.insert(
-            t.name.to_string(),
-            json!({ "dtype": "F32", "shape": t.shape, "data_offsets": [offset, end] }),
-        );
-        offset = end;
     }
-    let mut head = serde_json::to_vec(&Value::Object(header)).map_err(|e| Error::Parse {
-        what: "safetensors header",
-        message: e.to_string(),
-    })?;
-    // The data starts 8-byte aligned, as the reference writer pads it.
-    while (8 + head.len()) % 8 != 0 {
-        head.push(b' ');
-    }
-    let mut bytes = Vec::with_capacity(8 + head.len() + offset);
-    bytes.extend_from_slice(&(head.len() as u64).to_le_bytes());
-    bytes.extend_from_slice(&head);
-    for t in tensors {
-        for x in t.data {
-            bytes.extend_from_slice(&x.to_le_bytes());
-        }
-    }
-    Ok(bytes)
+    let failed = |e: safetensors::SafeTensorError| Error::shape("safetensors", e.to_string());
+    let bytes: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|t| t.data.iter().flat_map(|x| x.to_le_bytes()).collect())
+        .collect();
+    let views = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|(t, data)| {
+            TensorView::new(Dtype::F32, t.shape.to_vec(), data).map(|view| (t.name, view))
+        })
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(failed)?;
+    let metadata = (!metadata.is_empty()).then(|| {
+        metadata
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    });
+    safetensors::serialize(views, metadata).map_err(failed)
 }
 
 #[cfg(test)]
 mod tests {
+    use serde_json::{Value, json};
+
     use super::*;
 
     #[test]
@@ -106,12 +104,24 @@ mod tests {
         assert_eq!((8 + n) % 8, 0);
         let header: Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
         assert_eq!(header["w"]["shape"], json!([2, 3]));
-        assert_eq!(header["w"]["data_offsets"], json!([0, 24]));
-        assert_eq!(header["b"]["data_offsets"], json!([24, 28]));
+        assert_eq!(header["w"]["dtype"], "F32");
         assert_eq!(header["__metadata__"]["format"], "pt");
+        // Wherever the crate places each tensor, its bytes are its values.
         let data = &bytes[8 + n..];
         assert_eq!(data.len(), 28);
-        assert_eq!(f32::from_le_bytes(data[24..28].try_into().unwrap()), -0.5);
+        let values = |name: &str| -> Vec<f32> {
+            let range = header[name]["data_offsets"].as_array().unwrap();
+            let (start, end) = (
+                range[0].as_u64().unwrap() as usize,
+                range[1].as_u64().unwrap() as usize,
+            );
+            data[start..end]
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect()
+        };
+        assert_eq!(values("w"), a);
+        assert_eq!(values("b"), b);
     }
 
     #[test]

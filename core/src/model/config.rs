@@ -123,6 +123,12 @@ impl ModelConfig {
         6.0 * matmul + 12.0 * l * d * self.seq_len as f64
     }
 
+    /// Model FLOPs of one token's forward pass at inference, a third of
+    /// [`Self::training_flops_per_token`]: `2 N + 4 L d S`.
+    pub fn inference_flops_per_token(&self, active: f64) -> f64 {
+        self.training_flops_per_token(active) / 3.0
+    }
+
     /// Parameters one token uses when it activates `active` experts per MoE layer on
     /// average (all attention, dense and embedding parameters, `active / E` of each MoE
     /// layer's experts, the whole router).

@@ -24,12 +24,54 @@ use crate::rng::SplitMix64;
 /// One pre-norm transformer block.
 #[derive(Module, Debug)]
 pub struct Block<B: Backend> {
-    attn_norm: RmsNorm<B>,
-    attn: CausalSelfAttention<B>,
+    pub(super) attn_norm: RmsNorm<B>,
+    pub(super) attn: CausalSelfAttention<B>,
     ffn_norm: RmsNorm<B>,
     /// Present in MoE blocks.
     pub moe: Option<MoeLayer<B>>,
     dense: Option<DenseFfn<B>>,
+}
+
+/// How one block's feed-forward routes (ignored by a dense block).
+pub(super) struct LayerRoutingArgs<'a, B: Backend> {
+    pub use_drn: bool,
+    /// The layer's selector (`None` only for a model without MoE layers left to route).
+    pub selector: Option<Selector>,
+    pub threshold: Option<Tensor<B, 1>>,
+    pub bounds: Option<ExpertBounds>,
+    pub engine: &'a RouteEngine,
+}
+
+impl<B: RoutingBackend> Block<B> {
+    /// The pre-norm feed-forward of `x` `[B, S, D]`: its output `[B, S, D]` (before the
+    /// residual add) and, in an MoE block, the layer's routing.
+    pub(super) fn feed_forward(
+        &self,
+        x: Tensor<B, 3>,
+        routing: LayerRoutingArgs<'_, B>,
+        precision: Precision,
+    ) -> Result<(Tensor<B, 3>, Option<MoeForward<B>>)> {
+        let [b, s, d] = x.dims();
+        let h = self.ffn_norm.forward(x).reshape([b * s, d]);
+        let (y, out) = match (&self.moe, &self.dense) {
+            (Some(layer), _) => {
+                let selector = routing.selector.expect("one selector per MoE layer");
+                let out = layer.forward(
+                    h,
+                    routing.use_drn,
+                    selector,
+                    routing.threshold,
+                    routing.engine,
+                    routing.bounds,
+                    precision,
+                )?;
+                (out.output.clone(), Some(out))
+            }
+            (None, Some(dense)) => (dense.forward(h, precision), None),
+            (None, None) => unreachable!("every block has a feed-forward"),
+        };
+        Ok((y.reshape([b, s, d]), out))
+    }
 }
 
 /// The whole model.
@@ -39,7 +81,7 @@ pub struct MoeLanguageModel<B: Backend> {
     pub embed: Param<Tensor<B, 2>>,
     /// The blocks, first to last.
     pub blocks: Vec<Block<B>>,
-    final_norm: RmsNorm<B>,
+    pub(super) final_norm: RmsNorm<B>,
     /// `[D, V]` output head.
     pub head: Param<Tensor<B, 2>>,
 }
@@ -136,6 +178,19 @@ impl<B: RoutingBackend> MoeLanguageModel<B> {
         self.forward_from(tokens, Some(host), routing, thresholds, engine, precision)
     }
 
+    /// The number of MoE layers, checked against `routing`'s selectors (one each).
+    pub(super) fn check_selectors(&self, routing: &RoutingPlan) -> Result<usize> {
+        let moe_layers = self.moe_layers().count();
+        if routing.selectors.len() != moe_layers {
+            return Err(Error::param(
+                "routing selectors",
+                routing.selectors.len(),
+                format!("one per MoE layer ({moe_layers})"),
+            ));
+        }
+        Ok(moe_layers)
+    }
+
     fn forward_from(
         &self,
         tokens: Tensor<B, 2, Int>,
@@ -146,14 +201,7 @@ impl<B: RoutingBackend> MoeLanguageModel<B> {
         precision: Precision,
     ) -> Result<LmOutput<B>> {
         let [b, s] = tokens.dims();
-        let moe_layers = self.moe_layers().count();
-        if routing.selectors.len() != moe_layers {
-            return Err(Error::param(
-                "routing selectors",
-                routing.selectors.len(),
-                format!("one per MoE layer ({moe_layers})"),
-            ));
-        }
+        let moe_layers = self.check_selectors(routing)?;
         if let Some(bounds) = &routing.bounds
             && bounds.len() != moe_layers
         {
@@ -181,37 +229,23 @@ impl<B: RoutingBackend> MoeLanguageModel<B> {
             None => embed_tokens(self.embed.val(), flat),
         }
         .reshape([b, s, d]);
-        let mut selectors = routing.selectors.iter();
         let mut moe = Vec::with_capacity(moe_layers);
         for block in &self.blocks {
             x = x.clone()
                 + block
                     .attn
                     .forward(block.attn_norm.forward(x), mask.clone(), precision);
-            let h = block.ffn_norm.forward(x.clone()).reshape([b * s, d]);
-            let y = match (&block.moe, &block.dense) {
-                (Some(layer), _) => {
-                    let selector = *selectors.next().expect("one selector per MoE layer");
-                    let l = moe.len();
-                    let bounds = routing.bounds.as_ref().map(|b| b[l]);
-                    let threshold = thresholds.map(|p| p.clone().narrow(0, l, 1));
-                    let out = layer.forward(
-                        h,
-                        routing.use_drn,
-                        selector,
-                        threshold,
-                        engine,
-                        bounds,
-                        precision,
-                    )?;
-                    let y = out.output.clone();
-                    moe.push(out);
-                    y
-                }
-                (None, Some(dense)) => dense.forward(h, precision),
-                (None, None) => unreachable!("every block has a feed-forward"),
+            let l = moe.len();
+            let layer_routing = LayerRoutingArgs {
+                use_drn: routing.use_drn,
+                selector: routing.selectors.get(l).copied(),
+                threshold: thresholds.map(|p| p.clone().narrow(0, l, 1)),
+                bounds: routing.bounds.as_ref().map(|b| b[l]),
+                engine,
             };
-            x = x + y.reshape([b, s, d]);
+            let (y, out) = block.feed_forward(x.clone(), layer_routing, precision)?;
+            moe.extend(out);
+            x = x + y;
         }
         let x = self.final_norm.forward(x).reshape([b * s, d]);
         let logits = precision.matmul(x, self.head.val());

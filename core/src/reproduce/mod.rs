@@ -12,6 +12,7 @@ use std::time::Instant;
 use crate::model::TrainingBackend;
 
 pub use analysis::{ModeResult, RunRecord, summarize_mode};
+pub use plots::{ComputeCurve, draw_loss_against_compute};
 
 use crate::error::{Error, Result};
 use crate::model::RouteEngine;

@@ -275,3 +275,45 @@ pub fn draw_all(out: &Path, config: &TrainConfig, results: &[ModeResult]) -> Res
     }
     Ok(())
 }
+
+/// One run's curve in [`draw_loss_against_compute`]: its label, mode and
+/// `(mean active experts, validation loss)` points.
+#[derive(Clone, Debug)]
+pub struct ComputeCurve {
+    /// The legend's text.
+    pub label: String,
+    /// The run's routing mode (its colour).
+    pub mode: RoutingMode,
+    /// `(active experts, loss)`, in any order.
+    pub points: Vec<(f64, f64)>,
+}
+
+/// `dtopp eval`'s plot: validation loss against mean active experts per token, one curve
+/// per run (two runs of one mode get darker shades of its colour).
+pub fn draw_loss_against_compute(path: &Path, curves: &[ComputeCurve]) -> Result<()> {
+    let mut seen: Vec<RoutingMode> = Vec::new();
+    let series: Vec<Series> = curves
+        .iter()
+        .map(|c| {
+            let repeats = seen.iter().filter(|&&m| m == c.mode).count();
+            seen.push(c.mode);
+            let RGBColor(r, g, b) = mode_color(c.mode);
+            let shade = |v: u8| (f64::from(v) * 0.7f64.powi(repeats as i32)) as u8;
+            let mut points = c.points.clone();
+            points.sort_by(|a, b| a.0.total_cmp(&b.0));
+            Series {
+                label: c.label.clone(),
+                color: RGBColor(shade(r), shade(g), shade(b)),
+                points,
+                dots: true,
+            }
+        })
+        .collect();
+    line_chart(
+        path,
+        "Validation loss against compute chosen at inference",
+        ("mean active experts per token", "validation loss (nats)"),
+        &series,
+        None,
+    )
+}

@@ -10,10 +10,12 @@ mod collective;
 mod config;
 mod data_parallel;
 mod device_control;
+mod evaluate;
 mod export;
 mod loop_limit;
 mod losses;
 mod mode;
+mod param_values;
 mod schedule;
 mod session;
 mod threshold;
@@ -29,20 +31,24 @@ pub use checkpoint::{
 };
 pub use collective::Rank;
 pub use config::{
-    DataConfig, LossConfig, OptimizerConfig, Preset, RoutingConfig, RunConfig, TrainConfig,
+    DataConfig, LossConfig, OptimizerConfig, Preset, RoutingConfig, RunConfig, SHARDS_PREFIX,
+    TrainConfig,
 };
 pub use data_parallel::{resume_data_parallel, train_data_parallel};
 pub use device_control::DeviceControl;
+pub(crate) use evaluate::host_f32;
+pub use evaluate::{Evaluation, evaluate, printable_byte};
 pub use export::{ExportReport, export_safetensors, parameter_names};
 pub use losses::{
     LossParts, cross_entropy, load_balance, load_balance_on_device, router_entropy, total_loss,
     total_loss_on_device, z_loss,
 };
 pub use mode::RoutingMode;
+pub(crate) use param_values::load_params;
 pub use schedule::learning_rate;
 pub use session::{StepOutput, TrainSession};
 pub use threshold::ThresholdPolicy;
 pub use throughput::{
     MemoryProbe, Throughput, ThroughputPlan, measure_throughput, process_peak_rss,
 };
-pub use trainer::{TrainOptions, resume, train};
+pub use trainer::{TrainOptions, read_run_config, resume, train};

@@ -5,9 +5,8 @@
 
 use std::time::Instant;
 
-use crate::host_reads;
 use crate::model::{RoutingBackend, TrainingBackend};
-use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
@@ -18,9 +17,11 @@ use super::checkpoint::{Checkpoint, CheckpointHeader};
 use super::collective::Rank;
 use super::config::TrainConfig;
 use super::device_control::DeviceControl;
+use super::evaluate::{Evaluation, batch_tensors, evaluate, host_f32, routing_sample};
 use super::loop_limit::check_loop_limits;
-use super::losses::{LossParts, cross_entropy, total_loss, total_loss_on_device};
+use super::losses::{LossParts, total_loss, total_loss_on_device};
 use super::mode::RoutingMode;
+use super::param_values::{NumberParams, load_params};
 use super::schedule::learning_rate;
 use super::threshold::ThresholdPolicy;
 use crate::controller::{ThresholdScope, calibrate_threshold};
@@ -200,31 +201,10 @@ impl<'e, B: TrainingBackend> TrainSession<'e, B> {
         check_loop_limits::<B>(&config, device)?;
         let (corpus, validation, snippet) = open_data(&config, rank)?;
         let fresh = MoeLanguageModel::<B>::new(&config.model, config.run.seed, device)?;
-        let mut load = LoadParams {
-            values: params.iter(),
-            shapes: &header.shapes,
-            ids: Vec::new(),
-            error: None,
-        };
-        let model = fresh.map(&mut load);
-        if let Some(e) = load.error.or_else(|| {
-            (load.ids.len() != header.shapes.len()).then(|| {
-                format!(
-                    "the checkpoint has {} parameters, the model {}",
-                    header.shapes.len(),
-                    load.ids.len()
-                )
-            })
-        }) {
-            return Err(Error::Parse {
-                what: "checkpoint",
-                message: e,
-            });
-        }
+        let (model, ids) = load_params(fresh, header, params)?;
         let layers = model.moe_layers().count();
         let mut optimizer = AdamW::new(config.optimizer.clone());
-        let with_moments = load
-            .ids
+        let with_moments = ids
             .iter()
             .zip(&header.has_moments)
             .filter(|(_, has)| **has)
@@ -967,56 +947,6 @@ impl<B: TrainingBackend> ModuleVisitor<B> for CollectParams<'_, B> {
     }
 }
 
-/// Parameter ids numbered in visiting order: the same on every rank of a data-parallel
-/// run, which all-reduces gradients by id (burn's own ids are unique per process).
-fn param_id(index: usize) -> ParamId {
-    ParamId::from(index as u64)
-}
-
-/// Gives every parameter its [`param_id`].
-struct NumberParams(usize);
-
-impl<B: Backend> ModuleMapper<B> for NumberParams {
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-        let (_, tensor, mapper) = param.consume();
-        self.0 += 1;
-        Param::from_mapped_value(param_id(self.0 - 1), tensor, mapper)
-    }
-}
-
-/// Replaces every parameter's value and id ([`param_id`]), in visiting order.
-struct LoadParams<'a> {
-    values: std::slice::Iter<'a, Vec<f32>>,
-    shapes: &'a [Vec<usize>],
-    ids: Vec<ParamId>,
-    error: Option<String>,
-}
-
-impl<B: TrainingBackend> ModuleMapper<B> for LoadParams<'_> {
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-        let (_, tensor, mapper) = param.consume();
-        let index = self.ids.len();
-        let id = param_id(index);
-        self.ids.push(id);
-        let dims = tensor.dims();
-        match (self.values.next(), self.shapes.get(index)) {
-            (Some(values), Some(shape)) if shape.as_slice() == dims.as_slice() => {
-                let device = tensor.device();
-                let loaded =
-                    Tensor::<B, D>::from_data(TensorData::new(values.clone(), dims), &device)
-                        .require_grad();
-                Param::from_mapped_value(id, loaded, mapper)
-            }
-            (_, shape) => {
-                self.error.get_or_insert(format!(
-                    "parameter {index} has shape {dims:?} in the model but {shape:?} in the checkpoint"
-                ));
-                Param::from_mapped_value(id, tensor, mapper)
-            }
-        }
-    }
-}
-
 /// What the micro-batches of a step leave for its optimizer and controller update.
 struct Pass<B: TrainingBackend> {
     grads: GradientsParams,
@@ -1191,32 +1121,8 @@ impl RoutingStats {
     }
 }
 
-fn batch_tensors<B: Backend>(
-    batch: &Batch,
-    device: &B::Device,
-) -> (Tensor<B, 2, Int>, Tensor<B, 1, Int>) {
-    let shape = [batch.batch, batch.seq_len];
-    let inputs = Tensor::from_data(TensorData::new(batch.inputs.clone(), shape), device);
-    let targets = Tensor::from_data(
-        TensorData::new(batch.targets.clone(), [batch.batch * batch.seq_len]),
-        device,
-    );
-    (inputs, targets)
-}
-
 fn read_counts<B: Backend>(t: Tensor<B, 1, Int>) -> Result<Vec<u64>> {
     Ok(read_ints(t)?.into_iter().map(|c| c as u64).collect())
-}
-
-fn host_f32<B: Backend, const D: usize>(t: Tensor<B, D>) -> Result<Vec<f32>> {
-    host_reads::count(1);
-    t.into_data()
-        .convert::<f32>()
-        .to_vec()
-        .map_err(|e| Error::Backend {
-            backend: "burn",
-            message: format!("reading a tensor back: {e:?}"),
-        })
 }
 
 /// `p_0` per MoE layer: configured, or calibrated on the first training batch so it
@@ -1270,126 +1176,4 @@ fn initial_thresholds<B: RoutingBackend>(
             })
             .collect::<Result<_>>()?,
     })
-}
-
-/// One pass over the validation batches.
-struct Evaluation {
-    /// Mean cross-entropy.
-    loss: f64,
-    /// Activated experts grouped by the difficulty of the token each position predicts
-    /// (synthetic corpus; empty otherwise).
-    by_difficulty: Vec<DifficultyBucket>,
-}
-
-fn evaluate<B: RoutingBackend>(
-    model: &MoeLanguageModel<B>,
-    batches: &[Batch],
-    plan: &RoutingPlan,
-    engine: &RouteEngine,
-    device: &B::Device,
-) -> Result<Evaluation> {
-    let mut total = 0.0;
-    // Difficulty in hundredths of a bit -> (tokens, experts summed per layer).
-    let mut buckets: std::collections::BTreeMap<i64, (u64, Vec<u64>)> = Default::default();
-    for batch in batches {
-        let (inputs, targets) = batch_tensors::<B>(batch, device);
-        let output = model.forward(inputs, plan, engine, Precision::F32)?;
-        if let Some(difficulty) = &batch.difficulty {
-            let layers = output.moe.len();
-            let counts: Vec<Vec<i32>> = output
-                .moe
-                .iter()
-                .map(|layer| layer.routing.counts())
-                .collect::<Result<_>>()?;
-            for (i, d) in difficulty.iter().enumerate() {
-                let entry = buckets
-                    .entry((f64::from(*d) * 100.0).round() as i64)
-                    .or_insert_with(|| (0, vec![0; layers]));
-                entry.0 += 1;
-                for (sum, layer) in entry.1.iter_mut().zip(&counts) {
-                    *sum += layer[i] as u64;
-                }
-            }
-        }
-        total += f64::from(host_f32(cross_entropy(output.logits, targets))?[0]);
-    }
-    let by_difficulty = buckets
-        .into_iter()
-        .map(|(key, (tokens, sums))| {
-            let per_layer: Vec<f64> = sums.iter().map(|&s| s as f64 / tokens as f64).collect();
-            DifficultyBucket {
-                difficulty_bits: key as f64 / 100.0,
-                tokens,
-                mean_active: per_layer.iter().sum::<f64>() / per_layer.len() as f64,
-                mean_active_per_layer: per_layer,
-            }
-        })
-        .collect();
-    Ok(Evaluation {
-        loss: total / batches.len() as f64,
-        by_difficulty,
-    })
-}
-
-fn routing_sample<B: RoutingBackend>(
-    model: &MoeLanguageModel<B>,
-    snippet: &Batch,
-    corpus: &Corpus,
-    plan: &RoutingPlan,
-    engine: &RouteEngine,
-    step: u64,
-) -> Result<RoutingSample> {
-    let device = model.embed.device();
-    let (inputs, _) = batch_tensors::<B>(snippet, &device);
-    let output = model.forward(inputs, plan, engine, Precision::F32)?;
-    let tokens: Vec<u32> = snippet.inputs.iter().map(|&t| t as u32).collect();
-    let text = tokens
-        .iter()
-        .map(|&t| match corpus {
-            Corpus::Text(_) => printable_byte(t as u8),
-            Corpus::Synthetic(_) | Corpus::Shards { .. } => format!("#{t}"),
-        })
-        .collect();
-    // The difficulty of each input token is that of the previous target.
-    let difficulty = snippet.difficulty.as_ref().map(|d| {
-        std::iter::once(0.0)
-            .chain(d[..d.len() - 1].iter().copied())
-            .collect()
-    });
-    let mut experts = Vec::new();
-    let mut probs = Vec::new();
-    for layer in output.moe {
-        let p = host_f32(layer.probs)?;
-        let e = p.len() / tokens.len();
-        let ranked = layer.routing.ranked_experts(&p)?;
-        let (mut ex, mut pr) = (Vec::new(), Vec::new());
-        // The padded rank-ordered rows hold the counts too (one read-back, not two).
-        for (i, row) in ranked.chunks_exact(e).enumerate() {
-            let chosen: Vec<u32> = row
-                .iter()
-                .take_while(|&&j| j >= 0)
-                .map(|&j| j as u32)
-                .collect();
-            pr.push(chosen.iter().map(|&j| p[i * e + j as usize]).collect());
-            ex.push(chosen);
-        }
-        experts.push(ex);
-        probs.push(pr);
-    }
-    Ok(RoutingSample {
-        step,
-        tokens,
-        text,
-        difficulty,
-        experts,
-        probs,
-    })
-}
-
-fn printable_byte(b: u8) -> String {
-    match b {
-        b' '..=b'~' => (b as char).to_string(),
-        b'\n' => "\\n".to_string(),
-        _ => format!("\\x{b:02x}"),
-    }
 }

@@ -178,13 +178,7 @@ impl ResumePoint {
         options: &TrainOptions,
     ) -> Result<Self> {
         let say = |line: String| options.say(line);
-        let config_path = dir.join("config.toml");
-        let text = std::fs::read_to_string(&config_path)
-            .map_err(|e| Error::io("cannot read the run's config", &config_path, e))?;
-        let mut config: TrainConfig = toml::from_str(&text).map_err(|e| Error::Parse {
-            what: "run config.toml",
-            message: format!("{}: {e}", config_path.display()),
-        })?;
+        let mut config = read_run_config(dir)?;
         if let Some(steps) = steps {
             config.run.steps = steps;
         }
@@ -229,7 +223,7 @@ impl ResumePoint {
             })
             .collect::<Result<_>>()?;
         keep_lines_up_to(&dir.join("routing_samples.jsonl"), step)?;
-        write_atomic(&config_path, config.to_toml()?.as_bytes())?;
+        write_atomic(&dir.join("config.toml"), config.to_toml()?.as_bytes())?;
         Ok(Self {
             config,
             checkpoint,
@@ -396,4 +390,15 @@ fn progress_line(m: &StepMetrics, steps: u64, last_val: f64, elapsed: f64) -> St
         fmt_duration(eta),
         w = steps.to_string().len()
     )
+}
+
+/// The `config.toml` of the run in `dir`, as `dtopp train` wrote it (not yet validated).
+pub fn read_run_config(dir: &Path) -> Result<TrainConfig> {
+    let config_path = dir.join("config.toml");
+    let text = std::fs::read_to_string(&config_path)
+        .map_err(|e| Error::io("cannot read the run's config", &config_path, e))?;
+    toml::from_str(&text).map_err(|e| Error::Parse {
+        what: "run config.toml",
+        message: format!("{}: {e}", config_path.display()),
+    })
 }

@@ -2,6 +2,8 @@
 //! controller simulator.
 
 #[cfg(feature = "live")]
+pub mod inference;
+#[cfg(feature = "live")]
 pub mod live;
 pub mod replay;
 pub mod simulator;

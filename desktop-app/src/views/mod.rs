@@ -1,10 +1,13 @@
-//! The five views. Each draws the runs of the current source; none of them owns data.
+//! The views. Each draws the runs of the current source and owns no data, except
+//! Inference, which runs a trained run's model (its own worker) and needs no source.
 //! Views show the revealed prefix of each run (`visible`), so one animation cursor
 //! replays a finished run as if it were arriving.
 
 pub mod compare;
 pub mod controller;
 pub mod experts;
+#[cfg(feature = "live")]
+pub mod inference;
 pub mod layers;
 pub mod tokens;
 
@@ -28,17 +31,25 @@ pub enum View {
     Experts,
     /// Several runs overlaid.
     Compare,
+    /// A trained run's model generating text at a chosen compute.
+    Inference,
 }
 
 impl View {
     /// All views, in tab order.
-    pub const ALL: [View; 5] = [
+    pub const ALL: [View; 6] = [
         View::Controller,
         View::Layers,
         View::Tokens,
         View::Experts,
         View::Compare,
+        View::Inference,
     ];
+
+    /// Whether this build has the view (Inference needs the model: feature `live`).
+    pub fn available(self) -> bool {
+        self != View::Inference || cfg!(feature = "live")
+    }
 
     /// Tab label.
     pub fn label(self) -> &'static str {
@@ -48,6 +59,7 @@ impl View {
             View::Tokens => "Tokens",
             View::Experts => "Experts",
             View::Compare => "Compare",
+            View::Inference => "Inference",
         }
     }
 }

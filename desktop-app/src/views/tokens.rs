@@ -59,7 +59,7 @@ pub fn show(ui: &mut Ui, run: &RunData, visible: Option<usize>, choice: &mut Tok
 }
 
 /// `text` on the colour of `k` experts, in a text colour that stays readable on it.
-fn chip(text: String, k: f64, high: f64) -> RichText {
+pub(crate) fn chip(text: String, k: f64, high: f64) -> RichText {
     RichText::new(text)
         .monospace()
         .background_color(count_color(k, 1.0, high))
@@ -97,7 +97,7 @@ fn max_count(sample: &RoutingSample) -> usize {
         .unwrap_or(1)
 }
 
-fn legend(ui: &mut Ui, high: f64) {
+pub(crate) fn legend(ui: &mut Ui, high: f64) {
     ui.horizontal(|ui| {
         ui.label("experts:");
         let steps = high.round() as usize;
@@ -107,7 +107,7 @@ fn legend(ui: &mut Ui, high: f64) {
     });
 }
 
-fn token_details(ui: &mut Ui, sample: &RoutingSample, i: usize) {
+pub(crate) fn token_details(ui: &mut Ui, sample: &RoutingSample, i: usize) {
     ui.label(
         RichText::new(format!(
             "token {i}: {:?} (id {})",
