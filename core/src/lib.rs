@@ -3,6 +3,7 @@
 //!
 //! - [`ops`]: the routing-ops contract ([`ops::RoutingOps`]) every backend implements;
 //! - [`cpu`]: the CPU reference, the spec in plain loops;
+//! - [`cpu_fast`]: the same ops made fast for work (both cores, no full sort);
 //! - [`controller`]: the PI controller on the Top-p threshold;
 //! - [`data`]: the built-in synthetic language and byte-level text corpora;
 //! - [`sim`]: the closed-loop simulator (controller on synthetic router logits);
@@ -17,6 +18,7 @@
 pub mod backends;
 pub mod controller;
 pub mod cpu;
+pub mod cpu_fast;
 pub mod data;
 pub mod error;
 pub mod host_reads;

@@ -6,7 +6,7 @@
 
 use burn::backend::{Autodiff, NdArray, Wgpu};
 use burn::tensor::{Tensor, TensorData};
-use dtopp::cpu::CpuReference;
+use dtopp::cpu_fast::CpuFast;
 use dtopp::model::{MoeWeights, Precision, RouteEngine, Selector, moe_forward};
 use dtopp::rng::SplitMix64;
 
@@ -115,7 +115,7 @@ fn moe_layer_past_the_loop_limit_on_wgpu_matches_ndarray() {
     let runs = [
         (
             Selector::TopK(4),
-            RouteEngine::Cpu(CpuReference),
+            RouteEngine::Cpu(CpuFast),
             "kernels (CPU reference)",
         ),
         (top_p, RouteEngine::Device, "device"),

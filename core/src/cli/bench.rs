@@ -26,7 +26,8 @@ pub(crate) enum BenchCommand {
 
 #[derive(Debug, Args)]
 pub(crate) struct RoutingBenchArgs {
-    /// Backend to measure (the CPU reference always runs too, as the baseline).
+    /// Backend to measure (the CPU reference always runs too, as the baseline, unless
+    /// `--no-cpu-baseline`).
     #[arg(long, value_enum, default_value_t = Backend::Cpu)]
     backend: Backend,
     /// N, tokens per call.
@@ -100,17 +101,22 @@ pub(crate) fn run(command: BenchCommand) -> Result<()> {
     );
     let cpu = if !args.no_cpu_baseline {
         measure(&CpuReference, shape, &args, k_max, [0; 5])?
-    } else if matches!(args.backend, Backend::Cpu) {
+    } else if matches!(args.backend, Backend::CpuReference) {
         return Err(Error::param(
             "--no-cpu-baseline",
             "set",
-            "a device backend to measure (--backend wgpu or cuda)",
+            "a backend to measure beside nothing (--backend cpu, wgpu or cuda)",
         ));
     } else {
         Vec::new()
     };
     let (name, device) = match args.backend {
-        Backend::Cpu => ("cpu", None),
+        Backend::CpuReference => ("cpu-reference", None),
+        Backend::Cpu => {
+            let ops = crate::cpu_fast::CpuFast;
+            eprintln!("cpu: the fast routing ops on {} threads", ops.threads());
+            ("cpu", Some(measure(&ops, shape, &args, k_max, [0; 5])?))
+        }
         #[cfg(feature = "wgpu")]
         Backend::Wgpu => {
             let ops = super::wgpu_backend()?;
@@ -142,9 +148,9 @@ pub(crate) fn run(command: BenchCommand) -> Result<()> {
         Some(d) => d
             .iter()
             .map(|t| (name, t))
-            .chain(cpu.iter().map(|t| ("cpu", t)))
+            .chain(cpu.iter().map(|t| ("cpu-reference", t)))
             .collect(),
-        None => cpu.iter().map(|t| ("cpu", t)).collect(),
+        None => cpu.iter().map(|t| ("cpu-reference", t)).collect(),
     };
     if args.json {
         for (backend, t) in &rows {
@@ -164,7 +170,7 @@ pub(crate) fn run(command: BenchCommand) -> Result<()> {
         }
         return Ok(());
     }
-    println!("| backend | op | median µs | GB/s | launches | speed-up vs cpu |");
+    println!("| backend | op | median µs | GB/s | launches | speed-up vs cpu-reference |");
     println!("|---|---|---|---|---|---|");
     for (backend, t) in &rows {
         let speed_up = cpu
@@ -205,7 +211,7 @@ fn median_us<O: RoutingOps>(
 }
 
 /// Times every op; `launches` = kernel launches of drn, select, drn+select, plan, gather
-/// (combine and the controller take as many as gather; 0 everywhere for the CPU).
+/// (combine and the controller take as many as gather; 0 everywhere on the CPU).
 fn measure<O: RoutingOps>(
     ops: &O,
     shape: RouteShape,

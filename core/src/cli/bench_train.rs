@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use clap::Args;
 
 use super::{Backend, RouteOn};
-use crate::cpu::CpuReference;
+use crate::cpu_fast::CpuFast;
 use crate::error::{Error, Result};
 use crate::io::write_atomic;
 use crate::model::{Precision, RouteEngine};
@@ -112,7 +112,7 @@ pub(crate) fn run(args: TrainBenchArgs) -> Result<()> {
                 kind: "process peak RSS (VmHWM)",
                 sample: &process_peak_rss,
             };
-            let engine = route_on.engine(|| Ok(RouteEngine::Cpu(CpuReference)))?;
+            let engine = route_on.engine(|| Ok(RouteEngine::Cpu(CpuFast)))?;
             let device = Default::default();
             let name = engine.describe_on::<NdArray>(&device);
             let t = measure_throughput::<Autodiff<NdArray>>(
@@ -120,6 +120,7 @@ pub(crate) fn run(args: TrainBenchArgs) -> Result<()> {
             )?;
             (t, format!("ndarray (CPU) + {name}"))
         }
+        Backend::CpuReference => return Err(super::reference_runs_no_model()),
         #[cfg(feature = "wgpu")]
         Backend::Wgpu => {
             use burn::backend::wgpu::WgpuDevice;

@@ -20,6 +20,7 @@ pub(crate) trait InferenceJob {
 pub(crate) fn on_inference_backend<J: InferenceJob>(backend: Backend, job: J) -> Result<J::Output> {
     match backend {
         Backend::Cpu => job.run::<burn::backend::NdArray>(&Default::default(), "ndarray (CPU)"),
+        Backend::CpuReference => Err(super::reference_runs_no_model()),
         #[cfg(feature = "wgpu")]
         Backend::Wgpu => {
             let device = super::wgpu_model_device(burn::backend::wgpu::WgpuDevice::DefaultDevice)?;

@@ -24,7 +24,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// Sparsity-controllable dynamic Top-p MoE routing (DTop-p).
 #[derive(Debug, Parser)]
@@ -64,8 +64,11 @@ enum Command {
 /// Where routing ops run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub(crate) enum Backend {
-    /// The CPU reference (plain loops; the spec).
+    /// The CPU: dtopp's fast routing ops on both cores; models on burn ndarray.
     Cpu,
+    /// The CPU reference, the spec in plain loops on one core (the routing commands:
+    /// route, simulate, bench routing).
+    CpuReference,
     /// The WGSL kernels through wgpu (Vulkan, Metal, DX12; lavapipe without a GPU).
     #[cfg(feature = "wgpu")]
     Wgpu,
@@ -78,11 +81,25 @@ impl Backend {
     pub(crate) fn name(self) -> &'static str {
         match self {
             Backend::Cpu => "cpu",
+            Backend::CpuReference => "cpu-reference",
             #[cfg(feature = "wgpu")]
             Backend::Wgpu => "wgpu",
             Backend::Cuda => "cuda",
         }
     }
+}
+
+/// The error of a command that runs a burn model (train, eval, generate, reproduce, bench
+/// train) given `--backend cpu-reference`.
+#[cfg(feature = "train")]
+pub(crate) fn reference_runs_no_model() -> Error {
+    Error::param(
+        "--backend",
+        "cpu-reference",
+        "cpu, wgpu or cuda: the CPU reference runs the routing commands (route, simulate, \
+         bench routing); a model on the CPU runs with --backend cpu (burn ndarray, routing \
+         with the fast CPU ops, which conform to the reference)",
+    )
 }
 
 /// Where a training run selects experts and builds the dispatch plan (`--route-on`).
@@ -93,7 +110,7 @@ pub(crate) enum RouteOn {
     /// of each layer's probabilities: the spec's rule term for term.
     Kernels,
     /// The backend's routing ops ([`crate::model::RoutingBackend`]) on the model's own
-    /// tensors: dtopp's WGSL on burn-wgpu's buffers, the CPU reference on ndarray, burn
+    /// tensors: dtopp's WGSL on burn-wgpu's buffers, the fast CPU ops on ndarray, burn
     /// tensor ops elsewhere. The host reads E + 4 integers per layer (the expert offsets,
     /// the route count, the first non-finite logit and probability, the most experts a
     /// token took).

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::Args;
 
 use super::Backend;
-use crate::cpu::CpuReference;
+use crate::cpu_fast::CpuFast;
 use crate::error::Result;
 use crate::model::RouteEngine;
 use crate::reproduce::{ReproduceOptions, Scale, reproduce};
@@ -47,13 +47,14 @@ pub(crate) fn run(args: ReproduceArgs) -> Result<()> {
     match args.backend {
         Backend::Cpu => {
             use burn::backend::{Autodiff, NdArray};
-            let engine = RouteEngine::Cpu(CpuReference);
+            let engine = RouteEngine::Cpu(CpuFast);
             reproduce::<Autodiff<NdArray>>(
-                &options("ndarray (CPU) + dtopp CPU reference"),
+                &options("ndarray (CPU) + dtopp fast CPU routing"),
                 &Default::default(),
                 &engine,
             )?;
         }
+        Backend::CpuReference => return Err(super::reference_runs_no_model()),
         #[cfg(feature = "wgpu")]
         Backend::Wgpu => {
             use burn::backend::{Autodiff, Wgpu};

@@ -6,6 +6,7 @@ use clap::{Args, ValueEnum};
 
 use super::Backend;
 use crate::cpu::CpuReference;
+use crate::cpu_fast::CpuFast;
 use crate::error::{Error, Result};
 use crate::io::{NpyArray, read_npy_matrix_f32, write_npz};
 use crate::ops::{Normalization, RouteShape, Routed, RoutingOps};
@@ -80,7 +81,10 @@ pub(crate) fn run(args: RouteArgs) -> Result<()> {
     let shape = RouteShape::new(tokens, experts)?;
     check_k_max(args.k_max, experts)?;
     let arrays = match args.backend {
-        Backend::Cpu => route_arrays(&CpuReference, &logits, shape, norm, &rule, args.k_max)?,
+        Backend::Cpu => route_arrays(&CpuFast, &logits, shape, norm, &rule, args.k_max)?,
+        Backend::CpuReference => {
+            route_arrays(&CpuReference, &logits, shape, norm, &rule, args.k_max)?
+        }
         #[cfg(feature = "wgpu")]
         Backend::Wgpu => route_arrays(
             &super::wgpu_backend()?,

@@ -12,6 +12,7 @@ use crate::controller::{
     ControllerConfig, DEFAULT_KI, DEFAULT_KP, DEFAULT_P_MAX, DEFAULT_P_MIN, ThresholdScope,
 };
 use crate::cpu::CpuReference;
+use crate::cpu_fast::CpuFast;
 use crate::error::{Error, Result};
 use crate::ops::RoutingOps;
 use crate::sim::{
@@ -169,7 +170,8 @@ pub(crate) fn run(args: SimulateArgs) -> Result<()> {
     let config = args.config()?;
     // The backend first: if it cannot start, no run directory is created.
     match args.backend {
-        Backend::Cpu => simulate_on(&CpuReference, &args, &config),
+        Backend::Cpu => simulate_on(&CpuFast, &args, &config),
+        Backend::CpuReference => simulate_on(&CpuReference, &args, &config),
         #[cfg(feature = "wgpu")]
         Backend::Wgpu => simulate_on(&super::wgpu_backend()?, &args, &config),
         Backend::Cuda => simulate_on(&super::cuda_backend()?, &args, &config),

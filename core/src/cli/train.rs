@@ -8,7 +8,7 @@ use clap::Args;
 
 use super::devices::{DeviceSpec, parse_devices};
 use super::{Backend, RouteOn};
-use crate::cpu::CpuReference;
+use crate::cpu_fast::CpuFast;
 use crate::error::Result;
 use crate::model::{Precision, RouteEngine};
 use crate::train::{
@@ -45,7 +45,7 @@ pub(crate) struct TrainArgs {
     backend: Backend,
     /// Where experts are selected and the dispatch plan built: `device` (the backend's
     /// routing ops on the model's own tensors: dtopp's WGSL kernels on burn-wgpu's
-    /// buffers, the CPU reference on ndarray, burn tensor ops on CUDA; the host reads E + 4
+    /// buffers, the fast CPU ops on ndarray, burn tensor ops on CUDA; the host reads E + 4
     /// integers per layer), `device-padded` (the same selection, experts on buffers sized
     /// from the previous step, the PI controller on the device: one read per step; an
     /// outgrown step is redone) or `kernels` (dtopp's routing kernels of the backend on a
@@ -159,10 +159,11 @@ pub(crate) fn run(args: TrainArgs) -> Result<()> {
             go!(
                 Autodiff<NdArray>,
                 Default::default(),
-                RouteEngine::Cpu(CpuReference),
+                RouteEngine::Cpu(CpuFast),
                 "ndarray (CPU)"
             );
         }
+        Backend::CpuReference => return Err(super::reference_runs_no_model()),
         #[cfg(feature = "wgpu")]
         Backend::Wgpu => {
             use burn::backend::wgpu::WgpuDevice;
@@ -234,10 +235,11 @@ fn run_data_parallel(args: &TrainArgs, specs: &[DeviceSpec]) -> Result<()> {
             go!(
                 Autodiff<NdArray>,
                 specs.iter().map(|_| Default::default()).collect(),
-                |_| Ok(RouteEngine::Cpu(CpuReference)),
+                |_| Ok(RouteEngine::Cpu(CpuFast)),
                 "ndarray (CPU)"
             );
         }
+        Backend::CpuReference => return Err(super::reference_runs_no_model()),
         #[cfg(feature = "wgpu")]
         Backend::Wgpu => {
             use burn::backend::{Autodiff, Wgpu};

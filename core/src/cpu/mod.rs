@@ -1,5 +1,6 @@
 //! The CPU reference backend: the routing spec as plain, commented loops. Every other
-//! backend is tested against it. It is written to be read, not to be fast.
+//! backend is tested against it. It is written to be read, not to be fast
+//! ([`crate::cpu_fast`] is the fast one; `--backend cpu-reference` selects this one).
 
 mod combine;
 mod controller_update;
@@ -37,7 +38,7 @@ impl RoutingOps for CpuReference {
     type Ints = Vec<i32>;
 
     fn backend_name(&self) -> &'static str {
-        "cpu"
+        "cpu-reference"
     }
 
     fn upload_floats(&self, data: &[f32]) -> Result<Vec<f32>> {

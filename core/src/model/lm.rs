@@ -259,7 +259,7 @@ mod tests {
     use burn::tensor::{Int, Tensor, TensorData};
 
     use super::{MoeLanguageModel, Precision, RoutingPlan};
-    use crate::cpu::CpuReference;
+    use crate::cpu_fast::CpuFast;
     use crate::model::{ModelConfig, RouteEngine, Selector};
 
     type B = NdArray;
@@ -290,7 +290,7 @@ mod tests {
             selectors: vec![Selector::TopK(2); c.moe_layers()],
             bounds: None,
         };
-        let engine = RouteEngine::Cpu(CpuReference);
+        let engine = RouteEngine::Cpu(CpuFast);
         let logits = |tokens: Vec<i64>| -> Vec<f32> {
             let t = Tensor::<B, 2, Int>::from_data(TensorData::new(tokens, [1, 8]), &device);
             let out = model.forward(t, &plan, &engine, Precision::F32).unwrap();

@@ -382,7 +382,7 @@ mod tests {
     use super::{
         LayerRouting, MoeWeights, Precision, RouteEngine, Selector, moe_forward, read_ints,
     };
-    use crate::cpu::CpuReference;
+    use crate::cpu_fast::CpuFast;
     use crate::rng::SplitMix64;
 
     type B = Autodiff<NdArray>;
@@ -470,7 +470,7 @@ mod tests {
                 k_max: None,
             },
         ];
-        let engines = [RouteEngine::Cpu(CpuReference), RouteEngine::Device];
+        let engines = [RouteEngine::Cpu(CpuFast), RouteEngine::Device];
         for (engine, selector) in engines
             .iter()
             .flat_map(|e| selectors.iter().map(move |s| (e, *s)))

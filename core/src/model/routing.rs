@@ -5,7 +5,7 @@
 //! substitute. The probabilities come from the model (burn, differentiable).
 
 use super::routing_backend::RoutingBackend;
-use crate::cpu::CpuReference;
+use crate::cpu_fast::CpuFast;
 use crate::error::{Error, Result};
 use crate::ops::{HostDispatchPlan, HostSelection, RouteShape, RoutingOps};
 
@@ -26,8 +26,8 @@ pub enum Selector {
 /// The routing-ops implementation a run uses for Top-k/Top-p selection and the
 /// dispatch plan.
 pub enum RouteEngine {
-    /// The CPU reference (`dtopp::cpu`).
-    Cpu(CpuReference),
+    /// The fast CPU routing ops (`dtopp::cpu_fast`), which conform to the reference.
+    Cpu(CpuFast),
     /// The WGSL kernels (`dtopp-shaders`) through wgpu.
     #[cfg(feature = "wgpu")]
     Wgpu(Box<crate::backends::WgpuOps>),
@@ -53,7 +53,7 @@ impl RouteEngine {
     /// <adapter>`).
     pub fn describe(&self) -> String {
         match self {
-            RouteEngine::Cpu(_) => "dtopp CPU reference (plain loops)".to_string(),
+            RouteEngine::Cpu(_) => "dtopp fast CPU routing ops".to_string(),
             #[cfg(feature = "wgpu")]
             RouteEngine::Wgpu(ops) => format!("dtopp WGSL kernels on {}", ops.adapter_name()),
             RouteEngine::Cuda(ops) => format!("dtopp CUDA kernels on {}", ops.device_name()),
@@ -67,7 +67,7 @@ impl RouteEngine {
 
     /// [`RouteEngine::describe`], naming what routes on backend `B` for the device
     /// engines (`B`'s [`RoutingBackend::route`]: dtopp's WGSL on burn-wgpu's buffers, the
-    /// CPU reference on burn ndarray, burn tensor ops elsewhere).
+    /// fast CPU ops on burn ndarray, burn tensor ops elsewhere).
     pub fn describe_on<B: RoutingBackend>(&self, device: &B::Device) -> String {
         match self {
             RouteEngine::Device => B::routing_name(device),

@@ -5,7 +5,7 @@
 use std::sync::mpsc::{Receiver, Sender, TryRecvError, channel};
 use std::thread::JoinHandle;
 
-use dtopp::cpu::CpuReference;
+use dtopp::cpu_fast::CpuFast;
 use dtopp::metrics::{RoutingSample, StepMetrics};
 use dtopp::model::RouteEngine;
 use dtopp::train::{Preset, RoutingMode, TrainConfig, TrainSession};
@@ -230,7 +230,7 @@ fn worker(
     let result = match backend {
         LiveBackend::Cpu => {
             use burn::backend::{Autodiff, NdArray};
-            let engine = RouteEngine::Cpu(CpuReference);
+            let engine = RouteEngine::Cpu(CpuFast);
             train_loop::<Autodiff<NdArray>>(
                 &config,
                 &Default::default(),

@@ -3,7 +3,8 @@
 //! on the backend with default methods; `examples/custom-wgpu-kernel` in burn 0.21).
 //!
 //! - **Default methods** are burn tensor ops ([`super::device_routing`]): any backend.
-//! - **ndarray** ([`ndarray`]) runs the CPU reference on the tensors' host memory.
+//! - **ndarray** ([`ndarray`]) runs the fast CPU ops ([`crate::cpu_fast`]) on the tensors'
+//!   host memory.
 //! - **wgpu** ([`wgpu`]) runs dtopp's own `.wgsl` kernels (`dtopp-shaders`, the text
 //!   `dtopp route` and the browser run) on burn's own buffers, on burn's own device and
 //!   queue: no second device, no host copy of the probabilities.

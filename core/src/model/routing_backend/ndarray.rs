@@ -1,10 +1,11 @@
-//! burn ndarray routes with the CPU reference, on the tensors' own host memory.
+//! burn ndarray routes with dtopp's fast CPU ops (which conform to the reference), on the
+//! tensors' own host memory.
 
 use burn::backend::NdArray;
 use burn::tensor::{Int, Tensor, TensorData};
 
 use super::{RoutingBackend, mask_and_rank, route_from_host, within};
-use crate::cpu::CpuReference;
+use crate::cpu_fast::CpuFast;
 use crate::error::{Error, Result};
 use crate::model::device_routing::{DeviceRoute, non_finite_logit, select_ranked};
 use crate::model::routing::Selector;
@@ -12,7 +13,7 @@ use crate::ops::{HostSelection, RouteShape, RoutingOps};
 
 impl RoutingBackend for NdArray {
     fn routing_name(_device: &Self::Device) -> String {
-        "dtopp CPU reference (plain loops) on burn ndarray's host tensors".to_string()
+        "dtopp fast CPU routing ops on burn ndarray's host tensors".to_string()
     }
 
     fn route(
@@ -28,7 +29,7 @@ impl RoutingBackend for NdArray {
             return Err(non_finite_logit(&logits, flat));
         }
         let selection = select_on_host(host(&probs)?, n, e, selector, threshold)?;
-        let cpu = CpuReference;
+        let cpu = CpuFast;
         let plan = cpu.read_plan(&cpu.dispatch_plan(&selection)?)?;
         Ok(route_from_host(&selection, &plan, &probs.device()))
     }
@@ -56,7 +57,7 @@ impl RoutingBackend for NdArray {
     }
 }
 
-/// The CPU reference's selection of probabilities `p` `[N, E]` (the threshold read out of
+/// The fast CPU selection of probabilities `p` `[N, E]` (the threshold read out of
 /// host memory).
 fn select_on_host(
     p: Vec<f32>,
@@ -66,7 +67,7 @@ fn select_on_host(
     threshold: Option<Tensor<NdArray, 1>>,
 ) -> Result<HostSelection> {
     let shape = RouteShape::new(n, e)?;
-    let cpu = CpuReference;
+    let cpu = CpuFast;
     Ok(match selector {
         Selector::TopK(k) => cpu.top_k(&p, shape, k)?,
         Selector::TopP {
