@@ -215,8 +215,8 @@ pub fn moe_forward<B: RoutingBackend>(
     bounds: Option<ExpertBounds>,
     precision: Precision,
 ) -> Result<MoeForward<B>> {
-    let [n, d] = x.dims();
-    let [e, _, f] = w.gate.dims();
+    let [n, _] = x.dims();
+    let [e, _, _] = w.gate.dims();
     RouteShape::new(n, e)?;
 
     // Router and normalization (differentiable).
@@ -274,20 +274,10 @@ pub fn moe_forward<B: RoutingBackend>(
 
     // Dispatch: token rows in expert-major order; each expert on its contiguous slice.
     let xs = gather_rows(x, &route_tokens, plan.token_slots.as_ref());
-    let mut outputs = Vec::new();
-    for j in 0..e {
-        let (start, end) = (plan.expert_offsets[j], plan.expert_offsets[j + 1]);
-        if start == end {
-            continue;
-        }
-        let rows = xs.clone().slice([start..end, 0..d]);
-        let gate = w.gate.clone().slice([j..j + 1, 0..d, 0..f]).reshape([d, f]);
-        let up = w.up.clone().slice([j..j + 1, 0..d, 0..f]).reshape([d, f]);
-        let down = w.down.clone().slice([j..j + 1, 0..f, 0..d]).reshape([f, d]);
-        let hidden = silu(precision.matmul(rows.clone(), gate)) * precision.matmul(rows, up);
-        outputs.push(precision.matmul(hidden, down));
-    }
-    let ys = Tensor::cat(outputs, 0);
+    let offsets = &plan.expert_offsets;
+    let gate = B::grouped_matmul(xs.clone(), w.gate.clone(), offsets, precision);
+    let up = B::grouped_matmul(xs, w.up.clone(), offsets, precision);
+    let ys = B::grouped_matmul(silu(gate) * up, w.down.clone(), offsets, precision);
 
     // Combine: weighted rows added back to their tokens.
     let output = sum_rows(ys, g, plan.token_slots.as_ref(), &route_tokens, n);
