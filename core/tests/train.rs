@@ -7,7 +7,7 @@ use burn::module::Param;
 use burn::optim::GradientsParams;
 use burn::tensor::{Int, Tensor, TensorData};
 
-use dtopp::cpu::CpuReference;
+use dtopp::cpu_fast::CpuFast;
 use dtopp::model::{ModelConfig, MoeLanguageModel, Precision, RouteEngine, RoutingPlan, Selector};
 use dtopp::rng::SplitMix64;
 use dtopp::train::{
@@ -62,7 +62,7 @@ fn a_tiny_model_overfits_a_short_sequence() {
         ],
         bounds: None,
     };
-    let engine = RouteEngine::Cpu(CpuReference);
+    let engine = RouteEngine::Cpu(CpuFast);
     let mut optim_config = Preset::Tiny.config().optimizer;
     optim_config.weight_decay = 0.0;
     let mut optimizer = AdamW::<B>::new(optim_config);
@@ -98,7 +98,7 @@ fn probe(
         .forward(
             inputs.clone(),
             plan,
-            &RouteEngine::Cpu(CpuReference),
+            &RouteEngine::Cpu(CpuFast),
             Precision::F32,
         )
         .unwrap();
@@ -218,7 +218,7 @@ fn train_quietly(config: &TrainConfig, name: &str) -> (RunSummary, std::path::Pa
     let summary = train::<B>(
         config,
         &Default::default(),
-        &RouteEngine::Cpu(CpuReference),
+        &RouteEngine::Cpu(CpuFast),
         &TrainOptions {
             out: &out,
             progress: false,
@@ -421,7 +421,7 @@ fn token_shards_train_and_out_of_vocabulary_tokens_are_named() {
     let err = train::<B>(
         &config,
         &Default::default(),
-        &RouteEngine::Cpu(CpuReference),
+        &RouteEngine::Cpu(CpuFast),
         &TrainOptions {
             out: &dir.join("bad-run"),
             progress: false,
