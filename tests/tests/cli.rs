@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use dtopp::cpu::CpuReference;
+use dtopp::cpu_fast::CpuFast;
 use dtopp::io::{NpyArray, NpyData, read_npz};
 use dtopp::ops::{Normalization, RouteShape, RoutingOps};
 use dtopp::rng::SplitMix64;
@@ -117,14 +118,20 @@ fn simulate_writes_metrics_and_prints_a_summary() {
 
 #[test]
 fn route_writes_the_arrays_the_library_computes() {
-    let dir = scratch("route");
+    // `--backend cpu` (the default) is the fast CPU ops, `cpu-reference` the spec: each
+    // writes exactly what its library ops compute.
+    route_matches(&CpuFast, "cpu");
+    route_matches(&CpuReference, "cpu-reference");
+}
+
+fn route_matches<O: RoutingOps<Floats = Vec<f32>, Ints = Vec<i32>>>(cpu: &O, backend: &str) {
+    let dir = scratch(&format!("route-{backend}"));
     let (n, e) = (37, 10);
     let logits = random_logits(n, e, 5);
     let input = dir.join("logits.npy");
     write_npy(&input, &NpyArray::f32(vec![n, e], logits.clone()));
     let shape = RouteShape::new(n, e).unwrap();
     let norm = Normalization::Drn { theta: 1.5 };
-    let cpu = CpuReference;
     let probs = cpu.drn_forward(&logits, shape, norm).unwrap();
 
     for (mode, extra, selection) in [
@@ -146,6 +153,8 @@ fn route_writes_the_arrays_the_library_computes() {
             extra[1],
             "--theta",
             "1.5",
+            "--backend",
+            backend,
             "--out",
             out_path.to_str().unwrap(),
         ]);
@@ -426,7 +435,7 @@ fn train_writes_a_run_directory_and_refuses_bad_input() {
     let (_, err) = text(&out);
     assert!(out.status.success(), "{err}");
     assert!(
-        err.contains("selection and dispatch plan: dtopp CPU reference"),
+        err.contains("selection and dispatch plan: dtopp fast CPU routing ops"),
         "{err}"
     );
     assert!(err.contains("step 10/10"), "{err}");
@@ -525,7 +534,7 @@ fn train_on_wgpu_follows_the_cpu_run() {
     )
     .unwrap();
     let mut runs = Vec::new();
-    // The backend's routing ops on the model's tensors (the default: the CPU reference on
+    // The backend's routing ops on the model's tensors (the default: the fast CPU ops on
     // ndarray, the WGSL kernels on burn-wgpu's buffers), in padded expert buffers with no
     // read-back per layer (`--route-on device-padded`), and the WGSL kernels on a host
     // copy of each layer's probabilities (`--route-on kernels`).
@@ -534,7 +543,7 @@ fn train_on_wgpu_follows_the_cpu_run() {
             "cpu",
             "cpu",
             None,
-            "selection and dispatch plan: dtopp CPU reference",
+            "selection and dispatch plan: dtopp fast CPU routing ops",
         ),
         (
             "wgpu",
