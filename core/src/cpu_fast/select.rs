@@ -135,16 +135,24 @@ fn candidates(row: &[f32], rule: Rule, idx: &mut [u32], val: &mut [f32]) -> usiz
 #[inline]
 fn insertion_sort(idx: &mut [u32], val: &mut [f32]) {
     for i in 1..val.len() {
-        let (v, j) = (val[i], idx[i]);
-        let mut pos = i;
-        while pos > 0 && val[pos - 1] < v {
-            val[pos] = val[pos - 1];
-            idx[pos] = idx[pos - 1];
-            pos -= 1;
-        }
-        val[pos] = v;
-        idx[pos] = j;
+        insert_ranked(idx, val, i, idx[i], val[i]);
     }
+}
+
+/// Inserts expert `j` with probability `v` into the rank-ordered `idx[..len]` /
+/// `val[..len]`, moving the lower-ranked ones up one slot (`len < idx.len()`). `<`, not
+/// `<=`: a later expert goes after its equals (and -0.0 ties with 0.0, as in the
+/// reference's partial_cmp).
+#[inline]
+fn insert_ranked(idx: &mut [u32], val: &mut [f32], len: usize, j: u32, v: f32) {
+    let mut pos = len;
+    while pos > 0 && val[pos - 1] < v {
+        val[pos] = val[pos - 1];
+        idx[pos] = idx[pos - 1];
+        pos -= 1;
+    }
+    val[pos] = v;
+    idx[pos] = j;
 }
 
 /// `k` from the ranked prefix `val`; `None` when the prefix is too short to tell
@@ -180,16 +188,7 @@ fn top_ranked(row: &[f32], cap: usize, idx: &mut [u32], val: &mut [f32]) -> usiz
             }
             filled -= 1;
         }
-        let mut pos = filled;
-        // `<`, not `<=`: a later expert goes after its equals (and -0.0 ties with 0.0,
-        // as in the reference's partial_cmp).
-        while pos > 0 && val[pos - 1] < v {
-            val[pos] = val[pos - 1];
-            idx[pos] = idx[pos - 1];
-            pos -= 1;
-        }
-        val[pos] = v;
-        idx[pos] = j as u32;
+        insert_ranked(idx, val, filled, j as u32, v);
         filled += 1;
     }
     filled
