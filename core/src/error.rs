@@ -49,6 +49,15 @@ pub enum Error {
     #[error("cannot parse {what}: {message}")]
     Parse { what: &'static str, message: String },
 
+    /// A training run would not fit in its device's memory; refused before allocating.
+    #[error("the run does not fit on {device}: it needs {needed}, but {available}; {drivers}")]
+    DoesNotFit {
+        device: String,
+        needed: String,
+        available: String,
+        drivers: String,
+    },
+
     /// A backend could not be created or failed on the device.
     #[error("backend {backend}: {message}")]
     Backend {

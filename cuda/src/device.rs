@@ -140,6 +140,23 @@ pub fn compiled_modules() -> Result<&'static [(&'static str, Ptx)], CudaError> {
     }
 }
 
+/// Free and total bytes of device `ordinal`'s memory, as the driver reports them (for
+/// refusing a training run that cannot fit before anything is allocated).
+pub fn device_memory(ordinal: usize) -> Result<(u64, u64), CudaError> {
+    if !driver_present() {
+        return Err(CudaError::MissingLibrary {
+            library: "the NVIDIA driver (libcuda)",
+            hint: "this machine has no NVIDIA driver; use --backend wgpu or cpu",
+        });
+    }
+    let ctx = CudaContext::new(ordinal).map_err(|e| CudaError::NoDevice {
+        ordinal,
+        message: e.to_string(),
+    })?;
+    let (free, total) = ctx.mem_get_info().map_err(driver("memory info"))?;
+    Ok((free as u64, total as u64))
+}
+
 fn driver(what: &'static str) -> impl Fn(cudarc::driver::DriverError) -> CudaError {
     move |e| CudaError::Driver {
         what,

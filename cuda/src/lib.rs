@@ -21,11 +21,11 @@ mod stand_in;
 #[cfg(feature = "cuda")]
 pub use device::{
     CudaKernels, DeviceBuffer, DispatchBuffers, FUSED_MAX_EXPERTS, RoutedBuffers, SelectionBuffers,
-    compiled_modules, driver_present, nvrtc_present,
+    compiled_modules, device_memory, driver_present, nvrtc_present,
 };
 pub use error::CudaError;
 #[cfg(not(feature = "cuda"))]
 pub use stand_in::{
     CudaKernels, DeviceBuffer, DispatchBuffers, FUSED_MAX_EXPERTS, RoutedBuffers, SelectionBuffers,
-    driver_present, nvrtc_present,
+    device_memory, driver_present, nvrtc_present,
 };

@@ -75,6 +75,11 @@ pub fn nvrtc_present() -> bool {
     false
 }
 
+/// Always [`CudaError::NotBuilt`].
+pub fn device_memory(_ordinal: usize) -> Result<(u64, u64), CudaError> {
+    Err(CudaError::NotBuilt)
+}
+
 /// The kernels (never constructed in this build).
 #[derive(Debug)]
 pub struct CudaKernels(Never);

@@ -439,6 +439,10 @@ fn train_writes_a_run_directory_and_refuses_bad_input() {
         "{err}"
     );
     assert!(err.contains("step 10/10"), "{err}");
+    assert!(
+        err.contains("memory: about"),
+        "the estimate is printed: {err}"
+    );
     let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
     assert_eq!(metrics.lines().count(), 10);
     let last: serde_json::Value = serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
@@ -671,6 +675,76 @@ fn a_batch_past_the_adapters_loop_limit_trains_on_wgpu_as_on_the_cpu() {
         );
     }
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_run_that_cannot_fit_is_refused_before_it_allocates() {
+    // 10^8 experts: the router alone is 25.6 GB; this used to abort in the allocator.
+    let dir = scratch("does-not-fit");
+    let config = dir.join("c.toml");
+    std::fs::write(&config, "[model]\nexperts = 100000000\n").unwrap();
+    let out_dir = dir.join("run");
+    let out = dtopp(&[
+        "train",
+        "--config",
+        config.to_str().unwrap(),
+        "--out",
+        out_dir.to_str().unwrap(),
+    ]);
+    let (_, err) = text(&out);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a clean error, not a signal: {err}"
+    );
+    for needle in [
+        "does not fit on",
+        "parameters",
+        "AdamW moments",
+        "host memory available",
+        "model.experts",
+    ] {
+        assert!(err.contains(needle), "{needle}: {err}");
+    }
+    assert!(!out_dir.exists(), "refused before anything is written");
+}
+
+#[test]
+fn a_tensor_past_the_adapters_largest_binding_is_refused_on_wgpu() {
+    let Some(ops) = dtopp_tests::wgpu_or_skip() else {
+        return;
+    };
+    if !ops.adapter_name().contains("llvmpipe") {
+        println!(
+            "SKIPPED: the 128 MiB binding limit is lavapipe's, not {}'s",
+            ops.adapter_name()
+        );
+        return;
+    }
+    // 64 experts x 64 x 16384 x 4 bytes = 256 MiB per expert weight, past lavapipe's
+    // 128 MiB per storage binding, while the whole run fits in the host's memory.
+    let dir = scratch("binding-limit");
+    let config = dir.join("c.toml");
+    std::fs::write(&config, "[model]\nexperts = 64\nexpert_hidden = 16384\n").unwrap();
+    let out_dir = dir.join("run");
+    let out = dtopp(&[
+        "train",
+        "--config",
+        config.to_str().unwrap(),
+        "--backend",
+        "wgpu",
+        "--out",
+        out_dir.to_str().unwrap(),
+    ]);
+    let (_, err) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("does not fit on")
+            && err.contains("max_storage_buffer_binding_size")
+            && err.contains("model.expert_hidden"),
+        "{err}"
+    );
+    assert!(!out_dir.exists(), "refused before anything is written");
 }
 
 #[test]
@@ -920,6 +994,9 @@ fn bench_train_reports_throughput_mfu_and_memory() {
     let tflops = flops * tokens_per_sec / 1e12;
     assert!((r["mfu"].as_f64().unwrap() - tflops / 0.5).abs() < 1e-9 + 1e-9 * tflops);
     assert!(r["peak_memory_bytes"].as_u64().unwrap() > 1 << 20, "{r}");
+    // The estimate made before the run is printed beside the measured peak.
+    let estimate = r["memory_estimate_bytes"].as_f64().unwrap();
+    assert!(estimate > 4.0 * 3.0 * model.parameters() as f64, "{r}");
     assert!(r["last_loss"].as_f64().unwrap().is_finite());
     // The config handed to bench/torch_moe.py is the resolved one.
     let written: dtopp::train::TrainConfig =

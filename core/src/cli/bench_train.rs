@@ -196,25 +196,26 @@ fn report(t: &Throughput, backend: &str, json: bool) {
         println!("{value}");
         return;
     }
-    let memory = t.peak_memory_bytes.map_or_else(
-        || "-".to_string(),
-        |b| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64),
-    );
+    let gib = |b: f64| format!("{:.3} GiB", b / (1u64 << 30) as f64);
+    let memory = t
+        .peak_memory_bytes
+        .map_or_else(|| "-".to_string(), |b| gib(b as f64));
     let mfu = t
         .mfu
         .map_or_else(|| "-".to_string(), |m| format!("{:.1} %", 100.0 * m));
     println!(
-        "| backend | mode | tokens/s | median step | a_t | model TFLOP/s | MFU | peak memory | host reads per step |"
+        "| backend | mode | tokens/s | median step | a_t | model TFLOP/s | MFU | peak memory | estimated before the run | host reads per step |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     println!(
-        "| {backend} | {} | {:.0} | {:.3} s | {:.3} | {:.3} | {mfu} | {memory} ({}) | {:.1} |",
+        "| {backend} | {} | {:.0} | {:.3} s | {:.3} | {:.3} | {mfu} | {memory} ({}) | {} | {:.1} |",
         t.mode,
         t.tokens_per_sec,
         t.median_step_s,
         t.active_experts,
         t.model_tflops,
         t.peak_memory_kind,
+        gib(t.memory_estimate_bytes),
         t.host_reads_per_step
     );
     if let Some(usage) = t.padded {

@@ -6,6 +6,7 @@
 mod attention;
 mod config;
 mod dense;
+mod device_memory;
 mod device_routing;
 mod drn;
 mod grouped_matmul;
@@ -25,6 +26,7 @@ mod token_embedding;
 pub use attention::{CausalSelfAttention, causal_mask};
 pub use config::ModelConfig;
 pub use dense::DenseFfn;
+pub use device_memory::{DeviceMemory, DeviceMemoryBackend};
 pub use device_routing::non_finite_logit;
 pub(crate) use device_routing::read_ints;
 pub use device_routing::{DeviceRoute, route_on_device, select as select_on_device};

@@ -14,6 +14,7 @@ mod evaluate;
 mod export;
 mod loop_limit;
 mod losses;
+mod memory_estimate;
 mod mode;
 mod param_values;
 mod schedule;
@@ -43,6 +44,7 @@ pub use losses::{
     LossParts, cross_entropy, load_balance, load_balance_on_device, router_entropy, total_loss,
     total_loss_on_device, z_loss,
 };
+pub use memory_estimate::{MemoryEstimate, check_fits};
 pub use mode::RoutingMode;
 pub(crate) use param_values::load_params;
 pub use schedule::learning_rate;

@@ -20,6 +20,7 @@ use super::device_control::DeviceControl;
 use super::evaluate::{Evaluation, batch_tensors, evaluate, host_f32, routing_sample};
 use super::loop_limit::check_loop_limits;
 use super::losses::{LossParts, total_loss, total_loss_on_device};
+use super::memory_estimate::check_fits;
 use super::mode::RoutingMode;
 use super::param_values::{NumberParams, load_params};
 use super::schedule::learning_rate;
@@ -123,6 +124,11 @@ impl<'e, B: TrainingBackend> TrainSession<'e, B> {
         config.validate()?;
         check_world(config, rank)?;
         check_loop_limits::<B>(config, device)?;
+        if rank.is_none() {
+            // A data-parallel run checked the whole world before its ranks started (each
+            // rank's own check would count the others' models as already used).
+            check_fits::<B>(config, device)?;
+        }
         let run = &config.run;
         let (corpus, validation, snippet) = open_data(config, rank)?;
         let model =
@@ -199,6 +205,9 @@ impl<'e, B: TrainingBackend> TrainSession<'e, B> {
         config.validate()?;
         check_world(&config, rank)?;
         check_loop_limits::<B>(&config, device)?;
+        if rank.is_none() {
+            check_fits::<B>(&config, device)?;
+        }
         let (corpus, validation, snippet) = open_data(&config, rank)?;
         let fresh = MoeLanguageModel::<B>::new(&config.model, config.run.seed, device)?;
         let (model, ids) = load_params(fresh, header, params)?;

@@ -8,6 +8,7 @@ use crate::model::TrainingBackend;
 use serde::Serialize;
 
 use super::config::TrainConfig;
+use super::memory_estimate::MemoryEstimate;
 use super::session::TrainSession;
 use crate::error::{Error, Result};
 use crate::host_reads;
@@ -40,6 +41,9 @@ pub struct Throughput {
     pub peak_memory_bytes: Option<u64>,
     /// How `peak_memory_bytes` was measured.
     pub peak_memory_kind: String,
+    /// What the run was estimated to need before it started
+    /// ([`super::MemoryEstimate::total`]), bytes: compare with the measured peak.
+    pub memory_estimate_bytes: f64,
     /// Final training loss (sanity: the steps really trained).
     pub last_loss: f64,
     /// Reads of the backend's results by the host per timed optimizer step, counted
@@ -156,6 +160,7 @@ pub fn measure_throughput<B: TrainingBackend>(
         mfu: peak_tflops.map(|peak| model_tflops / peak),
         peak_memory_bytes: peak_memory,
         peak_memory_kind: memory.kind.to_string(),
+        memory_estimate_bytes: MemoryEstimate::of(&config, 1).total(),
         last_loss,
         host_reads_per_step: reads as f64 / steps as f64,
         padded: session.padded_usage(),

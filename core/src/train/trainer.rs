@@ -8,6 +8,7 @@ use crate::model::TrainingBackend;
 use super::checkpoint::{Checkpoint, latest_checkpoint, write_checkpoint};
 use super::config::TrainConfig;
 use super::loop_limit::check_loop_limits;
+use super::memory_estimate::{MemoryEstimate, check_fits};
 use super::session::TrainSession;
 use crate::error::{Error, Result};
 use crate::io::write_atomic;
@@ -48,14 +49,15 @@ pub fn train<B: TrainingBackend>(
 }
 
 /// Refuses, before anything is written, `run.precision` where the backend on `device`
-/// cannot run it, and a vocabulary or micro-batch whose loops would reach the device's
-/// shader loop limit.
+/// cannot run it, a vocabulary or micro-batch whose loops would reach the device's
+/// shader loop limit, and a run that cannot fit in the device's memory.
 pub(super) fn check_backend<B: TrainingBackend>(
     config: &TrainConfig,
     device: &B::Device,
 ) -> Result<()> {
     config.run.precision.check::<B>(device, &B::name(device))?;
-    check_loop_limits::<B>(config, device)
+    check_loop_limits::<B>(config, device)?;
+    check_fits::<B>(config, device).map(|_| ())
 }
 
 /// Checks `config`, creates the run directory (refusing one that holds a run) and
@@ -73,6 +75,10 @@ pub(super) fn begin_run(config: &TrainConfig, options: &TrainOptions) -> Result<
         config.model.experts,
         config.model.expert_hidden,
         config.model.d_model
+    ));
+    options.say(format!(
+        "memory: {} per rank",
+        MemoryEstimate::of(config, 1).describe()
     ));
     Ok(())
 }

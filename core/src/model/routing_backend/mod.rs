@@ -23,6 +23,7 @@ use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
 
+use super::device_memory::DeviceMemoryBackend;
 use super::device_routing::{DeviceRoute, route_on_device, select_ranked};
 use super::grouped_matmul::GroupedMatmulBackend;
 use super::routed_rows::gathers;
@@ -31,7 +32,7 @@ use crate::error::Result;
 use crate::ops::{HostDispatchPlan, HostSelection};
 
 /// A burn backend that routes MoE layers: every backend the model trains on.
-pub trait RoutingBackend: GroupedMatmulBackend {
+pub trait RoutingBackend: GroupedMatmulBackend + DeviceMemoryBackend {
     /// What selects and plans on `device`, for the training log.
     fn routing_name(_device: &Self::Device) -> String {
         "burn tensor ops on the model's device (pairwise ranks, blocked scan)".to_string()

@@ -69,6 +69,18 @@ pub fn setup(device: &WgpuDevice) -> Result<String> {
     Ok(adapter)
 }
 
+/// The adapter and limits of a device set up through [`setup`], `None` before that.
+pub(crate) fn adapter(
+    device: &WgpuDevice,
+) -> Option<(
+    dtopp_shaders::wgpu::AdapterInfo,
+    dtopp_shaders::wgpu::Limits,
+)> {
+    let kernels = kernels(device).ok()?;
+    let context = kernels.context();
+    Some(((*context.info).clone(), context.device.limits()))
+}
+
 fn kernels(device: &WgpuDevice) -> Result<Arc<RoutingKernels>> {
     let devices = DEVICES.lock().unwrap_or_else(PoisonError::into_inner);
     devices
