@@ -25,6 +25,12 @@ use super::precision::Precision;
 
 /// A backend with the experts' grouped matrix product.
 pub trait GroupedMatmulBackend: Backend {
+    /// Whether the experts' products run side by side on the host's cores (rayon, one
+    /// expert per task). The CPU backend: burn ndarray multiplies on one core, and its
+    /// own threaded build lost on these shapes because it splits every elementwise op
+    /// (docs/benchmarks.md, "CPU speed"); a whole product per task is coarse enough.
+    const PARALLEL_EXPERTS: bool = false;
+
     /// `out[m] = xs[m] @ w[e]` for the rows `m` in `offsets[e]..offsets[e + 1]` of each
     /// expert `e` (`offsets` has `E + 1` entries, ending at `M`); products in
     /// `precision`. The default slices per expert, which costs nothing outside autodiff.
@@ -35,16 +41,17 @@ pub trait GroupedMatmulBackend: Backend {
         precision: Precision,
     ) -> Tensor<Self, 2> {
         let [_, d, f] = w.dims();
-        let mut outputs = Vec::with_capacity(offsets.len().saturating_sub(1));
-        for (e, pair) in offsets.windows(2).enumerate() {
-            let (start, end) = (pair[0], pair[1]);
-            if start == end {
-                continue;
-            }
-            let rows = xs.clone().slice([start..end, 0..d]);
-            let matrix = w.clone().slice([e..e + 1, 0..d, 0..f]).reshape([d, f]);
-            outputs.push(precision.matmul(rows, matrix));
-        }
+        let outputs: Vec<Tensor<Self, 2>> =
+            per_expert::<Self, _>(offsets, [d, f], |e, start, end| {
+                (start < end).then(|| {
+                    let rows = xs.clone().slice([start..end, 0..d]);
+                    let matrix = w.clone().slice([e..e + 1, 0..d, 0..f]).reshape([d, f]);
+                    precision.matmul(rows, matrix)
+                })
+            })
+            .into_iter()
+            .flatten()
+            .collect();
         if outputs.is_empty() {
             return Tensor::zeros([0, f], &xs.device());
         }
@@ -52,14 +59,41 @@ pub trait GroupedMatmulBackend: Backend {
     }
 }
 
-impl GroupedMatmulBackend for burn::backend::NdArray {}
+/// The multiply-adds an expert's product must average before the products run side by
+/// side. Measured with `dtopp bench train` on 2 cores: the tiny preset's products (about
+/// 2^20 each) ran 6% slower side by side, bench/cpu-mid.toml's (2^23) 3% faster.
+const PARALLEL_MIN_MACS: usize = 1 << 22;
+
+/// `product(e, start, end)` for every expert `e` and its rows `start..end`, in expert
+/// order; side by side where [`GroupedMatmulBackend::PARALLEL_EXPERTS`] and the products
+/// (`[rows, inner] x [inner, cols]` each) are large enough.
+fn per_expert<B: GroupedMatmulBackend, T: Send>(
+    offsets: &[usize],
+    [inner, cols]: [usize; 2],
+    product: impl Fn(usize, usize, usize) -> T + Send + Sync,
+) -> Vec<T> {
+    use rayon::prelude::*;
+    let experts = offsets.len().saturating_sub(1);
+    let one = |e: usize| product(e, offsets[e], offsets[e + 1]);
+    let rows = offsets.last().copied().unwrap_or(0);
+    let macs_per_expert = rows.saturating_mul(inner).saturating_mul(cols) / experts.max(1);
+    if B::PARALLEL_EXPERTS && macs_per_expert >= PARALLEL_MIN_MACS {
+        (0..experts).into_par_iter().map(one).collect()
+    } else {
+        (0..experts).map(one).collect()
+    }
+}
+
+impl GroupedMatmulBackend for burn::backend::NdArray {
+    const PARALLEL_EXPERTS: bool = true;
+}
 impl GroupedMatmulBackend for burn::backend::Wgpu {}
 #[cfg(feature = "cuda")]
 impl GroupedMatmulBackend for burn::backend::Cuda {}
 
 /// `dW` of [`GroupedMatmulBackend::grouped_matmul`]: `X_e^T dY_e` per expert, zeros for
 /// an expert without rows, stacked to `[E, D, F]`.
-fn weight_grad<B: Backend>(
+fn weight_grad<B: GroupedMatmulBackend>(
     xs: Tensor<B, 2>,
     grad: Tensor<B, 2>,
     dims: [usize; 3],
@@ -68,18 +102,14 @@ fn weight_grad<B: Backend>(
 ) -> Tensor<B, 3> {
     let [_, d, f] = dims;
     let device = xs.device();
-    let per_expert: Vec<Tensor<B, 2>> = offsets
-        .windows(2)
-        .map(|pair| {
-            let (start, end) = (pair[0], pair[1]);
-            if start == end {
-                return Tensor::zeros([d, f], &device);
-            }
-            let rows = xs.clone().slice([start..end, 0..d]);
-            let g = grad.clone().slice([start..end, 0..f]);
-            precision.matmul(rows.transpose(), g)
-        })
-        .collect();
+    let per_expert = per_expert::<B, _>(offsets, [d, f], |_, start, end| {
+        if start == end {
+            return Tensor::zeros([d, f], &device);
+        }
+        let rows = xs.clone().slice([start..end, 0..d]);
+        let g = grad.clone().slice([start..end, 0..f]);
+        precision.matmul(rows.transpose(), g)
+    });
     Tensor::stack(per_expert, 0)
 }
 
@@ -174,20 +204,27 @@ mod tests {
 
     #[test]
     fn forward_and_gradients_equal_the_sliced_products() {
-        let device = Default::default();
         // Five experts (not a power of two), one without rows, one with a single row.
-        let offsets = [0usize, 3, 3, 4, 9, 12];
-        let (m, d, f) = (12, 6, 7);
+        equals_the_sliced_products(&[0, 3, 3, 4, 9, 12], 6, 7);
+        // Products large enough to run side by side on the CPU (PARALLEL_MIN_MACS).
+        let offsets = [0, 1100, 1100, 2300];
+        assert!(2300 * 64 * 96 / 3 >= super::PARALLEL_MIN_MACS);
+        equals_the_sliced_products(&offsets, 64, 96);
+    }
+
+    fn equals_the_sliced_products(offsets: &[usize], d: usize, f: usize) {
+        let device = Default::default();
+        let (m, experts) = (offsets[offsets.len() - 1], offsets.len() - 1);
         let xs0 = Tensor::<B, 2>::random([m, d], Distribution::Normal(0.0, 1.0), &device);
-        let w0 = Tensor::<B, 3>::random([5, d, f], Distribution::Normal(0.0, 1.0), &device);
+        let w0 = Tensor::<B, 3>::random([experts, d, f], Distribution::Normal(0.0, 1.0), &device);
         let up = Tensor::<B, 2>::random([m, f], Distribution::Normal(0.0, 1.0), &device);
         let run = |grouped: bool| {
             let xs = xs0.clone().require_grad();
             let w = w0.clone().require_grad();
             let y = if grouped {
-                B::grouped_matmul(xs.clone(), w.clone(), &offsets, Precision::F32)
+                B::grouped_matmul(xs.clone(), w.clone(), offsets, Precision::F32)
             } else {
-                sliced(xs.clone(), w.clone(), &offsets)
+                sliced(xs.clone(), w.clone(), offsets)
             };
             let grads = (y.clone() * up.clone()).sum().backward();
             let values = |t: Tensor<NdArray, 2>| t.into_data().to_vec::<f32>().unwrap();
@@ -212,5 +249,7 @@ mod tests {
         close(&got.2, &want.2, "dW");
         // The expert without rows gets a zero gradient.
         assert!(got.2[d * f..2 * d * f].iter().all(|&v| v == 0.0));
+        // The same products, side by side or not: the output is bit-identical.
+        assert_eq!(got.0, want.0);
     }
 }
