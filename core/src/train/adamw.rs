@@ -12,6 +12,7 @@ use burn::optim::GradientsParams;
 use burn::tensor::Tensor;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 
+use super::adamw_update::{AdamWStep, AdamWUpdateBackend, Scale};
 use super::config::OptimizerConfig;
 
 struct Moments<B: Backend> {
@@ -87,7 +88,9 @@ impl<B: AutodiffBackend> AdamW<B> {
             })
             .collect();
     }
+}
 
+impl<B: AutodiffBackend<InnerBackend: AdamWUpdateBackend>> AdamW<B> {
     /// One update of `module` with learning rate `lr`. Returns the updated module and the
     /// global gradient norm before clipping (read back: the host decides the clipping).
     pub fn step<M: AutodiffModule<B>>(
@@ -165,14 +168,6 @@ fn squared_norm<B: AutodiffBackend, M: AutodiffModule<B>>(
     norm.total
 }
 
-/// The factor every gradient is multiplied by (global-norm clipping).
-enum Scale<B: Backend> {
-    /// Decided on the host.
-    Host(f64),
-    /// `[1]` on the device.
-    Device(Tensor<B, 1>),
-}
-
 trait ToF32 {
     fn to_f32(self) -> f32;
 }
@@ -209,7 +204,7 @@ struct Update<'a, B: AutodiffBackend> {
     moments: &'a mut HashMap<ParamId, Moments<B::InnerBackend>>,
 }
 
-impl<B: AutodiffBackend> ModuleMapper<B> for Update<'_, B> {
+impl<B: AutodiffBackend<InnerBackend: AdamWUpdateBackend>> ModuleMapper<B> for Update<'_, B> {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
         let (id, tensor, mapper) = param.consume();
         let Some(grad) = self.grads.remove::<B::InnerBackend, D>(id) else {
@@ -218,25 +213,28 @@ impl<B: AutodiffBackend> ModuleMapper<B> for Update<'_, B> {
         let c = self.config;
         let dims = tensor.dims();
         let n = dims.iter().product::<usize>();
-        let grad = match &self.scale {
-            Scale::Host(scale) => grad.reshape([n]) * *scale,
-            Scale::Device(scale) => grad.reshape([n]) * scale.clone().expand([n]),
-        };
+        let grad = grad.reshape([n]);
         let Moments { first, second } = self.moments.remove(&id).unwrap_or_else(|| Moments {
             first: grad.zeros_like(),
             second: grad.zeros_like(),
         });
-        let first = first * c.beta1 + grad.clone() * (1.0 - c.beta1);
-        let second = second * c.beta2 + grad.square() * (1.0 - c.beta2);
-        let t = self.step as i32;
-        let first_hat = first.clone() / (1.0 - c.beta1.powi(t));
-        let second_hat = second.clone() / (1.0 - c.beta2.powi(t));
-        let mut value = tensor.inner().reshape([n]);
-        // Matrices decay; vectors (norm gains, theta) do not.
-        if D >= 2 && c.weight_decay > 0.0 {
-            value = value * (1.0 - self.lr * c.weight_decay);
-        }
-        let value = value - first_hat / (second_hat.sqrt() + c.eps) * self.lr;
+        let step = AdamWStep {
+            lr: self.lr,
+            beta1: c.beta1,
+            beta2: c.beta2,
+            eps: c.eps,
+            step: self.step as i32,
+            // Matrices decay; vectors (norm gains, theta) do not.
+            decay: (D >= 2 && c.weight_decay > 0.0).then(|| 1.0 - self.lr * c.weight_decay),
+        };
+        let [value, first, second] = B::InnerBackend::adamw_update(
+            tensor.inner().reshape([n]),
+            grad,
+            &self.scale,
+            first,
+            second,
+            step,
+        );
         self.moments.insert(id, Moments { first, second });
         let value = Tensor::<B, D>::from_inner(value.reshape(dims)).require_grad();
         Param::from_mapped_value(id, value, mapper)

@@ -4,6 +4,7 @@
 //! checkpoints, data-parallel training over several devices and the safetensors export.
 
 mod adamw;
+mod adamw_update;
 mod batches;
 mod checkpoint;
 mod collective;
@@ -25,6 +26,7 @@ mod trainer;
 
 pub use crate::metrics::{DifficultyBucket, JsonLines, RoutingSample, RunSummary, StepMetrics};
 pub use adamw::AdamW;
+pub use adamw_update::AdamWUpdateBackend;
 pub use batches::{Batch, Corpus};
 pub use checkpoint::{
     ABORT_IN_CHECKPOINT_ENV, Checkpoint, CheckpointHeader, PolicyState, checkpoint_dir,

@@ -30,9 +30,10 @@ use super::routed_rows::gathers;
 use super::routing::Selector;
 use crate::error::Result;
 use crate::ops::{HostDispatchPlan, HostSelection};
+use crate::train::AdamWUpdateBackend;
 
 /// A burn backend that routes MoE layers: every backend the model trains on.
-pub trait RoutingBackend: GroupedMatmulBackend + DeviceMemoryBackend {
+pub trait RoutingBackend: GroupedMatmulBackend + DeviceMemoryBackend + AdamWUpdateBackend {
     /// What selects and plans on `device`, for the training log.
     fn routing_name(_device: &Self::Device) -> String {
         "burn tensor ops on the model's device (pairwise ranks, blocked scan)".to_string()
