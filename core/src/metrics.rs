@@ -109,10 +109,30 @@ pub struct RunSummary {
     /// On the synthetic corpus: activated experts of the validation tokens, grouped by
     /// the difficulty of the token they predict (empty for text corpora).
     pub experts_by_difficulty: Vec<DifficultyBucket>,
+    /// On `synthetic:reasoning`: loss and activated experts of the validation tokens,
+    /// grouped by the class of the token they predict (empty otherwise).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub by_class: Vec<ClassBucket>,
     /// Mean training tokens per second (after the first step).
     pub tokens_per_sec: f64,
     /// Wall time of the run in seconds.
     pub elapsed_s: f64,
+}
+
+/// Loss and routing of the validation tokens whose next token is of one class
+/// ([`crate::data::TokenClass`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ClassBucket {
+    /// The class's name (`random`, `copy`, `recall`, `compose`).
+    pub class: String,
+    /// Token positions in the bucket (over all validation batches).
+    pub tokens: u64,
+    /// Mean cross-entropy of those positions, nats.
+    pub loss: f64,
+    /// Mean activated experts per token, over all MoE layers.
+    pub mean_active: f64,
+    /// Mean activated experts per token in each MoE layer.
+    pub mean_active_per_layer: Vec<f64>,
 }
 
 /// Routing of the validation tokens whose next token has one difficulty.

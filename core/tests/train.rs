@@ -438,3 +438,42 @@ fn token_shards_train_and_out_of_vocabulary_tokens_are_named() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn the_reasoning_corpus_labels_its_targets_and_the_summary_reports_each_class() {
+    use dtopp::data::TokenClass;
+    use dtopp::train::{Corpus, REASONING_SOURCE};
+    let mut config = Preset::Tiny.config();
+    config.data.source = REASONING_SOURCE.to_string();
+    config.run.steps = 3;
+    config.run.batch_size = 4;
+    config.run.log_every = 1000;
+    config.validate().unwrap();
+    // The labels line up with the targets: a copy's target is its input (the token
+    // before it), and every class is present in a batch.
+    let corpus = Corpus::open(&config).unwrap();
+    let batch = corpus.train_batch(config.run.seed, 1, 0, 8, 64).unwrap();
+    let classes = batch
+        .classes
+        .as_ref()
+        .expect("the reasoning corpus labels classes");
+    assert_eq!(classes.len(), batch.targets.len());
+    for class in TokenClass::ALL {
+        assert!(classes.contains(&(class as u8)), "{class:?} in a batch");
+    }
+    for (i, &c) in classes.iter().enumerate() {
+        if c == TokenClass::Copy as u8 && i % 64 != 0 {
+            assert_eq!(batch.targets[i], batch.inputs[i], "copy at {i}");
+        }
+    }
+    let (summary, out) = train_quietly(&config, "reasoning");
+    let names: Vec<&str> = summary.by_class.iter().map(|c| c.class.as_str()).collect();
+    assert_eq!(names, ["random", "copy", "recall", "compose"]);
+    for c in &summary.by_class {
+        assert!(
+            c.tokens > 0 && c.loss.is_finite() && c.mean_active >= 1.0,
+            "{c:?}"
+        );
+    }
+    std::fs::remove_dir_all(&out).unwrap();
+}

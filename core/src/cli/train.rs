@@ -24,9 +24,11 @@ pub(crate) struct TrainArgs {
     /// TOML file laid over the preset (only the fields it sets change; see README).
     #[arg(long, value_name = "FILE.toml")]
     config: Option<PathBuf>,
-    /// Training data: `synthetic` (built-in), the path of a UTF-8 text file, or
+    /// Training data: `synthetic` (built-in), `synthetic:reasoning` (built-in: copy,
+    /// recall and composed lookups among random tokens, each labelled; docs/data.md),
+    /// the path of a UTF-8 text file, or
     /// `shards:GLOB` (llm.c / nanoGPT token shards; see docs/data.md).
-    #[arg(long, value_name = "synthetic|PATH")]
+    #[arg(long, value_name = "synthetic|synthetic:reasoning|PATH")]
     data: Option<String>,
     /// Routing mode.
     #[arg(long, value_enum)]

@@ -214,6 +214,7 @@ mod tests {
             inputs: tokens(&mut rng),
             targets: tokens(&mut rng),
             difficulty: None,
+            classes: None,
         }]
     }
 

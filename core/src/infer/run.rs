@@ -139,7 +139,9 @@ impl<B: Backend> TrainedRun<B> {
     /// language or of token shards.
     pub fn byte_tokens(&self) -> bool {
         let source = &self.config.data.source;
-        source != "synthetic" && !source.starts_with(crate::train::SHARDS_PREFIX)
+        source != "synthetic"
+            && source != crate::train::REASONING_SOURCE
+            && !source.starts_with(crate::train::SHARDS_PREFIX)
     }
 
     /// Validation batches `first..first + count` of the run's batch size (batches

@@ -5,8 +5,8 @@
 
 use std::path::Path;
 
-use super::config::{SHARDS_PREFIX, TrainConfig};
-use crate::data::{ShardCorpus, SyntheticLanguage, TextCorpus};
+use super::config::{REASONING_SOURCE, SHARDS_PREFIX, TrainConfig};
+use crate::data::{ReasoningLanguage, ShardCorpus, SyntheticLanguage, TextCorpus};
 use crate::error::Result;
 use crate::rng::SplitMix64;
 
@@ -21,8 +21,11 @@ pub struct Batch {
     pub inputs: Vec<i64>,
     /// `[B, S]` target tokens (inputs shifted by one).
     pub targets: Vec<i64>,
-    /// `[B, S]` difficulty in bits of each target (synthetic corpus only).
+    /// `[B, S]` difficulty in bits of each target (synthetic corpora only).
     pub difficulty: Option<Vec<f32>>,
+    /// `[B, S]` class of each target ([`crate::data::TokenClass`] as `u8`;
+    /// `synthetic:reasoning` only).
+    pub classes: Option<Vec<u8>>,
 }
 
 /// Where training windows come from.
@@ -30,6 +33,8 @@ pub struct Batch {
 pub enum Corpus {
     /// The built-in synthetic language; every window is its own stream.
     Synthetic(SyntheticLanguage),
+    /// The built-in reasoning language; every window is its own stream.
+    Reasoning(ReasoningLanguage),
     /// A byte-level text file, windows at random offsets of the training split.
     Text(TextCorpus),
     /// Token shards, windows at random places of the training shards; tokens are
@@ -52,6 +57,10 @@ impl Corpus {
         if data.source == "synthetic" {
             Ok(Corpus::Synthetic(SyntheticLanguage::new(
                 data.synthetic.clone(),
+            )?))
+        } else if data.source == REASONING_SOURCE {
+            Ok(Corpus::Reasoning(ReasoningLanguage::new(
+                data.reasoning.clone(),
             )?))
         } else if let Some(train) = data.source.strip_prefix(SHARDS_PREFIX) {
             let validation = data
@@ -87,6 +96,13 @@ impl Corpus {
                     c.vocab, c.phrases, c.phrase_len, c.noise_len, c.noise_prob
                 )
             }
+            Corpus::Reasoning(lang) => {
+                let c = lang.config();
+                format!(
+                    "synthetic:reasoning (vocab {}, {} keys, {} values; copy, recall and 2-4 composed lookups among random tokens)",
+                    c.vocab, c.keys, c.values
+                )
+            }
             Corpus::Text(text) => format!(
                 "byte-level text: {} training and {} validation tokens",
                 text.train.len(),
@@ -116,15 +132,18 @@ impl Corpus {
             let index = step * 1_000_003 + (micro * batch + b) as u64;
             match self {
                 Corpus::Synthetic(lang) => Ok(synthetic_window(lang, seed, index, seq_len)),
+                Corpus::Reasoning(lang) => Ok(reasoning_window(lang, seed, index, seq_len)),
                 Corpus::Text(text) => {
                     let mut rng = SplitMix64::substream(seed, index, 0x7E47);
                     let start = rng.below(text.train.len() - seq_len);
-                    Ok((text.train[start..start + seq_len + 1].to_vec(), None))
+                    Ok(Window::tokens(
+                        text.train[start..start + seq_len + 1].to_vec(),
+                    ))
                 }
                 Corpus::Shards { corpus, vocab } => {
                     let mut rng = SplitMix64::substream(seed, index, 0x7E47);
                     let n = rng.below(corpus.train.windows());
-                    Ok((corpus.train.window(n, *vocab)?, None))
+                    Ok(Window::tokens(corpus.train.window(n, *vocab)?))
                 }
             }
         };
@@ -148,16 +167,24 @@ impl Corpus {
                     VALIDATION_STREAMS + n,
                     seq_len,
                 )),
+                Corpus::Reasoning(lang) => Ok(reasoning_window(
+                    lang,
+                    seed,
+                    VALIDATION_STREAMS + n,
+                    seq_len,
+                )),
                 Corpus::Text(text) => {
                     // Evenly spaced windows over the validation split, wrapping around.
                     let span = text.validation.len() - seq_len;
                     let start = (n as usize * (seq_len / 2 + 1)) % span;
-                    Ok((text.validation[start..start + seq_len + 1].to_vec(), None))
+                    Ok(Window::tokens(
+                        text.validation[start..start + seq_len + 1].to_vec(),
+                    ))
                 }
                 Corpus::Shards { corpus, vocab } => {
                     // Windows half a sequence apart from the start of the validation set.
                     let n = n as usize * (seq_len / 2 + 1);
-                    Ok((corpus.validation.window(n, *vocab)?, None))
+                    Ok(Window::tokens(corpus.validation.window(n, *vocab)?))
                 }
             }
         };
@@ -165,17 +192,40 @@ impl Corpus {
     }
 }
 
-fn synthetic_window(
-    lang: &SyntheticLanguage,
-    seed: u64,
-    index: u64,
-    seq_len: usize,
-) -> (Vec<u32>, Option<Vec<f32>>) {
+fn synthetic_window(lang: &SyntheticLanguage, seed: u64, index: u64, seq_len: usize) -> Window {
     let stream = lang.generate(seq_len + 1, seed.wrapping_mul(0x9E37).wrapping_add(index));
-    (stream.tokens, Some(stream.difficulty))
+    Window {
+        tokens: stream.tokens,
+        difficulty: Some(stream.difficulty),
+        classes: None,
+    }
 }
 
-type Window = (Vec<u32>, Option<Vec<f32>>);
+fn reasoning_window(lang: &ReasoningLanguage, seed: u64, index: u64, seq_len: usize) -> Window {
+    let stream = lang.generate(seq_len + 1, seed.wrapping_mul(0x9E37).wrapping_add(index));
+    Window {
+        tokens: stream.tokens,
+        difficulty: Some(stream.difficulty),
+        classes: Some(stream.class.into_iter().map(|c| c as u8).collect()),
+    }
+}
+
+/// One window's `S + 1` tokens and, for a synthetic corpus, their labels.
+struct Window {
+    tokens: Vec<u32>,
+    difficulty: Option<Vec<f32>>,
+    classes: Option<Vec<u8>>,
+}
+
+impl Window {
+    fn tokens(tokens: Vec<u32>) -> Self {
+        Self {
+            tokens,
+            difficulty: None,
+            classes: None,
+        }
+    }
+}
 
 fn assemble(
     batch: usize,
@@ -188,20 +238,27 @@ fn assemble(
         inputs: Vec::with_capacity(batch * seq_len),
         targets: Vec::with_capacity(batch * seq_len),
         difficulty: None,
+        classes: None,
     };
-    let mut difficulty = Vec::new();
+    let (mut difficulty, mut classes) = (Vec::new(), Vec::new());
     for b in 0..batch {
-        let (tokens, diff) = window(b)?;
+        let w = window(b)?;
         out.inputs
-            .extend(tokens[..seq_len].iter().map(|&t| i64::from(t)));
+            .extend(w.tokens[..seq_len].iter().map(|&t| i64::from(t)));
         out.targets
-            .extend(tokens[1..].iter().map(|&t| i64::from(t)));
-        if let Some(d) = diff {
+            .extend(w.tokens[1..].iter().map(|&t| i64::from(t)));
+        if let Some(d) = w.difficulty {
             difficulty.extend_from_slice(&d[1..]);
+        }
+        if let Some(c) = w.classes {
+            classes.extend_from_slice(&c[1..]);
         }
     }
     if difficulty.len() == batch * seq_len {
         out.difficulty = Some(difficulty);
+    }
+    if classes.len() == batch * seq_len {
+        out.classes = Some(classes);
     }
     Ok(out)
 }

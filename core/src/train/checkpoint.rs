@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use super::config::RoutingConfig;
 use crate::controller::ControllerState;
 use crate::error::{Error, Result};
-use crate::metrics::DifficultyBucket;
+use crate::metrics::{ClassBucket, DifficultyBucket};
 use crate::model::ModelConfig;
 
 const MAGIC: &[u8; 8] = b"DTOPPCK1";
@@ -64,6 +64,9 @@ pub struct CheckpointHeader {
     pub busy_s: f64,
     /// The latest experts-by-difficulty table.
     pub by_difficulty: Vec<DifficultyBucket>,
+    /// The latest loss-and-experts-by-class table (`synthetic:reasoning`).
+    #[serde(default)]
+    pub by_class: Vec<ClassBucket>,
 }
 
 /// A checkpoint in memory.
@@ -274,6 +277,7 @@ mod tests {
                 last_val: 2.0,
                 busy_s: 1.5,
                 by_difficulty: Vec::new(),
+                by_class: Vec::new(),
             },
             params: vec![
                 vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0],

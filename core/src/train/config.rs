@@ -10,7 +10,7 @@ use super::mode::RoutingMode;
 use crate::controller::{
     ControllerConfig, DEFAULT_KI, DEFAULT_KP, DEFAULT_P_MAX, DEFAULT_P_MIN, ThresholdScope,
 };
-use crate::data::SyntheticConfig;
+use crate::data::{ReasoningConfig, SyntheticConfig};
 use crate::error::{Error, Result};
 use crate::model::{ModelConfig, Precision};
 
@@ -142,7 +142,8 @@ pub struct LossConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
-    /// `"synthetic"` (the built-in language), `"shards:GLOB"` (llm.c / nanoGPT token
+    /// `"synthetic"` (the built-in language), `"synthetic:reasoning"` (the built-in
+    /// language of copy, recall and composed lookups), `"shards:GLOB"` (llm.c / nanoGPT token
     /// shards, e.g. `"shards:data/fineweb_train_*.bin"`), or the path of a UTF-8 text
     /// file (byte-level tokens, vocabulary 256).
     pub source: String,
@@ -154,6 +155,9 @@ pub struct DataConfig {
     pub val_fraction: f64,
     /// The synthetic language (used when `source = "synthetic"`).
     pub synthetic: SyntheticConfig,
+    /// The reasoning language (used when `source = "synthetic:reasoning"`).
+    #[serde(default)]
+    pub reasoning: ReasoningConfig,
 }
 
 /// The named starting points of `--preset`.
@@ -242,6 +246,7 @@ fn tiny() -> TrainConfig {
             validation: None,
             val_fraction: 0.1,
             synthetic: SyntheticConfig::default(),
+            reasoning: ReasoningConfig::default(),
         },
     }
 }
@@ -504,6 +509,15 @@ impl TrainConfig {
                     format!("the model's vocabulary, model.vocab = {}", self.model.vocab),
                 ));
             }
+        } else if d.source == REASONING_SOURCE {
+            d.reasoning.validate()?;
+            if d.reasoning.vocab != self.model.vocab {
+                return Err(Error::param(
+                    "data.reasoning.vocab",
+                    d.reasoning.vocab,
+                    format!("the model's vocabulary, model.vocab = {}", self.model.vocab),
+                ));
+            }
         } else if d.source.starts_with(SHARDS_PREFIX) {
             if let Some(v) = &d.validation
                 && !v.starts_with(SHARDS_PREFIX)
@@ -537,6 +551,9 @@ impl TrainConfig {
 
 /// `data.source` / `data.validation` prefix naming token shards.
 pub const SHARDS_PREFIX: &str = "shards:";
+
+/// `data.source` naming the built-in reasoning language ([`crate::data::ReasoningLanguage`]).
+pub const REASONING_SOURCE: &str = "synthetic:reasoning";
 
 fn merge(base: &mut toml::Table, overlay: toml::Table) {
     for (key, value) in overlay {

@@ -2,14 +2,16 @@
 //! of the validation snippet. Used by the trainer at its evaluation steps and by
 //! `dtopp eval` on a trained run.
 
+use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 
 use super::batches::{Batch, Corpus};
 use super::losses::cross_entropy;
+use crate::data::TokenClass;
 use crate::error::{Error, Result};
 use crate::host_reads;
-use crate::metrics::{DifficultyBucket, RoutingSample};
+use crate::metrics::{ClassBucket, DifficultyBucket, RoutingSample};
 use crate::model::{MoeLanguageModel, Precision, RouteEngine, RoutingBackend, RoutingPlan};
 
 /// A batch as the model's input tokens `[B, S]` and flat targets `[B S]`.
@@ -50,6 +52,9 @@ pub struct Evaluation {
     /// Activated experts grouped by the difficulty of the token each position predicts
     /// (synthetic corpus; empty otherwise).
     pub by_difficulty: Vec<DifficultyBucket>,
+    /// Loss and activated experts by the class of the token each position predicts
+    /// (`synthetic:reasoning`; empty otherwise).
+    pub by_class: Vec<ClassBucket>,
 }
 
 impl Evaluation {
@@ -73,6 +78,8 @@ pub fn evaluate<B: RoutingBackend>(
     let mut tokens = 0u64;
     // Difficulty in hundredths of a bit -> (tokens, experts summed per layer).
     let mut buckets: std::collections::BTreeMap<i64, (u64, Vec<u64>)> = Default::default();
+    // Class label -> (tokens, summed loss, experts summed per layer).
+    let mut by_class: std::collections::BTreeMap<u8, (u64, f64, Vec<u64>)> = Default::default();
     for batch in batches {
         let (inputs, targets) = batch_tensors::<B>(batch, device);
         let output = model.forward(inputs, plan, engine, Precision::F32)?;
@@ -96,8 +103,41 @@ pub fn evaluate<B: RoutingBackend>(
                 }
             }
         }
+        if let Some(classes) = &batch.classes {
+            // Per-position losses, read back only where the corpus labels classes.
+            let n = batch.batch * batch.seq_len;
+            let picked =
+                log_softmax(output.logits.clone(), 1).gather(1, targets.clone().reshape([n, 1]));
+            let losses = host_f32(picked.reshape([n]))?;
+            for (i, &class) in classes.iter().enumerate() {
+                let entry = by_class
+                    .entry(class)
+                    .or_insert_with(|| (0, 0.0, vec![0; counts.len()]));
+                entry.0 += 1;
+                entry.1 -= f64::from(losses[i]);
+                for (sum, layer) in entry.2.iter_mut().zip(&counts) {
+                    *sum += layer[i] as u64;
+                }
+            }
+        }
         total += f64::from(host_f32(cross_entropy(output.logits, targets))?[0]);
     }
+    let by_class = by_class
+        .into_iter()
+        .map(|(class, (tokens, loss, sums))| {
+            let per_layer: Vec<f64> = sums.iter().map(|&s| s as f64 / tokens as f64).collect();
+            ClassBucket {
+                class: TokenClass::ALL
+                    .get(usize::from(class))
+                    .map_or("unknown", |c| c.name())
+                    .to_string(),
+                tokens,
+                loss: loss / tokens as f64,
+                mean_active: per_layer.iter().sum::<f64>() / per_layer.len().max(1) as f64,
+                mean_active_per_layer: per_layer,
+            }
+        })
+        .collect();
     let by_difficulty = buckets
         .into_iter()
         .map(|(key, (tokens, sums))| {
@@ -118,6 +158,7 @@ pub fn evaluate<B: RoutingBackend>(
             .collect(),
         tokens,
         by_difficulty,
+        by_class,
     })
 }
 
@@ -138,7 +179,9 @@ pub(crate) fn routing_sample<B: RoutingBackend>(
         .iter()
         .map(|&t| match corpus {
             Corpus::Text(_) => printable_byte(t as u8),
-            Corpus::Synthetic(_) | Corpus::Shards { .. } => format!("#{t}"),
+            Corpus::Synthetic(_) | Corpus::Reasoning(_) | Corpus::Shards { .. } => {
+                format!("#{t}")
+            }
         })
         .collect();
     // The difficulty of each input token is that of the previous target.

@@ -24,7 +24,9 @@ mod threshold;
 mod throughput;
 mod trainer;
 
-pub use crate::metrics::{DifficultyBucket, JsonLines, RoutingSample, RunSummary, StepMetrics};
+pub use crate::metrics::{
+    ClassBucket, DifficultyBucket, JsonLines, RoutingSample, RunSummary, StepMetrics,
+};
 pub use adamw::AdamW;
 pub use adamw_update::AdamWUpdateBackend;
 pub use batches::{Batch, Corpus};
@@ -34,8 +36,8 @@ pub use checkpoint::{
 };
 pub use collective::Rank;
 pub use config::{
-    DataConfig, LossConfig, OptimizerConfig, Preset, RoutingConfig, RunConfig, SHARDS_PREFIX,
-    TrainConfig,
+    DataConfig, LossConfig, OptimizerConfig, Preset, REASONING_SOURCE, RoutingConfig, RunConfig,
+    SHARDS_PREFIX, TrainConfig,
 };
 pub use data_parallel::{resume_data_parallel, train_data_parallel};
 pub use device_control::DeviceControl;

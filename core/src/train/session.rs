@@ -27,7 +27,7 @@ use super::schedule::learning_rate;
 use super::threshold::ThresholdPolicy;
 use crate::controller::{ThresholdScope, calibrate_threshold};
 use crate::error::{Error, Result};
-use crate::metrics::{DifficultyBucket, RoutingSample, RunSummary, StepMetrics};
+use crate::metrics::{ClassBucket, DifficultyBucket, RoutingSample, RunSummary, StepMetrics};
 use crate::model::{
     ExpertBounds, LayerRouting, MoeForward, MoeLanguageModel, PaddedUsage, Precision, RouteEngine,
     RoutingPlan, Selector, non_finite_logit, read_ints,
@@ -61,6 +61,7 @@ pub struct TrainSession<'e, B: TrainingBackend> {
     initial_val: f64,
     last_val: f64,
     by_difficulty: Vec<DifficultyBucket>,
+    by_class: Vec<ClassBucket>,
     history: Vec<StepMetrics>,
     busy_s: f64,
     // `Some` in a data-parallel run (even of one rank: the same code path).
@@ -151,6 +152,7 @@ impl<'e, B: TrainingBackend> TrainSession<'e, B> {
             initial_val: f64::NAN,
             last_val: f64::NAN,
             by_difficulty: Vec::new(),
+            by_class: Vec::new(),
             history: Vec::new(),
             busy_s: 0.0,
             rank,
@@ -163,6 +165,7 @@ impl<'e, B: TrainingBackend> TrainSession<'e, B> {
             session.initial_val = evaluation.loss;
             session.last_val = evaluation.loss;
             session.by_difficulty = evaluation.by_difficulty;
+            session.by_class = evaluation.by_class;
         }
         Ok(session)
     }
@@ -237,6 +240,7 @@ impl<'e, B: TrainingBackend> TrainSession<'e, B> {
             initial_val: header.initial_val,
             last_val: header.last_val,
             by_difficulty: header.by_difficulty.clone(),
+            by_class: header.by_class.clone(),
             history,
             busy_s: header.busy_s,
             rank,
@@ -276,6 +280,7 @@ impl<'e, B: TrainingBackend> TrainSession<'e, B> {
                 last_val: self.last_val,
                 busy_s: self.busy_s,
                 by_difficulty: self.by_difficulty.clone(),
+                by_class: self.by_class.clone(),
             },
             params: collect.values,
             moments: collect.moments.into_iter().flatten().collect(),
@@ -573,6 +578,7 @@ impl<'e, B: TrainingBackend> TrainSession<'e, B> {
             let evaluation = self.evaluate()?;
             self.last_val = evaluation.loss;
             self.by_difficulty = evaluation.by_difficulty;
+            self.by_class = evaluation.by_class;
             Some(evaluation.loss)
         } else {
             None
@@ -884,6 +890,7 @@ impl<'e, B: TrainingBackend> TrainSession<'e, B> {
                 .map(|m| m.theta_per_layer.clone())
                 .unwrap_or_default(),
             experts_by_difficulty: self.by_difficulty.clone(),
+            by_class: self.by_class.clone(),
             tokens_per_sec,
             elapsed_s: self.busy_s,
         })

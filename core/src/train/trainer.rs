@@ -338,6 +338,20 @@ fn run_to_end<B: TrainingBackend>(
         summary.active_std_second_half,
         summary.target
     ));
+    for c in &summary.by_class {
+        say(format!(
+            "  {:<8} {:>6} validation tokens: loss {:.4}, experts {:.3} (per layer {})",
+            c.class,
+            c.tokens,
+            c.loss,
+            c.mean_active,
+            c.mean_active_per_layer
+                .iter()
+                .map(|a| format!("{a:.2}"))
+                .collect::<Vec<_>>()
+                .join(" / ")
+        ));
+    }
     if let Some(usage) = session.padded_usage() {
         say(usage.describe());
     }
