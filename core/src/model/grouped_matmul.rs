@@ -208,7 +208,7 @@ mod tests {
         equals_the_sliced_products(&[0, 3, 3, 4, 9, 12], 6, 7);
         // Products large enough to run side by side on the CPU (PARALLEL_MIN_MACS).
         let offsets = [0, 1100, 1100, 2300];
-        assert!(2300 * 64 * 96 / 3 >= super::PARALLEL_MIN_MACS);
+        const { assert!(2300 * 64 * 96 / 3 >= super::PARALLEL_MIN_MACS) };
         equals_the_sliced_products(&offsets, 64, 96);
     }
 

@@ -225,7 +225,7 @@ impl<B: AutodiffBackend<InnerBackend: AdamWUpdateBackend>> ModuleMapper<B> for U
             eps: c.eps,
             step: self.step as i32,
             // Matrices decay; vectors (norm gains, theta) do not.
-            decay: (D >= 2 && c.weight_decay > 0.0).then(|| 1.0 - self.lr * c.weight_decay),
+            decay: (D >= 2 && c.weight_decay > 0.0).then_some(1.0 - self.lr * c.weight_decay),
         };
         let [value, first, second] = B::InnerBackend::adamw_update(
             tensor.inner().reshape([n]),
