@@ -2,8 +2,9 @@
 //! cannot fit is refused by name before it allocates ([`crate::train::check_fits`])
 //! instead of aborting inside the allocator.
 //!
-//! - **ndarray**: the host's available memory (sysinfo; inside a container, the cgroup's
-//!   free memory when that is lower). Data-parallel CPU ranks share it.
+//! - **ndarray**: the host's available memory (sysinfo; inside a container with a
+//!   memory limit, the limit less its processes' resident memory when that is lower).
+//!   Data-parallel CPU ranks share it.
 //! - **wgpu**: wgpu's portable API reports no memory size, only limits. What it does
 //!   report is binding: one tensor cannot exceed the device's
 //!   `max_storage_buffer_binding_size` (cubecl-wgpu allocates no page larger). On a CPU
@@ -37,11 +38,18 @@ impl DeviceMemory {
         system.refresh_memory();
         let mut available = system.available_memory();
         let mut what = "host memory available".to_string();
+        // A container's limit, where it has one below the host's memory. sysinfo's own
+        // `free_memory` of a cgroup is the limit minus its usage, and the usage counts
+        // the page cache (a build's files fill it), so the limit minus the processes'
+        // resident memory is what can still be had.
         if let Some(cgroup) = system.cgroup_limits()
-            && cgroup.free_memory < available
+            && cgroup.total_memory < system.total_memory()
         {
-            available = cgroup.free_memory;
-            what = "host memory available to this container (cgroup limit)".to_string();
+            let free = cgroup.total_memory.saturating_sub(cgroup.rss);
+            if free < available {
+                available = free;
+                what = "memory available under this container's limit (cgroup)".to_string();
+            }
         }
         Self {
             // sysinfo reports 0 where it cannot read the figure: unknown, not full.
