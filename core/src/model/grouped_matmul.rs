@@ -40,34 +40,55 @@ pub trait GroupedMatmulBackend: Backend {
         offsets: &[usize],
         precision: Precision,
     ) -> Tensor<Self, 2> {
-        let [_, d, f] = w.dims();
-        let outputs: Vec<Tensor<Self, 2>> =
-            per_expert::<Self, _>(offsets, [d, f], |e, start, end| {
-                (start < end).then(|| {
-                    let rows = xs.clone().slice([start..end, 0..d]);
-                    let matrix = w.clone().slice([e..e + 1, 0..d, 0..f]).reshape([d, f]);
-                    precision.matmul(rows, matrix)
-                })
-            })
-            .into_iter()
-            .flatten()
-            .collect();
-        if outputs.is_empty() {
-            return Tensor::zeros([0, f], &xs.device());
-        }
-        Tensor::cat(outputs, 0)
+        sliced_products(xs, w, offsets, precision)
     }
+
+    /// `dW` of [`GroupedMatmulBackend::grouped_matmul`]: `X_e^T dY_e` per expert, zeros
+    /// for an expert without rows, stacked to `dims` `[E, D, F]`.
+    fn grouped_weight_grad(
+        xs: Tensor<Self, 2>,
+        grad: Tensor<Self, 2>,
+        dims: [usize; 3],
+        offsets: &[usize],
+        precision: Precision,
+    ) -> Tensor<Self, 3> {
+        weight_grad(xs, grad, dims, offsets, precision)
+    }
+}
+
+/// The grouped product in burn's tensor ops: a slice of rows and of the matrix per expert.
+pub(super) fn sliced_products<B: GroupedMatmulBackend>(
+    xs: Tensor<B, 2>,
+    w: Tensor<B, 3>,
+    offsets: &[usize],
+    precision: Precision,
+) -> Tensor<B, 2> {
+    let [_, d, f] = w.dims();
+    let outputs: Vec<Tensor<B, 2>> = per_expert::<B, _>(offsets, [d, f], |e, start, end| {
+        (start < end).then(|| {
+            let rows = xs.clone().slice([start..end, 0..d]);
+            let matrix = w.clone().slice([e..e + 1, 0..d, 0..f]).reshape([d, f]);
+            precision.matmul(rows, matrix)
+        })
+    })
+    .into_iter()
+    .flatten()
+    .collect();
+    if outputs.is_empty() {
+        return Tensor::zeros([0, f], &xs.device());
+    }
+    Tensor::cat(outputs, 0)
 }
 
 /// The multiply-adds an expert's product must average before the products run side by
 /// side. Measured with `dtopp bench train` on 2 cores: the tiny preset's products (about
 /// 2^20 each) ran 6% slower side by side, bench/cpu-mid.toml's (2^23) 3% faster.
-const PARALLEL_MIN_MACS: usize = 1 << 22;
+pub(super) const PARALLEL_MIN_MACS: usize = 1 << 22;
 
 /// `product(e, start, end)` for every expert `e` and its rows `start..end`, in expert
 /// order; side by side where [`GroupedMatmulBackend::PARALLEL_EXPERTS`] and the products
 /// (`[rows, inner] x [inner, cols]` each) are large enough.
-fn per_expert<B: GroupedMatmulBackend, T: Send>(
+pub(super) fn per_expert<B: GroupedMatmulBackend, T: Send>(
     offsets: &[usize],
     [inner, cols]: [usize; 2],
     product: impl Fn(usize, usize, usize) -> T + Send + Sync,
@@ -84,16 +105,13 @@ fn per_expert<B: GroupedMatmulBackend, T: Send>(
     }
 }
 
-impl GroupedMatmulBackend for burn::backend::NdArray {
-    const PARALLEL_EXPERTS: bool = true;
-}
 impl GroupedMatmulBackend for burn::backend::Wgpu {}
 #[cfg(feature = "cuda")]
 impl GroupedMatmulBackend for burn::backend::Cuda {}
 
 /// `dW` of [`GroupedMatmulBackend::grouped_matmul`]: `X_e^T dY_e` per expert, zeros for
 /// an expert without rows, stacked to `[E, D, F]`.
-fn weight_grad<B: GroupedMatmulBackend>(
+pub(super) fn weight_grad<B: GroupedMatmulBackend>(
     xs: Tensor<B, 2>,
     grad: Tensor<B, 2>,
     dims: [usize; 3],
@@ -136,7 +154,7 @@ impl<B: GroupedMatmulBackend> Backward<B, 2> for GroupedMatmul {
         let xs = float::<B, 2>(checkpointer.retrieve_node_output(xs_id));
         let w = float::<B, 3>(checkpointer.retrieve_node_output(w_id));
         if let Some(node) = node_w {
-            let dw = weight_grad(xs, grad.clone(), dims, &offsets, precision);
+            let dw = B::grouped_weight_grad(xs, grad.clone(), dims, &offsets, precision);
             grads.register::<B>(node.id, dw.into_primitive().tensor());
         }
         if let Some(node) = node_xs {

@@ -10,6 +10,7 @@ mod device_memory;
 mod device_routing;
 mod drn;
 mod grouped_matmul;
+mod grouped_matmul_ndarray;
 mod init;
 mod kv_cache;
 mod lm;
