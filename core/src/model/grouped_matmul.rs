@@ -42,18 +42,6 @@ pub trait GroupedMatmulBackend: Backend {
     ) -> Tensor<Self, 2> {
         sliced_products(xs, w, offsets, precision)
     }
-
-    /// `dW` of [`GroupedMatmulBackend::grouped_matmul`]: `X_e^T dY_e` per expert, zeros
-    /// for an expert without rows, stacked to `dims` `[E, D, F]`.
-    fn grouped_weight_grad(
-        xs: Tensor<Self, 2>,
-        grad: Tensor<Self, 2>,
-        dims: [usize; 3],
-        offsets: &[usize],
-        precision: Precision,
-    ) -> Tensor<Self, 3> {
-        weight_grad(xs, grad, dims, offsets, precision)
-    }
 }
 
 /// The grouped product in burn's tensor ops: a slice of rows and of the matrix per expert.
@@ -83,7 +71,7 @@ pub(super) fn sliced_products<B: GroupedMatmulBackend>(
 /// The multiply-adds an expert's product must average before the products run side by
 /// side. Measured with `dtopp bench train` on 2 cores: the tiny preset's products (about
 /// 2^20 each) ran 6% slower side by side, bench/cpu-mid.toml's (2^23) 3% faster.
-pub(super) const PARALLEL_MIN_MACS: usize = 1 << 22;
+const PARALLEL_MIN_MACS: usize = 1 << 22;
 
 /// `product(e, start, end)` for every expert `e` and its rows `start..end`, in expert
 /// order; side by side where [`GroupedMatmulBackend::PARALLEL_EXPERTS`] and the products
@@ -96,13 +84,23 @@ pub(super) fn per_expert<B: GroupedMatmulBackend, T: Send>(
     use rayon::prelude::*;
     let experts = offsets.len().saturating_sub(1);
     let one = |e: usize| product(e, offsets[e], offsets[e + 1]);
-    let rows = offsets.last().copied().unwrap_or(0);
-    let macs_per_expert = rows.saturating_mul(inner).saturating_mul(cols) / experts.max(1);
-    if B::PARALLEL_EXPERTS && macs_per_expert >= PARALLEL_MIN_MACS {
+    if side_by_side::<B>(offsets, [inner, cols]) {
         (0..experts).into_par_iter().map(one).collect()
     } else {
         (0..experts).map(one).collect()
     }
+}
+
+/// Whether the experts' products (`[rows, inner] x [inner, cols]` each) run side by side:
+/// [`GroupedMatmulBackend::PARALLEL_EXPERTS`], and each averages [`PARALLEL_MIN_MACS`].
+pub(super) fn side_by_side<B: GroupedMatmulBackend>(
+    offsets: &[usize],
+    [inner, cols]: [usize; 2],
+) -> bool {
+    let experts = offsets.len().saturating_sub(1).max(1);
+    let rows = offsets.last().copied().unwrap_or(0);
+    B::PARALLEL_EXPERTS
+        && rows.saturating_mul(inner).saturating_mul(cols) / experts >= PARALLEL_MIN_MACS
 }
 
 impl GroupedMatmulBackend for burn::backend::Wgpu {}
@@ -111,7 +109,7 @@ impl GroupedMatmulBackend for burn::backend::Cuda {}
 
 /// `dW` of [`GroupedMatmulBackend::grouped_matmul`]: `X_e^T dY_e` per expert, zeros for
 /// an expert without rows, stacked to `[E, D, F]`.
-pub(super) fn weight_grad<B: GroupedMatmulBackend>(
+fn weight_grad<B: GroupedMatmulBackend>(
     xs: Tensor<B, 2>,
     grad: Tensor<B, 2>,
     dims: [usize; 3],
@@ -154,7 +152,7 @@ impl<B: GroupedMatmulBackend> Backward<B, 2> for GroupedMatmul {
         let xs = float::<B, 2>(checkpointer.retrieve_node_output(xs_id));
         let w = float::<B, 3>(checkpointer.retrieve_node_output(w_id));
         if let Some(node) = node_w {
-            let dw = B::grouped_weight_grad(xs, grad.clone(), dims, &offsets, precision);
+            let dw = weight_grad(xs, grad.clone(), dims, &offsets, precision);
             grads.register::<B>(node.id, dw.into_primitive().tensor());
         }
         if let Some(node) = node_xs {

@@ -2,8 +2,8 @@
 //! matrix are views, and each product is written straight into its rows of the output
 //! (forward and `dX`). `dW` stays in the tensor-op form: written the same way, with
 //! each `X_e^T` a transposed view, a run resumed from a checkpoint no longer repeated
-//! the uninterrupted one bit for bit (`tests/tests/padded_routing.rs`), for a reason not
-//! yet found.
+//! the uninterrupted one bit for bit (`tests/tests/padded_routing.rs`), also with both
+//! inputs made row-major first, for a reason not yet found.
 //!
 //! Why: burn ndarray's `slice` copies (`to_owned`), and `cat`/`stack` copy again, so the
 //! tensor-op form moved every routed row and every expert matrix twice more than the
@@ -17,7 +17,7 @@ use burn::tensor::{DType, Tensor, TensorPrimitive};
 use ndarray::{Array2, ArrayViewMut2, Axis, Ix2, Ix3, s};
 use rayon::prelude::*;
 
-use super::grouped_matmul::{GroupedMatmulBackend, PARALLEL_MIN_MACS, sliced_products};
+use super::grouped_matmul::{GroupedMatmulBackend, side_by_side, sliced_products};
 use super::precision::Precision;
 
 impl GroupedMatmulBackend for NdArray {
@@ -40,10 +40,9 @@ impl GroupedMatmulBackend for NdArray {
         ) else {
             unreachable!("burn's dims said rank 2 and 3");
         };
-        // Row-major, as burn's own products see them (a copy only where a tensor is a
-        // transposed or strided view): whether an array is updated in place upstream
-        // changes its strides, and the products must not depend on that (a resumed run
-        // repeats the uninterrupted one bit for bit).
+        // Row-major, as burn's own products see them after its slices copied them (a
+        // copy here only where a tensor is a transposed or strided view, such as `W^T`
+        // in `dX`).
         let (x, w) = (x.as_standard_layout(), w.as_standard_layout());
         let mut out = Array2::<f32>::zeros((x.nrows(), f));
         let parts = row_blocks(out.view_mut(), offsets);
@@ -57,20 +56,13 @@ impl GroupedMatmulBackend for NdArray {
                 &mut rows,
             );
         };
-        if side_by_side(offsets, d, f) {
+        if side_by_side::<Self>(offsets, [d, f]) {
             parts.into_par_iter().for_each(product);
         } else {
             parts.into_iter().for_each(product);
         }
         tensor(out.into_dyn())
     }
-}
-
-/// Whether the experts' products run side by side ([`PARALLEL_MIN_MACS`]).
-fn side_by_side(offsets: &[usize], d: usize, f: usize) -> bool {
-    let experts = offsets.len().saturating_sub(1).max(1);
-    let rows = offsets.last().copied().unwrap_or(0);
-    rows.saturating_mul(d).saturating_mul(f) / experts >= PARALLEL_MIN_MACS
 }
 
 /// `out` split into each expert's rows, `(expert, rows)`.
