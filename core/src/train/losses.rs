@@ -193,4 +193,44 @@ mod tests {
         let z = scalar(z_loss(t2(vec![0.0; 8], [2, 4])));
         assert!((z - 4f32.ln().powi(2)).abs() < 1e-5);
     }
+
+    /// burn's autodiff differentiates `a / b` through `recip(b)`. burn-ndarray's `simd`
+    /// feature makes that reciprocal approximate (x86 `rcp`, 12 bits) on the aligned part
+    /// of a buffer only, so gradients were off by up to 4e-4 and changed from call to
+    /// call with the buffers' addresses (the workspace Cargo.toml leaves `simd` off).
+    #[test]
+    fn division_gradients_are_exact_and_repeatable() {
+        use burn::backend::Autodiff;
+        let device = Default::default();
+        // Every length up to a few vectors, so every alignment of head and tail occurs.
+        for n in [1usize, 7, 31, 32, 33, 100, 257, 1000] {
+            let a: Vec<f32> = (0..n).map(|i| 1.0 + (i as f32 * 0.37).sin()).collect();
+            let b: Vec<f32> = (0..n).map(|i| 1.5 + (i as f32 * 0.71).cos()).collect();
+            let recip = Tensor::<B, 1>::from_data(TensorData::new(b.clone(), [n]), &device)
+                .recip()
+                .into_data()
+                .to_vec::<f32>()
+                .unwrap();
+            let exact: Vec<f32> = b.iter().map(|x| 1.0 / x).collect();
+            assert_eq!(recip, exact, "recip of {n} values");
+            let grad_of_a = || {
+                let ta =
+                    Tensor::<Autodiff<B>, 1>::from_data(TensorData::new(a.clone(), [n]), &device)
+                        .require_grad();
+                let tb =
+                    Tensor::<Autodiff<B>, 1>::from_data(TensorData::new(b.clone(), [n]), &device);
+                let grads = (ta.clone() / tb).sum().backward();
+                ta.grad(&grads)
+                    .unwrap()
+                    .into_data()
+                    .to_vec::<f32>()
+                    .unwrap()
+            };
+            let first = grad_of_a();
+            assert_eq!(first, exact, "d(a / b)/da of {n} values");
+            for _ in 0..8 {
+                assert_eq!(grad_of_a(), first, "d(a / b)/da of {n} values, again");
+            }
+        }
+    }
 }
