@@ -5,7 +5,7 @@ use wgpu::util::DeviceExt;
 
 use crate::context::GpuContext;
 use crate::error::ShaderError;
-use crate::params::{ControllerParams, DrnParams, MoveParams, PlanParams, SelectParams};
+use crate::params::{ControllerParams, DrnParams, MoveParams, PlanParams, RowParams, SelectParams};
 use crate::source;
 
 /// Threads per workgroup of the per-token and per-element kernels (the WGSL `WG`
@@ -157,6 +157,9 @@ pub struct RoutingKernels {
     plan_scatter: Kernel,
     gather: Kernel,
     combine: Kernel,
+    gather_rows: Kernel,
+    sum_rows: Kernel,
+    row_dots: Kernel,
     controller_update: Kernel,
 }
 
@@ -176,6 +179,7 @@ impl RoutingKernels {
         let select = module("select.wgsl", source::SELECT);
         let dispatch = module("dispatch.wgsl", source::DISPATCH);
         let moves = module("gather_combine.wgsl", source::GATHER_COMBINE);
+        let rows = module("rows.wgsl", source::ROWS);
         let controller = module("controller.wgsl", source::CONTROLLER);
         let k = |m: &wgpu::ShaderModule, name, wg, b| Self::kernel(device, m, name, wg, b);
         Self {
@@ -282,6 +286,30 @@ impl RoutingKernels {
                     (7, Storage),
                     (8, Storage),
                 ],
+            ),
+            gather_rows: k(
+                &rows,
+                "gather_rows",
+                WG,
+                &[(0, Uniform), (1, Storage), (2, Storage), (3, Storage)],
+            ),
+            sum_rows: k(
+                &rows,
+                "sum_rows",
+                WG,
+                &[
+                    (0, Uniform),
+                    (4, Storage),
+                    (5, Storage),
+                    (6, Storage),
+                    (7, Storage),
+                ],
+            ),
+            row_dots: k(
+                &rows,
+                "row_dots",
+                WG,
+                &[(0, Uniform), (8, Storage), (9, Storage), (10, Storage)],
             ),
             controller_update: k(
                 &controller,
@@ -876,6 +904,81 @@ impl RoutingKernels {
             grid,
         );
         Ok(out)
+    }
+
+    /// `out[m] = src[index[m]]` (`[rows, hidden]`; zero where `index[m]` is outside
+    /// `0..sources`), into ranges the caller owns (burn's tensors).
+    pub fn gather_rows_into(
+        &self,
+        src: Bound<'_>,
+        index: Bound<'_>,
+        [rows, hidden, sources]: [usize; 3],
+        out: Bound<'_>,
+    ) -> Result<(), ShaderError> {
+        let params = Self::row_params([rows, hidden, sources], 0, false);
+        let grid = self.thread_grid("gather_rows", rows * hidden)?;
+        self.run(
+            &self.gather_rows,
+            bytemuck::bytes_of(&params),
+            &[index, src, out],
+            grid,
+        );
+        Ok(())
+    }
+
+    /// `out[r] = sum_s weights[m] * values[m]` over `m = rows_of[r, s]` within
+    /// `0..sources`, in slot order (`[rows, hidden]`; every weight 1 where `weights` is
+    /// `None`), into ranges the caller owns.
+    #[allow(clippy::too_many_arguments)]
+    pub fn sum_rows_into(
+        &self,
+        values: Bound<'_>,
+        weights: Option<Bound<'_>>,
+        rows_of: Bound<'_>,
+        [rows, hidden, sources, slots]: [usize; 4],
+        out: Bound<'_>,
+    ) -> Result<(), ShaderError> {
+        let params = Self::row_params([rows, hidden, sources], slots, weights.is_some());
+        let grid = self.thread_grid("sum_rows", rows * hidden)?;
+        // Unweighted, the binding is bound but not read: any live range does.
+        let weights = weights.unwrap_or(values);
+        self.run(
+            &self.sum_rows,
+            bytemuck::bytes_of(&params),
+            &[rows_of, weights, values, out],
+            grid,
+        );
+        Ok(())
+    }
+
+    /// `out[m] = sum_d lhs[m, d] * rhs[m, d]` (`[rows]`), into a range the caller owns.
+    pub fn row_dots_into(
+        &self,
+        lhs: Bound<'_>,
+        rhs: Bound<'_>,
+        [rows, hidden]: [usize; 2],
+        out: Bound<'_>,
+    ) -> Result<(), ShaderError> {
+        let params = Self::row_params([rows, hidden, 0], 0, false);
+        let grid = self.thread_grid("row_dots", rows)?;
+        self.run(
+            &self.row_dots,
+            bytemuck::bytes_of(&params),
+            &[lhs, rhs, out],
+            grid,
+        );
+        Ok(())
+    }
+
+    fn row_params([rows, hidden, sources]: [usize; 3], slots: usize, weighted: bool) -> RowParams {
+        RowParams {
+            rows: rows as u32,
+            hidden: hidden as u32,
+            sources: sources as u32,
+            slots: slots as u32,
+            weighted: u32::from(weighted),
+            _pad: [0; 3],
+        }
     }
 
     /// One PI update of the device-resident controller `state` (`[p, p_0, integral,

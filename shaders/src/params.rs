@@ -45,6 +45,18 @@ pub(crate) struct MoveParams {
     pub _pad: u32,
 }
 
+/// `RowParams` in rows.wgsl.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+pub(crate) struct RowParams {
+    pub rows: u32,
+    pub hidden: u32,
+    pub sources: u32,
+    pub slots: u32,
+    pub weighted: u32,
+    pub _pad: [u32; 3],
+}
+
 /// `ControllerParams` in controller.wgsl.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Pod, Zeroable)]

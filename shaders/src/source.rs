@@ -9,6 +9,8 @@ pub const SELECT: &str = include_str!("wgsl/select.wgsl");
 pub const DISPATCH: &str = include_str!("wgsl/dispatch.wgsl");
 /// `gather_combine.wgsl`: gather of token rows and per-token combine.
 pub const GATHER_COMBINE: &str = include_str!("wgsl/gather_combine.wgsl");
+/// `rows.wgsl`: training's row moves (gather, slot sums, row dots) and their gradients.
+pub const ROWS: &str = include_str!("wgsl/rows.wgsl");
 /// `controller.wgsl`: the device-resident PI controller update.
 pub const CONTROLLER: &str = include_str!("wgsl/controller.wgsl");
 
@@ -18,5 +20,6 @@ pub const ALL: &[(&str, &str)] = &[
     ("select.wgsl", SELECT),
     ("dispatch.wgsl", DISPATCH),
     ("gather_combine.wgsl", GATHER_COMBINE),
+    ("rows.wgsl", ROWS),
     ("controller.wgsl", CONTROLLER),
 ];

@@ -2,7 +2,8 @@
 //! routes than lavapipe runs loop iterations (65535): dispatch and combine must not lose
 //! rows on any adapter, which burn's own scatter ops do there (`core/src/train/
 //! loop_limit.rs`). Top-k through the CPU reference on a host copy of P, Top-p
-//! through burn tensor ops on the device.
+//! through burn tensor ops on the device. And the row moves alone (dispatch, combine and
+//! their gradients) on awkward shapes.
 
 use burn::backend::{Autodiff, NdArray, Wgpu};
 use burn::tensor::{Tensor, TensorData};
@@ -145,6 +146,119 @@ fn moe_layer_past_the_loop_limit_on_wgpu_matches_ndarray() {
                     "{selector:?} {name}: d/d{} differs ({worst} x tolerance)",
                     names[which]
                 );
+            }
+        }
+    }
+}
+
+/// Source rows R, width D, routes M (each reading a random source row); the slots per
+/// source row follow from the draw.
+const ROW_SHAPES: [(usize, usize, usize); 6] = [
+    (1, 1, 1),
+    (1, 3, 5),
+    (5, 64, 9),
+    (7, 5, 20),
+    (4, 7, 3),
+    (37, 130, 100),
+];
+
+/// The index `[M]` (source row of each route, some rows never read) and its inverse
+/// `[R, S]` (the routes of each row in order, padded with M).
+fn row_maps(r: usize, m: usize, rng: &mut SplitMix64) -> (Vec<i64>, Vec<i64>, usize) {
+    let index: Vec<i64> = (0..m)
+        .map(|_| ((rng.uniform() * r as f64) as i64).min(r as i64 - 1))
+        .collect();
+    let mut routes = vec![Vec::new(); r];
+    for (route, &row) in index.iter().enumerate() {
+        routes[row as usize].push(route as i64);
+    }
+    let s = routes.iter().map(Vec::len).max().unwrap_or(0).max(1);
+    let mut inverse = vec![m as i64; r * s];
+    for (row, list) in routes.iter().enumerate() {
+        inverse[row * s..row * s + list.len()].copy_from_slice(list);
+    }
+    (index, inverse, s)
+}
+
+/// Dispatch (`gather_rows`), a nonlinearity, combine (`sum_rows`), a weighted sum: the
+/// loss and its gradients with respect to the rows, the combine weights and the routed
+/// values.
+fn row_moves<B: dtopp::model::RowMovesBackend>(
+    (r, d, m): (usize, usize, usize),
+    seed: u64,
+    nudge: Option<(usize, usize, f32)>,
+) -> (f32, [Vec<f32>; 2]) {
+    use burn::tensor::Int;
+    use dtopp::model::RowMovesBackend;
+    let mut rng = SplitMix64::new(seed);
+    let (index, inverse, s) = row_maps(r, m, &mut rng);
+    let mut x: Vec<f32> = (0..r * d).map(|_| rng.normal() as f32).collect();
+    let mut w: Vec<f32> = (0..m).map(|_| rng.normal() as f32).collect();
+    let out_w: Vec<f32> = (0..r * d).map(|_| rng.normal() as f32).collect();
+    match nudge {
+        Some((0, i, h)) => x[i] += h,
+        Some((_, i, h)) => w[i] += h,
+        None => {}
+    }
+    let device = Default::default();
+    let x = Tensor::<Autodiff<B>, 2>::from_data(TensorData::new(x, [r, d]), &device).require_grad();
+    let w = Tensor::<Autodiff<B>, 1>::from_data(TensorData::new(w, [m]), &device).require_grad();
+    let index = Tensor::<Autodiff<B>, 1, Int>::from_data(TensorData::new(index, [m]), &device);
+    let inverse =
+        Tensor::<Autodiff<B>, 2, Int>::from_data(TensorData::new(inverse, [r, s]), &device);
+    let routed = Autodiff::<B>::gather_rows(x.clone(), &index, Some(&inverse));
+    let transformed = routed.clone() * routed.clone() + routed;
+    let out = Autodiff::<B>::sum_rows(transformed, Some(w.clone()), Some(&inverse), &index, r);
+    let out_w = Tensor::<Autodiff<B>, 2>::from_data(TensorData::new(out_w, [r, d]), &device);
+    let loss = (out * out_w).sum();
+    let value = loss.clone().into_data().to_vec::<f32>().unwrap()[0];
+    let grads = loss.backward();
+    let grad = |t: Option<Tensor<B, 2>>| t.map_or(Vec::new(), |t| t.into_data().to_vec().unwrap());
+    let gx = grad(x.grad(&grads));
+    let gw = w
+        .grad(&grads)
+        .map_or(Vec::new(), |t| t.into_data().to_vec().unwrap());
+    (value, [gx, gw])
+}
+
+/// The row moves on burn-wgpu run dtopp's `rows.wgsl` (gather, slot sums, row dots, on
+/// burn's buffers), forward and backward; on ndarray burn's select and scatter. Both
+/// against each other on awkward shapes (one row, D of one workgroup, past one and not
+/// a multiple of 4, rows never read), and ndarray's gradients against finite
+/// differences. Tolerance: 1e-4 relative (f32 sums in different orders).
+#[test]
+fn row_moves_on_wgpu_match_ndarray_and_finite_differences() {
+    for (k, &shape) in ROW_SHAPES.iter().enumerate() {
+        let seed = 40 + k as u64;
+        let (loss, grads) = row_moves::<NdArray>(shape, seed, None);
+        // Finite differences of the CPU form on a few entries (the loss is quadratic in
+        // x and linear in w: central differences are exact up to rounding).
+        for (which, grad) in grads.iter().enumerate() {
+            for i in [0, grad.len() / 2, grad.len().saturating_sub(1)] {
+                if grad.is_empty() {
+                    continue;
+                }
+                let h = 1e-2;
+                let up = row_moves::<NdArray>(shape, seed, Some((which, i, h))).0;
+                let down = row_moves::<NdArray>(shape, seed, Some((which, i, -h))).0;
+                let fd = (up - down) / (2.0 * h);
+                assert!(
+                    (fd - grad[i]).abs() <= 2e-2 * (1.0 + grad[i].abs()),
+                    "{shape:?}: gradient {which}[{i}] {} vs finite difference {fd}",
+                    grad[i]
+                );
+            }
+        }
+        if dtopp_tests::wgpu_model_device().is_none() {
+            continue;
+        }
+        let (got, got_grads) = row_moves::<Wgpu>(shape, seed, None);
+        let close = |a: f32, b: f32| (a - b).abs() <= 1e-4 * (1.0 + b.abs());
+        assert!(close(got, loss), "{shape:?}: loss {got} vs {loss}");
+        for (which, (g, w)) in got_grads.iter().zip(&grads).enumerate() {
+            assert_eq!(g.len(), w.len(), "{shape:?}: gradient {which}");
+            for (i, (a, b)) in g.iter().zip(w).enumerate() {
+                assert!(close(*a, *b), "{shape:?}: gradient {which}[{i}] {a} vs {b}");
             }
         }
     }

@@ -20,7 +20,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 
 use super::long_reductions::{int_max, int_min};
-use super::routed_rows::gathers;
+use super::routed_rows::{RowMovesBackend, gathers};
 use super::routing::Selector;
 use crate::error::{Error, Result};
 
@@ -54,7 +54,7 @@ pub struct DeviceRoute<B: Backend> {
 /// dispatch plan, on the device of `probs`. `logits` are the router's raw logits, checked
 /// for NaN/Inf in the same read-back as the offsets. `threshold` (`[1]`, on the device)
 /// replaces a Top-p selector's host threshold.
-pub fn route_on_device<B: Backend>(
+pub fn route_on_device<B: RowMovesBackend>(
     probs: Tensor<B, 2>,
     logits: Tensor<B, 2>,
     selector: Selector,

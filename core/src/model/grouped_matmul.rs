@@ -42,6 +42,19 @@ pub trait GroupedMatmulBackend: Backend {
     ) -> Tensor<Self, 2> {
         sliced_products(xs, w, offsets, precision)
     }
+
+    /// `dW` of [`GroupedMatmulBackend::grouped_matmul`]: `xs_e^T grad_e` per expert
+    /// (`dims` is `[E, D, F]`), zeros for an expert without rows. The default slices and
+    /// stacks in burn's tensor ops.
+    fn grouped_weight_grad(
+        xs: Tensor<Self, 2>,
+        grad: Tensor<Self, 2>,
+        dims: [usize; 3],
+        offsets: &[usize],
+        precision: Precision,
+    ) -> Tensor<Self, 3> {
+        weight_grad(xs, grad, dims, offsets, precision)
+    }
 }
 
 /// The grouped product in burn's tensor ops: a slice of rows and of the matrix per expert.
@@ -107,9 +120,8 @@ impl GroupedMatmulBackend for burn::backend::Wgpu {}
 #[cfg(feature = "cuda")]
 impl GroupedMatmulBackend for burn::backend::Cuda {}
 
-/// `dW` of [`GroupedMatmulBackend::grouped_matmul`]: `X_e^T dY_e` per expert, zeros for
-/// an expert without rows, stacked to `[E, D, F]`.
-fn weight_grad<B: GroupedMatmulBackend>(
+/// [`GroupedMatmulBackend::grouped_weight_grad`] in burn's tensor ops.
+pub(super) fn weight_grad<B: GroupedMatmulBackend>(
     xs: Tensor<B, 2>,
     grad: Tensor<B, 2>,
     dims: [usize; 3],
@@ -152,7 +164,7 @@ impl<B: GroupedMatmulBackend> Backward<B, 2> for GroupedMatmul {
         let xs = float::<B, 2>(checkpointer.retrieve_node_output(xs_id));
         let w = float::<B, 3>(checkpointer.retrieve_node_output(w_id));
         if let Some(node) = node_w {
-            let dw = weight_grad(xs, grad.clone(), dims, &offsets, precision);
+            let dw = B::grouped_weight_grad(xs, grad.clone(), dims, &offsets, precision);
             grads.register::<B>(node.id, dw.into_primitive().tensor());
         }
         if let Some(node) = node_xs {

@@ -1,9 +1,6 @@
 //! burn ndarray's grouped expert products on its own arrays: each expert's rows and
 //! matrix are views, and each product is written straight into its rows of the output
-//! (forward and `dX`). `dW` stays in the tensor-op form: written the same way, with
-//! each `X_e^T` a transposed view, a run resumed from a checkpoint no longer repeated
-//! the uninterrupted one bit for bit (`tests/tests/padded_routing.rs`), also with both
-//! inputs made row-major first, for a reason not yet found.
+//! (forward and `dX`) or into its matrix of `[E, D, F]` (`dW`).
 //!
 //! Why: burn ndarray's `slice` copies (`to_owned`), and `cat`/`stack` copy again, so the
 //! tensor-op form moved every routed row and every expert matrix twice more than the
@@ -14,10 +11,10 @@
 use burn::backend::NdArray;
 use burn::backend::ndarray::NdArrayTensor;
 use burn::tensor::{DType, Tensor, TensorPrimitive};
-use ndarray::{Array2, ArrayViewMut2, Axis, Ix2, Ix3, s};
+use ndarray::{Array2, Array3, ArrayViewMut2, Axis, Ix2, Ix3, s};
 use rayon::prelude::*;
 
-use super::grouped_matmul::{GroupedMatmulBackend, side_by_side, sliced_products};
+use super::grouped_matmul::{GroupedMatmulBackend, side_by_side, sliced_products, weight_grad};
 use super::precision::Precision;
 
 impl GroupedMatmulBackend for NdArray {
@@ -60,6 +57,50 @@ impl GroupedMatmulBackend for NdArray {
             parts.into_par_iter().for_each(product);
         } else {
             parts.into_iter().for_each(product);
+        }
+        tensor(out.into_dyn())
+    }
+
+    fn grouped_weight_grad(
+        xs: Tensor<Self, 2>,
+        grad: Tensor<Self, 2>,
+        dims: [usize; 3],
+        offsets: &[usize],
+        precision: Precision,
+    ) -> Tensor<Self, 3> {
+        if precision != Precision::F32 || xs.dtype() != DType::F32 || grad.dtype() != DType::F32 {
+            return weight_grad(xs, grad, dims, offsets, precision);
+        }
+        let [e, d, f] = dims;
+        let (xs_array, grad_array) = (array(xs), array(grad));
+        let (Some(x), Some(g)) = (
+            xs_array.view().into_dimensionality::<Ix2>().ok(),
+            grad_array.view().into_dimensionality::<Ix2>().ok(),
+        ) else {
+            unreachable!("burn's dims said rank 2");
+        };
+        let mut out = Array3::<f32>::zeros((e, d, f));
+        // An expert without rows keeps its zero matrix.
+        let product = |(e, mut matrix): (usize, ArrayViewMut2<f32>)| {
+            let (start, end) = (offsets[e], offsets[e + 1]);
+            if start < end {
+                ndarray::linalg::general_mat_mul(
+                    1.0,
+                    &x.slice(s![start..end, ..]).t(),
+                    &g.slice(s![start..end, ..]),
+                    0.0,
+                    &mut matrix,
+                );
+            }
+        };
+        let matrices = out.outer_iter_mut().enumerate();
+        if side_by_side::<Self>(offsets, [d, f]) {
+            matrices
+                .collect::<Vec<_>>()
+                .into_par_iter()
+                .for_each(product);
+        } else {
+            matrices.for_each(product);
         }
         tensor(out.into_dyn())
     }

@@ -39,6 +39,7 @@ pub use moe::{LayerCounts, LayerRouting, MoeForward, MoeWeights, moe_forward};
 pub use moe_layer::MoeLayer;
 pub use padded_routing::{ExpertBounds, PaddedRoute, PaddedUsage, route_padded};
 pub use precision::Precision;
+pub use routed_rows::RowMovesBackend;
 pub use routing::{RouteEngine, Selector};
 #[cfg(feature = "wgpu")]
 pub use routing_backend::wgpu as wgpu_routing;

@@ -18,7 +18,7 @@ use super::drn::drn_probs;
 use super::long_reductions::column_sums;
 use super::padded_routing::{ExpertBounds, route_padded};
 use super::precision::Precision;
-use super::routed_rows::{gather_rows, sum_rows};
+use super::routed_rows::{RowMovesBackend, gather_rows, sum_rows};
 use super::routing::{RouteEngine, Selector};
 use super::routing_backend::{RoutingBackend, route_from_host};
 use crate::cpu::rank_experts;
@@ -170,7 +170,7 @@ struct Plan<B: Backend> {
 }
 
 /// Selection and plan through a kernel engine, on a host copy of P.
-fn plan_on_host<B: Backend>(
+fn plan_on_host<B: RowMovesBackend>(
     probs: &Tensor<B, 2>,
     engine: &RouteEngine,
     selector: Selector,

@@ -10,27 +10,28 @@
 //! [`FOLD_WIDTH`] rows of a token into one, until each distinct token has one row, and one
 //! last gather lays those rows out as the `[V, D]` gradient (a zero row for tokens the
 //! batch does not contain). Same backends as the MoE layer's rows
-//! ([`super::routed_rows::gathers`]); the others keep burn's scatter, a plain loop on a CPU.
-
-use std::any::TypeId;
+//! ([`RowMovesBackend::BY_GATHERS`], whose `sum_slots` adds the rows); the others keep
+//! burn's scatter, a plain loop on a CPU.
 
 use burn::backend::Autodiff;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
-use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
+use burn::backend::autodiff::checkpoint::strategy::{CheckpointStrategy, NoCheckpointing};
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
-use burn::tensor::backend::Backend;
 use burn::tensor::ops::IntTensor;
 use burn::tensor::{Int, Tensor, TensorData, TensorPrimitive};
 
-use super::routed_rows::{float, gather_backends, same, sum_rows_plain};
+use super::routed_rows::{RowMovesBackend, float};
 
 /// The most rows one pass adds into one: each pass shrinks a token's rows this many
 /// times, so a token seen c times takes `ceil(log_8 c)` passes.
 const FOLD_WIDTH: usize = 8;
 
 /// `table[tokens[i]]` for every `i`: `[N, D]` from `table` `[V, D]`.
-pub fn embed_tokens<B: Backend>(table: Tensor<B, 2>, tokens: Tensor<B, 1, Int>) -> Tensor<B, 2> {
+pub fn embed_tokens<B: RowMovesBackend>(
+    table: Tensor<B, 2>,
+    tokens: Tensor<B, 1, Int>,
+) -> Tensor<B, 2> {
     embed(table, tokens, None)
 }
 
@@ -39,7 +40,7 @@ pub fn embed_tokens<B: Backend>(table: Tensor<B, 2>, tokens: Tensor<B, 1, Int>) 
 ///
 /// # Panics
 /// If `host` and `tokens` differ in length.
-pub fn embed_host_tokens<B: Backend>(
+pub fn embed_host_tokens<B: RowMovesBackend>(
     table: Tensor<B, 2>,
     tokens: Tensor<B, 1, Int>,
     host: &[i64],
@@ -52,24 +53,12 @@ pub fn embed_host_tokens<B: Backend>(
     embed(table, tokens, Some(host))
 }
 
-fn embed<B: Backend>(
+fn embed<B: RowMovesBackend>(
     table: Tensor<B, 2>,
     tokens: Tensor<B, 1, Int>,
     host: Option<&[i64]>,
 ) -> Tensor<B, 2> {
-    macro_rules! on {
-        ($inner:ty) => {
-            if TypeId::of::<B>() == TypeId::of::<Autodiff<$inner>>() {
-                return same(embed_tokens_tracked::<$inner>(
-                    same(table),
-                    same(tokens),
-                    host,
-                ));
-            }
-        };
-    }
-    gather_backends!(on);
-    table.select(0, tokens)
+    B::embed_rows(table, tokens, host)
 }
 
 /// How the gradient rows of N positions fold into one row per vocabulary entry.
@@ -138,13 +127,13 @@ fn fold_plan(tokens: &[i64], vocab: usize) -> FoldPlan {
 }
 
 /// The `[V, D]` gradient of the table from the `[N, D]` gradient of the lookup.
-fn fold_gradient<B: Backend>(grad: Tensor<B, 2>, plan: FoldPlan) -> Tensor<B, 2> {
+fn fold_gradient<B: RowMovesBackend>(grad: Tensor<B, 2>, plan: FoldPlan) -> Tensor<B, 2> {
     let device = grad.device();
     let vocab = plan.vocab_rows.len();
     let mut rows = grad;
     for (index, shape) in plan.passes {
         let index = Tensor::<B, 2, Int>::from_data(TensorData::new(index, shape), &device);
-        rows = sum_rows_plain(rows, None, &index);
+        rows = B::sum_slots(rows, None, &index);
     }
     let d = rows.dims()[1];
     let padded = Tensor::cat(vec![rows, Tensor::zeros([1, d], &device)], 0);
@@ -153,15 +142,17 @@ fn fold_gradient<B: Backend>(grad: Tensor<B, 2>, plan: FoldPlan) -> Tensor<B, 2>
     padded.select(0, vocab_rows)
 }
 
-fn embed_tokens_tracked<I: Backend>(
-    table: Tensor<Autodiff<I>, 2>,
-    tokens: Tensor<Autodiff<I>, 1, Int>,
+/// The lookup of [`embed_tokens`] on `Autodiff<I>` with the gradient folded by gathers
+/// ([`RowMovesBackend::embed_rows`] of the gather backends).
+pub(super) fn embed_tokens_tracked<I: RowMovesBackend, C: CheckpointStrategy>(
+    table: Tensor<Autodiff<I, C>, 2>,
+    tokens: Tensor<Autodiff<I, C>, 1, Int>,
     host: Option<&[i64]>,
-) -> Tensor<Autodiff<I>, 2> {
+) -> Tensor<Autodiff<I, C>, 2> {
     #[derive(Debug)]
     struct EmbedTokens;
 
-    impl<I: Backend> Backward<I, 1> for EmbedTokens {
+    impl<I: RowMovesBackend> Backward<I, 1> for EmbedTokens {
         /// The tokens `[N]`, the vocabulary size, and the plan where the tokens were
         /// given on the host.
         type State = (IntTensor<I>, usize, Option<FoldPlan>);
@@ -317,7 +308,9 @@ mod tests {
                 Tensor::<B, 2>::from_data(TensorData::new(table_v.clone(), [v, d]), &device)
                     .require_grad();
             let out = match ours {
-                Some(host) => embed_tokens_tracked::<NdArray>(table.clone(), tokens.clone(), host),
+                Some(host) => {
+                    embed_tokens_tracked::<NdArray, _>(table.clone(), tokens.clone(), host)
+                }
                 None => table.clone().select(0, tokens.clone()),
             };
             let grads = (out.clone() * out.clone() * out_w.clone()).sum().backward();

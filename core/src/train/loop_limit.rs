@@ -32,7 +32,7 @@ const CONTIGUOUS_LIMIT: usize = 262_128;
 /// device's loop limit: the softmax over a vocabulary past [`CONTIGUOUS_LIMIT`], or the
 /// longest scatter (the micro-batch's routes, tokens times the most experts a token can
 /// select, on a backend that falls back to burn's scatters).
-pub(crate) fn check_loop_limits<B: Backend>(
+pub(crate) fn check_loop_limits<B: routed_rows::RowMovesBackend>(
     config: &TrainConfig,
     device: &B::Device,
 ) -> Result<()> {

@@ -13,7 +13,7 @@ use super::session::TrainSession;
 use crate::error::{Error, Result};
 use crate::io::write_atomic;
 use crate::metrics::{JsonLines, RunSummary, StepMetrics};
-use crate::model::{RouteEngine, routed_rows};
+use crate::model::{RouteEngine, RowMovesBackend};
 
 /// Where a run writes and how chatty it is.
 #[derive(Debug)]
@@ -97,11 +97,7 @@ pub(super) fn lead<B: TrainingBackend>(
     say(format!(
         "ops: attention, experts, {}, dispatch/combine ({}) and backward: burn {} (autodiff)",
         if mode.uses_drn() { "DRN" } else { "softmax" },
-        if routed_rows::gathers::<B>() {
-            "row gathers both ways"
-        } else {
-            "select, select_assign"
-        },
+        <B as RowMovesBackend>::row_moves_name(),
         options.backend_name
     ));
     say(format!(

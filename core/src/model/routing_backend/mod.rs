@@ -17,6 +17,8 @@
 mod ndarray;
 #[cfg(feature = "wgpu")]
 pub mod wgpu;
+#[cfg(feature = "wgpu")]
+mod wgpu_rows;
 
 use burn::backend::Autodiff;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -26,14 +28,16 @@ use burn::tensor::{Int, Tensor, TensorData};
 use super::device_memory::DeviceMemoryBackend;
 use super::device_routing::{DeviceRoute, route_on_device, select_ranked};
 use super::grouped_matmul::GroupedMatmulBackend;
-use super::routed_rows::gathers;
+use super::routed_rows::{RowMovesBackend, gathers};
 use super::routing::Selector;
 use crate::error::Result;
 use crate::ops::{HostDispatchPlan, HostSelection};
 use crate::train::AdamWUpdateBackend;
 
 /// A burn backend that routes MoE layers: every backend the model trains on.
-pub trait RoutingBackend: GroupedMatmulBackend + DeviceMemoryBackend + AdamWUpdateBackend {
+pub trait RoutingBackend:
+    GroupedMatmulBackend + RowMovesBackend + DeviceMemoryBackend + AdamWUpdateBackend
+{
     /// What selects and plans on `device`, for the training log.
     fn routing_name(_device: &Self::Device) -> String {
         "burn tensor ops on the model's device (pairwise ranks, blocked scan)".to_string()
@@ -151,7 +155,7 @@ pub(crate) fn mask_and_rank<B: Backend>(
 }
 
 /// A selection and plan made on the host, as the model's index tensors on `device`.
-pub(crate) fn route_from_host<B: Backend>(
+pub(crate) fn route_from_host<B: RowMovesBackend>(
     selection: &HostSelection,
     plan: &HostDispatchPlan,
     device: &B::Device,

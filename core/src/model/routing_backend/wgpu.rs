@@ -81,7 +81,7 @@ pub(crate) fn adapter(
     Some(((*context.info).clone(), context.device.limits()))
 }
 
-fn kernels(device: &WgpuDevice) -> Result<Arc<RoutingKernels>> {
+pub(super) fn kernels(device: &WgpuDevice) -> Result<Arc<RoutingKernels>> {
     let devices = DEVICES.lock().unwrap_or_else(PoisonError::into_inner);
     devices
         .iter()
@@ -293,7 +293,7 @@ impl Launched {
 
 /// Binds `tensors` (holding their allocations while the kernels are recorded), submits
 /// what burn has recorded so far, and runs `kernels` on the ranges, in order.
-fn launch(
+pub(super) fn launch(
     tensors: &[CubeTensor<WgpuRuntime>],
     kernels: impl FnOnce(&[Bound<'_>]) -> std::result::Result<(), dtopp_shaders::ShaderError>,
 ) -> Result<()> {
@@ -323,12 +323,12 @@ fn launch(
 }
 
 /// The contiguous cubecl tensor behind a burn float tensor.
-fn float<const D: usize>(t: Tensor<Wgpu, D>) -> CubeTensor<WgpuRuntime> {
+pub(super) fn float<const D: usize>(t: Tensor<Wgpu, D>) -> CubeTensor<WgpuRuntime> {
     burn_cubecl::kernel::into_contiguous(t.into_primitive().tensor())
 }
 
 /// The contiguous cubecl tensor behind a burn int tensor.
-fn int<const D: usize>(t: Tensor<Wgpu, D, Int>) -> CubeTensor<WgpuRuntime> {
+pub(super) fn int<const D: usize>(t: Tensor<Wgpu, D, Int>) -> CubeTensor<WgpuRuntime> {
     burn_cubecl::kernel::into_contiguous(t.into_primitive())
 }
 
