@@ -1,0 +1,250 @@
+//! The micro-batches of a step, forward and backward: read back one at a time
+//! ([`TrainSession::immediate_pass`]) or all at the end ([`TrainSession::deferred_pass`]),
+//! and what they leave for the update ([`Pass`]).
+
+use super::*;
+
+impl<B: TrainingBackend> TrainSession<'_, B> {
+    /// The micro-batches of a step one at a time, each read back after its forward pass:
+    /// the exact layouts (which read every layer's offsets anyway), a data-parallel run
+    /// (whose counts are summed over the ranks on the host) and the padded layout's
+    /// first step (which measures its bounds). A padded micro-batch that outgrew its
+    /// bounds runs again in the exact layout before anything is differentiated.
+    pub(super) fn immediate_pass(
+        &mut self,
+        model: &MoeLanguageModel<B>,
+        batches: &[Batch],
+        plan: &RoutingPlan,
+    ) -> Result<Pass<B>> {
+        let (layers, experts) = (self.layers, self.config.model.experts);
+        let (device, accum) = (&self.device, self.config.run.grad_accum);
+        let precision = self.config.run.precision;
+        let padded = matches!(self.engine, RouteEngine::DevicePadded);
+        let mut accumulator = GradientsAccumulator::new();
+        let mut stats = RoutingStats::new(layers, experts);
+        let mut losses = [0.0f64; 4];
+        for batch in batches {
+            let (inputs, targets) = batch_tensors::<B>(batch, device);
+            let mut plan = plan.clone();
+            plan.bounds = self.bounds.clone().filter(|_| padded);
+            // The host copy of the tokens spares the embedding's backward a read-back.
+            let engine = self.engine;
+            let forward = |plan: &RoutingPlan| {
+                model.forward_with_host_tokens(
+                    inputs.clone(),
+                    &batch.inputs,
+                    plan,
+                    None,
+                    engine,
+                    precision,
+                )
+            };
+            let mut output = forward(&plan)?;
+            // This micro-batch's own counts (in the one read-back it makes).
+            let mut counts = RoutingStats::of_micro_batch(&output.moe, experts)?;
+            if let Some(bounds) = &plan.bounds {
+                if counts.fit(bounds) {
+                    self.padded.count_fitting(bounds, experts, &counts.k_sum);
+                } else {
+                    // Some expert or token outgrew its buffer: nothing is differentiated
+                    // yet, so the micro-batch runs again in the exact layout.
+                    plan.bounds = None;
+                    output = forward(&plan)?;
+                    counts = RoutingStats::of_micro_batch(&output.moe, experts)?;
+                    self.padded.redone += 1;
+                }
+            }
+            if padded {
+                self.padded.micro_batches += 1;
+                let tokens = batch.batch * batch.seq_len;
+                self.bounds = Some(counts.next_bounds(tokens, experts));
+            }
+            // The global batch's counts: they drive the controller (every rank the same
+            // a_t, so the same p) and the balance loss's expert fractions.
+            if let Some(rank) = self.rank {
+                let summed = rank.sum_counts::<B>(&counts.flatten(), device)?;
+                counts = RoutingStats::unflatten(&summed, layers, experts);
+            }
+            let parts = total_loss(
+                output.logits,
+                targets,
+                &output.moe,
+                &counts.expert_load,
+                &self.config.loss,
+            );
+            stats.accumulate(&counts);
+            add_micro_batch_losses(&mut losses, &host_f32(loss_values(&parts))?, accum);
+            let grads = (parts.total / accum as f64).backward();
+            accumulator.accumulate(model, GradientsParams::from_grads(grads, model));
+        }
+        Ok(Pass {
+            grads: accumulator.grads(),
+            stats,
+            losses,
+            k_sum: None,
+            loss_values: None,
+        })
+    }
+
+    /// The micro-batches of a step in the padded layout ([`RouteEngine::DevicePadded`],
+    /// one process) with nothing read back until all have run forward and backward: the
+    /// counts and first non-finite logits of every micro-batch then come back in one read
+    /// of integers (before the optimizer, which must not see an outgrown micro-batch);
+    /// the losses stay on the device for the step's one read of floats after the update,
+    /// and the device controller's thresholds route every layer. `None` when some micro-batch outgrew `bounds`: its gradients
+    /// are dropped and the step runs again through [`Self::immediate_pass`], from bounds
+    /// grown to what was measured.
+    pub(super) fn deferred_pass(
+        &mut self,
+        model: &MoeLanguageModel<B>,
+        batches: &[Batch],
+        plan: &RoutingPlan,
+        bounds: Vec<ExpertBounds>,
+    ) -> Result<Option<Pass<B>>> {
+        let (layers, experts) = (self.layers, self.config.model.experts);
+        let width = 1 + 2 * experts;
+        let (device, accum) = (&self.device, self.config.run.grad_accum);
+        let mut plan = plan.clone();
+        plan.bounds = Some(bounds.clone());
+        let thresholds = self.control.as_ref().map(DeviceControl::thresholds);
+        let mut accumulator = GradientsAccumulator::new();
+        let (mut counts, mut first_bad) = (Vec::new(), Vec::new());
+        let (mut values, mut logits, mut k_sums) = (Vec::new(), Vec::new(), Vec::new());
+        for batch in batches {
+            let (inputs, targets) = batch_tensors::<B>(batch, device);
+            let output = model.forward_with_host_tokens(
+                inputs,
+                &batch.inputs,
+                &plan,
+                thresholds.as_ref(),
+                self.engine,
+                self.config.run.precision,
+            )?;
+            let mut per_layer = Vec::with_capacity(layers);
+            for layer in &output.moe {
+                let (
+                    Some(c),
+                    LayerRouting::Device {
+                        first_bad: Some(bad),
+                        ..
+                    },
+                ) = (layer.routing.device_counts(), &layer.routing)
+                else {
+                    return Err(Error::Backend {
+                        backend: "trainer",
+                        message: "a padded pass routed a layer outside the padded layout"
+                            .to_string(),
+                    });
+                };
+                per_layer.push(c.reshape([1, width]));
+                first_bad.push(bad.clone());
+                logits.push(layer.logits.clone().detach());
+            }
+            let per_layer = Tensor::cat(per_layer, 0);
+            let loads = per_layer.clone().slice([0..layers, 1 + experts..width]);
+            k_sums.push(per_layer.clone().slice([0..layers, 0..1]).reshape([layers]));
+            counts.push(per_layer.reshape([layers * width]));
+            let parts = total_loss_on_device(
+                output.logits,
+                targets,
+                &output.moe,
+                loads,
+                &self.config.loss,
+            );
+            values.push(loss_values(&parts));
+            let grads = (parts.total / accum as f64).backward();
+            accumulator.accumulate(model, GradientsParams::from_grads(grads, model));
+        }
+        // The pass's one read-back: every micro-batch's counts and first bad logits.
+        let counted = counts.len() * layers * width;
+        let ints = read_counts(Tensor::cat(
+            counts.into_iter().chain(first_bad).collect(),
+            0,
+        ))?;
+        let (counts, first_bad) = ints.split_at(counted);
+        for (logits, &bad) in logits.iter().zip(first_bad) {
+            if bad < logits.shape().num_elements() as u64 {
+                return Err(non_finite_logit(logits, bad as usize));
+            }
+        }
+        let measured: Vec<RoutingStats> = counts
+            .chunks_exact(layers * width)
+            .map(|c| RoutingStats::unflatten(c, layers, experts))
+            .collect();
+        let tokens = batches.first().map_or(1, |b| b.batch * b.seq_len);
+        let grown = (0..layers)
+            .map(|l| {
+                let max_load = measured.iter().map(|s| s.max_load(l)).max().unwrap_or(0);
+                let max_k = measured.iter().map(|s| s.max_k(l)).max().unwrap_or(0);
+                ExpertBounds::after(max_load, max_k, tokens, experts)
+            })
+            .collect();
+        self.bounds = Some(grown);
+        if !measured.iter().all(|s| s.fit(&bounds)) {
+            self.padded.redone += batches.len() as u64;
+            return Ok(None);
+        }
+        let mut stats = RoutingStats::new(layers, experts);
+        for s in &measured {
+            self.padded.count_fitting(&bounds, experts, &s.k_sum);
+            stats.accumulate(s);
+        }
+        self.padded.micro_batches += batches.len() as u64;
+        let k_sum = k_sums
+            .into_iter()
+            .reduce(|a, b| a + b)
+            .expect("a step has micro-batches");
+        Ok(Some(Pass {
+            grads: accumulator.grads(),
+            stats,
+            // Added up from `loss_values` by the step's one read of floats.
+            losses: [0.0; 4],
+            k_sum: Some(k_sum),
+            loss_values: Some(Tensor::cat(values, 0)),
+        }))
+    }
+}
+
+/// What the micro-batches of a step leave for its optimizer and controller update.
+pub(super) struct Pass<B: TrainingBackend> {
+    pub(super) grads: GradientsParams,
+    pub(super) stats: RoutingStats,
+    /// Total, cross-entropy, balance and entropy, averaged over the micro-batches.
+    pub(super) losses: [f64; 4],
+    /// `[L]` each layer's experts summed over the step's tokens, where still on the
+    /// device.
+    pub(super) k_sum: Option<Tensor<B, 1, Int>>,
+    /// `[4 A]` each micro-batch's four losses, where still on the device (then `losses`
+    /// is zero until the step reads them).
+    pub(super) loss_values: Option<Tensor<B, 1>>,
+}
+
+/// The error of a step whose loss is not finite.
+pub(super) fn diverged(loss: f64, step: u64) -> Error {
+    Error::Backend {
+        backend: "trainer",
+        message: format!(
+            "the loss became {loss} at step {step}: training diverged (try a lower optimizer.lr or optimizer.grad_clip)"
+        ),
+    }
+}
+
+/// `[4]` total, cross-entropy, balance and entropy: one read-back for all four.
+pub(super) fn loss_values<B: Backend>(parts: &LossParts<B>) -> Tensor<B, 1> {
+    Tensor::cat(
+        vec![
+            parts.total.clone(),
+            parts.cross_entropy.clone(),
+            parts.balance.clone(),
+            parts.entropy.clone(),
+        ],
+        0,
+    )
+}
+
+/// Adds one micro-batch's [`loss_values`] to the step's means over `accum` micro-batches.
+pub(super) fn add_micro_batch_losses(losses: &mut [f64; 4], values: &[f32], accum: usize) {
+    for (sum, v) in losses.iter_mut().zip(values) {
+        *sum += f64::from(*v) / accum as f64;
+    }
+}

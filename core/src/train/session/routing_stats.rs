@@ -1,0 +1,141 @@
+//! Per-layer routing counts of a micro-batch or a step: the controller's `a_t`, the
+//! balance loss's expert fractions, the metrics and the padded layout's bounds.
+
+use super::*;
+
+/// Per-layer routing counts (of a micro-batch, or summed over a step).
+#[derive(Debug, PartialEq)]
+pub(super) struct RoutingStats {
+    pub(super) k_sum: Vec<u64>,
+    pub(super) k_histogram: Vec<Vec<u64>>,
+    pub(super) expert_load: Vec<Vec<u64>>,
+}
+
+impl RoutingStats {
+    pub(super) fn new(layers: usize, experts: usize) -> Self {
+        Self {
+            k_sum: vec![0; layers],
+            k_histogram: vec![vec![0; experts]; layers],
+            expert_load: vec![vec![0; experts]; layers],
+        }
+    }
+
+    /// The counts of one forward pass: kernel engines hand them over as host arrays;
+    /// device routing sums them on the device and every layer's are read in one go,
+    /// with the padded layout's first non-finite logits (a non-finite one is an error).
+    pub(super) fn of_micro_batch<B: Backend>(
+        moe: &[MoeForward<B>],
+        experts: usize,
+    ) -> Result<Self> {
+        let width = 1 + 2 * experts;
+        let mut flat: Vec<u64> = Vec::with_capacity(moe.len() * width);
+        let mut on_device: Vec<Tensor<B, 1, Int>> = moe
+            .iter()
+            .filter_map(|layer| layer.routing.device_counts())
+            .collect();
+        let checked: Vec<(usize, Tensor<B, 1, Int>)> = moe
+            .iter()
+            .enumerate()
+            .filter_map(|(l, layer)| match &layer.routing {
+                LayerRouting::Device {
+                    first_bad: Some(bad),
+                    ..
+                } => Some((l, bad.clone())),
+                _ => None,
+            })
+            .collect();
+        let counted = on_device.len() * width;
+        on_device.extend(checked.iter().map(|(_, bad)| bad.clone()));
+        let read = if on_device.is_empty() {
+            Vec::new()
+        } else {
+            read_counts(Tensor::cat(on_device, 0))?
+        };
+        for ((l, _), &bad) in checked.iter().zip(&read[counted..]) {
+            let logits = &moe[*l].logits;
+            if bad < logits.shape().num_elements() as u64 {
+                return Err(non_finite_logit(logits, bad as usize));
+            }
+        }
+        let mut from_device = read[..counted].iter().copied();
+        for layer in moe {
+            match layer.routing.host_counts(experts) {
+                Some(counts) => flat.extend(counts),
+                None => flat.extend(from_device.by_ref().take(width)),
+            }
+        }
+        Ok(Self::unflatten(&flat, moe.len(), experts))
+    }
+
+    /// Whether every layer's busiest expert and busiest token fit `bounds`.
+    pub(super) fn fit(&self, bounds: &[ExpertBounds]) -> bool {
+        bounds
+            .iter()
+            .enumerate()
+            .all(|(l, b)| b.hold(self.max_load(l), self.max_k(l)))
+    }
+
+    /// Bounds for the next micro-batch of `tokens` tokens, from these counts.
+    pub(super) fn next_bounds(&self, tokens: usize, experts: usize) -> Vec<ExpertBounds> {
+        (0..self.k_sum.len())
+            .map(|l| ExpertBounds::after(self.max_load(l), self.max_k(l), tokens, experts))
+            .collect()
+    }
+
+    pub(super) fn max_load(&self, layer: usize) -> usize {
+        self.expert_load[layer].iter().copied().max().unwrap_or(0) as usize
+    }
+
+    /// The most experts a token took (the histogram's last non-empty `k`).
+    pub(super) fn max_k(&self, layer: usize) -> usize {
+        self.k_histogram[layer]
+            .iter()
+            .rposition(|&c| c > 0)
+            .map_or(0, |k| k + 1)
+    }
+
+    pub(super) fn accumulate(&mut self, other: &Self) {
+        let add = |a: &mut [u64], b: &[u64]| a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+        add(&mut self.k_sum, &other.k_sum);
+        for l in 0..self.k_sum.len() {
+            add(&mut self.k_histogram[l], &other.k_histogram[l]);
+            add(&mut self.expert_load[l], &other.expert_load[l]);
+        }
+    }
+
+    /// Per layer: `k_sum`, the histogram, the loads (one all-reduce for all of them).
+    pub(super) fn flatten(&self) -> Vec<u64> {
+        (0..self.k_sum.len())
+            .flat_map(|l| {
+                std::iter::once(self.k_sum[l])
+                    .chain(self.k_histogram[l].iter().copied())
+                    .chain(self.expert_load[l].iter().copied())
+            })
+            .collect()
+    }
+
+    pub(super) fn unflatten(values: &[u64], layers: usize, experts: usize) -> Self {
+        let mut stats = Self::new(layers, experts);
+        for (l, chunk) in values
+            .chunks_exact(1 + 2 * experts)
+            .enumerate()
+            .take(layers)
+        {
+            stats.k_sum[l] = chunk[0];
+            stats.k_histogram[l].copy_from_slice(&chunk[1..=experts]);
+            stats.expert_load[l].copy_from_slice(&chunk[1 + experts..]);
+        }
+        stats
+    }
+
+    pub(super) fn active_per_layer(&self, tokens: usize) -> Vec<f64> {
+        self.k_sum
+            .iter()
+            .map(|&s| s as f64 / tokens as f64)
+            .collect()
+    }
+}
+
+pub(super) fn read_counts<B: Backend>(t: Tensor<B, 1, Int>) -> Result<Vec<u64>> {
+    Ok(read_ints(t)?.into_iter().map(|c| c as u64).collect())
+}
