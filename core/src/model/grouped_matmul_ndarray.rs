@@ -9,12 +9,12 @@
 //! on the same values, so the results are bit-identical.
 
 use burn::backend::NdArray;
-use burn::backend::ndarray::NdArrayTensor;
-use burn::tensor::{DType, Tensor, TensorPrimitive};
+use burn::tensor::{DType, Tensor};
 use ndarray::{Array2, Array3, ArrayViewMut2, Axis, Ix2, Ix3, s};
 use rayon::prelude::*;
 
 use super::grouped_matmul::{GroupedMatmulBackend, side_by_side, sliced_products, weight_grad};
+use super::ndarray_arrays::{array, tensor};
 use super::precision::Precision;
 
 impl GroupedMatmulBackend for NdArray {
@@ -58,7 +58,7 @@ impl GroupedMatmulBackend for NdArray {
         } else {
             parts.into_iter().for_each(product);
         }
-        tensor(out.into_dyn())
+        tensor(out.into_dyn().into_shared())
     }
 
     fn grouped_weight_grad(
@@ -102,7 +102,7 @@ impl GroupedMatmulBackend for NdArray {
         } else {
             matrices.for_each(product);
         }
-        tensor(out.into_dyn())
+        tensor(out.into_dyn().into_shared())
     }
 }
 
@@ -118,18 +118,4 @@ fn row_blocks<'a>(
         out = rest;
     }
     blocks
-}
-
-/// The f32 array under an ndarray tensor (shared, not copied).
-fn array<const D: usize>(t: Tensor<NdArray, D>) -> ndarray::ArcArray<f32, ndarray::IxDyn> {
-    match t.into_primitive() {
-        TensorPrimitive::Float(NdArrayTensor::F32(storage)) => storage.into_owned(),
-        _ => unreachable!("the caller checked that the tensor is f32"),
-    }
-}
-
-fn tensor<const D: usize>(a: ndarray::ArrayD<f32>) -> Tensor<NdArray, D> {
-    Tensor::from_primitive(TensorPrimitive::Float(NdArrayTensor::F32(
-        a.into_shared().into(),
-    )))
 }

@@ -17,6 +17,7 @@ mod lm;
 pub mod long_reductions;
 mod moe;
 mod moe_layer;
+pub(crate) mod ndarray_arrays;
 mod padded_routing;
 mod precision;
 pub(crate) mod routed_rows;

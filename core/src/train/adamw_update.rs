@@ -105,19 +105,10 @@ fn ndarray_pass(
     scale: &Scale<burn::backend::NdArray>,
     h: AdamWStep,
 ) -> [Tensor<burn::backend::NdArray, 1>; 3] {
-    use burn::backend::ndarray::NdArrayTensor;
-    use burn::tensor::TensorPrimitive;
+    use crate::model::ndarray_arrays::{array, tensor};
     use rayon::prelude::*;
 
-    let [mut v, g, mut m1, mut m2] = tensors.map(|t| match t.into_primitive() {
-        TensorPrimitive::Float(NdArrayTensor::F32(storage)) => storage.into_owned(),
-        _ => unreachable!("the caller checked that every tensor is f32"),
-    });
-    let tensor = |a| {
-        Tensor::<burn::backend::NdArray, 1>::from_primitive(TensorPrimitive::Float(
-            NdArrayTensor::F32(a),
-        ))
-    };
+    let [mut v, g, mut m1, mut m2] = tensors.map(array);
     let s = match scale {
         Scale::Host(s) => *s as f32,
         Scale::Device(t) => t.clone().into_scalar(),
@@ -161,7 +152,7 @@ fn ndarray_pass(
         }
         _ => false,
     };
-    let [v, g, m1, m2] = [v, g, m1, m2].map(|a| tensor(a.into()));
+    let [v, g, m1, m2] = [v, g, m1, m2].map(tensor);
     if !contiguous {
         // A strided view (never made by the trainer): the tensor ops.
         return tensor_ops(v, g, scale, m1, m2, h);

@@ -1,0 +1,23 @@
+//! The f32 arrays under burn ndarray's tensors, for the ops that work on them directly
+//! (the grouped expert products, the fused AdamW pass): shared, not copied, both ways.
+
+use burn::backend::NdArray;
+use burn::backend::ndarray::NdArrayTensor;
+use burn::tensor::{Tensor, TensorPrimitive};
+use ndarray::{ArcArray, IxDyn};
+
+/// The f32 array under a tensor (shared with it, not copied).
+///
+/// # Panics
+/// If the tensor is not f32 (callers check the dtype first).
+pub(crate) fn array<const D: usize>(t: Tensor<NdArray, D>) -> ArcArray<f32, IxDyn> {
+    match t.into_primitive() {
+        TensorPrimitive::Float(NdArrayTensor::F32(storage)) => storage.into_owned(),
+        _ => unreachable!("the caller checked that the tensor is f32"),
+    }
+}
+
+/// A tensor over `a` (not copied).
+pub(crate) fn tensor<const D: usize>(a: ArcArray<f32, IxDyn>) -> Tensor<NdArray, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(NdArrayTensor::F32(a.into())))
+}
