@@ -22,6 +22,7 @@ use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Tensor, TensorPrimitive};
 
 use super::precision::Precision;
+use super::routed_rows::float;
 
 /// A backend with the experts' grouped matrix product.
 pub trait GroupedMatmulBackend: Backend {
@@ -139,10 +140,6 @@ pub(super) fn weight_grad<B: GroupedMatmulBackend>(
         precision.matmul(rows.transpose(), g)
     });
     Tensor::stack(per_expert, 0)
-}
-
-fn float<B: Backend, const D: usize>(primitive: FloatTensor<B>) -> Tensor<B, D> {
-    Tensor::from_primitive(TensorPrimitive::Float(primitive))
 }
 
 #[derive(Debug)]

@@ -53,11 +53,7 @@ impl GroupedMatmulBackend for NdArray {
                 &mut rows,
             );
         };
-        if side_by_side::<Self>(offsets, [d, f]) {
-            parts.into_par_iter().for_each(product);
-        } else {
-            parts.into_iter().for_each(product);
-        }
+        each_expert(parts, side_by_side::<Self>(offsets, [d, f]), product);
         tensor(out.into_dyn().into_shared())
     }
 
@@ -93,16 +89,23 @@ impl GroupedMatmulBackend for NdArray {
                 );
             }
         };
-        let matrices = out.outer_iter_mut().enumerate();
-        if side_by_side::<Self>(offsets, [d, f]) {
-            matrices
-                .collect::<Vec<_>>()
-                .into_par_iter()
-                .for_each(product);
-        } else {
-            matrices.for_each(product);
-        }
+        let matrices = out.outer_iter_mut().enumerate().collect();
+        each_expert(matrices, side_by_side::<Self>(offsets, [d, f]), product);
         tensor(out.into_dyn().into_shared())
+    }
+}
+
+/// `product` on each expert's part of an output, side by side on the host's cores where
+/// `parallel` (the products are large enough, [`side_by_side`]).
+fn each_expert<'a>(
+    parts: Vec<(usize, ArrayViewMut2<'a, f32>)>,
+    parallel: bool,
+    product: impl Fn((usize, ArrayViewMut2<'a, f32>)) + Send + Sync,
+) {
+    if parallel {
+        parts.into_par_iter().for_each(product);
+    } else {
+        parts.into_iter().for_each(product);
     }
 }
 

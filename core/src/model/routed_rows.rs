@@ -329,20 +329,6 @@ impl<I: RowMovesBackend, C: CheckpointStrategy> RowMovesBackend for Autodiff<I, 
         Tensor::from_primitive(TensorPrimitive::Float(out))
     }
 
-    fn sum_slots(
-        values: Tensor<Self, 2>,
-        weights: Option<Tensor<Self, 1>>,
-        rows: &Tensor<Self, 2, Int>,
-    ) -> Tensor<Self, 2> {
-        sum_rows_plain(values, weights, rows)
-    }
-
-    /// `out[m] = sum_d lhs[m, d] * rhs[m, d]`: `[M]` from two `[M, D]`.
-    fn row_dots(lhs: Tensor<Self, 2>, rhs: Tensor<Self, 2>) -> Tensor<Self, 1> {
-        let m = lhs.dims()[0];
-        (lhs * rhs).sum_dim(1).reshape([m])
-    }
-
     fn embed_rows(
         table: Tensor<Self, 2>,
         tokens: Tensor<Self, 1, Int>,
