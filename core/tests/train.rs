@@ -7,8 +7,7 @@ use burn::module::Param;
 use burn::optim::GradientsParams;
 use burn::tensor::{Int, Tensor, TensorData};
 
-use dtopp::cpu_fast::CpuFast;
-use dtopp::model::{ModelConfig, MoeLanguageModel, Precision, RouteEngine, RoutingPlan, Selector};
+use dtopp::model::{ExpertLayout, ModelConfig, MoeLanguageModel, Precision, RoutingPlan, Selector};
 use dtopp::rng::SplitMix64;
 use dtopp::train::{
     AdamW, Preset, RoutingMode, RunSummary, TrainConfig, TrainOptions, cross_entropy, train,
@@ -62,14 +61,13 @@ fn a_tiny_model_overfits_a_short_sequence() {
         ],
         bounds: None,
     };
-    let engine = RouteEngine::Cpu(CpuFast);
     let mut optim_config = Preset::Tiny.config().optimizer;
     optim_config.weight_decay = 0.0;
     let mut optimizer = AdamW::<B>::new(optim_config);
     let mut losses = Vec::new();
     for _ in 0..120 {
         let out = model
-            .forward(inputs.clone(), &plan, &engine, Precision::F32)
+            .forward(inputs.clone(), &plan, Precision::F32)
             .unwrap();
         let loss = cross_entropy(out.logits, targets.clone());
         losses.push(loss.clone().into_scalar());
@@ -94,14 +92,7 @@ fn probe(
     w: &Tensor<B, 2>,
     plan: &RoutingPlan,
 ) -> (Tensor<B, 1>, Vec<Vec<i32>>) {
-    let out = model
-        .forward(
-            inputs.clone(),
-            plan,
-            &RouteEngine::Cpu(CpuFast),
-            Precision::F32,
-        )
-        .unwrap();
+    let out = model.forward(inputs.clone(), plan, Precision::F32).unwrap();
     let experts = out
         .moe
         .iter()
@@ -218,7 +209,7 @@ fn train_quietly(config: &TrainConfig, name: &str) -> (RunSummary, std::path::Pa
     let summary = train::<B>(
         config,
         &Default::default(),
-        &RouteEngine::Cpu(CpuFast),
+        ExpertLayout::Exact,
         &TrainOptions {
             out: &out,
             progress: false,
@@ -421,7 +412,7 @@ fn token_shards_train_and_out_of_vocabulary_tokens_are_named() {
     let err = train::<B>(
         &config,
         &Default::default(),
-        &RouteEngine::Cpu(CpuFast),
+        ExpertLayout::Exact,
         &TrainOptions {
             out: &dir.join("bad-run"),
             progress: false,

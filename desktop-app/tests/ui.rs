@@ -267,7 +267,7 @@ fn live_training_advances_and_takes_a_new_target() {
 fn trained_run() -> PathBuf {
     use burn::backend::{Autodiff, NdArray};
     use dtopp::infer::{SweepRequest, TrainedRun, evaluate_sweep};
-    use dtopp::model::RouteEngine;
+    use dtopp::model::ExpertLayout;
     use dtopp::train::{Preset, TrainOptions, train};
 
     let dir = std::env::temp_dir().join("dtopp-desktop-inference-run");
@@ -279,7 +279,7 @@ fn trained_run() -> PathBuf {
         progress: false,
         backend_name: "ndarray",
     };
-    train::<Autodiff<NdArray>>(&config, &Default::default(), &RouteEngine::Device, &options)
+    train::<Autodiff<NdArray>>(&config, &Default::default(), ExpertLayout::Exact, &options)
         .unwrap();
     let run = TrainedRun::<NdArray>::load(&dir, &Default::default()).unwrap();
     let corpus = run.corpus(None).unwrap();
@@ -294,7 +294,6 @@ fn trained_run() -> PathBuf {
         &batches,
         &calibration,
         &request,
-        &RouteEngine::Device,
         "synthetic".into(),
         |_| {},
     )

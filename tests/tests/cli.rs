@@ -538,34 +538,22 @@ fn train_on_wgpu_follows_the_cpu_run() {
     )
     .unwrap();
     let mut runs = Vec::new();
-    // The backend's routing ops on the model's tensors (the default: the fast CPU ops on
-    // ndarray, the WGSL kernels on burn-wgpu's buffers), in padded expert buffers with no
-    // read-back per layer (`--route-on device-padded`), and the WGSL kernels on a host
-    // copy of each layer's probabilities (`--route-on kernels`).
-    for (name, backend, route_on, log) in [
+    // One routing path: the backend's routing ops on the model's tensors (the fast CPU
+    // ops on ndarray, the WGSL kernels on burn-wgpu's buffers), with the experts' rows in
+    // the backend's default layout (exact on the CPU, padded on a GPU) or the other one.
+    for (name, backend, layout, log) in [
         (
             "cpu",
             "cpu",
             None,
-            "selection and dispatch plan: dtopp fast CPU routing ops",
+            "selection and dispatch plan: dtopp fast CPU routing ops on burn ndarray's host tensors; experts on exact slices",
         ),
+        ("wgpu", "wgpu", None, "padded expert buffers: "),
         (
+            "wgpu-exact",
             "wgpu",
-            "wgpu",
-            None,
-            "selection and dispatch plan: dtopp WGSL kernels on burn's wgpu buffers",
-        ),
-        (
-            "wgpu-kernels",
-            "wgpu",
-            Some("kernels"),
-            "selection and dispatch plan: dtopp WGSL kernels on ",
-        ),
-        (
-            "wgpu-device-padded",
-            "wgpu",
-            Some("device-padded"),
-            "padded expert buffers: ",
+            Some("exact"),
+            "; experts on exact slices",
         ),
     ] {
         let out_dir = dir.join(name);
@@ -580,18 +568,18 @@ fn train_on_wgpu_follows_the_cpu_run() {
             "--out",
             out_dir.to_str().unwrap(),
         ];
-        if let Some(route_on) = route_on {
-            args.extend(["--route-on", route_on]);
+        if let Some(layout) = layout {
+            args.extend(["--layout", layout]);
         }
         let out = dtopp(&args);
         let (_, err) = text(&out);
         assert!(out.status.success(), "{name}: {err}");
         assert!(err.contains(log), "{name}: {err}");
-        // On wgpu only the host-copy engine routes on a device of its own, not burn's.
         if backend == "wgpu" {
-            assert_eq!(
-                name == "wgpu-kernels",
-                !err.contains("burn's wgpu buffers"),
+            assert!(
+                err.contains(
+                    "selection and dispatch plan: dtopp WGSL kernels on burn's wgpu buffers"
+                ),
                 "{name}: {err}"
             );
         }
@@ -1003,23 +991,16 @@ fn bench_train_reports_throughput_mfu_and_memory() {
         serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
     assert_eq!(written, dtopp::train::Preset::Tiny.config());
     assert!(r["padded"].is_null(), "{r}");
+    assert_eq!(r["layout"], "exact", "the CPU's default layout: {r}");
     // In padded expert buffers the report says how many micro-batches were redone.
     let out = dtopp(&[
-        "bench",
-        "train",
-        "--preset",
-        "tiny",
-        "--steps",
-        "2",
-        "--warmup",
-        "1",
-        "--route-on",
-        "device-padded",
-        "--json",
+        "bench", "train", "--preset", "tiny", "--steps", "2", "--warmup", "1", "--layout",
+        "padded", "--json",
     ]);
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stderr}");
     let r: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(r["layout"], "padded", "{r}");
     assert_eq!(r["padded"]["micro_batches"], 3, "{r}");
     assert!(r["padded"]["redone"].as_u64().unwrap() <= 2, "{r}");
     // Rows computed per route: at least one, and at most the E/k a full buffer costs.

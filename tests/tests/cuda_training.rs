@@ -1,6 +1,6 @@
 //! `dtopp train --backend cuda` (burn-cuda for the model; selection and dispatch plan in
-//! the dtopp CUDA kernels, or with `--route-on device` / `device-padded` in burn tensor
-//! ops, the latter with no read-back per layer) against the
+//! the routing extension's burn tensor ops, the experts in padded buffers by default, or
+//! on exact slices with `--layout exact`) against the
 //! CPU run of the same config, also through the data-parallel path with one device, and
 //! with bf16 products. Without a GPU: the error
 //! names what is missing and no run directory is written (`DTOPP_REQUIRE_GPU=1` makes
@@ -39,22 +39,17 @@ fn cuda_training_follows_the_cpu_run_or_names_what_is_missing() {
     for (name, extra, tolerance) in [
         ("cuda", &["--backend", "cuda"][..], (1e-2, 0.1)),
         (
-            "cuda-device",
-            &["--backend", "cuda", "--route-on", "device"][..],
+            "cuda-exact",
+            &["--backend", "cuda", "--layout", "exact"][..],
             (1e-2, 0.1),
         ),
         (
-            "cuda-device-padded",
-            &["--backend", "cuda", "--route-on", "device-padded"][..],
-            (1e-2, 0.1),
-        ),
-        (
-            "cuda-device-padded-bf16",
+            "cuda-exact-bf16",
             &[
                 "--backend",
                 "cuda",
-                "--route-on",
-                "device-padded",
+                "--layout",
+                "exact",
                 "--precision",
                 "bf16",
             ][..],

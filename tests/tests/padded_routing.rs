@@ -1,5 +1,5 @@
-//! The padded expert layout (`--route-on device-padded`) against the exact one
-//! (`--route-on device`): the same selection, the same outputs and gradients, on burn
+//! The padded expert layout (`--layout padded`) against the exact one
+//! (`--layout exact`): the same selection, the same outputs and gradients, on burn
 //! ndarray and on burn-wgpu, for awkward shapes (one token, one expert, E not a power of
 //! two, every probability tied); bounds that are tight, loose and too small; a
 //! non-finite logit found without a read-back per layer; whole training steps (with the
@@ -10,7 +10,7 @@ use burn::backend::{Autodiff, NdArray, Wgpu};
 use burn::tensor::{Tensor, TensorData};
 use dtopp::host_reads;
 use dtopp::model::{
-    ExpertBounds, LayerRouting, MoeWeights, PaddedUsage, Precision, RouteEngine, RoutingBackend,
+    ExpertBounds, ExpertLayout, LayerRouting, MoeWeights, PaddedUsage, Precision, RoutingBackend,
     Selector, TrainingBackend, moe_forward, route_padded,
 };
 use dtopp::rng::SplitMix64;
@@ -113,7 +113,6 @@ fn run<B: RoutingBackend>(
     s: Shape,
     v: &(Vec<Vec<f32>>, Vec<f32>),
     selector: Selector,
-    engine: &RouteEngine,
     bounds: Option<ExpertBounds>,
 ) -> Run {
     let device = Default::default();
@@ -138,18 +137,14 @@ fn run<B: RoutingBackend>(
         true,
         selector,
         None,
-        engine,
         bounds,
         Precision::F32,
     )
     .unwrap();
-    let LayerRouting::Device {
+    let LayerRouting {
         selected,
         first_bad,
-    } = &fwd.routing
-    else {
-        panic!("device engines keep the selection on the device");
-    };
+    } = &fwd.routing;
     assert_eq!(
         first_bad.is_some(),
         bounds.is_some(),
@@ -222,7 +217,7 @@ fn padded_matches_exact<B: RoutingBackend>(backend: &str) {
         let v = values(s, 40 + i as u64);
         for selector in selectors(s.e) {
             let what = format!("{backend} {s:?} {selector:?}");
-            let exact = run::<B>(s, &v, selector, &RouteEngine::Device, None);
+            let exact = run::<B>(s, &v, selector, None);
             let (max_load, max_k) = (exact.max_load(s.n), exact.max_k(s.n));
             let tight = ExpertBounds {
                 capacity: max_load,
@@ -230,7 +225,7 @@ fn padded_matches_exact<B: RoutingBackend>(backend: &str) {
             };
             let loose = ExpertBounds::after(max_load, max_k, s.n, s.e);
             for bounds in [tight, loose] {
-                let padded = run::<B>(s, &v, selector, &RouteEngine::DevicePadded, Some(bounds));
+                let padded = run::<B>(s, &v, selector, Some(bounds));
                 assert_eq!(padded.counts, exact.counts, "{what} {bounds:?}: selection");
                 assert_close(&padded, &exact, &format!("{what} {bounds:?}"));
                 compared += 1;
@@ -242,7 +237,7 @@ fn padded_matches_exact<B: RoutingBackend>(backend: &str) {
                     capacity: max_load - 1,
                     slots: max_k,
                 };
-                let padded = run::<B>(s, &v, selector, &RouteEngine::DevicePadded, Some(small));
+                let padded = run::<B>(s, &v, selector, Some(small));
                 assert_eq!(padded.counts, exact.counts, "{what} {small:?}: selection");
                 assert!(!small.hold(padded.max_load(s.n), padded.max_k(s.n)));
             }
@@ -325,13 +320,13 @@ fn losses_of(metrics: &[dtopp::train::StepMetrics]) -> Losses {
 /// [`Losses`] of `steps` DTop-p steps of a tiny model with two micro-batches per step,
 /// and the padded report.
 fn train_steps<B: TrainingBackend>(
-    engine: &RouteEngine,
+    layout: ExpertLayout,
     start: Option<Vec<ExpertBounds>>,
     steps: u64,
 ) -> (Losses, Option<PaddedUsage>) {
     let config = tiny_dtopp(steps);
     let device = Default::default();
-    let mut session = TrainSession::<B>::new(&config, &device, engine).unwrap();
+    let mut session = TrainSession::<B>::new(&config, &device, layout).unwrap();
     if let Some(bounds) = start {
         session.set_padded_bounds(bounds).unwrap();
     }
@@ -343,7 +338,7 @@ fn train_steps<B: TrainingBackend>(
 
 fn sessions_agree<B: TrainingBackend>(backend: &str) {
     let steps = 3;
-    let (exact, report) = train_steps::<B>(&RouteEngine::Device, None, steps);
+    let (exact, report) = train_steps::<B>(ExpertLayout::Exact, None, steps);
     assert_eq!(report, None, "the exact layout redoes nothing");
     let layers = Preset::Tiny.config().model.moe_layers();
     let one = ExpertBounds {
@@ -352,7 +347,7 @@ fn sessions_agree<B: TrainingBackend>(backend: &str) {
     };
     for (start, name) in [(None, "measured"), (Some(vec![one; layers]), "too small")] {
         let forced = start.is_some();
-        let (padded, report) = train_steps::<B>(&RouteEngine::DevicePadded, start, steps);
+        let (padded, report) = train_steps::<B>(ExpertLayout::Padded, start, steps);
         let usage = report.expect("the padded layout reports");
         println!("{backend} {name}: {}; losses {padded:?}", usage.describe());
         assert_eq!(usage.micro_batches, 2 * steps);
@@ -404,8 +399,8 @@ fn a_padded_run_resumes_exactly_from_its_checkpoint() {
     let (steps, cut) = (4, 2);
     let config = tiny_dtopp(steps);
     let device = Default::default();
-    let engine = RouteEngine::DevicePadded;
-    let mut straight = TrainSession::<B>::new(&config, &device, &engine).unwrap();
+    let layout = ExpertLayout::Padded;
+    let mut straight = TrainSession::<B>::new(&config, &device, layout).unwrap();
     let mut saved = None;
     for step in 1..=steps {
         straight.step().unwrap();
@@ -416,7 +411,7 @@ fn a_padded_run_resumes_exactly_from_its_checkpoint() {
     let saved = saved.unwrap();
     let history = straight.history()[..cut as usize].to_vec();
     let mut resumed =
-        TrainSession::<B>::restore(&config, &device, &engine, &saved, history, None).unwrap();
+        TrainSession::<B>::restore(&config, &device, layout, &saved, history, None).unwrap();
     while !resumed.finished() {
         resumed.step().unwrap();
     }
@@ -437,15 +432,15 @@ fn a_non_finite_logit_stops_a_deferred_padded_step() {
     type B = Autodiff<NdArray>;
     let config = tiny_dtopp(2);
     let device = Default::default();
-    let engine = RouteEngine::DevicePadded;
-    let mut session = TrainSession::<B>::new(&config, &device, &engine).unwrap();
+    let layout = ExpertLayout::Padded;
+    let mut session = TrainSession::<B>::new(&config, &device, layout).unwrap();
     session.step().unwrap();
     let mut poisoned = session.checkpoint().unwrap();
     // The first parameter (the embedding) feeds every router.
     poisoned.params[0].fill(f32::NAN);
     let history = session.history().to_vec();
     let mut session =
-        TrainSession::<B>::restore(&config, &device, &engine, &poisoned, history, None).unwrap();
+        TrainSession::<B>::restore(&config, &device, layout, &poisoned, history, None).unwrap();
     let layers = config.model.moe_layers();
     let roomy = ExpertBounds {
         capacity: 64,
@@ -470,7 +465,7 @@ fn a_non_finite_logit_stops_a_deferred_padded_step() {
 /// The host's reads of the device per optimizer step on burn-wgpu, counted
 /// (`dtopp::host_reads`), with `grad_accum` micro-batches of a model with `L`
 /// MoE layers:
-/// - the exact layout (`--route-on device`) reads each layer's plan head (burn's matrix
+/// - the exact layout (`--layout exact`) reads each layer's plan head (burn's matrix
 ///   products need the expert offsets as shapes), the counts and the losses of each
 ///   micro-batch, then AdamW's gradient norm and theta: `A (L + 2) + 2`;
 /// - the padded layout, its bounds known, reads the step's counts (before the update),
@@ -488,20 +483,20 @@ fn host_reads_per_step_on_wgpu() {
         .filter(|&l| config.model.is_moe_block(l))
         .count() as u64;
     let accum = config.run.grad_accum as u64;
-    for (engine, want) in [
-        (RouteEngine::Device, accum * (layers + 2) + 2),
-        (RouteEngine::DevicePadded, 2),
+    for (layout, want) in [
+        (ExpertLayout::Exact, accum * (layers + 2) + 2),
+        (ExpertLayout::Padded, 2),
     ] {
         let device = Default::default();
-        let mut session = TrainSession::<B>::new(&config, &device, &engine).unwrap();
+        let mut session = TrainSession::<B>::new(&config, &device, layout).unwrap();
         // The padded layout's first step measures its bounds in the exact layout.
         session.step().unwrap();
         for step in 1..4 {
             let before = host_reads::total();
             session.step().unwrap();
             let reads = host_reads::total() - before;
-            println!("{engine:?} step {step}: {reads} host reads");
-            assert_eq!(reads, want, "{engine:?} step {step}");
+            println!("{layout:?} step {step}: {reads} host reads");
+            assert_eq!(reads, want, "{layout:?} step {step}");
         }
     }
 }

@@ -11,7 +11,7 @@ use burn::backend::NdArray;
 use burn::tensor::{Int, Tensor, TensorData};
 use dtopp::infer::TrainedRun;
 use dtopp::io::NpyArray;
-use dtopp::model::{Precision, RouteEngine};
+use dtopp::model::Precision;
 use dtopp_tests::dtopp_binary;
 use serde_json::Value;
 
@@ -94,7 +94,7 @@ fn parity(dir: &Path, mode: &[&str]) {
         );
         let out = trained
             .model
-            .forward(tokens, &plan, &RouteEngine::Device, Precision::F32)
+            .forward(tokens, &plan, Precision::F32)
             .unwrap();
         for (all, layer) in counts.iter_mut().zip(&out.moe) {
             all.extend(

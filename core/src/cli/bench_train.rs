@@ -6,11 +6,10 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use super::{Backend, RouteOn};
-use crate::cpu_fast::CpuFast;
+use super::{Backend, layout_on};
 use crate::error::{Error, Result};
 use crate::io::write_atomic;
-use crate::model::{Precision, RouteEngine};
+use crate::model::{ExpertLayout, Precision};
 use crate::train::{
     MemoryProbe, Preset, RoutingMode, Throughput, ThroughputPlan, TrainConfig, measure_throughput,
     process_peak_rss,
@@ -33,9 +32,10 @@ pub(crate) struct TrainBenchArgs {
     /// Where the model and the routing ops run.
     #[arg(long, value_enum, default_value_t = Backend::Cpu)]
     backend: Backend,
-    /// Where experts are selected and the plan built (as `dtopp train --route-on`).
-    #[arg(long, value_enum, default_value_t = RouteOn::Device)]
-    route_on: RouteOn,
+    /// The layout of the experts' rows (as `dtopp train --layout`; default: exact on
+    /// the CPU, padded on a GPU).
+    #[arg(long, value_enum)]
+    layout: Option<ExpertLayout>,
     /// The dtype of the large matrix products (as `dtopp train --precision`).
     #[arg(long, value_enum)]
     precision: Option<Precision>,
@@ -104,7 +104,6 @@ pub(crate) fn run(args: TrainBenchArgs) -> Result<()> {
         steps: args.steps,
         peak_tflops: args.peak_tflops,
     };
-    let route_on = args.route_on;
     let (result, backend) = match args.backend {
         Backend::Cpu => {
             use burn::backend::{Autodiff, NdArray};
@@ -112,11 +111,11 @@ pub(crate) fn run(args: TrainBenchArgs) -> Result<()> {
                 kind: "process peak RSS (VmHWM)",
                 sample: &process_peak_rss,
             };
-            let engine = route_on.engine(|| Ok(RouteEngine::Cpu(CpuFast)))?;
             let device = Default::default();
-            let name = engine.describe_on::<NdArray>(&device);
+            let layout = layout_on::<NdArray>(args.layout);
+            let name = layout.describe_on::<NdArray>(&device);
             let t = measure_throughput::<Autodiff<NdArray>>(
-                &config, &device, &engine, plan, memory, &progress,
+                &config, &device, layout, plan, memory, &progress,
             )?;
             (t, format!("ndarray (CPU) + {name}"))
         }
@@ -126,46 +125,30 @@ pub(crate) fn run(args: TrainBenchArgs) -> Result<()> {
             use burn::backend::wgpu::WgpuDevice;
             use burn::backend::{Autodiff, Wgpu};
             let device = super::wgpu_model_device(WgpuDevice::DefaultDevice)?;
-            let (engine, name) = match route_on.device_engine() {
-                Some(engine) => {
-                    let name = format!("wgpu + {}", engine.describe_on::<Wgpu>(&device));
-                    (engine, name)
-                }
-                None => {
-                    let ops = super::wgpu_backend()?;
-                    let name = format!("wgpu + dtopp WGSL kernels on {}", ops.adapter_name());
-                    (RouteEngine::Wgpu(Box::new(ops)), name)
-                }
-            };
+            let layout = layout_on::<Wgpu>(args.layout);
+            let name = format!("wgpu + {}", layout.describe_on::<Wgpu>(&device));
             let memory = MemoryProbe {
                 kind: "not measured (wgpu has no memory counters)",
                 sample: &|| None,
             };
             let t = measure_throughput::<Autodiff<Wgpu>>(
-                &config, &device, &engine, plan, memory, &progress,
+                &config, &device, layout, plan, memory, &progress,
             )?;
             (t, name)
         }
         #[cfg(feature = "cuda")]
         Backend::Cuda => {
             use burn::backend::{Autodiff, Cuda};
-            // The CUDA kernels' handle also reads the GPU's memory, whichever routes.
+            // The CUDA kernels' handle checks the driver and the device before burn-cuda
+            // touches them, and reads the GPU's memory.
             let ops = super::cuda_backend()?;
-            let gpu = ops.device_name();
-            let (engine, probe) = match route_on.device_engine() {
-                None => (RouteEngine::Cuda(Box::new(ops)), None),
-                Some(engine) => (engine, Some(ops)),
-            };
+            let layout = layout_on::<Cuda>(args.layout);
             let name = format!(
-                "cuda + {} on {gpu}",
-                engine.describe_on::<Cuda>(&Default::default())
+                "cuda + {} on {}",
+                layout.describe_on::<Cuda>(&Default::default()),
+                ops.device_name()
             );
-            // The GPU's memory, read through whichever handle of the kernels is kept.
-            let in_use = || match (&engine, &probe) {
-                (RouteEngine::Cuda(ops), _) => ops.memory_in_use().ok(),
-                (_, Some(ops)) => ops.memory_in_use().ok(),
-                _ => None,
-            };
+            let in_use = || ops.memory_in_use().ok();
             let memory = MemoryProbe {
                 kind: "device memory in use, sampled after every step (burn's pool included)",
                 sample: &in_use,
@@ -173,7 +156,7 @@ pub(crate) fn run(args: TrainBenchArgs) -> Result<()> {
             let t = measure_throughput::<Autodiff<Cuda>>(
                 &config,
                 &Default::default(),
-                &engine,
+                layout,
                 plan,
                 memory,
                 &progress,

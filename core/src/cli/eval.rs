@@ -11,7 +11,7 @@ use super::inference_backend::{InferenceJob, on_inference_backend};
 use crate::error::{Error, Result};
 use crate::infer::{EvalPoint, EvalReport, SweepRequest, TrainedRun, evaluate_sweep};
 use crate::io::write_atomic;
-use crate::model::{RouteEngine, RoutingBackend};
+use crate::model::RoutingBackend;
 
 #[derive(Debug, Args)]
 pub(crate) struct EvalArgs {
@@ -92,7 +92,6 @@ impl InferenceJob for &EvalArgs {
         device: &B::Device,
         name: &'static str,
     ) -> Result<Vec<EvalReport>> {
-        let engine = RouteEngine::Device;
         let request = SweepRequest {
             targets: self.target.clone(),
             thresholds: self.threshold.clone(),
@@ -128,12 +127,11 @@ impl InferenceJob for &EvalArgs {
                 println!("{}", header(run.moe_layers()));
             }
             let quiet = self.json;
-            let report =
-                evaluate_sweep(&run, &batches, &calibration, &request, &engine, data, |p| {
-                    if !quiet {
-                        println!("{}", row(p));
-                    }
-                })?;
+            let report = evaluate_sweep(&run, &batches, &calibration, &request, data, |p| {
+                if !quiet {
+                    println!("{}", row(p));
+                }
+            })?;
             let path = dir.join("eval.json");
             write_atomic(
                 &path,

@@ -12,7 +12,7 @@ use super::Backend;
 use super::inference_backend::{InferenceJob, on_inference_backend};
 use crate::error::{Error, Result};
 use crate::infer::{Compute, GenerateOptions, RoutedToken, TrainedRun, generate};
-use crate::model::{RouteEngine, RoutingBackend};
+use crate::model::RoutingBackend;
 use crate::train::printable_byte;
 
 #[derive(Debug, Args)]
@@ -97,14 +97,13 @@ impl InferenceJob for &GenerateArgs {
         for damaged in &run.skipped {
             eprintln!("skipping a damaged checkpoint: {damaged}");
         }
-        let engine = RouteEngine::Device;
         let prompt: Vec<u32> = match &self.prompt {
             Some(text) => text.bytes().map(u32::from).collect(),
             None => self.prompt_tokens.clone(),
         };
         let compute = match (self.target, self.threshold) {
             (Some(target), _) => {
-                let found = run.calibrate_default(target, &engine)?;
+                let found = run.calibrate_default(target)?;
                 eprintln!(
                     "T' = {target}: {} ({:.3} active experts on the calibration slice)",
                     found.compute.describe(),
@@ -171,7 +170,6 @@ impl InferenceJob for &GenerateArgs {
             &run.model,
             run.config.model.seq_len,
             &run.plan(&compute),
-            &engine,
             &prompt,
             &options,
             |t| {

@@ -102,45 +102,13 @@ pub(crate) fn reference_runs_no_model() -> Error {
     )
 }
 
-/// Where a training run selects experts and builds the dispatch plan (`--route-on`).
+/// `--layout` for a run on backend `B`: as given, else the backend's preferred one
+/// ([`crate::model::ExpertLayout::preferred_on`]).
 #[cfg(feature = "train")]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
-pub(crate) enum RouteOn {
-    /// dtopp's routing kernels of the backend (CPU reference, WGSL, CUDA) on a host copy
-    /// of each layer's probabilities: the spec's rule term for term.
-    Kernels,
-    /// The backend's routing ops ([`crate::model::RoutingBackend`]) on the model's own
-    /// tensors: dtopp's WGSL on burn-wgpu's buffers, the fast CPU ops on ndarray, burn
-    /// tensor ops elsewhere. The host reads E + 4 integers per layer (the expert offsets,
-    /// the route count, the first non-finite logit and probability, the most experts a
-    /// token took).
-    #[default]
-    Device,
-    /// The same selection, experts on padded buffers sized from the previous step: the
-    /// host reads nothing per layer, and in a single-process run the controller runs on
-    /// the device and the host reads once per step (a step that outgrows the buffers is
-    /// run again, so nothing is dropped).
-    DevicePadded,
-}
-
-#[cfg(feature = "train")]
-impl RouteOn {
-    /// The engine that routes on the model's device (`None` for the kernels).
-    pub(crate) fn device_engine(self) -> Option<crate::model::RouteEngine> {
-        match self {
-            RouteOn::Kernels => None,
-            RouteOn::Device => Some(crate::model::RouteEngine::Device),
-            RouteOn::DevicePadded => Some(crate::model::RouteEngine::DevicePadded),
-        }
-    }
-
-    /// The engine for `backend`, built by `kernels` when the run routes on the kernels.
-    pub(crate) fn engine(
-        self,
-        kernels: impl FnOnce() -> Result<crate::model::RouteEngine>,
-    ) -> Result<crate::model::RouteEngine> {
-        self.device_engine().map_or_else(kernels, Ok)
-    }
+pub(crate) fn layout_on<B: crate::model::RoutingBackend>(
+    given: Option<crate::model::ExpertLayout>,
+) -> crate::model::ExpertLayout {
+    given.unwrap_or_else(crate::model::ExpertLayout::preferred_on::<B>)
 }
 
 /// Creates the wgpu backend and says which adapter it runs on (never silently the CPU).

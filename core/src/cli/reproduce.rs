@@ -5,10 +5,9 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use super::Backend;
-use crate::cpu_fast::CpuFast;
+use super::{Backend, layout_on};
 use crate::error::Result;
-use crate::model::RouteEngine;
+use crate::model::ExpertLayout;
 use crate::reproduce::{ReproduceOptions, Scale, reproduce};
 
 #[derive(Debug, Args)]
@@ -26,6 +25,10 @@ pub(crate) struct ReproduceArgs {
     /// Where the model and the routing ops run.
     #[arg(long, value_enum, default_value_t = Backend::Cpu)]
     backend: Backend,
+    /// The layout of the experts' rows (as `dtopp train --layout`; default: exact on
+    /// the CPU, padded on a GPU).
+    #[arg(long, value_enum)]
+    layout: Option<ExpertLayout>,
     /// Output directory (runs/, report.md, *.png).
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
@@ -47,30 +50,35 @@ pub(crate) fn run(args: ReproduceArgs) -> Result<()> {
     match args.backend {
         Backend::Cpu => {
             use burn::backend::{Autodiff, NdArray};
-            let engine = RouteEngine::Cpu(CpuFast);
-            reproduce::<Autodiff<NdArray>>(
-                &options("ndarray (CPU) + dtopp fast CPU routing"),
-                &Default::default(),
-                &engine,
-            )?;
+            type B = Autodiff<NdArray>;
+            let device = Default::default();
+            let layout = layout_on::<B>(args.layout);
+            let name = format!("ndarray (CPU) + {}", layout.describe_on::<B>(&device));
+            reproduce::<B>(&options(&name), &device, layout)?;
         }
         Backend::CpuReference => return Err(super::reference_runs_no_model()),
         #[cfg(feature = "wgpu")]
         Backend::Wgpu => {
             use burn::backend::{Autodiff, Wgpu};
-            let ops = super::wgpu_backend()?;
-            let name = format!("wgpu + dtopp WGSL kernels on {}", ops.adapter_name());
-            let engine = RouteEngine::Wgpu(Box::new(ops));
+            type B = Autodiff<Wgpu>;
             let device = super::wgpu_model_device(burn::backend::wgpu::WgpuDevice::DefaultDevice)?;
-            reproduce::<Autodiff<Wgpu>>(&options(&name), &device, &engine)?;
+            let layout = layout_on::<B>(args.layout);
+            let name = format!("wgpu + {}", layout.describe_on::<B>(&device));
+            reproduce::<B>(&options(&name), &device, layout)?;
         }
         #[cfg(feature = "cuda")]
         Backend::Cuda => {
             use burn::backend::{Autodiff, Cuda};
+            type B = Autodiff<Cuda>;
             let ops = super::cuda_backend()?;
-            let name = format!("cuda + dtopp CUDA kernels on {}", ops.device_name());
-            let engine = RouteEngine::Cuda(Box::new(ops));
-            reproduce::<Autodiff<Cuda>>(&options(&name), &Default::default(), &engine)?;
+            let device = Default::default();
+            let layout = layout_on::<B>(args.layout);
+            let name = format!(
+                "cuda + {} on {}",
+                layout.describe_on::<B>(&device),
+                ops.device_name()
+            );
+            reproduce::<B>(&options(&name), &device, layout)?;
         }
         #[cfg(not(feature = "cuda"))]
         Backend::Cuda => {

@@ -7,10 +7,9 @@ use std::path::{Path, PathBuf};
 use clap::Args;
 
 use super::devices::{DeviceSpec, parse_devices};
-use super::{Backend, RouteOn};
-use crate::cpu_fast::CpuFast;
+use super::{Backend, layout_on};
 use crate::error::Result;
-use crate::model::{Precision, RouteEngine};
+use crate::model::{ExpertLayout, Precision};
 use crate::train::{
     Preset, RoutingMode, TrainConfig, TrainOptions, resume, resume_data_parallel, train,
     train_data_parallel,
@@ -45,16 +44,15 @@ pub(crate) struct TrainArgs {
     /// Where the model and the routing ops run.
     #[arg(long, value_enum, default_value_t = Backend::Cpu)]
     backend: Backend,
-    /// Where experts are selected and the dispatch plan built: `device` (the backend's
-    /// routing ops on the model's own tensors: dtopp's WGSL kernels on burn-wgpu's
-    /// buffers, the fast CPU ops on ndarray, burn tensor ops on CUDA; the host reads E + 4
-    /// integers per layer), `device-padded` (the same selection, experts on buffers sized
-    /// from the previous step, the PI controller on the device: one read per step; an
-    /// outgrown step is redone) or `kernels` (dtopp's routing kernels of the backend on a
-    /// host copy of each layer's probabilities; on CUDA the only way the CUDA kernels
-    /// train today). See docs/benchmarks.md for the trade-off.
-    #[arg(long, value_enum, default_value_t = RouteOn::Device)]
-    route_on: RouteOn,
+    /// The layout of the experts' rows: `exact` (each expert on its own slice of the
+    /// routes; the host reads E + 4 integers per layer for the slices' shapes) or
+    /// `padded` (experts on buffers sized from the previous step, the PI controller on
+    /// the device: the host reads twice per step; an outgrown micro-batch runs again, so
+    /// nothing is dropped). Default: exact on the CPU, padded on a GPU. Both select
+    /// with the backend's routing ops on the model's own tensors (dtopp's WGSL kernels
+    /// on burn-wgpu's buffers, the fast CPU ops on ndarray). See docs/benchmarks.md.
+    #[arg(long, value_enum)]
+    layout: Option<ExpertLayout>,
     /// Data-parallel training, one rank per device: `cuda:0,cuda:1`, `wgpu:0,wgpu:1`
     /// (also `wgpu:cpu`, `wgpu:default`) or `cpu:0,cpu:1` (ranks sharing the host). The
     /// backend is the devices'; `batch_size` is per device. A single device runs through
@@ -139,18 +137,17 @@ pub(crate) fn run(args: TrainArgs) -> Result<()> {
     }
     let dir = args.run_dir();
     let options = |backend_name| args.options(&dir, backend_name);
-    let route_on = args.route_on;
     macro_rules! go {
-        ($backend:ty, $device:expr, $engine:expr, $name:expr) => {{
+        ($backend:ty, $device:expr, $name:expr) => {{
             let device = $device;
-            let engine = route_on.engine(|| Ok($engine))?;
+            let layout = layout_on::<$backend>(args.layout);
             match &args.resume {
                 Some(run_dir) => {
-                    resume::<$backend>(run_dir, args.steps, &device, &engine, &options($name))?;
+                    resume::<$backend>(run_dir, args.steps, &device, layout, &options($name))?;
                 }
                 None => {
                     let config = args.config()?;
-                    train::<$backend>(&config, &device, &engine, &options($name))?;
+                    train::<$backend>(&config, &device, layout, &options($name))?;
                 }
             }
         }};
@@ -158,12 +155,7 @@ pub(crate) fn run(args: TrainArgs) -> Result<()> {
     match args.backend {
         Backend::Cpu => {
             use burn::backend::{Autodiff, NdArray};
-            go!(
-                Autodiff<NdArray>,
-                Default::default(),
-                RouteEngine::Cpu(CpuFast),
-                "ndarray (CPU)"
-            );
+            go!(Autodiff<NdArray>, Default::default(), "ndarray (CPU)");
         }
         Backend::CpuReference => return Err(super::reference_runs_no_model()),
         #[cfg(feature = "wgpu")]
@@ -173,23 +165,16 @@ pub(crate) fn run(args: TrainArgs) -> Result<()> {
             go!(
                 Autodiff<Wgpu>,
                 super::wgpu_model_device(WgpuDevice::DefaultDevice)?,
-                RouteEngine::Wgpu(Box::new(super::wgpu_backend()?)),
                 "wgpu"
             );
         }
         #[cfg(feature = "cuda")]
         Backend::Cuda => {
             use burn::backend::{Autodiff, Cuda};
-            // The CUDA kernels first, also when routing on the model's device: they check
-            // for the driver and the device, which burn-cuda would only discover by
-            // panicking inside its first operation.
-            let kernels = super::cuda_backend()?;
-            go!(
-                Autodiff<Cuda>,
-                Default::default(),
-                RouteEngine::Cuda(Box::new(kernels)),
-                "cuda"
-            );
+            // The CUDA kernels' handle checks for the driver and the device, which
+            // burn-cuda would only discover by panicking inside its first operation.
+            super::cuda_backend()?;
+            go!(Autodiff<Cuda>, Default::default(), "cuda");
         }
         #[cfg(not(feature = "cuda"))]
         Backend::Cuda => return Err(super::cuda_backend().expect_err(NO_CUDA_STAND_IN)),
@@ -206,27 +191,23 @@ const NO_CUDA_STAND_IN: &str = "the CUDA stand-in never constructs";
 fn run_data_parallel(args: &TrainArgs, specs: &[DeviceSpec]) -> Result<()> {
     let dir = args.run_dir();
     let options = |backend_name| args.options(&dir, backend_name);
-    let route_on = args.route_on;
     macro_rules! go {
-        ($backend:ty, $devices:expr, $engine:expr, $name:expr) => {{
+        ($backend:ty, $devices:expr, $name:expr) => {{
             let devices: Vec<_> = $devices;
-            // One routing engine per rank (on its device): each rank routes its tokens.
-            let engines = (0..devices.len())
-                .map(|rank| route_on.engine(|| ($engine)(rank)))
-                .collect::<Result<Vec<RouteEngine>>>()?;
+            let layout = layout_on::<$backend>(args.layout);
             match &args.resume {
                 Some(run_dir) => {
                     resume_data_parallel::<$backend>(
                         run_dir,
                         args.steps,
                         &devices,
-                        engines,
+                        layout,
                         &options($name),
                     )?;
                 }
                 None => {
                     let config = args.config()?;
-                    train_data_parallel::<$backend>(&config, &devices, engines, &options($name))?;
+                    train_data_parallel::<$backend>(&config, &devices, layout, &options($name))?;
                 }
             }
         }};
@@ -237,7 +218,6 @@ fn run_data_parallel(args: &TrainArgs, specs: &[DeviceSpec]) -> Result<()> {
             go!(
                 Autodiff<NdArray>,
                 specs.iter().map(|_| Default::default()).collect(),
-                |_| Ok(RouteEngine::Cpu(CpuFast)),
                 "ndarray (CPU)"
             );
         }
@@ -251,7 +231,6 @@ fn run_data_parallel(args: &TrainArgs, specs: &[DeviceSpec]) -> Result<()> {
                     .iter()
                     .map(|d| super::wgpu_model_device(d.wgpu_device()))
                     .collect::<Result<_>>()?,
-                |_| super::wgpu_backend().map(|ops| RouteEngine::Wgpu(Box::new(ops))),
                 "wgpu"
             );
         }
@@ -265,17 +244,13 @@ fn run_data_parallel(args: &TrainArgs, specs: &[DeviceSpec]) -> Result<()> {
                     _ => unreachable!("parse_devices keeps one backend"),
                 })
                 .collect();
-            if route_on != RouteOn::Kernels {
-                // The driver and devices checked before burn-cuda touches them.
-                for &ordinal in &ordinals {
-                    super::cuda_backend_on(ordinal)?;
-                }
+            // The driver and devices checked before burn-cuda touches them.
+            for &ordinal in &ordinals {
+                super::cuda_backend_on(ordinal)?;
             }
             go!(
                 Autodiff<Cuda>,
                 ordinals.iter().map(|&i| CudaDevice::new(i)).collect(),
-                |rank: usize| super::cuda_backend_on(ordinals[rank])
-                    .map(|ops| RouteEngine::Cuda(Box::new(ops))),
                 "cuda"
             );
         }

@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use super::run::TrainedRun;
 use crate::error::{Error, Result};
-use crate::model::{RouteEngine, RoutingBackend, Selector};
+use crate::model::{RoutingBackend, Selector};
 use crate::train::{Batch, evaluate};
 
 /// How many experts the MoE layers take.
@@ -82,7 +82,6 @@ pub fn calibrate<B: RoutingBackend>(
     run: &TrainedRun<B>,
     batches: &[Batch],
     target: f64,
-    engine: &RouteEngine,
 ) -> Result<Calibrated> {
     let experts = run.config.model.experts;
     let cap = run.config.routing.k_max.unwrap_or(experts);
@@ -103,7 +102,7 @@ pub fn calibrate<B: RoutingBackend>(
     let device = run.model.embed.device();
     let active_at = |compute: &Compute| -> Result<f64> {
         let plan = run.plan(compute);
-        let eval = evaluate(&run.model, batches, &plan, engine, &device)?;
+        let eval = evaluate(&run.model, batches, &plan, &device)?;
         Ok(eval.mean_active())
     };
     if !run.mode().uses_threshold() {
@@ -170,7 +169,7 @@ mod tests {
 
     use super::{Compute, calibrate};
     use crate::infer::TrainedRun;
-    use crate::model::{ModelConfig, MoeLanguageModel, RouteEngine};
+    use crate::model::{ModelConfig, MoeLanguageModel};
     use crate::rng::SplitMix64;
     use crate::train::{Batch, PolicyState, Preset, RoutingMode};
 
@@ -220,10 +219,9 @@ mod tests {
 
     #[test]
     fn bisection_finds_each_target_and_top_k_sets_k() {
-        let engine = RouteEngine::Device;
         let dtopp = run(RoutingMode::Dtopp);
         for target in [1.0, 2.5, 4.0, 7.0] {
-            let found = calibrate(&dtopp, &batches(), target, &engine).unwrap();
+            let found = calibrate(&dtopp, &batches(), target).unwrap();
             assert!(
                 (found.active - target).abs() <= 0.02 * target,
                 "T' = {target}: {found:?}"
@@ -231,16 +229,12 @@ mod tests {
             assert!(matches!(found.compute, Compute::Thresholds(ref p) if p.len() == 2));
         }
         let topk = run(RoutingMode::Topk);
-        let found = calibrate(&topk, &batches(), 3.0, &engine).unwrap();
+        let found = calibrate(&topk, &batches(), 3.0).unwrap();
         assert_eq!((found.compute, found.active), (Compute::TopK(3), 3.0));
-        let err = calibrate(&topk, &batches(), 2.5, &engine)
-            .unwrap_err()
-            .to_string();
+        let err = calibrate(&topk, &batches(), 2.5).unwrap_err().to_string();
         assert!(err.contains("whole number"), "{err}");
         for bad in [0.5, 10.0, f64::NAN] {
-            let err = calibrate(&dtopp, &batches(), bad, &engine)
-                .unwrap_err()
-                .to_string();
+            let err = calibrate(&dtopp, &batches(), bad).unwrap_err().to_string();
             assert!(err.contains("[1, 9]"), "{err}");
         }
     }
@@ -255,9 +249,7 @@ mod tests {
                 moe.theta = Param::from_tensor(Tensor::<B, 1>::from_floats([1000.0], &device));
             }
         }
-        let err = calibrate(&peaked, &batches(), 3.0, &RouteEngine::Device)
-            .unwrap_err()
-            .to_string();
+        let err = calibrate(&peaked, &batches(), 3.0).unwrap_err().to_string();
         assert!(err.contains("what p = 1 gives"), "{err}");
     }
 }

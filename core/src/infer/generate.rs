@@ -11,9 +11,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::model::{
-    KvCache, LmOutput, MoeLanguageModel, Precision, RouteEngine, RoutingBackend, RoutingPlan,
-};
+use crate::model::{KvCache, LmOutput, MoeLanguageModel, Precision, RoutingBackend, RoutingPlan};
 use crate::rng::SplitMix64;
 use crate::train::host_f32;
 
@@ -83,7 +81,6 @@ pub fn generate<B: RoutingBackend>(
     model: &MoeLanguageModel<B>,
     seq_len: usize,
     plan: &RoutingPlan,
-    engine: &RouteEngine,
     prompt: &[u32],
     options: &GenerateOptions,
     mut on_token: impl FnMut(&RoutedToken),
@@ -126,8 +123,8 @@ pub fn generate<B: RoutingBackend>(
         let input =
             Tensor::<B, 2, Int>::from_data(TensorData::new(data, [1, tokens.len()]), &device);
         match cache {
-            Some(cache) => model.forward_cached(input, cache, plan, engine, Precision::F32),
-            None => model.forward(input, plan, engine, Precision::F32),
+            Some(cache) => model.forward_cached(input, cache, plan, Precision::F32),
+            None => model.forward(input, plan, Precision::F32),
         }
     };
     let mut rng = SplitMix64::substream(options.seed, 0x6E6E, 0);

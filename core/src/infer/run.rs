@@ -7,7 +7,7 @@ use burn::tensor::backend::Backend;
 
 use super::compute::{CALIBRATION_BATCHES, Calibrated, Compute, calibrate};
 use crate::error::{Error, Result};
-use crate::model::{MoeLanguageModel, RouteEngine, RoutingBackend, RoutingPlan};
+use crate::model::{MoeLanguageModel, RoutingBackend, RoutingPlan};
 use crate::train::{
     Batch, Corpus, PolicyState, RoutingMode, TrainConfig, latest_checkpoint, list_checkpoints,
     read_run_config,
@@ -164,10 +164,10 @@ impl<B: Backend> TrainedRun<B> {
 impl<B: RoutingBackend> TrainedRun<B> {
     /// The compute for target `T'` ([`calibrate`]) on the default calibration slice:
     /// [`CALIBRATION_BATCHES`] validation batches after those the trainer evaluated on.
-    pub fn calibrate_default(&self, target: f64, engine: &RouteEngine) -> Result<Calibrated> {
+    pub fn calibrate_default(&self, target: f64) -> Result<Calibrated> {
         let corpus = self.corpus(None)?;
         let slice =
             self.validation_batches(&corpus, self.evaluated_batches(), CALIBRATION_BATCHES)?;
-        calibrate(self, &slice, target, engine)
+        calibrate(self, &slice, target)
     }
 }

@@ -8,7 +8,7 @@ use serde::Serialize;
 use super::compute::{Compute, calibrate};
 use super::run::TrainedRun;
 use crate::error::{Error, Result};
-use crate::model::{RouteEngine, RoutingBackend};
+use crate::model::RoutingBackend;
 use crate::train::{Batch, RoutingMode, evaluate};
 
 /// What to evaluate beside the trained setting.
@@ -75,7 +75,6 @@ pub fn evaluate_sweep<B: RoutingBackend>(
     batches: &[Batch],
     calibration: &[Batch],
     request: &SweepRequest,
-    engine: &RouteEngine,
     data: String,
     mut progress: impl FnMut(&EvalPoint),
 ) -> Result<EvalReport> {
@@ -92,7 +91,7 @@ pub fn evaluate_sweep<B: RoutingBackend>(
     }
     let device = run.model.embed.device();
     let point = |setting, target, calibration_active, compute: Compute| -> Result<EvalPoint> {
-        let eval = evaluate(&run.model, batches, &run.plan(&compute), engine, &device)?;
+        let eval = evaluate(&run.model, batches, &run.plan(&compute), &device)?;
         let active = eval.mean_active();
         Ok(EvalPoint {
             setting,
@@ -113,7 +112,7 @@ pub fn evaluate_sweep<B: RoutingBackend>(
     };
     push(point("trained", None, None, run.trained_compute())?);
     for &target in &request.targets {
-        let found = calibrate(run, calibration, target, engine)?;
+        let found = calibrate(run, calibration, target)?;
         push(point(
             "target",
             Some(target),

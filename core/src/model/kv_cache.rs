@@ -8,7 +8,6 @@ use burn::tensor::{Int, Tensor};
 
 use super::lm::{LayerRoutingArgs, LmOutput, MoeLanguageModel, RoutingPlan};
 use super::precision::Precision;
-use super::routing::RouteEngine;
 use super::routing_backend::RoutingBackend;
 use crate::error::{Error, Result};
 
@@ -62,7 +61,6 @@ impl<B: RoutingBackend> MoeLanguageModel<B> {
         tokens: Tensor<B, 2, Int>,
         cache: &mut KvCache<B>,
         routing: &RoutingPlan,
-        engine: &RouteEngine,
         precision: Precision,
     ) -> Result<LmOutput<B>> {
         let [b, s] = tokens.dims();
@@ -92,7 +90,6 @@ impl<B: RoutingBackend> MoeLanguageModel<B> {
                 selector: routing.selectors.get(moe.len()).copied(),
                 threshold: None,
                 bounds: None,
-                engine,
             };
             let (y, out) = block.feed_forward(x.clone(), layer_routing, precision)?;
             moe.extend(out);
@@ -111,9 +108,7 @@ mod tests {
     use burn::tensor::{Int, Tensor, TensorData};
 
     use super::KvCache;
-    use crate::model::{
-        ModelConfig, MoeLanguageModel, Precision, RouteEngine, RoutingPlan, Selector,
-    };
+    use crate::model::{ModelConfig, MoeLanguageModel, Precision, RoutingPlan, Selector};
 
     type B = NdArray;
 
@@ -145,13 +140,12 @@ mod tests {
             ],
             bounds: None,
         };
-        let engine = RouteEngine::Device;
         let sequence: Vec<i64> = (0..10).map(|i| (i * 7 + 3) % 40).collect();
         let tensor = |t: &[i64]| {
             Tensor::<B, 2, Int>::from_data(TensorData::new(t.to_vec(), [1, t.len()]), &device)
         };
         let full = model
-            .forward(tensor(&sequence), &plan, &engine, Precision::F32)
+            .forward(tensor(&sequence), &plan, Precision::F32)
             .unwrap();
         let full_logits: Vec<f32> = full.logits.into_data().to_vec().unwrap();
         let full_counts: Vec<Vec<i32>> = full
@@ -166,7 +160,7 @@ mod tests {
         let mut counts = vec![Vec::new(); config.moe_layers()];
         for chunk in std::iter::once(&sequence[..4]).chain(sequence[4..].chunks(1)) {
             let out = model
-                .forward_cached(tensor(chunk), &mut cache, &plan, &engine, Precision::F32)
+                .forward_cached(tensor(chunk), &mut cache, &plan, Precision::F32)
                 .unwrap();
             logits.extend(out.logits.into_data().to_vec::<f32>().unwrap());
             for (all, m) in counts.iter_mut().zip(&out.moe) {
@@ -184,13 +178,7 @@ mod tests {
 
         // Past seq_len the cache refuses, naming the limit.
         let err = model
-            .forward_cached(
-                tensor(&[1, 2, 3]),
-                &mut cache,
-                &plan,
-                &engine,
-                Precision::F32,
-            )
+            .forward_cached(tensor(&[1, 2, 3]), &mut cache, &plan, Precision::F32)
             .unwrap_err()
             .to_string();
         assert!(err.contains("seq_len = 12"), "{err}");

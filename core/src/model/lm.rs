@@ -15,7 +15,7 @@ use super::moe::MoeForward;
 use super::moe_layer::MoeLayer;
 use super::padded_routing::ExpertBounds;
 use super::precision::Precision;
-use super::routing::{RouteEngine, Selector};
+use super::routing::Selector;
 use super::routing_backend::RoutingBackend;
 use super::token_embedding::{embed_host_tokens, embed_tokens};
 use crate::error::{Error, Result};
@@ -33,13 +33,12 @@ pub struct Block<B: Backend> {
 }
 
 /// How one block's feed-forward routes (ignored by a dense block).
-pub(super) struct LayerRoutingArgs<'a, B: Backend> {
+pub(super) struct LayerRoutingArgs<B: Backend> {
     pub use_drn: bool,
     /// The layer's selector (`None` only for a model without MoE layers left to route).
     pub selector: Option<Selector>,
     pub threshold: Option<Tensor<B, 1>>,
     pub bounds: Option<ExpertBounds>,
-    pub engine: &'a RouteEngine,
 }
 
 impl<B: RoutingBackend> Block<B> {
@@ -48,7 +47,7 @@ impl<B: RoutingBackend> Block<B> {
     pub(super) fn feed_forward(
         &self,
         x: Tensor<B, 3>,
-        routing: LayerRoutingArgs<'_, B>,
+        routing: LayerRoutingArgs<B>,
         precision: Precision,
     ) -> Result<(Tensor<B, 3>, Option<MoeForward<B>>)> {
         let [b, s, d] = x.dims();
@@ -61,7 +60,6 @@ impl<B: RoutingBackend> Block<B> {
                     routing.use_drn,
                     selector,
                     routing.threshold,
-                    routing.engine,
                     routing.bounds,
                     precision,
                 )?;
@@ -93,8 +91,8 @@ pub struct RoutingPlan {
     pub use_drn: bool,
     /// One selector per MoE layer, first to last.
     pub selectors: Vec<Selector>,
-    /// One [`ExpertBounds`] per MoE layer for [`RouteEngine::DevicePadded`]'s padded
-    /// layout; `None` runs every engine in its exact layout.
+    /// One [`ExpertBounds`] per MoE layer for the padded layout
+    /// ([`super::ExpertLayout::Padded`]); `None` runs the exact layout.
     pub bounds: Option<Vec<ExpertBounds>>,
 }
 
@@ -148,24 +146,22 @@ impl<B: RoutingBackend> MoeLanguageModel<B> {
         &self,
         tokens: Tensor<B, 2, Int>,
         routing: &RoutingPlan,
-        engine: &RouteEngine,
         precision: Precision,
     ) -> Result<LmOutput<B>> {
-        self.forward_from(tokens, None, routing, None, engine, precision)
+        self.forward_from(tokens, None, routing, None, precision)
     }
 
     /// [`Self::forward`] given the same tokens as a host copy too (`[B S]`, row-major):
     /// the embedding's backward pass then reads nothing back
     /// ([`super::token_embedding::embed_host_tokens`]). `thresholds` (`[L]`, on the
     /// model's device), where given, replace the Top-p selectors' host thresholds: the
-    /// trainer's controller keeps them there ([`RouteEngine::DevicePadded`]).
+    /// trainer's controller keeps them there ([`super::ExpertLayout::Padded`]).
     pub fn forward_with_host_tokens(
         &self,
         tokens: Tensor<B, 2, Int>,
         host: &[i64],
         routing: &RoutingPlan,
         thresholds: Option<&Tensor<B, 1>>,
-        engine: &RouteEngine,
         precision: Precision,
     ) -> Result<LmOutput<B>> {
         if host.len() != tokens.shape().num_elements() {
@@ -175,7 +171,7 @@ impl<B: RoutingBackend> MoeLanguageModel<B> {
                 format!("the tokens' {} entries", tokens.shape().num_elements()),
             ));
         }
-        self.forward_from(tokens, Some(host), routing, thresholds, engine, precision)
+        self.forward_from(tokens, Some(host), routing, thresholds, precision)
     }
 
     /// The number of MoE layers, checked against `routing`'s selectors (one each).
@@ -197,7 +193,6 @@ impl<B: RoutingBackend> MoeLanguageModel<B> {
         host: Option<&[i64]>,
         routing: &RoutingPlan,
         thresholds: Option<&Tensor<B, 1>>,
-        engine: &RouteEngine,
         precision: Precision,
     ) -> Result<LmOutput<B>> {
         let [b, s] = tokens.dims();
@@ -241,7 +236,6 @@ impl<B: RoutingBackend> MoeLanguageModel<B> {
                 selector: routing.selectors.get(l).copied(),
                 threshold: thresholds.map(|p| p.clone().narrow(0, l, 1)),
                 bounds: routing.bounds.as_ref().map(|b| b[l]),
-                engine,
             };
             let (y, out) = block.feed_forward(x.clone(), layer_routing, precision)?;
             moe.extend(out);
@@ -259,8 +253,7 @@ mod tests {
     use burn::tensor::{Int, Tensor, TensorData};
 
     use super::{MoeLanguageModel, Precision, RoutingPlan};
-    use crate::cpu_fast::CpuFast;
-    use crate::model::{ModelConfig, RouteEngine, Selector};
+    use crate::model::{ModelConfig, Selector};
 
     type B = NdArray;
 
@@ -290,10 +283,9 @@ mod tests {
             selectors: vec![Selector::TopK(2); c.moe_layers()],
             bounds: None,
         };
-        let engine = RouteEngine::Cpu(CpuFast);
         let logits = |tokens: Vec<i64>| -> Vec<f32> {
             let t = Tensor::<B, 2, Int>::from_data(TensorData::new(tokens, [1, 8]), &device);
-            let out = model.forward(t, &plan, &engine, Precision::F32).unwrap();
+            let out = model.forward(t, &plan, Precision::F32).unwrap();
             out.logits.into_data().to_vec().unwrap()
         };
         let a = logits(vec![1, 2, 3, 4, 5, 6, 7, 8]);

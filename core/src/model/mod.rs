@@ -41,7 +41,7 @@ pub use moe_layer::MoeLayer;
 pub use padded_routing::{ExpertBounds, PaddedRoute, PaddedUsage, route_padded};
 pub use precision::Precision;
 pub use routed_rows::RowMovesBackend;
-pub use routing::{RouteEngine, Selector};
+pub use routing::{ExpertLayout, Selector};
 #[cfg(feature = "wgpu")]
 pub use routing_backend::wgpu as wgpu_routing;
 pub use routing_backend::{RoutingBackend, TrainingBackend};

@@ -4,10 +4,10 @@
 //! `g_ij = P_ij / sum_{j in S_i} P_ij` (selection itself is not differentiable, as in the
 //! spec).
 //!
-//! Selection and the plan run through the run's [`RouteEngine`]: a kernel engine (the CPU
-//! reference, the WGSL or the CUDA kernels) on a host copy of P, or
-//! [`RouteEngine::Device`] on P where it is ([`super::device_routing`]). Either way the
-//! plan arrives as burn index tensors plus the experts' `E + 1` offsets on the host.
+//! Selection and the plan run through the backend's routing ops
+//! ([`super::RoutingBackend`]) on P where it is, in one of two layouts
+//! ([`super::ExpertLayout`]): each expert on its exact slice of the routes (the experts'
+//! `E + 1` offsets read by the host), or on padded buffers ([`super::padded_routing`]).
 
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::backend::Backend;
@@ -18,11 +18,11 @@ use super::drn::drn_probs;
 use super::long_reductions::column_sums;
 use super::padded_routing::{ExpertBounds, route_padded};
 use super::precision::Precision;
-use super::routed_rows::{RowMovesBackend, gather_rows, sum_rows};
-use super::routing::{RouteEngine, Selector};
-use super::routing_backend::{RoutingBackend, route_from_host};
+use super::routed_rows::{gather_rows, sum_rows};
+use super::routing::Selector;
+use super::routing_backend::RoutingBackend;
 use crate::cpu::rank_experts;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::ops::RouteShape;
 
 /// The weights of one MoE layer (`D` model width, `E` experts, `F` expert width).
@@ -53,94 +53,48 @@ pub struct MoeForward<B: Backend> {
     pub routing: LayerRouting<B>,
 }
 
-/// A layer's selection: host arrays from a kernel engine, or a device mask.
+/// A layer's selection, on the model's device.
 #[derive(Clone, Debug)]
-pub enum LayerRouting<B: Backend> {
-    /// Read back from a kernel engine.
-    Host {
-        /// `[N, E]` selected experts of each token in rank order, padded with `-1`.
-        experts: Vec<i32>,
-        /// `[N]` experts activated per token.
-        counts: Vec<i32>,
-        /// `[E]` tokens routed to each expert.
-        expert_load: Vec<i32>,
-    },
-    /// Kept on the model's device ([`RouteEngine::Device`], [`RouteEngine::DevicePadded`]).
-    Device {
-        /// `[N, E]` 1 where the token selected the expert.
-        selected: Tensor<B, 2, Int>,
-        /// Set where the layer ran in the padded layout, which leaves the check to the
-        /// trainer: `[1]` the first non-finite router logit, row-major, `N E` when none.
-        first_bad: Option<Tensor<B, 1, Int>>,
-    },
+pub struct LayerRouting<B: Backend> {
+    /// `[N, E]` 1 where the token selected the expert.
+    pub selected: Tensor<B, 2, Int>,
+    /// Set where the layer ran in the padded layout, which leaves the check to the
+    /// trainer: `[1]` the first non-finite router logit, row-major, `N E` when none.
+    pub first_bad: Option<Tensor<B, 1, Int>>,
 }
 
 /// One layer's routing counts: `[sum of k, histogram of k (k = 1..=E), load per expert]`.
 pub type LayerCounts = Vec<u64>;
 
 impl<B: Backend> LayerRouting<B> {
-    /// `[N]` experts activated per token (a read-back for the device form).
+    /// `[N]` experts activated per token (a read-back).
     pub fn counts(&self) -> Result<Vec<i32>> {
-        match self {
-            LayerRouting::Host { counts, .. } => Ok(counts.clone()),
-            LayerRouting::Device { selected, .. } => {
-                let [n, _] = selected.dims();
-                let k = read_ints(selected.clone().sum_dim(1).reshape([n]))?;
-                Ok(k.into_iter().map(|v| v as i32).collect())
-            }
-        }
+        let [n, _] = self.selected.dims();
+        let k = read_ints(self.selected.clone().sum_dim(1).reshape([n]))?;
+        Ok(k.into_iter().map(|v| v as i32).collect())
     }
 
     /// `[N, E]` selected experts of each token in rank order (probability descending,
     /// ties to the lower index), padded with `-1`, given the layer's probabilities.
     pub fn ranked_experts(&self, probs: &[f32]) -> Result<Vec<i32>> {
-        match self {
-            LayerRouting::Host { experts, .. } => Ok(experts.clone()),
-            LayerRouting::Device { selected, .. } => {
-                let [n, e] = selected.dims();
-                let mask = read_ints(selected.clone())?;
-                let mut experts = vec![-1i32; n * e];
-                for i in 0..n {
-                    let chosen = rank_experts(&probs[i * e..(i + 1) * e])
-                        .into_iter()
-                        .filter(|&j| mask[i * e + j] != 0);
-                    for (slot, j) in chosen.enumerate() {
-                        experts[i * e + slot] = j as i32;
-                    }
-                }
-                Ok(experts)
+        let [n, e] = self.selected.dims();
+        let mask = read_ints(self.selected.clone())?;
+        let mut experts = vec![-1i32; n * e];
+        for i in 0..n {
+            let chosen = rank_experts(&probs[i * e..(i + 1) * e])
+                .into_iter()
+                .filter(|&j| mask[i * e + j] != 0);
+            for (slot, j) in chosen.enumerate() {
+                experts[i * e + slot] = j as i32;
             }
         }
-    }
-
-    /// The layer's counts on the host ([`LayerCounts`]).
-    pub fn host_counts(&self, experts: usize) -> Option<LayerCounts> {
-        match self {
-            LayerRouting::Host {
-                counts,
-                expert_load,
-                ..
-            } => {
-                let mut out = vec![0u64; 1 + 2 * experts];
-                for &k in counts {
-                    out[0] += k as u64;
-                    out[k as usize] += 1;
-                }
-                for (sum, &c) in out[1 + experts..].iter_mut().zip(expert_load) {
-                    *sum += c as u64;
-                }
-                Some(out)
-            }
-            LayerRouting::Device { .. } => None,
-        }
+        Ok(experts)
     }
 
     /// The layer's counts as a device tensor `[1 + 2E]` ([`LayerCounts`]), to be read
     /// together with the other layers'.
-    pub fn device_counts(&self) -> Option<Tensor<B, 1, Int>> {
-        let LayerRouting::Device { selected, .. } = self else {
-            return None;
-        };
+    pub fn device_counts(&self) -> Tensor<B, 1, Int> {
+        let selected = &self.selected;
         let [n, e] = selected.dims();
         let device = selected.device();
         let k = selected.clone().sum_dim(1);
@@ -149,69 +103,19 @@ impl<B: Backend> LayerRouting<B> {
             .expand([n, e]);
         let histogram = column_sums(k.clone().expand([n, e]).equal(ks).int());
         let load = column_sums(selected.clone());
-        Some(Tensor::cat(vec![k.sum(), histogram, load], 0))
+        Tensor::cat(vec![k.sum(), histogram, load], 0)
     }
 }
 
-/// The dispatch plan as the model uses it: both directions of each map, so that moving
-/// rows either way differentiates into a gather ([`super::routed_rows`]).
-struct Plan<B: Backend> {
-    /// `[M]` token of each route (expert-major).
-    route_tokens: Tensor<B, 1, Int>,
-    /// `[M]` flat index `i * E + j` into P of each route.
-    route_sources: Tensor<B, 1, Int>,
-    /// `[N, E]` route of each (token, expert), `M` where not selected.
-    route_of: Tensor<B, 2, Int>,
-    /// `[N, S]` each token's routes, padded with `M`; built only where rows move by
-    /// gathers ([`super::routed_rows::gathers`]), the only users.
-    token_slots: Option<Tensor<B, 2, Int>>,
-    expert_offsets: Vec<usize>,
-    routing: LayerRouting<B>,
-}
-
-/// Selection and plan through a kernel engine, on a host copy of P.
-fn plan_on_host<B: RowMovesBackend>(
-    probs: &Tensor<B, 2>,
-    engine: &RouteEngine,
-    selector: Selector,
-) -> Result<Plan<B>> {
-    let device = probs.device();
-    let [n, e] = probs.dims();
-    crate::host_reads::count(1);
-    let host: Vec<f32> = probs
-        .clone()
-        .into_data()
-        .to_vec()
-        .map_err(|e| Error::Backend {
-            backend: "burn",
-            message: format!("{e:?}"),
-        })?;
-    let (selection, plan) = engine.route(&host, RouteShape::new(n, e)?, selector)?;
-    let route = route_from_host::<B>(&selection, &plan, &device);
-    Ok(Plan {
-        route_tokens: route.route_tokens,
-        route_sources: route.route_sources,
-        route_of: route.route_of,
-        token_slots: route.token_slots,
-        expert_offsets: route.expert_offsets,
-        routing: LayerRouting::Host {
-            experts: selection.experts,
-            counts: selection.counts,
-            expert_load: plan.expert_counts,
-        },
-    })
-}
-
 /// One dropless MoE layer on token rows `x` `[N, D]`. `threshold` (`[1]`, on the model's
-/// device) replaces a Top-p selector's host threshold; only the device engines take one.
-#[allow(clippy::too_many_arguments)]
+/// device) replaces a Top-p selector's host threshold. With `bounds` the experts run in
+/// the padded layout ([`super::ExpertLayout::Padded`]), otherwise on exact slices.
 pub fn moe_forward<B: RoutingBackend>(
     x: Tensor<B, 2>,
     w: &MoeWeights<B>,
     use_drn: bool,
     selector: Selector,
     threshold: Option<Tensor<B, 1>>,
-    engine: &RouteEngine,
     bounds: Option<ExpertBounds>,
     precision: Precision,
 ) -> Result<MoeForward<B>> {
@@ -226,66 +130,46 @@ pub fn moe_forward<B: RoutingBackend>(
     } else {
         softmax(logits.clone(), 1)
     };
-    if let (RouteEngine::DevicePadded, Some(bounds)) = (engine, bounds) {
+    if let Some(bounds) = bounds {
         return moe_padded(x, w, logits, probs, selector, threshold, bounds, precision);
     }
 
-    // Selection and plan (the spec's rules), through the run's engine.
-    let plan = match engine {
-        RouteEngine::Device | RouteEngine::DevicePadded => {
-            let route = B::route(
-                probs.clone().detach(),
-                logits.clone().detach(),
-                selector,
-                threshold,
-            )?;
-            Plan {
-                route_tokens: route.route_tokens,
-                route_sources: route.route_sources,
-                route_of: route.route_of,
-                token_slots: route.token_slots,
-                expert_offsets: route.expert_offsets,
-                routing: LayerRouting::Device {
-                    selected: route.selected,
-                    first_bad: None,
-                },
-            }
-        }
-        _ if threshold.is_some() => {
-            return Err(Error::param(
-                "route engine",
-                engine.describe(),
-                "a device engine (--route-on device or device-padded) for a threshold held on the device",
-            ));
-        }
-        _ => plan_on_host(&probs, engine, selector)?,
-    };
-    let route_tokens = plan.route_tokens;
+    // Selection and plan (the spec's rules), on the backend.
+    let route = B::route(
+        probs.clone().detach(),
+        logits.clone().detach(),
+        selector,
+        threshold,
+    )?;
+    let route_tokens = route.route_tokens;
     let routes = route_tokens.dims()[0];
 
     // Combine weights from P (differentiable), read at each route.
-    let renormalised = selected_share(probs.clone(), &plan.route_of, routes);
+    let renormalised = selected_share(probs.clone(), &route.route_of, routes);
     let g = gather_rows(
         renormalised.reshape([n * e, 1]),
-        &plan.route_sources,
-        Some(&plan.route_of.reshape([n * e, 1])),
+        &route.route_sources,
+        Some(&route.route_of.reshape([n * e, 1])),
     )
     .reshape([routes]);
 
     // Dispatch: token rows in expert-major order; each expert on its contiguous slice.
-    let xs = gather_rows(x, &route_tokens, plan.token_slots.as_ref());
-    let offsets = &plan.expert_offsets;
+    let xs = gather_rows(x, &route_tokens, route.token_slots.as_ref());
+    let offsets = &route.expert_offsets;
     let gate = B::grouped_matmul(xs.clone(), w.gate.clone(), offsets, precision);
     let up = B::grouped_matmul(xs, w.up.clone(), offsets, precision);
     let ys = B::grouped_matmul(silu(gate) * up, w.down.clone(), offsets, precision);
 
     // Combine: weighted rows added back to their tokens.
-    let output = sum_rows(ys, g, plan.token_slots.as_ref(), &route_tokens, n);
+    let output = sum_rows(ys, g, route.token_slots.as_ref(), &route_tokens, n);
     Ok(MoeForward {
         output,
         logits,
         probs,
-        routing: plan.routing,
+        routing: LayerRouting {
+            selected: route.selected,
+            first_bad: None,
+        },
     })
 }
 
@@ -357,7 +241,7 @@ fn moe_padded<B: RoutingBackend>(
         output,
         logits,
         probs,
-        routing: LayerRouting::Device {
+        routing: LayerRouting {
             selected: route.selected,
             first_bad: Some(route.first_bad),
         },
@@ -369,10 +253,7 @@ mod tests {
     use burn::backend::{Autodiff, NdArray};
     use burn::tensor::{Tensor, TensorData};
 
-    use super::{
-        LayerRouting, MoeWeights, Precision, RouteEngine, Selector, moe_forward, read_ints,
-    };
-    use crate::cpu_fast::CpuFast;
+    use super::{ExpertBounds, MoeWeights, Precision, Selector, moe_forward, read_ints};
     use crate::rng::SplitMix64;
 
     type B = Autodiff<NdArray>;
@@ -403,7 +284,7 @@ mod tests {
     fn loss(
         t: &[Tensor<B, 3>],
         selector: Selector,
-        engine: &RouteEngine,
+        bounds: Option<ExpertBounds>,
         out_w: &[f32],
     ) -> (Tensor<B, 1>, Vec<i32>) {
         let w = MoeWeights {
@@ -419,8 +300,7 @@ mod tests {
             true,
             selector,
             None,
-            engine,
-            None,
+            bounds,
             Precision::F32,
         )
         .unwrap();
@@ -428,15 +308,8 @@ mod tests {
             Tensor::<B, 2>::from_data(TensorData::new(out_w.to_vec(), [5, 4]), &Default::default());
         // Experts per token, then routes per expert.
         let mut routing = fwd.routing.counts().unwrap();
-        let load = match &fwd.routing {
-            LayerRouting::Host { expert_load, .. } => expert_load.clone(),
-            LayerRouting::Device { selected, .. } => read_ints(selected.clone().sum_dim(0))
-                .unwrap()
-                .into_iter()
-                .map(|c| c as i32)
-                .collect(),
-        };
-        routing.extend(load);
+        let load = read_ints(fwd.routing.selected.clone().sum_dim(0)).unwrap();
+        routing.extend(load.into_iter().map(|c| c as i32));
         ((fwd.output * weights).sum(), routing)
     }
 
@@ -460,13 +333,20 @@ mod tests {
                 k_max: None,
             },
         ];
-        let engines = [RouteEngine::Cpu(CpuFast), RouteEngine::Device];
-        for (engine, selector) in engines
+        // The exact layout, and padded buffers that hold every route (5 tokens, 4 experts).
+        let layouts = [
+            None,
+            Some(ExpertBounds {
+                capacity: 5,
+                slots: 4,
+            }),
+        ];
+        for (bounds, selector) in layouts
             .iter()
-            .flat_map(|e| selectors.iter().map(move |s| (e, *s)))
+            .flat_map(|b| selectors.iter().map(move |s| (*b, *s)))
         {
             let t = tensors(&values, true);
-            let (l, counts) = loss(&t, selector, engine, &out_w);
+            let (l, counts) = loss(&t, selector, bounds, &out_w);
             assert!(counts[..5].iter().all(|&k| k >= 1));
             let grads = l.backward();
             let names = ["x", "router", "theta", "gate", "up", "down"];
@@ -483,7 +363,7 @@ mod tests {
                     let eval = |delta: f32| {
                         let mut v = values.clone();
                         v[which][idx] += delta;
-                        let (l, c) = loss(&tensors(&v, false), selector, engine, &out_w);
+                        let (l, c) = loss(&tensors(&v, false), selector, bounds, &out_w);
                         (f64::from(l.into_data().to_vec::<f32>().unwrap()[0]), c)
                     };
                     let ((lp, cp), (lm, cm)) = (eval(h), eval(-h));
@@ -494,7 +374,7 @@ mod tests {
                     let got = f64::from(analytic[idx]);
                     assert!(
                         (numeric - got).abs() <= 5e-3 + 3e-2 * numeric.abs(),
-                        "{engine:?} {selector:?} d/d{name}[{idx}]: autodiff {got}, finite difference {numeric}"
+                        "{bounds:?} {selector:?} d/d{name}[{idx}]: autodiff {got}, finite difference {numeric}"
                     );
                     checked += 1;
                 }

@@ -10,7 +10,7 @@ use super::init::{constant_param, normal_param};
 use super::moe::{MoeForward, MoeWeights, moe_forward};
 use super::padded_routing::ExpertBounds;
 use super::precision::Precision;
-use super::routing::{RouteEngine, Selector};
+use super::routing::Selector;
 use super::routing_backend::RoutingBackend;
 use crate::error::Result;
 use crate::rng::SplitMix64;
@@ -53,15 +53,13 @@ impl<B: Backend> MoeLayer<B> {
 impl<B: RoutingBackend> MoeLayer<B> {
     /// Token rows `[N, D]` through the router and the selected experts (`threshold`: a
     /// Top-p threshold held on the device; `bounds`: the padded layout's, for
-    /// [`RouteEngine::DevicePadded`]).
-    #[allow(clippy::too_many_arguments)]
+    /// [`super::ExpertLayout::Padded`]).
     pub fn forward(
         &self,
         x: Tensor<B, 2>,
         use_drn: bool,
         selector: Selector,
         threshold: Option<Tensor<B, 1>>,
-        engine: &RouteEngine,
         bounds: Option<ExpertBounds>,
         precision: Precision,
     ) -> Result<MoeForward<B>> {
@@ -72,8 +70,6 @@ impl<B: RoutingBackend> MoeLayer<B> {
             up: self.up.val(),
             down: self.down.val(),
         };
-        moe_forward(
-            x, &weights, use_drn, selector, threshold, engine, bounds, precision,
-        )
+        moe_forward(x, &weights, use_drn, selector, threshold, bounds, precision)
     }
 }

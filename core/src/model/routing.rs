@@ -1,13 +1,10 @@
-//! Where a training step's selection and dispatch plan run: the routing ops of the run's
-//! backend (the CPU reference, the WGSL kernels on a wgpu adapter or the CUDA kernels
-//! on an NVIDIA GPU) on a host copy of the probabilities, or burn tensor ops on the
-//! model's own device ([`RouteEngine::Device`], `--route-on device`); never a silent
-//! substitute. The probabilities come from the model (burn, differentiable).
+//! What a MoE layer is told about routing: the selector, and the layout its experts'
+//! rows take. Selection and the dispatch plan always run through the backend's routing
+//! ops ([`super::RoutingBackend`]) on the model's own tensors: dtopp's WGSL on burn-wgpu's
+//! buffers, the fast CPU ops on burn ndarray, burn tensor ops elsewhere. There is no host
+//! copy of the probabilities and no second implementation.
 
 use super::routing_backend::RoutingBackend;
-use crate::cpu_fast::CpuFast;
-use crate::error::{Error, Result};
-use crate::ops::{HostDispatchPlan, HostSelection, RouteShape, RoutingOps};
 
 /// How experts are selected.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -23,98 +20,49 @@ pub enum Selector {
     },
 }
 
-/// The routing-ops implementation a run uses for Top-k/Top-p selection and the
-/// dispatch plan.
-pub enum RouteEngine {
-    /// The fast CPU routing ops (`dtopp::cpu_fast`), which conform to the reference.
-    Cpu(CpuFast),
-    /// The WGSL kernels (`dtopp-shaders`) through wgpu.
-    #[cfg(feature = "wgpu")]
-    Wgpu(Box<crate::backends::WgpuOps>),
-    /// The CUDA kernels (`dtopp-cuda`).
-    Cuda(Box<crate::backends::CudaOps>),
-    /// The backend's routing ops ([`super::RoutingBackend`]) on the device that holds the
-    /// model: the probabilities stay there; the host reads the plan's head (`E + 4`
-    /// integers) per layer.
-    Device,
-    /// The same selection in the padded layout ([`super::padded_routing`]): nothing is
-    /// read back per layer; the trainer checks the bounds once per step.
-    DevicePadded,
+/// How the routed rows are laid out for the experts' products. Both layouts make the
+/// same selection and the same outputs (`tests/tests/padded_routing.rs`); they differ in
+/// what the host must know, and so in how often it waits for the device.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
+pub enum ExpertLayout {
+    /// Each expert on the exact, contiguous slice of its routes. burn's matrix products
+    /// take the slices' shapes from the host, so it reads the plan's head (`E + 4`
+    /// integers) per layer. The cheaper layout where reading is free (a CPU).
+    #[default]
+    Exact,
+    /// Each expert on a buffer of rows sized from the previous step, all in one batched
+    /// product: nothing is read per layer; in a single-process run the controller runs
+    /// on the device and the host reads twice per optimizer step. A micro-batch that
+    /// outgrows its buffers runs again, so nothing is dropped.
+    Padded,
 }
 
-impl std::fmt::Debug for RouteEngine {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.describe())
+impl ExpertLayout {
+    /// The layout a run on backend `B` takes unless told otherwise: padded where the
+    /// backend's tensors live on a device the host must wait for, exact on host memory.
+    pub fn preferred_on<B: RoutingBackend>() -> Self {
+        if B::HOST_MEMORY {
+            ExpertLayout::Exact
+        } else {
+            ExpertLayout::Padded
+        }
     }
-}
 
-impl RouteEngine {
-    /// Which implementation runs, for the log (`cpu reference`, `wgpu WGSL kernels on
-    /// <adapter>`).
-    pub fn describe(&self) -> String {
+    /// The layout's name as `--layout` spells it.
+    pub fn name(self) -> &'static str {
         match self {
-            RouteEngine::Cpu(_) => "dtopp fast CPU routing ops".to_string(),
-            #[cfg(feature = "wgpu")]
-            RouteEngine::Wgpu(ops) => format!("dtopp WGSL kernels on {}", ops.adapter_name()),
-            RouteEngine::Cuda(ops) => format!("dtopp CUDA kernels on {}", ops.device_name()),
-            RouteEngine::Device => "the backend's routing ops on the model's device".to_string(),
-            RouteEngine::DevicePadded => {
-                "the backend's routing ops on the model's device, experts in padded buffers (no read-back per layer)"
-                    .to_string()
-            }
+            ExpertLayout::Exact => "exact",
+            ExpertLayout::Padded => "padded",
         }
     }
 
-    /// [`RouteEngine::describe`], naming what routes on backend `B` for the device
-    /// engines (`B`'s [`RoutingBackend::route`]: dtopp's WGSL on burn-wgpu's buffers, the
-    /// fast CPU ops on burn ndarray, burn tensor ops elsewhere).
-    pub fn describe_on<B: RoutingBackend>(&self, device: &B::Device) -> String {
-        match self {
-            RouteEngine::Device => B::routing_name(device),
-            RouteEngine::DevicePadded => format!(
-                "{}, experts in padded buffers (no read-back per layer)",
-                B::routing_name(device)
-            ),
-            _ => self.describe(),
-        }
+    /// What routes and how the rows are laid out on `device`, for the log.
+    pub fn describe_on<B: RoutingBackend>(self, device: &B::Device) -> String {
+        let layout = match self {
+            ExpertLayout::Exact => "experts on exact slices (the plan's head read per layer)",
+            ExpertLayout::Padded => "experts in padded buffers (nothing read per layer)",
+        };
+        format!("{}; {layout}", B::routing_name(device))
     }
-
-    /// Selection and dispatch plan of probabilities `[N, E]` (host copy); not for
-    /// [`RouteEngine::Device`], which routes the tensor itself.
-    pub fn route(
-        &self,
-        probs: &[f32],
-        shape: RouteShape,
-        selector: Selector,
-    ) -> Result<(HostSelection, HostDispatchPlan)> {
-        match self {
-            RouteEngine::Cpu(ops) => route_with(ops, probs, shape, selector),
-            #[cfg(feature = "wgpu")]
-            RouteEngine::Wgpu(ops) => route_with(ops.as_ref(), probs, shape, selector),
-            RouteEngine::Cuda(ops) => route_with(ops.as_ref(), probs, shape, selector),
-            RouteEngine::Device | RouteEngine::DevicePadded => Err(Error::param(
-                "route engine",
-                "device",
-                "a kernel engine for host probabilities (the device engine routes tensors)",
-            )),
-        }
-    }
-}
-
-fn route_with<O: RoutingOps>(
-    ops: &O,
-    probs: &[f32],
-    shape: RouteShape,
-    selector: Selector,
-) -> Result<(HostSelection, HostDispatchPlan)> {
-    let probs = ops.upload_floats(probs)?;
-    let selection = match selector {
-        Selector::TopK(k) => ops.top_k(&probs, shape, k)?,
-        Selector::TopP { threshold, k_max } => {
-            let threshold = ops.upload_floats(&[threshold])?;
-            ops.top_p(&probs, shape, &threshold, k_max)?
-        }
-    };
-    let plan = ops.dispatch_plan(&selection)?;
-    Ok((ops.read_selection(&selection)?, ops.read_plan(&plan)?))
 }

@@ -15,7 +15,7 @@ pub use analysis::{ModeResult, RunRecord, summarize_mode};
 pub use plots::{ComputeCurve, draw_loss_against_compute};
 
 use crate::error::{Error, Result};
-use crate::model::RouteEngine;
+use crate::model::ExpertLayout;
 use crate::train::{Preset, RoutingMode, StepMetrics, TrainConfig, TrainOptions, train};
 
 /// How big the reproduction is.
@@ -98,7 +98,7 @@ pub struct ReproduceOptions {
 pub fn reproduce<B: TrainingBackend>(
     options: &ReproduceOptions,
     device: &B::Device,
-    engine: &RouteEngine,
+    layout: ExpertLayout,
 ) -> Result<Vec<ModeResult>> {
     if options.seeds == 0 {
         return Err(Error::param("--seeds", 0, "at least 1"));
@@ -135,7 +135,7 @@ pub fn reproduce<B: TrainingBackend>(
             let summary = train::<B>(
                 &config,
                 device,
-                engine,
+                layout,
                 &TrainOptions {
                     out: &dir,
                     progress: true,

@@ -19,14 +19,15 @@ use super::trainer::{
 };
 use crate::error::{Error, Result};
 use crate::metrics::RunSummary;
-use crate::model::RouteEngine;
+use crate::model::ExpertLayout;
 
 /// Trains `config` data-parallel on `devices` (one rank each; `run.devices` is set to
-/// their number), rank `i` routing through `engines[i]`. `run.batch_size` is per rank.
+/// their number), the experts' rows in `layout` on every rank. `run.batch_size` is per
+/// rank.
 pub fn train_data_parallel<B: TrainingBackend>(
     config: &TrainConfig,
     devices: &[B::Device],
-    engines: Vec<RouteEngine>,
+    layout: ExpertLayout,
     options: &TrainOptions,
 ) -> Result<RunSummary> {
     let mut config = config.clone();
@@ -36,8 +37,8 @@ pub fn train_data_parallel<B: TrainingBackend>(
     }
     begin_run(&config, options)?;
     announce(&config, devices.len(), options);
-    run_ranks::<B>(devices, engines, |rank, device, engine| {
-        let session = TrainSession::<B>::new_rank(&config, device, engine, rank)?;
+    run_ranks::<B>(devices, |rank, device| {
+        let session = TrainSession::<B>::new_rank(&config, device, layout, rank)?;
         if rank.is_leader() {
             lead(session, options).map(Some)
         } else {
@@ -52,7 +53,7 @@ pub fn resume_data_parallel<B: TrainingBackend>(
     dir: &Path,
     steps: Option<u64>,
     devices: &[B::Device],
-    engines: Vec<RouteEngine>,
+    layout: ExpertLayout,
     options: &TrainOptions,
 ) -> Result<RunSummary> {
     let point = ResumePoint::prepare(dir, steps, devices.len(), options)?;
@@ -60,11 +61,11 @@ pub fn resume_data_parallel<B: TrainingBackend>(
         check_backend::<B>(&point.config, device)?;
     }
     announce(&point.config, devices.len(), options);
-    run_ranks::<B>(devices, engines, |rank, device, engine| {
+    run_ranks::<B>(devices, |rank, device| {
         let session = TrainSession::<B>::restore(
             &point.config,
             device,
-            engine,
+            layout,
             &point.checkpoint,
             point.history.clone(),
             Some(rank),
@@ -87,25 +88,16 @@ fn announce(config: &TrainConfig, world: usize, options: &TrainOptions) {
     ));
 }
 
-/// Runs `body` once per rank, each on its own thread with its device and routing
-/// engine, after every rank has joined the collective. Returns the leader's value. The
+/// Runs `body` once per rank, each on its own thread with its device, after every rank has joined the collective. Returns the leader's value. The
 /// first rank to fail releases the others (they stop at their next all-reduce) and its
 /// error is the one returned.
 fn run_ranks<B: TrainingBackend>(
     devices: &[B::Device],
-    engines: Vec<RouteEngine>,
-    body: impl Fn(Rank, &B::Device, &RouteEngine) -> Result<Option<RunSummary>> + Sync,
+    body: impl Fn(Rank, &B::Device) -> Result<Option<RunSummary>> + Sync,
 ) -> Result<RunSummary> {
     let world = devices.len();
-    if world == 0 || engines.len() != world {
-        return Err(Error::param(
-            "--devices",
-            world,
-            format!(
-                "at least one device, and one routing engine per device ({} given)",
-                engines.len()
-            ),
-        ));
+    if world == 0 {
+        return Err(Error::param("--devices", world, "at least one device"));
     }
     // Whatever an earlier run in this process left behind.
     Rank::abort::<B>();
@@ -127,16 +119,15 @@ fn run_ranks<B: TrainingBackend>(
     let summaries: Vec<Option<RunSummary>> = std::thread::scope(|scope| {
         let handles: Vec<_> = devices
             .iter()
-            .zip(engines)
             .enumerate()
-            .map(|(index, (device, engine))| {
+            .map(|(index, device)| {
                 let rank = Rank { index, world };
                 let (body, fail) = (&body, &fail);
                 scope.spawn(move || {
                     // A panic is a failure like any other: the other ranks are released.
                     let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
                         rank.join::<B>(device)
-                            .and_then(|()| body(rank, device, &engine))
+                            .and_then(|()| body(rank, device))
                             .and_then(|summary| rank.leave::<B>().map(|()| summary))
                     }))
                     .unwrap_or_else(|panic| {

@@ -12,7 +12,7 @@ use crate::data::TokenClass;
 use crate::error::{Error, Result};
 use crate::host_reads;
 use crate::metrics::{ClassBucket, DifficultyBucket, RoutingSample};
-use crate::model::{MoeLanguageModel, Precision, RouteEngine, RoutingBackend, RoutingPlan};
+use crate::model::{MoeLanguageModel, Precision, RoutingBackend, RoutingPlan};
 
 /// A batch as the model's input tokens `[B, S]` and flat targets `[B S]`.
 pub(crate) fn batch_tensors<B: Backend>(
@@ -70,7 +70,6 @@ pub fn evaluate<B: RoutingBackend>(
     model: &MoeLanguageModel<B>,
     batches: &[Batch],
     plan: &RoutingPlan,
-    engine: &RouteEngine,
     device: &B::Device,
 ) -> Result<Evaluation> {
     let mut total = 0.0;
@@ -82,7 +81,7 @@ pub fn evaluate<B: RoutingBackend>(
     let mut by_class: std::collections::BTreeMap<u8, (u64, f64, Vec<u64>)> = Default::default();
     for batch in batches {
         let (inputs, targets) = batch_tensors::<B>(batch, device);
-        let output = model.forward(inputs, plan, engine, Precision::F32)?;
+        let output = model.forward(inputs, plan, Precision::F32)?;
         let counts: Vec<Vec<i32>> = output
             .moe
             .iter()
@@ -168,12 +167,11 @@ pub(crate) fn routing_sample<B: RoutingBackend>(
     snippet: &Batch,
     corpus: &Corpus,
     plan: &RoutingPlan,
-    engine: &RouteEngine,
     step: u64,
 ) -> Result<RoutingSample> {
     let device = model.embed.device();
     let (inputs, _) = batch_tensors::<B>(snippet, &device);
-    let output = model.forward(inputs, plan, engine, Precision::F32)?;
+    let output = model.forward(inputs, plan, Precision::F32)?;
     let tokens: Vec<u32> = snippet.inputs.iter().map(|&t| t as u32).collect();
     let text = tokens
         .iter()

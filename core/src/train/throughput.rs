@@ -12,7 +12,7 @@ use super::memory_estimate::MemoryEstimate;
 use super::session::TrainSession;
 use crate::error::{Error, Result};
 use crate::host_reads;
-use crate::model::{PaddedUsage, RouteEngine};
+use crate::model::{ExpertLayout, PaddedUsage};
 
 /// What a throughput run measured.
 #[derive(Clone, Debug, Serialize)]
@@ -49,7 +49,9 @@ pub struct Throughput {
     /// Reads of the backend's results by the host per timed optimizer step, counted
     /// ([`crate::host_reads`]): each is a wait for the device.
     pub host_reads_per_step: f64,
-    /// In the padded layout (`--route-on device-padded`): micro-batches run again
+    /// The layout of the experts' rows (`exact`, `padded`).
+    pub layout: String,
+    /// In the padded layout (`--layout padded`): micro-batches run again
     /// because their step outgrew its buffers, and rows computed per route (warm-up
     /// included).
     pub padded: Option<PaddedUsage>,
@@ -85,7 +87,7 @@ impl std::fmt::Debug for MemoryProbe<'_> {
 pub fn measure_throughput<B: TrainingBackend>(
     config: &TrainConfig,
     device: &B::Device,
-    engine: &RouteEngine,
+    layout: ExpertLayout,
     plan: ThroughputPlan,
     memory: MemoryProbe,
     progress: &dyn Fn(String),
@@ -113,7 +115,7 @@ pub fn measure_throughput<B: TrainingBackend>(
     config.run.sample_every = 0;
     config.validate()?;
     super::trainer::check_backend::<B>(&config, device)?;
-    let mut session = TrainSession::<B>::new(&config, device, engine)?;
+    let mut session = TrainSession::<B>::new(&config, device, layout)?;
     let mut times = Vec::with_capacity(steps);
     let mut reads = 0;
     let (mut active, mut last_loss, mut peak_memory) = (0.0, f64::NAN, (memory.sample)());
@@ -163,6 +165,7 @@ pub fn measure_throughput<B: TrainingBackend>(
         memory_estimate_bytes: MemoryEstimate::of(&config, 1).total(),
         last_loss,
         host_reads_per_step: reads as f64 / steps as f64,
+        layout: layout.name().to_string(),
         padded: session.padded_usage(),
     })
 }

@@ -13,7 +13,7 @@ use super::session::TrainSession;
 use crate::error::{Error, Result};
 use crate::io::write_atomic;
 use crate::metrics::{JsonLines, RunSummary, StepMetrics};
-use crate::model::{RouteEngine, RowMovesBackend};
+use crate::model::{ExpertLayout, RowMovesBackend};
 
 /// Where a run writes and how chatty it is.
 #[derive(Debug)]
@@ -35,16 +35,16 @@ impl TrainOptions<'_> {
     }
 }
 
-/// Trains the model `config` describes on `device`, selecting experts through `engine`.
+/// Trains the model `config` describes on `device`, the experts' rows in `layout`.
 pub fn train<B: TrainingBackend>(
     config: &TrainConfig,
     device: &B::Device,
-    engine: &RouteEngine,
+    layout: ExpertLayout,
     options: &TrainOptions,
 ) -> Result<RunSummary> {
     check_backend::<B>(config, device)?;
     begin_run(config, options)?;
-    let session = TrainSession::<B>::new(config, device, engine)?;
+    let session = TrainSession::<B>::new(config, device, layout)?;
     lead(session, options)
 }
 
@@ -86,13 +86,13 @@ pub(super) fn begin_run(config: &TrainConfig, options: &TrainOptions) -> Result<
 /// Logs how `session` (new, of a run begun by [`begin_run`]) routes, then drives it to
 /// the end, writing the run directory.
 pub(super) fn lead<B: TrainingBackend>(
-    mut session: TrainSession<'_, B>,
+    mut session: TrainSession<B>,
     options: &TrainOptions,
 ) -> Result<RunSummary> {
     let out = options.out;
     let say = |line: String| options.say(line);
     let config = session.config().clone();
-    let (run, mode, engine) = (&config.run, config.routing.mode, session.engine());
+    let (run, mode, layout) = (&config.run, config.routing.mode, session.layout());
     say(format!("data: {}", session.corpus().describe()));
     say(format!(
         "ops: attention, experts, {}, dispatch/combine ({}) and backward: burn {} (autodiff)",
@@ -107,7 +107,7 @@ pub(super) fn lead<B: TrainingBackend>(
         } else {
             "Top-k"
         },
-        engine.describe_on::<B>(session.device())
+        layout.describe_on::<B>(session.device())
     ));
     if let Some(p) = session.thresholds() {
         let how = if config.routing.threshold.is_some() {
@@ -144,7 +144,7 @@ pub fn resume<B: TrainingBackend>(
     dir: &Path,
     steps: Option<u64>,
     device: &B::Device,
-    engine: &RouteEngine,
+    layout: ExpertLayout,
     options: &TrainOptions,
 ) -> Result<RunSummary> {
     let point = ResumePoint::prepare(dir, steps, 1, options)?;
@@ -152,7 +152,7 @@ pub fn resume<B: TrainingBackend>(
     let session = TrainSession::<B>::restore(
         &point.config,
         device,
-        engine,
+        layout,
         &point.checkpoint,
         point.history,
         None,
@@ -236,7 +236,7 @@ impl ResumePoint {
 
 /// Drives a restored `session` to the end, appending to the run directory `dir`.
 pub(super) fn continue_run<B: TrainingBackend>(
-    mut session: TrainSession<'_, B>,
+    mut session: TrainSession<B>,
     dir: &Path,
     options: &TrainOptions,
 ) -> Result<RunSummary> {
@@ -249,7 +249,7 @@ pub(super) fn continue_run<B: TrainingBackend>(
 
 /// Steps a session that is not the leader of its data-parallel run to the end: it takes
 /// part in every all-reduce and writes nothing.
-pub(super) fn follow<B: TrainingBackend>(mut session: TrainSession<'_, B>) -> Result<()> {
+pub(super) fn follow<B: TrainingBackend>(mut session: TrainSession<B>) -> Result<()> {
     while !session.finished() {
         session.step()?;
     }
@@ -285,7 +285,7 @@ fn keep_lines_up_to(path: &Path, step: u64) -> Result<Vec<String>> {
 /// Steps `session` to its last step, appending metrics and samples, writing
 /// checkpoints when due, then the summary.
 fn run_to_end<B: TrainingBackend>(
-    session: &mut TrainSession<'_, B>,
+    session: &mut TrainSession<B>,
     out: &Path,
     metrics: &mut JsonLines,
     samples: &mut JsonLines,

@@ -10,7 +10,6 @@ use std::sync::mpsc::{Receiver, Sender, TryRecvError, channel};
 use burn::backend::NdArray;
 use dtopp::infer::{Compute, GenerateOptions, Generation, TrainedRun, generate};
 use dtopp::metrics::RoutingSample;
-use dtopp::model::RouteEngine;
 use dtopp::train::printable_byte;
 
 /// What the loaded run is.
@@ -196,13 +195,12 @@ fn answer_request(
     calibrated: &mut HashMap<u64, Compute>,
     request: &Request,
 ) -> dtopp::Result<Generated> {
-    let engine = RouteEngine::Device;
     let compute = match request.compute {
         ComputeChoice::Trained => run.trained_compute(),
         ComputeChoice::Target(target) => match calibrated.get(&target.to_bits()) {
             Some(c) => c.clone(),
             None => {
-                let found = run.calibrate_default(target, &engine)?.compute;
+                let found = run.calibrate_default(target)?.compute;
                 calibrated.insert(target.to_bits(), found.clone());
                 found
             }
@@ -220,7 +218,6 @@ fn answer_request(
         &run.model,
         run.config.model.seq_len,
         &run.plan(&compute),
-        &engine,
         &prompt,
         &options,
         |_| {},

@@ -5,9 +5,8 @@
 use std::sync::mpsc::{Receiver, Sender, TryRecvError, channel};
 use std::thread::JoinHandle;
 
-use dtopp::cpu_fast::CpuFast;
 use dtopp::metrics::{RoutingSample, StepMetrics};
-use dtopp::model::RouteEngine;
+use dtopp::model::ExpertLayout;
 use dtopp::train::{Preset, RoutingMode, TrainConfig, TrainSession};
 use serde::{Deserialize, Serialize};
 
@@ -230,11 +229,9 @@ fn worker(
     let result = match backend {
         LiveBackend::Cpu => {
             use burn::backend::{Autodiff, NdArray};
-            let engine = RouteEngine::Cpu(CpuFast);
             train_loop::<Autodiff<NdArray>>(
                 &config,
                 &Default::default(),
-                &engine,
                 "ndarray (CPU)",
                 &commands,
                 &events,
@@ -246,14 +243,7 @@ fn worker(
             // burn's device set up so that dtopp's WGSL kernels route on its own buffers.
             let device = WgpuDevice::DefaultDevice;
             match dtopp::model::wgpu_routing::setup(&device) {
-                Ok(_) => train_loop::<Autodiff<Wgpu>>(
-                    &config,
-                    &device,
-                    &RouteEngine::Device,
-                    "wgpu",
-                    &commands,
-                    &events,
-                ),
+                Ok(_) => train_loop::<Autodiff<Wgpu>>(&config, &device, "wgpu", &commands, &events),
                 Err(e) => Err(format!(
                     "no GPU for live training ({e}); choose the CPU backend"
                 )),
@@ -268,12 +258,13 @@ fn worker(
 fn train_loop<B: dtopp::model::TrainingBackend>(
     config: &TrainConfig,
     device: &B::Device,
-    engine: &RouteEngine,
     backend_name: &str,
     commands: &Receiver<Command>,
     events: &Sender<Event>,
 ) -> Result<(), String> {
-    let mut session = TrainSession::<B>::new(config, device, engine).map_err(|e| e.to_string())?;
+    // The backend's preferred layout: exact on the CPU, padded on a GPU.
+    let layout = ExpertLayout::preferred_on::<B>();
+    let mut session = TrainSession::<B>::new(config, device, layout).map_err(|e| e.to_string())?;
     let sample = session.routing_sample().map_err(|e| e.to_string())?;
     let ready = vec![
         format!(
@@ -284,7 +275,7 @@ fn train_loop<B: dtopp::model::TrainingBackend>(
         ),
         format!(
             "training: burn {backend_name}; routing: {}",
-            engine.describe_on::<B>(session.device())
+            layout.describe_on::<B>(session.device())
         ),
         format!("data: {}", session.corpus().describe()),
     ];

@@ -38,6 +38,10 @@ use crate::train::AdamWUpdateBackend;
 pub trait RoutingBackend:
     GroupedMatmulBackend + RowMovesBackend + DeviceMemoryBackend + AdamWUpdateBackend
 {
+    /// Whether the tensors live in host memory, so that reading them costs no wait for
+    /// a device ([`super::ExpertLayout::preferred_on`]).
+    const HOST_MEMORY: bool = false;
+
     /// What selects and plans on `device`, for the training log.
     fn routing_name(_device: &Self::Device) -> String {
         "burn tensor ops on the model's device (pairwise ranks, blocked scan)".to_string()
@@ -73,6 +77,8 @@ pub trait RoutingBackend:
 }
 
 impl<B: RoutingBackend, C: CheckpointStrategy> RoutingBackend for Autodiff<B, C> {
+    const HOST_MEMORY: bool = B::HOST_MEMORY;
+
     fn routing_name(device: &Self::Device) -> String {
         B::routing_name(device)
     }

@@ -12,6 +12,8 @@ use crate::model::routing::Selector;
 use crate::ops::{HostSelection, RouteShape, RoutingOps};
 
 impl RoutingBackend for NdArray {
+    const HOST_MEMORY: bool = true;
+
     fn routing_name(_device: &Self::Device) -> String {
         "dtopp fast CPU routing ops on burn ndarray's host tensors".to_string()
     }

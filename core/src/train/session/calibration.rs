@@ -9,7 +9,6 @@ pub(super) fn initial_thresholds<B: RoutingBackend>(
     config: &TrainConfig,
     model: &MoeLanguageModel<B>,
     corpus: &Corpus,
-    engine: &RouteEngine,
     device: &B::Device,
 ) -> Result<Vec<f64>> {
     let layers = model.moe_layers().count();
@@ -32,7 +31,7 @@ pub(super) fn initial_thresholds<B: RoutingBackend>(
     for micro in 0..run.grad_accum * run.devices {
         let batch = corpus.train_batch(run.seed, 1, micro, run.batch_size, config.model.seq_len)?;
         let (inputs, _) = batch_tensors::<B>(&batch, device);
-        let output = model.forward(inputs, &probe, engine, Precision::F32)?;
+        let output = model.forward(inputs, &probe, Precision::F32)?;
         for (all, m) in per_layer.iter_mut().zip(output.moe) {
             all.extend(host_f32(m.probs)?);
         }

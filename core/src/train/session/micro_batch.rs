@@ -4,7 +4,7 @@
 
 use super::*;
 
-impl<B: TrainingBackend> TrainSession<'_, B> {
+impl<B: TrainingBackend> TrainSession<B> {
     /// The micro-batches of a step one at a time, each read back after its forward pass:
     /// the exact layouts (which read every layer's offsets anyway), a data-parallel run
     /// (whose counts are summed over the ranks on the host) and the padded layout's
@@ -19,7 +19,7 @@ impl<B: TrainingBackend> TrainSession<'_, B> {
         let (layers, experts) = (self.layers, self.config.model.experts);
         let (device, accum) = (&self.device, self.config.run.grad_accum);
         let precision = self.config.run.precision;
-        let padded = matches!(self.engine, RouteEngine::DevicePadded);
+        let padded = self.layout == ExpertLayout::Padded;
         let mut accumulator = GradientsAccumulator::new();
         let mut stats = RoutingStats::new(layers, experts);
         let mut losses = [0.0f64; 4];
@@ -28,16 +28,8 @@ impl<B: TrainingBackend> TrainSession<'_, B> {
             let mut plan = plan.clone();
             plan.bounds = self.bounds.clone().filter(|_| padded);
             // The host copy of the tokens spares the embedding's backward a read-back.
-            let engine = self.engine;
             let forward = |plan: &RoutingPlan| {
-                model.forward_with_host_tokens(
-                    inputs.clone(),
-                    &batch.inputs,
-                    plan,
-                    None,
-                    engine,
-                    precision,
-                )
+                model.forward_with_host_tokens(inputs.clone(), &batch.inputs, plan, None, precision)
             };
             let mut output = forward(&plan)?;
             // This micro-batch's own counts (in the one read-back it makes).
@@ -86,7 +78,7 @@ impl<B: TrainingBackend> TrainSession<'_, B> {
         })
     }
 
-    /// The micro-batches of a step in the padded layout ([`RouteEngine::DevicePadded`],
+    /// The micro-batches of a step in the padded layout ([`ExpertLayout::Padded`],
     /// one process) with nothing read back until all have run forward and backward: the
     /// counts and first non-finite logits of every micro-batch then come back in one read
     /// of integers (before the optimizer, which must not see an outgrown micro-batch);
@@ -117,26 +109,18 @@ impl<B: TrainingBackend> TrainSession<'_, B> {
                 &batch.inputs,
                 &plan,
                 thresholds.as_ref(),
-                self.engine,
                 self.config.run.precision,
             )?;
             let mut per_layer = Vec::with_capacity(layers);
             for layer in &output.moe {
-                let (
-                    Some(c),
-                    LayerRouting::Device {
-                        first_bad: Some(bad),
-                        ..
-                    },
-                ) = (layer.routing.device_counts(), &layer.routing)
-                else {
+                let Some(bad) = &layer.routing.first_bad else {
                     return Err(Error::Backend {
                         backend: "trainer",
                         message: "a padded pass routed a layer outside the padded layout"
                             .to_string(),
                     });
                 };
-                per_layer.push(c.reshape([1, width]));
+                per_layer.push(layer.routing.device_counts().reshape([1, width]));
                 first_bad.push(bad.clone());
                 logits.push(layer.logits.clone().detach());
             }

@@ -33,8 +33,8 @@ use crate::controller::{ThresholdScope, calibrate_threshold};
 use crate::error::{Error, Result};
 use crate::metrics::{ClassBucket, DifficultyBucket, RoutingSample, RunSummary, StepMetrics};
 use crate::model::{
-    ExpertBounds, LayerRouting, MoeForward, MoeLanguageModel, PaddedUsage, Precision, RouteEngine,
-    RoutingPlan, Selector, non_finite_logit, read_ints,
+    ExpertBounds, ExpertLayout, MoeForward, MoeLanguageModel, PaddedUsage, Precision, RoutingPlan,
+    Selector, non_finite_logit, read_ints,
 };
 use crate::ops::RouteShape;
 use crate::sim::{TrackingSummary, mean_std};
@@ -58,10 +58,10 @@ pub struct StepOutput {
 }
 
 /// A run in progress.
-pub struct TrainSession<'e, B: TrainingBackend> {
+pub struct TrainSession<B: TrainingBackend> {
     config: TrainConfig,
     device: B::Device,
-    engine: &'e RouteEngine,
+    layout: ExpertLayout,
     corpus: Corpus,
     // `None` only while an optimizer step owns the model.
     model: Option<MoeLanguageModel<B>>,
@@ -79,7 +79,7 @@ pub struct TrainSession<'e, B: TrainingBackend> {
     busy_s: f64,
     // `Some` in a data-parallel run (even of one rank: the same code path).
     rank: Option<Rank>,
-    // The padded layout's bounds per MoE layer ([`RouteEngine::DevicePadded`]), from the
+    // The padded layout's bounds per MoE layer ([`ExpertLayout::Padded`]), from the
     // last step (the last micro-batch, where they are read one at a time); `None` until
     // one has been measured.
     bounds: Option<Vec<ExpertBounds>>,
@@ -92,7 +92,7 @@ pub struct TrainSession<'e, B: TrainingBackend> {
     control: Option<DeviceControl<B>>,
 }
 
-impl<B: TrainingBackend> std::fmt::Debug for TrainSession<'_, B> {
+impl<B: TrainingBackend> std::fmt::Debug for TrainSession<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TrainSession")
             .field("mode", &self.config.routing.mode)
@@ -103,12 +103,12 @@ impl<B: TrainingBackend> std::fmt::Debug for TrainSession<'_, B> {
     }
 }
 
-impl<'e, B: TrainingBackend> TrainSession<'e, B> {
-    /// Builds the model `config` describes on `device` (selecting experts through
-    /// `engine`), opens the corpus, calibrates the threshold and measures the initial
-    /// validation loss.
-    pub fn new(config: &TrainConfig, device: &B::Device, engine: &'e RouteEngine) -> Result<Self> {
-        Self::start(config, device, engine, None)
+impl<B: TrainingBackend> TrainSession<B> {
+    /// Builds the model `config` describes on `device` (its experts' rows in `layout`),
+    /// opens the corpus, calibrates the threshold and measures the initial validation
+    /// loss.
+    pub fn new(config: &TrainConfig, device: &B::Device, layout: ExpertLayout) -> Result<Self> {
+        Self::start(config, device, layout, None)
     }
 
     /// [`TrainSession::new`] for rank `rank` of a data-parallel run, which must have
@@ -118,10 +118,10 @@ impl<'e, B: TrainingBackend> TrainSession<'e, B> {
     pub fn new_rank(
         config: &TrainConfig,
         device: &B::Device,
-        engine: &'e RouteEngine,
+        layout: ExpertLayout,
         rank: Rank,
     ) -> Result<Self> {
-        Self::start(config, device, engine, Some(rank))
+        Self::start(config, device, layout, Some(rank))
     }
 
     /// The device the model trains on.
@@ -132,7 +132,7 @@ impl<'e, B: TrainingBackend> TrainSession<'e, B> {
     fn start(
         config: &TrainConfig,
         device: &B::Device,
-        engine: &'e RouteEngine,
+        layout: ExpertLayout,
         rank: Option<Rank>,
     ) -> Result<Self> {
         config.validate()?;
@@ -148,12 +148,12 @@ impl<'e, B: TrainingBackend> TrainSession<'e, B> {
         let model =
             MoeLanguageModel::<B>::new(&config.model, run.seed, device)?.map(&mut NumberParams(0));
         let layers = model.moe_layers().count();
-        let initial = initial_thresholds(config, &model.valid(), &corpus, engine, device)?;
+        let initial = initial_thresholds(config, &model.valid(), &corpus, device)?;
         let policy = ThresholdPolicy::new(config, layers, &initial)?;
         let mut session = Self {
             config: config.clone(),
             device: device.clone(),
-            engine,
+            layout,
             corpus,
             model: Some(model),
             optimizer: AdamW::new(config.optimizer.clone()),
@@ -190,7 +190,7 @@ impl<'e, B: TrainingBackend> TrainSession<'e, B> {
     pub fn restore(
         config: &TrainConfig,
         device: &B::Device,
-        engine: &'e RouteEngine,
+        layout: ExpertLayout,
         checkpoint: &Checkpoint,
         history: Vec<StepMetrics>,
         rank: Option<Rank>,
@@ -241,7 +241,7 @@ impl<'e, B: TrainingBackend> TrainSession<'e, B> {
         Ok(Self {
             config,
             device: device.clone(),
-            engine,
+            layout,
             corpus,
             model: Some(model),
             optimizer,
@@ -331,9 +331,9 @@ impl<'e, B: TrainingBackend> TrainSession<'e, B> {
         &self.corpus
     }
 
-    /// The routing engine's description, for the log.
-    pub fn engine(&self) -> &RouteEngine {
-        self.engine
+    /// The layout of the experts' rows.
+    pub fn layout(&self) -> ExpertLayout {
+        self.layout
     }
 
     /// The thresholds of the next step, one per MoE layer (`None` for Top-k).
@@ -372,7 +372,7 @@ impl<'e, B: TrainingBackend> TrainSession<'e, B> {
         }
     }
 
-    /// Starts the padded layout ([`RouteEngine::DevicePadded`]) from `bounds`, one per
+    /// Starts the padded layout ([`ExpertLayout::Padded`]) from `bounds`, one per
     /// MoE layer, instead of measuring the next step in the exact layout first.
     pub fn set_padded_bounds(&mut self, bounds: Vec<ExpertBounds>) -> Result<()> {
         if bounds.len() != self.layers {
@@ -386,10 +386,10 @@ impl<'e, B: TrainingBackend> TrainSession<'e, B> {
         Ok(())
     }
 
-    /// How the padded layout ([`RouteEngine::DevicePadded`]) went in this session;
-    /// `None` for every other engine.
+    /// How the padded layout ([`ExpertLayout::Padded`]) went in this session; `None` in
+    /// the exact layout.
     pub fn padded_usage(&self) -> Option<PaddedUsage> {
-        matches!(self.engine, RouteEngine::DevicePadded).then_some(self.padded)
+        (self.layout == ExpertLayout::Padded).then_some(self.padded)
     }
 
     /// Changes `T` from the next step on. The controller keeps its integral (a bumpless
@@ -434,13 +434,7 @@ impl<'e, B: TrainingBackend> TrainSession<'e, B> {
         config.validate()?;
         let initial = match self.policy.thresholds() {
             Some(p) => p,
-            None => initial_thresholds(
-                &config,
-                &self.model().valid(),
-                &self.corpus,
-                self.engine,
-                &self.device,
-            )?,
+            None => initial_thresholds(&config, &self.model().valid(), &self.corpus, &self.device)?,
         };
         self.policy = ThresholdPolicy::new(&config, self.layers, &initial)?;
         self.config = config;
@@ -455,7 +449,6 @@ impl<'e, B: TrainingBackend> TrainSession<'e, B> {
             &self.snippet,
             &self.corpus,
             &self.plan(),
-            self.engine,
             self.step,
         )
     }
@@ -465,7 +458,6 @@ impl<'e, B: TrainingBackend> TrainSession<'e, B> {
             &self.model().valid(),
             &self.validation,
             &self.plan(),
-            self.engine,
             &self.device,
         )
     }

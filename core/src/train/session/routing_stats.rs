@@ -20,51 +20,37 @@ impl RoutingStats {
         }
     }
 
-    /// The counts of one forward pass: kernel engines hand them over as host arrays;
-    /// device routing sums them on the device and every layer's are read in one go,
-    /// with the padded layout's first non-finite logits (a non-finite one is an error).
+    /// The counts of one forward pass, summed on the device and read for every layer
+    /// in one go, with the padded layout's first non-finite logits (a non-finite one is
+    /// an error).
     pub(super) fn of_micro_batch<B: Backend>(
         moe: &[MoeForward<B>],
         experts: usize,
     ) -> Result<Self> {
+        if moe.is_empty() {
+            return Ok(Self::new(0, experts));
+        }
         let width = 1 + 2 * experts;
-        let mut flat: Vec<u64> = Vec::with_capacity(moe.len() * width);
-        let mut on_device: Vec<Tensor<B, 1, Int>> = moe
-            .iter()
-            .filter_map(|layer| layer.routing.device_counts())
-            .collect();
         let checked: Vec<(usize, Tensor<B, 1, Int>)> = moe
             .iter()
             .enumerate()
-            .filter_map(|(l, layer)| match &layer.routing {
-                LayerRouting::Device {
-                    first_bad: Some(bad),
-                    ..
-                } => Some((l, bad.clone())),
-                _ => None,
-            })
+            .filter_map(|(l, layer)| Some((l, layer.routing.first_bad.clone()?)))
             .collect();
-        let counted = on_device.len() * width;
-        on_device.extend(checked.iter().map(|(_, bad)| bad.clone()));
-        let read = if on_device.is_empty() {
-            Vec::new()
-        } else {
-            read_counts(Tensor::cat(on_device, 0))?
-        };
+        let read = read_counts(Tensor::cat(
+            moe.iter()
+                .map(|layer| layer.routing.device_counts())
+                .chain(checked.iter().map(|(_, bad)| bad.clone()))
+                .collect(),
+            0,
+        ))?;
+        let counted = moe.len() * width;
         for ((l, _), &bad) in checked.iter().zip(&read[counted..]) {
             let logits = &moe[*l].logits;
             if bad < logits.shape().num_elements() as u64 {
                 return Err(non_finite_logit(logits, bad as usize));
             }
         }
-        let mut from_device = read[..counted].iter().copied();
-        for layer in moe {
-            match layer.routing.host_counts(experts) {
-                Some(counts) => flat.extend(counts),
-                None => flat.extend(from_device.by_ref().take(width)),
-            }
-        }
-        Ok(Self::unflatten(&flat, moe.len(), experts))
+        Ok(Self::unflatten(&read[..counted], moe.len(), experts))
     }
 
     /// Whether every layer's busiest expert and busiest token fit `bounds`.

@@ -4,7 +4,7 @@
 use super::micro_batch::{add_micro_batch_losses, diverged};
 use super::*;
 
-impl<B: TrainingBackend> TrainSession<'_, B> {
+impl<B: TrainingBackend> TrainSession<B> {
     /// One optimizer step: the micro-batches forward and backward, one AdamW update,
     /// one controller update from `a_t`, then validation and a routing sample when due.
     pub fn step(&mut self) -> Result<StepOutput> {
@@ -52,7 +52,7 @@ impl<B: TrainingBackend> TrainSession<'_, B> {
             .expect("a failed step leaves no model; start a new session");
         // A single-process run in padded buffers keeps its controller on the device and
         // reads back once per step.
-        let single_padded = self.rank.is_none() && matches!(self.engine, RouteEngine::DevicePadded);
+        let single_padded = self.rank.is_none() && self.layout == ExpertLayout::Padded;
         if single_padded
             && self.control.is_none()
             && let Some(control) = self.policy.control()
