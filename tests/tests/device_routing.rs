@@ -1,5 +1,5 @@
-//! Routing on the model's device (`dtopp train --route-on device`) against the CPU
-//! reference, on burn's ndarray backend and on burn-wgpu (lavapipe in CI), over random
+//! Routing on the model's device (the routing extension, `RoutingBackend`) against the
+//! CPU reference, on burn's ndarray backend and on burn-wgpu (lavapipe in CI), over random
 //! probabilities of awkward shapes (N = 1, E not a power of two, E = 1, many ties) and
 //! every selection rule. Two implementations each: the routing extension's default
 //! methods (burn tensor ops), and the backend's own (`RoutingBackend::route`: the CPU
@@ -19,7 +19,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use dtopp::Error;
 use dtopp::cpu::{CpuReference, rank_experts};
-use dtopp::model::{DeviceRoute, RoutingBackend, Selector, route_on_device};
+use dtopp::model::{ExpertRows, Route, RoutingBackend, Selector, route_on_device};
 use dtopp::ops::{HostSelection, Normalization, RouteShape, RoutingOps, Selection};
 use dtopp_tests::{Case, near_threshold, small_cases};
 
@@ -112,7 +112,7 @@ fn route_with<B: RoutingBackend>(
     logits: Tensor<B, 2>,
     selector: Selector,
     threshold: Option<Tensor<B, 1>>,
-) -> dtopp::Result<DeviceRoute<B>> {
+) -> dtopp::Result<Route<B>> {
     match how {
         Impl::Default => route_on_device(probs, logits, selector, threshold),
         Impl::Backend => B::route(probs, logits, selector, threshold),
@@ -196,11 +196,14 @@ fn check_case<B: RoutingBackend>(
         // The plan of the device's own selection, exactly.
         let own = as_selection(&mask, &probs, shape);
         let plan = CpuReference.dispatch_plan(&own).unwrap();
-        let offsets: Vec<i64> = route.expert_offsets.iter().map(|&o| o as i64).collect();
+        let ExpertRows::Exact { offsets } = &route.rows else {
+            panic!("{what}: routing for the exact layout lays its rows out exactly");
+        };
+        let offsets: Vec<i64> = offsets.iter().map(|&o| o as i64).collect();
         let want_offsets: Vec<i64> = plan.expert_offsets.iter().map(|&o| o.into()).collect();
-        let tokens = ints(route.route_tokens.clone());
+        let tokens = ints(route.row_tokens.clone());
         let want_tokens: Vec<i64> = plan.route_tokens.iter().map(|&t| t.into()).collect();
-        let sources = ints(route.route_sources.clone());
+        let sources = ints(route.row_sources.clone());
         let want_sources: Vec<i64> = (0..e)
             .flat_map(|j| {
                 let (a, b) = (want_offsets[j] as usize, want_offsets[j + 1] as usize);
@@ -232,7 +235,7 @@ fn check_case<B: RoutingBackend>(
                 }
             }
         }
-        let route_of = ints(route.route_of.clone());
+        let route_of = ints(route.row_of.clone());
         let token_slots = route.token_slots.clone().map(ints).unwrap_or_default();
         for (name, got, want) in [
             ("offsets", &offsets, &want_offsets),
@@ -348,8 +351,8 @@ fn the_wgsl_kernels_route_on_burn_wgpu_buffers() {
     let got = burn::backend::Wgpu::route(part.clone(), z.clone(), selector, None).unwrap();
     let want = route_on_device(part, z, selector, None).unwrap();
     assert_eq!(
-        ints(got.route_of),
-        ints(want.route_of),
+        ints(got.row_of),
+        ints(want.row_of),
         "a row slice of a larger tensor"
     );
 }

@@ -10,8 +10,8 @@ use burn::backend::{Autodiff, NdArray, Wgpu};
 use burn::tensor::{Tensor, TensorData};
 use dtopp::host_reads;
 use dtopp::model::{
-    ExpertBounds, ExpertLayout, LayerRouting, MoeWeights, PaddedUsage, Precision, RoutingBackend,
-    Selector, TrainingBackend, moe_forward, route_padded,
+    ExpertBounds, ExpertLayout, ExpertRows, LayerRouting, MoeWeights, PaddedUsage, Precision,
+    RoutingBackend, Selector, TrainingBackend, moe_forward, route_padded,
 };
 use dtopp::rng::SplitMix64;
 use dtopp::train::{Preset, RoutingMode, TrainSession};
@@ -273,12 +273,10 @@ fn a_non_finite_logit_is_located_on_the_device() {
         slots: e,
     };
     let route = route_padded(probs, logits, Selector::TopK(2), None, bounds).unwrap();
-    let first: Vec<i64> = route
-        .first_bad
-        .into_data()
-        .convert::<i64>()
-        .to_vec()
-        .unwrap();
+    let ExpertRows::Padded { first_bad, .. } = route.rows else {
+        panic!("route_padded lays its rows out in buffers");
+    };
+    let first: Vec<i64> = first_bad.into_data().convert::<i64>().to_vec().unwrap();
     assert_eq!(first, vec![(3 * e + 2) as i64]);
     let zero = ExpertBounds {
         capacity: 0,

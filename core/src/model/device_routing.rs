@@ -1,6 +1,7 @@
 //! Top-p / Top-k selection and the expert-major dispatch plan in burn tensor ops, on the
-//! device that holds the model (`dtopp train --route-on device`). The probabilities never
-//! leave that device: per MoE layer the host reads `E + 3` integers (the plan's expert
+//! device that holds the model: the default methods of the routing extension
+//! ([`super::RoutingBackend`]), for the exact layout. The probabilities never leave that
+//! device: per MoE layer the host reads `E + 3` integers (the plan's expert
 //! offsets, the route count, the first non-finite logit and, where rows move by gathers,
 //! the most experts a token took), because burn's matrix products take their shapes from
 //! the host and each expert multiplies its own slice of rows. [`super::padded_routing`]
@@ -20,6 +21,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 
 use super::long_reductions::{int_max, int_min};
+use super::route::{ExpertRows, Route};
 use super::routed_rows::{RowMovesBackend, gathers};
 use super::routing::Selector;
 use crate::error::{Error, Result};
@@ -31,25 +33,6 @@ const PAIRS_PER_CHUNK: usize = 1 << 24;
 /// its axis on GPU backends, so the axis is kept short).
 const SCAN_BLOCK: usize = 32;
 
-/// A layer's routing, decided on the model's device.
-#[derive(Clone, Debug)]
-pub struct DeviceRoute<B: Backend> {
-    /// `[N, E]` 1 where token i selected expert j, else 0.
-    pub selected: Tensor<B, 2, Int>,
-    /// `[M]` token of each route, expert-major, tokens ascending within an expert.
-    pub route_tokens: Tensor<B, 1, Int>,
-    /// `[M]` flat index `i * E + j` into P of each route.
-    pub route_sources: Tensor<B, 1, Int>,
-    /// `[N, E]` the route of token i to expert j, `M` where j is not selected.
-    pub route_of: Tensor<B, 2, Int>,
-    /// `[N, S]` token i's routes in rank order, padded with `M`; `S` is the most experts
-    /// a token of this batch took. Built only on the backends whose MoE rows move by
-    /// gathers (wgpu, cuda), which alone use it.
-    pub token_slots: Option<Tensor<B, 2, Int>>,
-    /// `E + 1` exclusive offsets of each expert's routes (host copy).
-    pub expert_offsets: Vec<usize>,
-}
-
 /// Selects experts from `probs` `[N, E]` (no gradient needed; detach it) and builds the
 /// dispatch plan, on the device of `probs`. `logits` are the router's raw logits, checked
 /// for NaN/Inf in the same read-back as the offsets. `threshold` (`[1]`, on the device)
@@ -59,7 +42,7 @@ pub fn route_on_device<B: RowMovesBackend>(
     logits: Tensor<B, 2>,
     selector: Selector,
     threshold: Option<Tensor<B, 1>>,
-) -> Result<DeviceRoute<B>> {
+) -> Result<Route<B>> {
     let [n, e] = probs.dims();
     let (selected, rank) = select_ranked(probs, selector, threshold)?;
     let device = selected.device();
@@ -101,13 +84,15 @@ pub fn route_on_device<B: RowMovesBackend>(
         .transpose()
         .mask_fill(selected.clone().equal_elem(0), routes as i64);
     let token_slots = gathers::<B>().then(|| slots_by_rank(route_of.clone(), rank, slots, routes));
-    Ok(DeviceRoute {
-        route_tokens,
-        route_sources,
+    Ok(Route {
         selected,
-        route_of,
+        row_tokens: route_tokens,
+        row_sources: route_sources,
+        row_of: route_of,
         token_slots,
-        expert_offsets,
+        rows: ExpertRows::Exact {
+            offsets: expert_offsets,
+        },
     })
 }
 

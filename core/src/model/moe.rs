@@ -18,6 +18,7 @@ use super::drn::drn_probs;
 use super::long_reductions::column_sums;
 use super::padded_routing::{ExpertBounds, route_padded};
 use super::precision::Precision;
+use super::route::ExpertRows;
 use super::routed_rows::{gather_rows, sum_rows};
 use super::routing::Selector;
 use super::routing_backend::RoutingBackend;
@@ -119,7 +120,7 @@ pub fn moe_forward<B: RoutingBackend>(
     bounds: Option<ExpertBounds>,
     precision: Precision,
 ) -> Result<MoeForward<B>> {
-    let [n, _] = x.dims();
+    let [n, d] = x.dims();
     let [e, _, _] = w.gate.dims();
     RouteShape::new(n, e)?;
 
@@ -130,122 +131,104 @@ pub fn moe_forward<B: RoutingBackend>(
     } else {
         softmax(logits.clone(), 1)
     };
-    if let Some(bounds) = bounds {
-        return moe_padded(x, w, logits, probs, selector, threshold, bounds, precision);
-    }
 
-    // Selection and plan (the spec's rules), on the backend.
-    let route = B::route(
-        probs.clone().detach(),
-        logits.clone().detach(),
-        selector,
-        threshold,
-    )?;
-    let route_tokens = route.route_tokens;
-    let routes = route_tokens.dims()[0];
+    // Selection and the rows' layout (the spec's rules), on the backend.
+    let (p, z) = (probs.clone().detach(), logits.clone().detach());
+    let route = match bounds {
+        Some(bounds) => route_padded(p, z, selector, threshold, bounds)?,
+        None => B::route(p, z, selector, threshold)?,
+    };
+    let rows = route.row_count();
+    let device = x.device();
 
-    // Combine weights from P (differentiable), read at each route.
-    let renormalised = selected_share(probs.clone(), &route.route_of, routes);
+    // Combine weights from P (differentiable), read at each row. A padded layout's empty
+    // rows read an appended zero, and take the zero row appended to x, so that their
+    // expert outputs are exactly zero.
+    let padded = matches!(route.rows, ExpertRows::Padded { .. });
+    let append = |t: Tensor<B, 2>, row: Tensor<B, 2>| {
+        if padded {
+            Tensor::cat(vec![t, row], 0)
+        } else {
+            t
+        }
+    };
+    let append_int = |t: Tensor<B, 2, Int>, value: usize, width: usize| {
+        if padded {
+            Tensor::cat(vec![t, Tensor::full([1, width], value as i64, &device)], 0)
+        } else {
+            t
+        }
+    };
+    let renormalised = selected_share(probs.clone(), &route.row_of, rows).reshape([n * e, 1]);
     let g = gather_rows(
-        renormalised.reshape([n * e, 1]),
-        &route.route_sources,
-        Some(&route.route_of.reshape([n * e, 1])),
+        append(renormalised, Tensor::zeros([1, 1], &device)),
+        &route.row_sources,
+        Some(&append_int(
+            route.row_of.clone().reshape([n * e, 1]),
+            rows,
+            1,
+        )),
     )
-    .reshape([routes]);
+    .reshape([rows]);
 
-    // Dispatch: token rows in expert-major order; each expert on its contiguous slice.
-    let xs = gather_rows(x, &route_tokens, route.token_slots.as_ref());
-    let offsets = &route.expert_offsets;
-    let gate = B::grouped_matmul(xs.clone(), w.gate.clone(), offsets, precision);
-    let up = B::grouped_matmul(xs, w.up.clone(), offsets, precision);
-    let ys = B::grouped_matmul(silu(gate) * up, w.down.clone(), offsets, precision);
+    // Dispatch: token rows in expert-major order, then the experts' SwiGLU products.
+    let x_readers = route.token_slots.clone().map(|slots| {
+        let width = slots.dims()[1];
+        append_int(slots, rows, width)
+    });
+    let xs = gather_rows(
+        append(x, Tensor::zeros([1, d], &device)),
+        &route.row_tokens,
+        x_readers.as_ref(),
+    );
+    let ys = match &route.rows {
+        // Each expert on its contiguous slice.
+        ExpertRows::Exact { offsets } => {
+            let gate = B::grouped_matmul(xs.clone(), w.gate.clone(), offsets, precision);
+            let up = B::grouped_matmul(xs, w.up.clone(), offsets, precision);
+            B::grouped_matmul(silu(gate) * up, w.down.clone(), offsets, precision)
+        }
+        // Every expert on its buffer of C rows, in one batched product.
+        ExpertRows::Padded { capacity, .. } => {
+            let xs = xs.reshape([e, *capacity, d]);
+            let hidden = silu(precision.matmul(xs.clone(), w.gate.clone()))
+                * precision.matmul(xs, w.up.clone());
+            precision.matmul(hidden, w.down.clone()).reshape([rows, d])
+        }
+    };
 
-    // Combine: weighted rows added back to their tokens.
-    let output = sum_rows(ys, g, route.token_slots.as_ref(), &route_tokens, n);
+    // Combine: weighted rows added back to their tokens (an empty padded row adds its
+    // zero output, with weight zero, to token N - 1).
+    let to_token = if padded {
+        route.row_tokens.clone().clamp_max(n as i64 - 1)
+    } else {
+        route.row_tokens.clone()
+    };
+    let output = sum_rows(ys, g, route.token_slots.as_ref(), &to_token, n);
+    let first_bad = match route.rows {
+        ExpertRows::Exact { .. } => None,
+        ExpertRows::Padded { first_bad, .. } => Some(first_bad),
+    };
     Ok(MoeForward {
         output,
         logits,
         probs,
         routing: LayerRouting {
             selected: route.selected,
-            first_bad: None,
+            first_bad,
         },
     })
 }
 
-/// `P` `[N, E]` renormalised over each token's selected experts: those whose route in
-/// `route_of` is not `unrouted` (differentiable).
+/// `P` `[N, E]` renormalised over each token's selected experts: those whose row in
+/// `row_of` is not `unrouted` (differentiable).
 fn selected_share<B: Backend>(
     probs: Tensor<B, 2>,
-    route_of: &Tensor<B, 2, Int>,
+    row_of: &Tensor<B, 2, Int>,
     unrouted: usize,
 ) -> Tensor<B, 2> {
-    let kept = probs * route_of.clone().lower_elem(unrouted as i64).float();
+    let kept = probs * row_of.clone().lower_elem(unrouted as i64).float();
     kept.clone() / kept.sum_dim(1)
-}
-
-/// [`moe_forward`] in the padded layout ([`super::padded_routing`]): every expert on a
-/// buffer of `bounds.capacity` rows in one batched product, nothing read back.
-#[allow(clippy::too_many_arguments)]
-fn moe_padded<B: RoutingBackend>(
-    x: Tensor<B, 2>,
-    w: &MoeWeights<B>,
-    logits: Tensor<B, 2>,
-    probs: Tensor<B, 2>,
-    selector: Selector,
-    threshold: Option<Tensor<B, 1>>,
-    bounds: ExpertBounds,
-    precision: Precision,
-) -> Result<MoeForward<B>> {
-    let [n, d] = x.dims();
-    let [e, _, _] = w.gate.dims();
-    let (c, s) = (bounds.capacity, bounds.slots);
-    let rows = e * c;
-    let device = x.device();
-    let route = route_padded(
-        probs.clone().detach(),
-        logits.clone().detach(),
-        selector,
-        threshold,
-        bounds,
-    )?;
-
-    // Combine weights, as in the exact layout; an empty row reads the appended zero.
-    let renormalised = selected_share(probs.clone(), &route.row_of, rows).reshape([n * e, 1]);
-    let renormalised = Tensor::cat(vec![renormalised, Tensor::zeros([1, 1], &device)], 0);
-    let readers = Tensor::cat(
-        vec![
-            route.row_of.clone().reshape([n * e, 1]),
-            Tensor::full([1, 1], rows as i64, &device),
-        ],
-        0,
-    );
-    let g = gather_rows(renormalised, &route.row_sources, Some(&readers)).reshape([rows]);
-
-    // Dispatch into the buffers: empty rows read the appended zero row of x, so their
-    // expert outputs are exactly zero.
-    let x = Tensor::cat(vec![x, Tensor::zeros([1, d], &device)], 0);
-    let x_readers = route
-        .token_slots
-        .clone()
-        .map(|slots| Tensor::cat(vec![slots, Tensor::full([1, s], rows as i64, &device)], 0));
-    let xs = gather_rows(x, &route.row_tokens, x_readers.as_ref()).reshape([e, c, d]);
-    let hidden =
-        silu(precision.matmul(xs.clone(), w.gate.clone())) * precision.matmul(xs, w.up.clone());
-    let ys = precision.matmul(hidden, w.down.clone()).reshape([rows, d]);
-
-    // Combine: an empty row adds its zero output, with weight zero, to token N - 1.
-    let to_token = route.row_tokens.clamp_max(n as i64 - 1);
-    let output = sum_rows(ys, g, route.token_slots.as_ref(), &to_token, n);
-    Ok(MoeForward {
-        output,
-        logits,
-        probs,
-        routing: LayerRouting {
-            selected: route.selected,
-            first_bad: Some(route.first_bad),
-        },
-    })
 }
 
 #[cfg(test)]

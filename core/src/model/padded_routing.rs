@@ -1,5 +1,5 @@
 //! Routing on the model's device with nothing read back per layer
-//! (`dtopp train --route-on device-padded`).
+//! (`dtopp train --layout padded`).
 //!
 //! burn's matrix products take their shapes from the host, so the exact layout (each
 //! expert on its own slice of rows, [`super::device_routing`]) needs every layer's expert
@@ -14,13 +14,13 @@
 //! its bounds ([`ExpertBounds::hold`]) is run again, micro-batch by micro-batch, before
 //! the optimizer sees its gradients.
 
-use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::device_routing::{
     ExpertMajor, expert_major, first_above, first_non_finite, slots_by_rank,
 };
+use super::route::{ExpertRows, Route};
 use super::routed_rows::gathers;
 use super::routing::Selector;
 use super::routing_backend::RoutingBackend;
@@ -103,27 +103,6 @@ impl PaddedUsage {
     }
 }
 
-/// A layer's routing in the padded layout: `E C` buffer rows, expert `j` owning rows
-/// `j C .. (j + 1) C`, its routes first (tokens ascending), then empty rows.
-#[derive(Clone, Debug)]
-pub struct PaddedRoute<B: Backend> {
-    /// `[N, E]` 1 where token i selected expert j, else 0.
-    pub selected: Tensor<B, 2, Int>,
-    /// `[E C]` the token of each buffer row, `N` (a zero row) for an empty one.
-    pub row_tokens: Tensor<B, 1, Int>,
-    /// `[E C]` flat index `i * E + j` into P of each row, `N E` for an empty one.
-    pub row_sources: Tensor<B, 1, Int>,
-    /// `[N, E]` the buffer row of token i's route to expert j, `E C` where j is not
-    /// selected (or its buffer overflowed, which the trainer detects and redoes).
-    pub row_of: Tensor<B, 2, Int>,
-    /// `[N, S]` token i's rows in rank order, padded with `E C`; built where rows move by
-    /// gathers ([`gathers`]).
-    pub token_slots: Option<Tensor<B, 2, Int>>,
-    /// `[1]` the first non-finite router logit in row-major order, `N E` when none: the
-    /// trainer reads it with the counts.
-    pub first_bad: Tensor<B, 1, Int>,
-}
-
 /// Selects experts from `probs` `[N, E]` (detached) and lays the routes out in buffers
 /// of `bounds.capacity` rows per expert, on the device of `probs`, reading nothing back.
 /// `threshold` (`[1]`, on the device) replaces a Top-p selector's host threshold.
@@ -133,7 +112,7 @@ pub fn route_padded<B: RoutingBackend>(
     selector: Selector,
     threshold: Option<Tensor<B, 1>>,
     bounds: ExpertBounds,
-) -> Result<PaddedRoute<B>> {
+) -> Result<Route<B>> {
     let [n, e] = probs.dims();
     let c = bounds.capacity;
     if c == 0 || bounds.slots == 0 {
@@ -188,13 +167,16 @@ pub fn route_padded<B: RoutingBackend>(
     let row_of = (buffer_start + position).mask_fill(unused, rows as i64);
     let token_slots =
         gathers::<B>().then(|| slots_by_rank(row_of.clone(), rank, bounds.slots, rows));
-    Ok(PaddedRoute {
+    Ok(Route {
         selected,
         row_tokens,
         row_sources,
         row_of,
         token_slots,
-        first_bad: first_non_finite(logits),
+        rows: ExpertRows::Padded {
+            capacity: c,
+            first_bad: first_non_finite(logits),
+        },
     })
 }
 

@@ -1,5 +1,5 @@
 //! The PI controller(s) of a DTop-p run held on the model's device
-//! (`--route-on device-padded`): the thresholds the next step routes with never pass
+//! (`--layout padded`): the thresholds the next step routes with never pass
 //! through the host, and the host reads the state when it logs a step.
 //!
 //! The law is [`crate::cpu::controller_update`]'s, the `f32` form of

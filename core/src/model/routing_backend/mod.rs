@@ -26,8 +26,9 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
 
 use super::device_memory::DeviceMemoryBackend;
-use super::device_routing::{DeviceRoute, route_on_device, select_ranked};
+use super::device_routing::{route_on_device, select_ranked};
 use super::grouped_matmul::GroupedMatmulBackend;
+use super::route::{ExpertRows, Route};
 use super::routed_rows::{RowMovesBackend, gathers};
 use super::routing::Selector;
 use crate::error::Result;
@@ -58,7 +59,7 @@ pub trait RoutingBackend:
         logits: Tensor<Self, 2>,
         selector: Selector,
         threshold: Option<Tensor<Self, 1>>,
-    ) -> Result<DeviceRoute<Self>> {
+    ) -> Result<Route<Self>> {
         route_on_device(probs, logits, selector, threshold)
     }
 
@@ -88,21 +89,14 @@ impl<B: RoutingBackend, C: CheckpointStrategy> RoutingBackend for Autodiff<B, C>
         logits: Tensor<Self, 2>,
         selector: Selector,
         threshold: Option<Tensor<Self, 1>>,
-    ) -> Result<DeviceRoute<Self>> {
+    ) -> Result<Route<Self>> {
         let route = B::route(
             probs.inner(),
             logits.inner(),
             selector,
             threshold.map(Tensor::inner),
         )?;
-        Ok(DeviceRoute {
-            selected: Tensor::from_inner(route.selected),
-            route_tokens: Tensor::from_inner(route.route_tokens),
-            route_sources: Tensor::from_inner(route.route_sources),
-            route_of: Tensor::from_inner(route.route_of),
-            token_slots: route.token_slots.map(Tensor::from_inner),
-            expert_offsets: route.expert_offsets,
-        })
+        Ok(route.map(Tensor::from_inner, Tensor::from_inner))
     }
 
     fn select(
@@ -165,7 +159,7 @@ pub(crate) fn route_from_host<B: RowMovesBackend>(
     selection: &HostSelection,
     plan: &HostDispatchPlan,
     device: &B::Device,
-) -> DeviceRoute<B> {
+) -> Route<B> {
     let (n, e) = (selection.shape.tokens, selection.shape.experts);
     let routes = plan.route_tokens.len();
     // Slots for the most experts any token of this batch took (the plan is on the host).
@@ -191,13 +185,15 @@ pub(crate) fn route_from_host<B: RowMovesBackend>(
         Tensor::<B, 2, Int>::from_data(TensorData::new(v, [n, cols]), device)
     };
     let route_of = table(route_of, e);
-    DeviceRoute {
+    Route {
         selected: route_of.clone().lower_elem(routes as i64).int(),
-        route_tokens: rows(tokens),
-        route_sources: rows(sources),
-        route_of,
+        row_tokens: rows(tokens),
+        row_sources: rows(sources),
+        row_of: route_of,
         token_slots: with_slots.then(|| table(token_slots, slots)),
-        expert_offsets: plan.expert_offsets.iter().map(|&o| o as usize).collect(),
+        rows: ExpertRows::Exact {
+            offsets: plan.expert_offsets.iter().map(|&o| o as usize).collect(),
+        },
     }
 }
 

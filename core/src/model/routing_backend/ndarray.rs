@@ -7,7 +7,8 @@ use burn::tensor::{Int, Tensor, TensorData};
 use super::{RoutingBackend, mask_and_rank, route_from_host, within};
 use crate::cpu_fast::CpuFast;
 use crate::error::{Error, Result};
-use crate::model::device_routing::{DeviceRoute, non_finite_logit, select_ranked};
+use crate::model::device_routing::{non_finite_logit, select_ranked};
+use crate::model::route::Route;
 use crate::model::routing::Selector;
 use crate::ops::{HostSelection, RouteShape, RoutingOps};
 
@@ -23,7 +24,7 @@ impl RoutingBackend for NdArray {
         logits: Tensor<Self, 2>,
         selector: Selector,
         threshold: Option<Tensor<Self, 1>>,
-    ) -> Result<DeviceRoute<Self>> {
+    ) -> Result<Route<Self>> {
         let [n, e] = probs.dims();
         RouteShape::new(n, e)?;
         let selector = within(selector, e);

@@ -24,8 +24,9 @@ use dtopp_shaders::{Bound, GpuContext, PlanOut, RoutingKernels, SelectionOut};
 
 use super::{RoutingBackend, mask_and_rank, within};
 use crate::error::{Error, Result};
-use crate::model::device_routing::{DeviceRoute, first_above, first_non_finite, non_finite_logit};
+use crate::model::device_routing::{first_above, first_non_finite, non_finite_logit};
 use crate::model::long_reductions::int_max;
+use crate::model::route::{ExpertRows, Route};
 use crate::model::routing::Selector;
 use crate::ops::RouteShape;
 
@@ -111,7 +112,7 @@ impl RoutingBackend for Wgpu {
         logits: Tensor<Self, 2>,
         selector: Selector,
         threshold: Option<Tensor<Self, 1>>,
-    ) -> Result<DeviceRoute<Self>> {
+    ) -> Result<Route<Self>> {
         let device = probs.device();
         let kernels = kernels(&device)?;
         let [n, e] = probs.dims();
@@ -210,13 +211,15 @@ impl RoutingBackend for Wgpu {
         let selected = route_of.clone().lower_elem(routes as i64).int();
         let mut expert_offsets: Vec<usize> = head[..e].iter().map(|&o| o as usize).collect();
         expert_offsets.push(routes);
-        Ok(DeviceRoute {
+        Ok(Route {
             selected,
-            route_tokens,
-            route_sources,
-            route_of,
+            row_tokens: route_tokens,
+            row_sources: route_sources,
+            row_of: route_of,
             token_slots: Some(token_slots),
-            expert_offsets,
+            rows: ExpertRows::Exact {
+                offsets: expert_offsets,
+            },
         })
     }
 
