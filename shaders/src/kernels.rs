@@ -67,6 +67,32 @@ pub struct SelectionBuffers {
     pub status: wgpu::Buffer,
 }
 
+/// What [`RoutingKernels::drn_backward_into`] reads.
+#[derive(Clone, Copy, Debug)]
+pub struct DrnBackwardIn<'a> {
+    /// `[N, E]` f32 router logits.
+    pub logits: Bound<'a>,
+    /// `[1]` f32 theta.
+    pub theta: Bound<'a>,
+    /// `[N, E]` f32 probabilities of the forward pass.
+    pub probs: Bound<'a>,
+    /// `[N, E]` f32 dL/dP.
+    pub grad_probs: Bound<'a>,
+}
+
+/// What [`RoutingKernels::drn_backward_into`] writes.
+#[derive(Clone, Copy, Debug)]
+pub struct DrnBackwardOut<'a> {
+    /// `[N, E]` f32 dL/dz.
+    pub grad_logits: Bound<'a>,
+    /// `[N]` f32 scratch: each token's share of dL/dtheta.
+    pub theta_partials: Bound<'a>,
+    /// `[1]` f32 dL/dtheta.
+    pub grad_theta: Bound<'a>,
+    /// `[1]` u32, set to `u32::MAX` by the caller: the first non-finite input.
+    pub status: Bound<'a>,
+}
+
 /// A bound range of a storage buffer: a whole buffer of this crate's, or the slice of a
 /// pooled buffer that holds one of burn's tensors (burn-wgpu keeps many tensors in one
 /// `wgpu::Buffer`; `offset` is a multiple of the device's storage offset alignment).
@@ -187,7 +213,13 @@ impl RoutingKernels {
                 &drn,
                 "drn_forward",
                 WG,
-                &[(0, Uniform), (1, Storage), (2, Storage), (3, Storage)],
+                &[
+                    (0, Uniform),
+                    (1, Storage),
+                    (2, Storage),
+                    (3, Storage),
+                    (9, Storage),
+                ],
             ),
             drn_backward: k(
                 &drn,
@@ -201,6 +233,7 @@ impl RoutingKernels {
                     (5, Storage),
                     (6, Storage),
                     (7, Storage),
+                    (9, Storage),
                 ],
             ),
             drn_theta_sum: k(
@@ -579,14 +612,13 @@ impl RoutingKernels {
         self.ctx.queue.submit([encoder.finish()]);
     }
 
-    fn drn_params(tokens: usize, experts: usize, theta: Option<f32>) -> DrnParams {
+    fn drn_params(tokens: usize, experts: usize, use_drn: bool) -> DrnParams {
         DrnParams {
             tokens: tokens as u32,
             experts: experts as u32,
-            theta: theta.unwrap_or(1.0),
-            use_drn: u32::from(theta.is_some()),
+            use_drn: u32::from(use_drn),
             eps: 1e-6,
-            _pad: [0; 3],
+            _pad: [0; 4],
         }
     }
 
@@ -601,15 +633,39 @@ impl RoutingKernels {
     ) -> Result<(wgpu::Buffer, wgpu::Buffer), ShaderError> {
         let probs = self.storage("probs", tokens * experts)?;
         let status = self.status("drn status")?;
-        let params = Self::drn_params(tokens, experts, theta);
+        let theta_buf = self.upload("theta", &[theta.unwrap_or(1.0)])?;
+        self.drn_forward_into(
+            logits.into(),
+            (&theta_buf).into(),
+            [tokens, experts],
+            theta.is_some(),
+            (&probs).into(),
+            (&status).into(),
+        )?;
+        Ok((probs, status))
+    }
+
+    /// [`RoutingKernels::drn_forward`] into ranges the caller owns (burn's tensors), with
+    /// theta read from `theta[0]` on the device. `status` must hold `u32::MAX` (all bits
+    /// set); it receives the first non-finite logit's index.
+    pub fn drn_forward_into(
+        &self,
+        logits: Bound<'_>,
+        theta: Bound<'_>,
+        [tokens, experts]: [usize; 2],
+        use_drn: bool,
+        probs: Bound<'_>,
+        status: Bound<'_>,
+    ) -> Result<(), ShaderError> {
+        let params = Self::drn_params(tokens, experts, use_drn);
         let grid = self.thread_grid("drn_forward", tokens)?;
         self.run(
             &self.drn_forward,
             bytemuck::bytes_of(&params),
-            &whole(&[logits, &probs, &status]),
+            &[logits, probs, status, theta],
             grid,
         );
-        Ok((probs, status))
+        Ok(())
     }
 
     /// Backward of [`RoutingKernels::drn_forward`]: returns dL/dz `[N, E]`, dL/dtheta
@@ -627,21 +683,59 @@ impl RoutingKernels {
         let partials = self.storage("theta partials", tokens)?;
         let grad_theta = self.storage("grad theta", 1)?;
         let status = self.status("drn backward status")?;
-        let params = Self::drn_params(tokens, experts, theta);
+        let theta_buf = self.upload("theta", &[theta.unwrap_or(1.0)])?;
+        self.drn_backward_into(
+            DrnBackwardIn {
+                logits: logits.into(),
+                theta: (&theta_buf).into(),
+                probs: probs.into(),
+                grad_probs: grad_probs.into(),
+            },
+            [tokens, experts],
+            theta.is_some(),
+            DrnBackwardOut {
+                grad_logits: (&grad_logits).into(),
+                theta_partials: (&partials).into(),
+                grad_theta: (&grad_theta).into(),
+                status: (&status).into(),
+            },
+        )?;
+        Ok((grad_logits, grad_theta, status))
+    }
+
+    /// [`RoutingKernels::drn_backward`] into ranges the caller owns, theta read from the
+    /// device. `out.theta_partials` holds N floats of scratch; `out.status` must hold
+    /// `u32::MAX`.
+    pub fn drn_backward_into(
+        &self,
+        input: DrnBackwardIn<'_>,
+        [tokens, experts]: [usize; 2],
+        use_drn: bool,
+        out: DrnBackwardOut<'_>,
+    ) -> Result<(), ShaderError> {
+        let params = Self::drn_params(tokens, experts, use_drn);
         let grid = self.thread_grid("drn_backward", tokens)?;
         self.run(
             &self.drn_backward,
             bytemuck::bytes_of(&params),
-            &whole(&[logits, &status, probs, grad_probs, &grad_logits, &partials]),
+            &[
+                input.logits,
+                out.status,
+                input.probs,
+                input.grad_probs,
+                out.grad_logits,
+                out.theta_partials,
+                input.theta,
+            ],
             grid,
         );
         self.run(
             &self.drn_theta_sum,
             bytemuck::bytes_of(&params),
-            &whole(&[&partials, &grad_theta]),
+            &[out.theta_partials, out.grad_theta],
             (1, 1),
         );
-        Ok((grad_logits, grad_theta, status))
+        Ok(())
     }
 
     fn select_params(tokens: usize, experts: usize, k: usize, k_max: usize) -> SelectParams {

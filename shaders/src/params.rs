@@ -9,10 +9,9 @@ use bytemuck::{Pod, Zeroable};
 pub(crate) struct DrnParams {
     pub tokens: u32,
     pub experts: u32,
-    pub theta: f32,
     pub use_drn: u32,
     pub eps: f32,
-    pub _pad: [u32; 3],
+    pub _pad: [u32; 4],
 }
 
 /// `SelectParams` in select.wgsl.

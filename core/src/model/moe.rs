@@ -14,7 +14,6 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 
 use super::device_routing::read_ints;
-use super::drn::drn_probs;
 use super::long_reductions::column_sums;
 use super::padded_routing::{ExpertBounds, route_padded};
 use super::precision::Precision;
@@ -127,7 +126,7 @@ pub fn moe_forward<B: RoutingBackend>(
     // Router and normalization (differentiable).
     let logits = x.clone().matmul(w.router.clone());
     let probs = if use_drn {
-        drn_probs(logits.clone(), w.theta.clone())
+        B::drn(logits.clone(), w.theta.clone())
     } else {
         softmax(logits.clone(), 1)
     };

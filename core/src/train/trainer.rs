@@ -13,7 +13,7 @@ use super::session::TrainSession;
 use crate::error::{Error, Result};
 use crate::io::write_atomic;
 use crate::metrics::{JsonLines, RunSummary, StepMetrics};
-use crate::model::{ExpertLayout, RowMovesBackend};
+use crate::model::{DrnBackend, ExpertLayout, RowMovesBackend};
 
 /// Where a run writes and how chatty it is.
 #[derive(Debug)]
@@ -95,10 +95,14 @@ pub(super) fn lead<B: TrainingBackend>(
     let (run, mode, layout) = (&config.run, config.routing.mode, session.layout());
     say(format!("data: {}", session.corpus().describe()));
     say(format!(
-        "ops: attention, experts, {}, dispatch/combine ({}) and backward: burn {} (autodiff)",
-        if mode.uses_drn() { "DRN" } else { "softmax" },
+        "ops: attention, experts and their backward: burn {} (autodiff); router {}; dispatch/combine: {}",
+        options.backend_name,
+        if mode.uses_drn() {
+            format!("DRN: {}", <B as DrnBackend>::drn_name())
+        } else {
+            "softmax: burn tensor ops".to_string()
+        },
         <B as RowMovesBackend>::row_moves_name(),
-        options.backend_name
     ));
     say(format!(
         "ops: {} selection and dispatch plan: {}",

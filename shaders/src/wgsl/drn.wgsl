@@ -3,6 +3,8 @@
 // drn_forward: per token t over its E experts
 //   mu = mean z, sigma = sqrt(mean (z - mu)^2 + eps), zhat = theta (z - mu) / sigma
 //   (or zhat = z when use_drn == 0), P = softmax(zhat).
+// theta is read from a storage buffer, not the uniform: in training it is a parameter
+// that lives on the device, and a uniform would need the host to read it every layer.
 // drn_backward: given dL/dP, writes dL/dz and one partial dL/dtheta per token;
 // drn_theta_sum then adds the partials (WGSL has no float atomics).
 //
@@ -20,12 +22,12 @@
 struct DrnParams {
     tokens: u32,
     experts: u32,
-    theta: f32,
     use_drn: u32,
     eps: f32,
     _pad0: u32,
     _pad1: u32,
     _pad2: u32,
+    _pad3: u32,
 }
 
 // Threads per workgroup: a power of two, at most 256.
@@ -42,6 +44,7 @@ override WG: u32 = 64u;
 @group(0) @binding(6) var<storage, read_write> grad_logits: array<f32>;
 @group(0) @binding(7) var<storage, read_write> theta_partials: array<f32>;
 @group(0) @binding(8) var<storage, read_write> grad_theta: array<f32>;
+@group(0) @binding(9) var<storage, read_write> theta: array<f32>;
 
 var<workgroup> red: array<f32, 256>;
 
@@ -86,7 +89,7 @@ fn unit_score(base: u32, j: u32, st: vec2<f32>) -> f32 {
 
 fn scale() -> f32 {
     if (params.use_drn != 0u) {
-        return params.theta;
+        return theta[0];
     }
     return 1.0;
 }
@@ -100,14 +103,14 @@ fn drn_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
     let e = params.experts;
     let base = t * e;
     let st = row_stats(base);
-    let theta = scale();
+    let th = scale();
     var zmax = -3.4e38;
     for (var j = 0u; j < e; j++) {
-        zmax = max(zmax, theta * unit_score(base, j, st));
+        zmax = max(zmax, th * unit_score(base, j, st));
     }
     var total = 0.0;
     for (var j = 0u; j < e; j++) {
-        let x = exp(theta * unit_score(base, j, st) - zmax);
+        let x = exp(th * unit_score(base, j, st) - zmax);
         probs[base + j] = x;
         total += x;
     }
@@ -125,7 +128,7 @@ fn drn_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
     let e = params.experts;
     let base = t * e;
     let st = row_stats(base);
-    let theta = scale();
+    let th = scale();
     // dzhat_j = P_j (dP_j - sum_k P_k dP_k)
     var dot = 0.0;
     for (var j = 0u; j < e; j++) {
@@ -149,12 +152,12 @@ fn drn_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
         sum_dzhat += dzhat;
         sum_dzhat_u += dzhat * unit_score(base, j, st);
     }
-    let du_mean = theta * sum_dzhat / f32(e);
-    let du_u_mean = theta * sum_dzhat_u / f32(e);
+    let du_mean = th * sum_dzhat / f32(e);
+    let du_u_mean = th * sum_dzhat_u / f32(e);
     for (var j = 0u; j < e; j++) {
         let dzhat = probs_in[base + j] * (grad_probs[base + j] - dot);
         let u = unit_score(base, j, st);
-        grad_logits[base + j] = (theta * dzhat - du_mean - u * du_u_mean) / st.y;
+        grad_logits[base + j] = (th * dzhat - du_mean - u * du_u_mean) / st.y;
     }
     theta_partials[t] = sum_dzhat_u;
 }

@@ -5,6 +5,9 @@
 //! - **Default methods** are burn tensor ops ([`super::device_routing`]): any backend.
 //! - **ndarray** ([`ndarray`]) runs the fast CPU ops ([`crate::cpu_fast`]) on the tensors'
 //!   host memory.
+//! DRN ([`super::drn::DrnBackend`]) and the row moves ([`super::RowMovesBackend`]) are
+//! its supertraits, each with the same pattern.
+//!
 //! - **wgpu** ([`wgpu`]) runs dtopp's own `.wgsl` kernels (`dtopp-shaders`, the text
 //!   `dtopp route` and the browser run) on burn's own buffers, on burn's own device and
 //!   queue: no second device, no host copy of the probabilities.
@@ -18,6 +21,8 @@ mod ndarray;
 #[cfg(feature = "wgpu")]
 pub mod wgpu;
 #[cfg(feature = "wgpu")]
+mod wgpu_drn;
+#[cfg(feature = "wgpu")]
 mod wgpu_rows;
 
 use burn::backend::Autodiff;
@@ -27,6 +32,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 
 use super::device_memory::DeviceMemoryBackend;
 use super::device_routing::{route_on_device, select_ranked};
+use super::drn::DrnBackend;
 use super::grouped_matmul::GroupedMatmulBackend;
 use super::route::{ExpertRows, Route};
 use super::routed_rows::{RowMovesBackend, gathers};
@@ -37,7 +43,7 @@ use crate::train::AdamWUpdateBackend;
 
 /// A burn backend that routes MoE layers: every backend the model trains on.
 pub trait RoutingBackend:
-    GroupedMatmulBackend + RowMovesBackend + DeviceMemoryBackend + AdamWUpdateBackend
+    GroupedMatmulBackend + RowMovesBackend + DrnBackend + DeviceMemoryBackend + AdamWUpdateBackend
 {
     /// Whether the tensors live in host memory, so that reading them costs no wait for
     /// a device ([`super::ExpertLayout::preferred_on`]).

@@ -325,6 +325,13 @@ pub(super) fn launch(
     kernels(&bound).map_err(shader_error)
 }
 
+/// The row-move and DRN kernels run only on a device whose routing was set up
+/// ([`setup`], which fails with a named error), and inside burn ops that cannot return
+/// one, so a failure there is a broken invariant, not bad input.
+pub(super) fn or_panic<T>(what: &str, r: Result<T>) -> T {
+    r.unwrap_or_else(|e| panic!("dtopp's {what} kernel on burn-wgpu: {e}"))
+}
+
 /// The contiguous cubecl tensor behind a burn float tensor.
 pub(super) fn float<const D: usize>(t: Tensor<Wgpu, D>) -> CubeTensor<WgpuRuntime> {
     burn_cubecl::kernel::into_contiguous(t.into_primitive().tensor())

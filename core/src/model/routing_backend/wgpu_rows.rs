@@ -7,15 +7,8 @@
 use burn::backend::Wgpu;
 use burn::tensor::{Int, Tensor};
 
-use super::wgpu::{float, int, kernels, launch};
+use super::wgpu::{float, int, kernels, launch, or_panic};
 use crate::model::routed_rows::RowMovesBackend;
-
-/// The kernels run only on a device that routed the same layer first (`RoutingBackend::
-/// route` set it up or failed with a named error), so a failure here is a broken
-/// invariant, not bad input.
-fn or_panic<T>(what: &str, r: crate::error::Result<T>) -> T {
-    r.unwrap_or_else(|e| panic!("dtopp's {what} kernel on burn-wgpu: {e}"))
-}
 
 impl RowMovesBackend for Wgpu {
     const BY_GATHERS: bool = true;
