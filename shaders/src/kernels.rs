@@ -67,6 +67,19 @@ pub struct SelectionBuffers {
     pub status: wgpu::Buffer,
 }
 
+/// The PI law's settings (DESIGN.md section 1), as the controller kernel takes them.
+#[derive(Clone, Copy, Debug)]
+pub struct ControllerLaw {
+    /// `E`, experts per layer (the error is normalised by it).
+    pub experts: usize,
+    /// `T`, the target mean of activated experts.
+    pub target: f32,
+    /// `(Kp, Ki)`.
+    pub gains: (f32, f32),
+    /// `(p_min, p_max)`.
+    pub clamp: (f32, f32),
+}
+
 /// What [`RoutingKernels::drn_backward_into`] reads.
 #[derive(Clone, Copy, Debug)]
 pub struct DrnBackwardIn<'a> {
@@ -1088,21 +1101,54 @@ impl RoutingKernels {
         gains: (f32, f32),
         clamp: (f32, f32),
     ) -> Result<(), ShaderError> {
+        let law = ControllerLaw {
+            experts,
+            target,
+            gains,
+            clamp,
+        };
+        self.controllers_update_into(state.into(), counts.into(), [1, len], len as f32, law)
+    }
+
+    /// One PI update of `controllers` states `[C, 5]` (as [`Self::controller_update`]),
+    /// controller c from counts `[c len, (c + 1) len)` covering `per` tokens: `a_t =
+    /// sum / per`. Into ranges the caller owns (burn's tensors).
+    pub fn controllers_update_into(
+        &self,
+        state: Bound<'_>,
+        counts: Bound<'_>,
+        [controllers, len]: [usize; 2],
+        per: f32,
+        law: ControllerLaw,
+    ) -> Result<(), ShaderError> {
         let params = ControllerParams {
             len: len as u32,
-            experts: experts as u32,
-            target,
-            kp: gains.0,
-            ki: gains.1,
-            p_min: clamp.0,
-            p_max: clamp.1,
-            _pad: 0,
+            experts: law.experts as u32,
+            target: law.target,
+            kp: law.gains.0,
+            ki: law.gains.1,
+            p_min: law.clamp.0,
+            p_max: law.clamp.1,
+            per,
         };
+        let groups = u32::try_from(controllers)
+            .ok()
+            .filter(|&c| {
+                c <= self
+                    .ctx
+                    .device
+                    .limits()
+                    .max_compute_workgroups_per_dimension
+            })
+            .ok_or_else(|| ShaderError::Unsupported {
+                op: "controller_update",
+                message: format!("{controllers} controllers in one dispatch"),
+            })?;
         self.run(
             &self.controller_update,
             bytemuck::bytes_of(&params),
-            &whole(&[counts, state]),
-            (1, 1),
+            &[counts, state],
+            (groups, 1),
         );
         Ok(())
     }

@@ -20,7 +20,7 @@ pub use bytemuck;
 pub use context::GpuContext;
 pub use error::ShaderError;
 pub use kernels::{
-    Bound, DispatchBuffers, DrnBackwardIn, DrnBackwardOut, PlanOut, RoutingKernels,
+    Bound, ControllerLaw, DispatchBuffers, DrnBackwardIn, DrnBackwardOut, PlanOut, RoutingKernels,
     SelectionBuffers, SelectionOut,
 };
 pub use wgpu;

@@ -67,7 +67,7 @@ pub(crate) struct ControllerParams {
     pub ki: f32,
     pub p_min: f32,
     pub p_max: f32,
-    pub _pad: u32,
+    pub per: f32,
 }
 
 const _: () = assert!(size_of::<DrnParams>() == 32);

@@ -3,26 +3,116 @@
 //! through the host, and the host reads the state when it logs a step.
 //!
 //! The law is [`crate::cpu::controller_update`]'s, the `f32` form of
-//! [`crate::controller::PiController`] that the routing kernels share, written in burn
-//! tensor ops on a `[C, 5]` state (one row `[p, p_0, integral, last_error, step]` per
-//! controller: one for the global scope, one per MoE layer otherwise).
+//! [`crate::controller::PiController`] that the routing kernels share, on a `[C, 5]`
+//! state (one row `[p, p_0, integral, last_error, step]` per controller: one for the
+//! global scope, one per MoE layer otherwise). It is an op of burn's backends
+//! ([`ControllerBackend`]): burn tensor ops by default, dtopp's `controller.wgsl` on
+//! burn-wgpu's buffers.
 
+use burn::backend::Autodiff;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 
 use crate::controller::{ControllerConfig, ControllerState, DEVICE_STATE_LEN, ThresholdControl};
 use crate::error::{Error, Result};
 
+/// A backend with the PI law as an op.
+pub trait ControllerBackend: Backend {
+    /// What updates the controller, for the training log.
+    fn controller_name() -> &'static str {
+        "burn tensor ops"
+    }
+
+    /// `state` `[C, 5]` after one update from `k_sum` `[L]` (each layer's experts summed
+    /// over `tokens` tokens): one controller (`C = 1`) takes `a_t` over all layers, else
+    /// controller l takes layer l's.
+    fn controllers_update(
+        state: Tensor<Self, 2>,
+        k_sum: Tensor<Self, 1, Int>,
+        tokens: usize,
+        config: &ControllerConfig,
+    ) -> Tensor<Self, 2> {
+        let [c, _] = state.dims();
+        let layers = k_sum.dims()[0];
+        let active = if c == 1 {
+            k_sum.sum().float().div_scalar((layers * tokens) as f32)
+        } else {
+            k_sum.float().div_scalar(tokens as f32)
+        }
+        .reshape([c, 1]);
+        let column = |i: usize| state.clone().slice([0..c, i..i + 1]);
+        let (p0, integral, step) = (column(1), column(2), column(4));
+        let (kp, ki) = (config.kp as f32, config.ki as f32);
+        let (p_min, p_max) = (config.p_min as f32, config.p_max as f32);
+        let error = active
+            .neg()
+            .add_scalar(config.target as f32)
+            .div_scalar(config.num_experts as f32);
+        let integral = if ki > 0.0 {
+            // The integral stays where its own term alone leaves p within the clamp.
+            let low = p0
+                .clone()
+                .neg()
+                .add_scalar(p_min)
+                .div_scalar(ki)
+                .clamp_max(0.0);
+            let high = p0
+                .clone()
+                .neg()
+                .add_scalar(p_max)
+                .div_scalar(ki)
+                .clamp_min(0.0);
+            (integral + error.clone()).max_pair(low).min_pair(high)
+        } else {
+            integral.zeros_like()
+        };
+        let p = (p0.clone() + error.clone().mul_scalar(kp) + integral.clone().mul_scalar(ki))
+            .clamp(p_min, p_max);
+        Tensor::cat(vec![p, p0, integral, error, step.add_scalar(1.0)], 1)
+    }
+}
+
+impl ControllerBackend for burn::backend::NdArray {}
+
+#[cfg(feature = "cuda")]
+impl ControllerBackend for burn::backend::Cuda {}
+
+/// Without dtopp's WGSL kernels in the build, burn-wgpu updates with the default.
+#[cfg(not(feature = "wgpu"))]
+impl ControllerBackend for burn::backend::Wgpu {}
+
+/// The state carries no gradient: the update runs on the inner backend.
+impl<I: ControllerBackend, C: CheckpointStrategy> ControllerBackend for Autodiff<I, C> {
+    fn controller_name() -> &'static str {
+        I::controller_name()
+    }
+
+    fn controllers_update(
+        state: Tensor<Self, 2>,
+        k_sum: Tensor<Self, 1, Int>,
+        tokens: usize,
+        config: &ControllerConfig,
+    ) -> Tensor<Self, 2> {
+        Tensor::from_inner(I::controllers_update(
+            state.inner(),
+            k_sum.inner(),
+            tokens,
+            config,
+        ))
+    }
+}
+
 /// The controller state on the device.
 #[derive(Clone, Debug)]
-pub struct DeviceControl<B: Backend> {
+pub struct DeviceControl<B: ControllerBackend> {
     config: ControllerConfig,
     layers: usize,
     /// `[C, 5]`: `[p, p_0, integral, last_error, step]` per controller.
     state: Tensor<B, 2>,
 }
 
-impl<B: Backend> DeviceControl<B> {
+impl<B: ControllerBackend> DeviceControl<B> {
     /// Uploads the state of `control` (its first controller's settings: every controller
     /// of a run shares them).
     pub fn upload(control: &ThresholdControl, device: &B::Device) -> Self {
@@ -66,46 +156,7 @@ impl<B: Backend> DeviceControl<B> {
     /// `tokens` tokens: `a_t` is their mean per token (over all layers for the global
     /// controller), from an integer sum converted once, as the kernels compute it.
     pub fn update(&mut self, k_sum: Tensor<B, 1, Int>, tokens: usize) {
-        let c = self.state.dims()[0];
-        let active = if c == 1 {
-            k_sum
-                .sum()
-                .float()
-                .div_scalar((self.layers * tokens) as f32)
-        } else {
-            k_sum.float().div_scalar(tokens as f32)
-        }
-        .reshape([c, 1]);
-        let column = |i: usize| self.state.clone().slice([0..c, i..i + 1]);
-        let (p0, integral, step) = (column(1), column(2), column(4));
-        let cfg = &self.config;
-        let (kp, ki) = (cfg.kp as f32, cfg.ki as f32);
-        let (p_min, p_max) = (cfg.p_min as f32, cfg.p_max as f32);
-        let error = active
-            .neg()
-            .add_scalar(cfg.target as f32)
-            .div_scalar(cfg.num_experts as f32);
-        let integral = if ki > 0.0 {
-            // The integral stays where its own term alone leaves p within the clamp.
-            let low = p0
-                .clone()
-                .neg()
-                .add_scalar(p_min)
-                .div_scalar(ki)
-                .clamp_max(0.0);
-            let high = p0
-                .clone()
-                .neg()
-                .add_scalar(p_max)
-                .div_scalar(ki)
-                .clamp_min(0.0);
-            (integral + error.clone()).max_pair(low).min_pair(high)
-        } else {
-            integral.zeros_like()
-        };
-        let p = (p0.clone() + error.clone().mul_scalar(kp) + integral.clone().mul_scalar(ki))
-            .clamp(p_min, p_max);
-        self.state = Tensor::cat(vec![p, p0, integral, error, step.add_scalar(1.0)], 1);
+        self.state = B::controllers_update(self.state.clone(), k_sum, tokens, &self.config);
     }
 
     /// The state flattened, `[C * 5]`, to read with other values in one read-back.

@@ -40,7 +40,7 @@ pub use config::{
     SHARDS_PREFIX, TrainConfig,
 };
 pub use data_parallel::{resume_data_parallel, train_data_parallel};
-pub use device_control::DeviceControl;
+pub use device_control::{ControllerBackend, DeviceControl};
 pub(crate) use evaluate::host_f32;
 pub use evaluate::{Evaluation, evaluate, printable_byte};
 pub use export::{ExportReport, export_safetensors, parameter_names};

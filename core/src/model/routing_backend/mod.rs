@@ -5,9 +5,6 @@
 //! - **Default methods** are burn tensor ops ([`super::device_routing`]): any backend.
 //! - **ndarray** ([`ndarray`]) runs the fast CPU ops ([`crate::cpu_fast`]) on the tensors'
 //!   host memory.
-//! DRN ([`super::drn::DrnBackend`]) and the row moves ([`super::RowMovesBackend`]) are
-//! its supertraits, each with the same pattern.
-//!
 //! - **wgpu** ([`wgpu`]) runs dtopp's own `.wgsl` kernels (`dtopp-shaders`, the text
 //!   `dtopp route` and the browser run) on burn's own buffers, on burn's own device and
 //!   queue: no second device, no host copy of the probabilities.
@@ -16,10 +13,16 @@
 //!
 //! Every implementation follows the spec's rules (`crate::ops`): rank order with ties to
 //! the lower index, Top-p's rank-ordered prefix sum, routes ordered by expert then token.
+//!
+//! DRN ([`super::drn::DrnBackend`]), the row moves ([`super::RowMovesBackend`]) and the
+//! PI law ([`crate::train::ControllerBackend`]) are its supertraits, each with the same
+//! pattern.
 
 mod ndarray;
 #[cfg(feature = "wgpu")]
 pub mod wgpu;
+#[cfg(feature = "wgpu")]
+mod wgpu_control;
 #[cfg(feature = "wgpu")]
 mod wgpu_drn;
 #[cfg(feature = "wgpu")]
@@ -39,11 +42,16 @@ use super::routed_rows::{RowMovesBackend, gathers};
 use super::routing::Selector;
 use crate::error::Result;
 use crate::ops::{HostDispatchPlan, HostSelection};
-use crate::train::AdamWUpdateBackend;
+use crate::train::{AdamWUpdateBackend, ControllerBackend};
 
 /// A burn backend that routes MoE layers: every backend the model trains on.
 pub trait RoutingBackend:
-    GroupedMatmulBackend + RowMovesBackend + DrnBackend + DeviceMemoryBackend + AdamWUpdateBackend
+    GroupedMatmulBackend
+    + RowMovesBackend
+    + DrnBackend
+    + ControllerBackend
+    + DeviceMemoryBackend
+    + AdamWUpdateBackend
 {
     /// Whether the tensors live in host memory, so that reading them costs no wait for
     /// a device ([`super::ExpertLayout::preferred_on`]).

@@ -1,0 +1,51 @@
+//! burn-wgpu updates the device-resident PI controller(s) with dtopp's `controller.wgsl`
+//! on burn's own buffers ([`ControllerBackend`]): the kernel `dtopp route` runs, one
+//! workgroup per controller, so the next step's thresholds never leave the device.
+
+use burn::backend::Wgpu;
+use burn::tensor::{Int, Tensor};
+use dtopp_shaders::ControllerLaw;
+
+use super::wgpu::{float, int, kernels, launch, or_panic};
+use crate::controller::ControllerConfig;
+use crate::train::ControllerBackend;
+
+impl ControllerBackend for Wgpu {
+    fn controller_name() -> &'static str {
+        "dtopp controller.wgsl on burn's buffers"
+    }
+
+    fn controllers_update(
+        state: Tensor<Self, 2>,
+        k_sum: Tensor<Self, 1, Int>,
+        tokens: usize,
+        config: &ControllerConfig,
+    ) -> Tensor<Self, 2> {
+        let device = state.device();
+        let [c, _] = state.dims();
+        let layers = k_sum.dims()[0];
+        // One controller reads every layer's sum; otherwise controller l reads layer l's.
+        let (len, per) = if c == 1 {
+            (layers, (layers * tokens) as f32)
+        } else {
+            (1, tokens as f32)
+        };
+        let law = ControllerLaw {
+            experts: config.num_experts,
+            target: config.target as f32,
+            gains: (config.kp as f32, config.ki as f32),
+            clamp: (config.p_min as f32, config.p_max as f32),
+        };
+        let kernels = or_panic("controller_update", kernels(&device));
+        // The kernel updates in place: a copy, so that `state` itself stays as it was.
+        let out = state.clone() + 0.0;
+        let tensors = [float(out.clone()), int(k_sum)];
+        or_panic(
+            "controller_update",
+            launch(&tensors, |b| {
+                kernels.controllers_update_into(b[0], b[1], [c, len], per, law)
+            }),
+        );
+        out
+    }
+}
