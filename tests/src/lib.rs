@@ -675,3 +675,21 @@ pub fn train_tiny(out: &std::path::Path, steps: u32, extra: &[&str]) -> std::pro
         .output()
         .expect("dtopp runs")
 }
+
+/// The tiny preset in `mode` for `steps` steps, with two micro-batches of 4 sequences per
+/// step (gradient accumulation) and no evaluation, samples or checkpoints in between:
+/// the in-process training tests' run.
+pub fn tiny_two_micro_batches(
+    mode: dtopp::train::RoutingMode,
+    steps: u64,
+) -> dtopp::train::TrainConfig {
+    let mut config = dtopp::train::Preset::Tiny.config();
+    config.routing.mode = mode;
+    config.run.steps = steps;
+    config.run.batch_size = 4;
+    config.run.grad_accum = 2;
+    config.run.eval_every = 0;
+    config.run.eval_batches = 1;
+    config.run.sample_every = 0;
+    config
+}

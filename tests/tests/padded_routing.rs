@@ -291,15 +291,7 @@ fn a_non_finite_logit_is_located_on_the_device() {
 type Losses = Vec<(f64, f64, f64)>;
 
 fn tiny_dtopp(steps: u64) -> dtopp::train::TrainConfig {
-    let mut config = Preset::Tiny.config();
-    config.routing.mode = RoutingMode::Dtopp;
-    config.run.steps = steps;
-    config.run.batch_size = 4;
-    config.run.grad_accum = 2;
-    config.run.eval_every = 0;
-    config.run.eval_batches = 1;
-    config.run.sample_every = 0;
-    config
+    dtopp_tests::tiny_two_micro_batches(RoutingMode::Dtopp, steps)
 }
 
 fn losses_of(metrics: &[dtopp::train::StepMetrics]) -> Losses {

@@ -14,7 +14,7 @@
 use burn::backend::{Autodiff, NdArray, Wgpu};
 use dtopp::model::{ExpertLayout, TrainingBackend};
 use dtopp::train::{
-    Checkpoint, Preset, RoutingMode, StepMetrics, TrainConfig, TrainSession, parameter_names,
+    Checkpoint, RoutingMode, StepMetrics, TrainConfig, TrainSession, parameter_names,
 };
 
 const STEPS: u64 = 3;
@@ -26,16 +26,9 @@ const LOSS_TOL: f64 = 1e-4;
 const GRAD_REL: f32 = 2e-4;
 const GRAD_FLOOR: f32 = 2e-5;
 
+/// One step more than compared: the run's last step also evaluates.
 fn config(mode: RoutingMode) -> TrainConfig {
-    let mut config = Preset::Tiny.config();
-    config.routing.mode = mode;
-    config.run.steps = STEPS + 1;
-    config.run.batch_size = 4;
-    config.run.grad_accum = 2;
-    config.run.eval_every = 0;
-    config.run.eval_batches = 1;
-    config.run.sample_every = 0;
-    config
+    dtopp_tests::tiny_two_micro_batches(mode, STEPS + 1)
 }
 
 /// Each step's metrics and the checkpoint after it.

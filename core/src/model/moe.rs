@@ -144,42 +144,34 @@ pub fn moe_forward<B: RoutingBackend>(
     // rows read an appended zero, and take the zero row appended to x, so that their
     // expert outputs are exactly zero.
     let padded = matches!(route.rows, ExpertRows::Padded { .. });
-    let append = |t: Tensor<B, 2>, row: Tensor<B, 2>| {
+    // Only the padded layout appends (and allocates) its extra row.
+    let append = |t: Tensor<B, 2>| {
         if padded {
-            Tensor::cat(vec![t, row], 0)
+            let width = t.dims()[1];
+            Tensor::cat(vec![t, Tensor::zeros([1, width], &device)], 0)
         } else {
             t
         }
     };
-    let append_int = |t: Tensor<B, 2, Int>, value: usize, width: usize| {
+    let append_unrouted = |t: Tensor<B, 2, Int>| {
         if padded {
-            Tensor::cat(vec![t, Tensor::full([1, width], value as i64, &device)], 0)
+            let width = t.dims()[1];
+            Tensor::cat(vec![t, Tensor::full([1, width], rows as i64, &device)], 0)
         } else {
             t
         }
     };
     let renormalised = selected_share(probs.clone(), &route.row_of, rows).reshape([n * e, 1]);
     let g = gather_rows(
-        append(renormalised, Tensor::zeros([1, 1], &device)),
+        append(renormalised),
         &route.row_sources,
-        Some(&append_int(
-            route.row_of.clone().reshape([n * e, 1]),
-            rows,
-            1,
-        )),
+        Some(&append_unrouted(route.row_of.clone().reshape([n * e, 1]))),
     )
     .reshape([rows]);
 
     // Dispatch: token rows in expert-major order, then the experts' SwiGLU products.
-    let x_readers = route.token_slots.clone().map(|slots| {
-        let width = slots.dims()[1];
-        append_int(slots, rows, width)
-    });
-    let xs = gather_rows(
-        append(x, Tensor::zeros([1, d], &device)),
-        &route.row_tokens,
-        x_readers.as_ref(),
-    );
+    let x_readers = route.token_slots.clone().map(append_unrouted);
+    let xs = gather_rows(append(x), &route.row_tokens, x_readers.as_ref());
     let ys = match &route.rows {
         // Each expert on its contiguous slice.
         ExpertRows::Exact { offsets } => {

@@ -19,11 +19,6 @@ use crate::error::{Error, Result};
 
 /// A backend with the PI law as an op.
 pub trait ControllerBackend: Backend {
-    /// What updates the controller, for the training log.
-    fn controller_name() -> &'static str {
-        "burn tensor ops"
-    }
-
     /// `state` `[C, 5]` after one update from `k_sum` `[L]` (each layer's experts summed
     /// over `tokens` tokens): one controller (`C = 1`) takes `a_t` over all layers, else
     /// controller l takes layer l's.
@@ -84,10 +79,6 @@ impl ControllerBackend for burn::backend::Wgpu {}
 
 /// The state carries no gradient: the update runs on the inner backend.
 impl<I: ControllerBackend, C: CheckpointStrategy> ControllerBackend for Autodiff<I, C> {
-    fn controller_name() -> &'static str {
-        I::controller_name()
-    }
-
     fn controllers_update(
         state: Tensor<Self, 2>,
         k_sum: Tensor<Self, 1, Int>,

@@ -11,10 +11,6 @@ use crate::controller::ControllerConfig;
 use crate::train::ControllerBackend;
 
 impl ControllerBackend for Wgpu {
-    fn controller_name() -> &'static str {
-        "dtopp controller.wgsl on burn's buffers"
-    }
-
     fn controllers_update(
         state: Tensor<Self, 2>,
         k_sum: Tensor<Self, 1, Int>,
