@@ -214,6 +214,7 @@ fn train_quietly(config: &TrainConfig, name: &str) -> (RunSummary, std::path::Pa
             out: &out,
             progress: false,
             backend_name: "ndarray",
+            label: "",
         },
     )
     .unwrap();
@@ -417,6 +418,7 @@ fn token_shards_train_and_out_of_vocabulary_tokens_are_named() {
             out: &dir.join("bad-run"),
             progress: false,
             backend_name: "ndarray",
+            label: "",
         },
     )
     .unwrap_err()

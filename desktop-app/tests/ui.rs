@@ -278,6 +278,7 @@ fn trained_run() -> PathBuf {
         out: &dir,
         progress: false,
         backend_name: "ndarray",
+        label: "",
     };
     train::<Autodiff<NdArray>>(&config, &Default::default(), ExpertLayout::Exact, &options)
         .unwrap();

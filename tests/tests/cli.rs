@@ -777,26 +777,59 @@ fn a_vocabulary_past_the_adapters_loop_limit_is_refused_on_lavapipe() {
 fn reproduce_ci_scale_writes_the_report_and_plots() {
     let dir = scratch("reproduce");
     let out = dir.join("repro");
-    let run = dtopp(&["reproduce", "--scale", "ci", "--out", out.to_str().unwrap()]);
+    // Two seeds, two runs at a time: the paired statistics and the parallel runner.
+    let run = dtopp(&[
+        "reproduce",
+        "--scale",
+        "ci",
+        "--data",
+        "synthetic:reasoning",
+        "--seeds",
+        "2",
+        "--jobs",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     let (_, err) = text(&run);
     assert!(run.status.success(), "{err}");
+    assert!(
+        err.contains("10 runs (5 modes x 2 seeds), 2 at a time"),
+        "{err}"
+    );
     let report = std::fs::read_to_string(out.join("report.md")).unwrap();
     for mode in ["topk", "topp", "dtopp", "dtopp-no-drn", "drn-only"] {
         assert!(
             report.contains(&format!("| {mode} |")),
             "{mode} row missing"
         );
+        for seed in 0..2 {
+            assert!(
+                out.join("runs")
+                    .join(format!("{mode}-seed{seed}"))
+                    .join("metrics.jsonl")
+                    .exists()
+            );
+        }
+    }
+    for section in [
+        "| mode | layer 0 | layer 1 |",
+        "compose (",
+        "| final validation loss |",
+        "| validation loss, compose tokens |",
+        "(SE, n = 2)",
+    ] {
         assert!(
-            out.join("runs")
-                .join(format!("{mode}-seed0"))
-                .join("metrics.jsonl")
-                .exists()
+            report.contains(section),
+            "{section} missing from the report"
         );
     }
     for claim in [
         "1. **DTop-p locks",
         "2. **Fixed Top-p drifts",
-        "6. **Harder tokens",
+        "3. **DTop-p gives the best loss",
+        "5. **Shallow layers",
+        "6. **Harder tokens get more experts** (the premise of Top-p routing). Measured with dtopp on synthetic:reasoning",
     ] {
         assert!(report.contains(claim), "{claim} missing from the report");
     }
@@ -815,6 +848,35 @@ fn reproduce_ci_scale_writes_the_report_and_plots() {
     let again = dtopp(&["reproduce", "--scale", "ci", "--out", out.to_str().unwrap()]);
     assert!(!again.status.success());
     assert!(text(&again).1.contains("already holds runs/"));
+    // The report again from the runs on disk: the same numbers, no training.
+    std::fs::remove_file(out.join("report.md")).unwrap();
+    let rebuilt = |seeds: &str| {
+        dtopp(&[
+            "reproduce",
+            "--scale",
+            "ci",
+            "--data",
+            "synthetic:reasoning",
+            "--seeds",
+            seeds,
+            "--report-only",
+            "--out",
+            out.to_str().unwrap(),
+        ])
+    };
+    let run = rebuilt("2");
+    assert!(run.status.success(), "{}", text(&run).1);
+    let again = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(again.contains("report rebuilt from runs trained earlier"));
+    let claims = |r: &str| r[r.find("## The paper's claims").unwrap()..].to_string();
+    assert_eq!(claims(&again), claims(&report));
+    let missing = rebuilt("3");
+    assert!(!missing.status.success());
+    assert!(
+        text(&missing).1.contains("topk-seed2"),
+        "{}",
+        text(&missing).1
+    );
 }
 
 /// `dtopp export` of a finished run: the weights file follows the safetensors layout, its

@@ -13,11 +13,18 @@ use crate::reproduce::{ReproduceOptions, Scale, reproduce};
 #[derive(Debug, Args)]
 pub(crate) struct ReproduceArgs {
     /// ci: a smoke run of minutes; default: the tiny preset (<= 30 min on 2 CPU cores);
-    /// small: the ~100M-parameter preset, for a GPU.
+    /// cpu-long: 6 MoE layers, 3 seeds (about 1.5 h on 2 CPU cores); gpu: about 100M
+    /// parameters, 64 experts, T = 8, one H200-day (`small` is its old name).
     #[arg(long, value_enum, default_value_t = Scale::Default)]
     scale: Scale,
-    /// Training data: `synthetic` (built-in) or the path of a UTF-8 text file.
-    #[arg(long, default_value = "synthetic", value_name = "synthetic|PATH")]
+    /// Training data: `synthetic` (built-in; hard tokens are random), `synthetic:reasoning`
+    /// (built-in; tokens need 0-4 lookups, each labelled with its class) or the path of a
+    /// UTF-8 text file (byte-level).
+    #[arg(
+        long,
+        default_value = "synthetic",
+        value_name = "synthetic|synthetic:reasoning|PATH"
+    )]
     data: String,
     /// Seeds per mode (default: 2 at default scale, 1 otherwise).
     #[arg(long)]
@@ -29,6 +36,22 @@ pub(crate) struct ReproduceArgs {
     /// the CPU, padded on a GPU).
     #[arg(long, value_enum)]
     layout: Option<ExpertLayout>,
+    /// TOML laid over the scale's config, as `dtopp train --config` (e.g. `[routing]`
+    /// gains); every run's mode and seed are still set by the reproduction.
+    #[arg(long, value_name = "FILE.toml")]
+    config: Option<PathBuf>,
+    /// Optimizer steps per run, instead of the scale's (e.g. to fit `--scale gpu` to the
+    /// throughput `dtopp bench train` measured).
+    #[arg(long)]
+    steps: Option<u64>,
+    /// Runs trained at the same time (default: one per CPU core on the cpu backend, one
+    /// on a GPU). The results do not depend on it.
+    #[arg(long)]
+    jobs: Option<usize>,
+    /// Train nothing: write report.md and the plots again from the finished runs in
+    /// `--out`'s runs/ (same --scale, --data and --seeds as the runs).
+    #[arg(long)]
+    report_only: bool,
     /// Output directory (runs/, report.md, *.png).
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
@@ -46,6 +69,15 @@ pub(crate) fn run(args: ReproduceArgs) -> Result<()> {
         out: args.out.clone(),
         backend_name: backend_name.to_string(),
         command: command.clone(),
+        jobs: args.jobs.unwrap_or(match args.backend {
+            // burn-ndarray's matrix products use one core each, so runs side by side
+            // share the machine without slowing each other.
+            Backend::Cpu => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            _ => 1,
+        }),
+        report_only: args.report_only,
+        steps: args.steps,
+        config: args.config.clone(),
     };
     match args.backend {
         Backend::Cpu => {

@@ -127,6 +127,7 @@ impl TrainArgs {
             out: dir,
             progress: !self.quiet,
             backend_name,
+            label: "",
         }
     }
 }

@@ -13,6 +13,7 @@ mod data_parallel;
 mod device_control;
 mod evaluate;
 mod export;
+mod limit_cycle;
 mod loop_limit;
 mod losses;
 mod memory_estimate;

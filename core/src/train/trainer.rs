@@ -7,6 +7,7 @@ use crate::model::TrainingBackend;
 
 use super::checkpoint::{Checkpoint, latest_checkpoint, write_checkpoint};
 use super::config::TrainConfig;
+use super::limit_cycle::LimitCycleWatch;
 use super::loop_limit::check_loop_limits;
 use super::memory_estimate::{MemoryEstimate, check_fits};
 use super::session::TrainSession;
@@ -24,13 +25,21 @@ pub struct TrainOptions<'a> {
     pub progress: bool,
     /// The name of the burn backend, for the log.
     pub backend_name: &'a str,
+    /// Put before every progress line (empty: nothing), so that runs printing at the
+    /// same time can be told apart.
+    pub label: &'a str,
 }
 
 impl TrainOptions<'_> {
     /// Prints a progress line (when asked to).
     pub(super) fn say(&self, line: String) {
-        if self.progress {
+        if !self.progress {
+        } else if self.label.is_empty() {
             eprintln!("{line}");
+        } else {
+            for part in line.lines() {
+                eprintln!("[{}] {part}", self.label);
+            }
         }
     }
 }
@@ -296,9 +305,21 @@ fn run_to_end<B: TrainingBackend>(
     say: &dyn Fn(String),
 ) -> Result<RunSummary> {
     let run = session.config().run.clone();
+    let routing = session.config().routing.clone();
+    let mut cycle = LimitCycleWatch::default();
     while !session.finished() {
         let output = session.step()?;
         metrics.append(&output.metrics)?;
+        if routing.mode.uses_controller()
+            && let Some(warning) = cycle.observe(
+                output.metrics.active_experts,
+                routing.target,
+                routing.kp,
+                routing.ki,
+            )
+        {
+            say(format!("step {}: {warning}", output.metrics.step));
+        }
         if let Some(sample) = &output.sample {
             samples.append(sample)?;
         }
