@@ -840,6 +840,7 @@ fn reproduce_ci_scale_writes_the_report_and_plots() {
         "k_per_layer.png",
         "theta.png",
         "experts_by_difficulty.png",
+        "experts_by_class.png",
     ] {
         let bytes = std::fs::read(out.join(png)).unwrap();
         assert!(bytes.starts_with(b"\x89PNG"), "{png} is not a PNG");

@@ -273,6 +273,41 @@ pub fn draw_all(out: &Path, config: &TrainConfig, results: &[ModeResult]) -> Res
             Some((target, "target T")),
         )?;
     }
+    if let Some(dtopp) = results
+        .iter()
+        .find(|r| r.mode == RoutingMode::Dtopp && !r.by_class.is_empty())
+    {
+        // Where DTop-p spends its experts: one line per class of the predicted token.
+        const CLASS_COLORS: [RGBColor; 4] = [
+            RGBColor(120, 120, 120),
+            RGBColor(31, 119, 180),
+            RGBColor(255, 127, 14),
+            RGBColor(214, 39, 40),
+        ];
+        let series: Vec<Series> = dtopp
+            .by_class
+            .iter()
+            .enumerate()
+            .map(|(i, c)| Series {
+                label: c.class.clone(),
+                color: CLASS_COLORS[i % CLASS_COLORS.len()],
+                points: c
+                    .active_per_layer
+                    .iter()
+                    .enumerate()
+                    .map(|(l, &k)| (l as f64, k))
+                    .collect(),
+                dots: true,
+            })
+            .collect();
+        line_chart(
+            &out.join("experts_by_class.png"),
+            "dtopp: activated experts per layer by class of the predicted token (validation)",
+            ("MoE layer (0 = shallowest)", "mean activated experts"),
+            &series,
+            Some((target, "target T")),
+        )?;
+    }
     Ok(())
 }
 

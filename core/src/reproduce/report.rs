@@ -76,7 +76,7 @@ pub fn write(
             Some(s) => format!(
                 "wall time {s:.0} s ({:.1} min), {} run(s) at a time",
                 s / 60.0,
-                options.jobs
+                options.jobs.min(results.iter().map(|x| x.runs.len()).sum())
             ),
             None => {
                 let runs: Vec<f64> = results
@@ -195,6 +195,9 @@ pub fn write(
     if results.iter().any(|x| !x.by_difficulty.is_empty()) {
         let _ = writeln!(r, "![experts by difficulty](experts_by_difficulty.png)\n");
     }
+    if get(results, RoutingMode::Dtopp).is_some_and(|x| !x.by_class.is_empty()) {
+        let _ = writeln!(r, "![experts by class](experts_by_class.png)\n");
+    }
     let _ = writeln!(
         r,
         "Per-run data: `runs/<mode>-seed<s>/` (config.toml, metrics.jsonl, routing_samples.jsonl, summary.json)."
@@ -295,7 +298,15 @@ fn paired_table(r: &mut String, results: &[ModeResult]) {
     let _ = writeln!(
         r,
         "\nPaired differences, DTop-p minus Top-k, per seed (both modes start from the same weights \
-         and read the same windows), then their mean ± standard error. Negative losses favour DTop-p.\n"
+         and read the same windows), then their mean ± standard error. Negative losses favour DTop-p.{}\n",
+        match dtopp.runs.len() {
+            // Student's t with n - 1 degrees of freedom at t = 2, two-sided.
+            2 =>
+                " With 2 seeds, 2 standard errors is a paired t-test's p = 0.30 (two-sided): a verdict is a lean, not a proof.",
+            3 =>
+                " With 3 seeds, 2 standard errors is a paired t-test's p = 0.18 (two-sided): a verdict is a lean, not a proof.",
+            _ => "",
+        }
     );
     let _ = writeln!(r, "| quantity | per seed | mean ± SE | verdict at 2 SE |");
     let _ = writeln!(r, "|---|---|---|---|");
