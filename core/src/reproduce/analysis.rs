@@ -1,7 +1,9 @@
 //! From runs to numbers: per mode, over seeds, the statistics the report and plots show.
 
 use crate::sim::mean_std;
-use crate::train::{DifficultyBucket, RoutingMode, RunSummary, StepMetrics, TrainConfig};
+use crate::train::{
+    ClassBucket, DifficultyBucket, RoutingMode, RunSummary, StepMetrics, TrainConfig,
+};
 
 /// One finished run.
 #[derive(Clone, Debug)]
@@ -132,22 +134,19 @@ impl Paired {
     }
 }
 
+/// A run's validation bucket of one class, if it has one.
+fn class_bucket<'a>(run: &'a RunRecord, class: &str) -> Option<&'a ClassBucket> {
+    run.summary.by_class.iter().find(|c| c.class == class)
+}
+
 /// A run's validation loss of one class (`NaN` if the run has no such class).
 pub fn class_loss(run: &RunRecord, class: &str) -> f64 {
-    run.summary
-        .by_class
-        .iter()
-        .find(|c| c.class == class)
-        .map_or(f64::NAN, |c| c.loss)
+    class_bucket(run, class).map_or(f64::NAN, |c| c.loss)
 }
 
 /// A run's activated experts per token of one class (`NaN` if it has no such class).
 pub fn class_active(run: &RunRecord, class: &str) -> f64 {
-    run.summary
-        .by_class
-        .iter()
-        .find(|c| c.class == class)
-        .map_or(f64::NAN, |c| c.mean_active)
+    class_bucket(run, class).map_or(f64::NAN, |c| c.mean_active)
 }
 
 /// A run's mean `k` of its deeper half of MoE layers minus its shallower half (the
@@ -210,10 +209,7 @@ pub fn summarize_mode(mode: RoutingMode, config: &TrainConfig, runs: Vec<RunReco
                 active_per_layer: (0..first.mean_active_per_layer.len())
                     .map(|l| {
                         of(&|r| {
-                            r.summary
-                                .by_class
-                                .iter()
-                                .find(|c| c.class == first.class)
+                            class_bucket(r, &first.class)
                                 .map_or(f64::NAN, |c| c.mean_active_per_layer[l])
                         })
                         .0
