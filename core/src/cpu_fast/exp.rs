@@ -3,11 +3,11 @@
 //!
 //! Cephes' `expf`: `x = n ln 2 + r` with `|r| <= ln 2 / 2`, `e^r` by a degree-7 polynomial,
 //! `2^n` built in the exponent bits. Relative error within 2 ulp of `f32::exp` (tested
-//! below). Only the softmax calls it, on `x <= 0`.
+//! below). The softmax calls it on `x <= 0`, and the model's SwiGLU gate on `-|x|`.
 
 /// `e^x` for `x <= 0`; `0` below `-87` (where `e^x < 1.7e-38`, under `f32`'s normal range).
 #[inline(always)]
-pub(super) fn exp_nonpositive(x: f32) -> f32 {
+pub(crate) fn exp_nonpositive(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     // ln 2 split so that n * LN2_HI is exact for |n| < 2^9.
     const LN2_HI: f32 = 0.693_359_4;

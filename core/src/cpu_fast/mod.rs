@@ -24,6 +24,7 @@ use crate::ops::{
     DispatchPlan, DrnGrads, HostDispatchPlan, HostSelection, Normalization, RouteShape, Routed,
     RoutingOps, Selection, check_k, check_k_max, check_len, check_threshold,
 };
+pub(crate) use exp::exp_nonpositive;
 use parallel::{block_tokens, map_blocks};
 use select::{Rule, Scratch};
 

@@ -2,12 +2,12 @@
 
 use burn::module::{Module, Param};
 use burn::tensor::Tensor;
-use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
 
 use super::config::ModelConfig;
 use super::init::normal_param;
 use super::precision::Precision;
+use super::swiglu::{SwigluBackend, swiglu};
 use crate::rng::SplitMix64;
 
 /// `down(silu(x gate) * (x up))`.
@@ -32,11 +32,15 @@ impl<B: Backend> DenseFfn<B> {
             down: normal_param(rng, [f, d], down_std, device),
         }
     }
+}
 
+impl<B: SwigluBackend> DenseFfn<B> {
     /// `[N, D]` → `[N, D]`, the products in `precision`.
     pub fn forward(&self, x: Tensor<B, 2>, precision: Precision) -> Tensor<B, 2> {
-        let hidden =
-            silu(precision.matmul(x.clone(), self.gate.val())) * precision.matmul(x, self.up.val());
+        let hidden = swiglu(
+            precision.matmul(x.clone(), self.gate.val()),
+            precision.matmul(x, self.up.val()),
+        );
         precision.matmul(hidden, self.down.val())
     }
 }

@@ -24,6 +24,8 @@ mod route;
 pub(crate) mod routed_rows;
 mod routing;
 mod routing_backend;
+mod swiglu;
+mod swiglu_ndarray;
 mod token_embedding;
 
 pub use attention::{CausalSelfAttention, causal_mask};
@@ -47,4 +49,5 @@ pub use routing::{ExpertLayout, Selector};
 #[cfg(feature = "wgpu")]
 pub use routing_backend::wgpu as wgpu_routing;
 pub use routing_backend::{RoutingBackend, TrainingBackend};
+pub use swiglu::{SwigluBackend, swiglu};
 pub use token_embedding::{embed_host_tokens, embed_tokens};

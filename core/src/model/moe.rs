@@ -9,7 +9,7 @@
 //! ([`super::ExpertLayout`]): each expert on its exact slice of the routes (the experts'
 //! `E + 1` offsets read by the host), or on padded buffers ([`super::padded_routing`]).
 
-use burn::tensor::activation::{silu, softmax};
+use burn::tensor::activation::softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 
@@ -21,6 +21,7 @@ use super::route::ExpertRows;
 use super::routed_rows::{gather_rows, sum_rows};
 use super::routing::Selector;
 use super::routing_backend::RoutingBackend;
+use super::swiglu::swiglu;
 use crate::cpu::rank_experts;
 use crate::error::Result;
 use crate::ops::RouteShape;
@@ -177,13 +178,15 @@ pub fn moe_forward<B: RoutingBackend>(
         ExpertRows::Exact { offsets } => {
             let gate = B::grouped_matmul(xs.clone(), w.gate.clone(), offsets, precision);
             let up = B::grouped_matmul(xs, w.up.clone(), offsets, precision);
-            B::grouped_matmul(silu(gate) * up, w.down.clone(), offsets, precision)
+            B::grouped_matmul(swiglu(gate, up), w.down.clone(), offsets, precision)
         }
         // Every expert on its buffer of C rows, in one batched product.
         ExpertRows::Padded { capacity, .. } => {
             let xs = xs.reshape([e, *capacity, d]);
-            let hidden = silu(precision.matmul(xs.clone(), w.gate.clone()))
-                * precision.matmul(xs, w.up.clone());
+            let hidden = swiglu(
+                precision.matmul(xs.clone(), w.gate.clone()),
+                precision.matmul(xs, w.up.clone()),
+            );
             precision.matmul(hidden, w.down.clone()).reshape([rows, d])
         }
     };

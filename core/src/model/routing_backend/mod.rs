@@ -14,7 +14,7 @@
 //! Every implementation follows the spec's rules (`crate::ops`): rank order with ties to
 //! the lower index, Top-p's rank-ordered prefix sum, routes ordered by expert then token.
 //!
-//! DRN ([`super::drn::DrnBackend`]), the row moves ([`super::RowMovesBackend`]) and the
+//! DRN ([`super::drn::DrnBackend`]), the SwiGLU gate ([`super::SwigluBackend`]), the row moves ([`super::RowMovesBackend`]) and the
 //! PI law ([`crate::train::ControllerBackend`]) are its supertraits, each with the same
 //! pattern.
 
@@ -40,6 +40,7 @@ use super::grouped_matmul::GroupedMatmulBackend;
 use super::route::{ExpertRows, Route};
 use super::routed_rows::{RowMovesBackend, gathers};
 use super::routing::Selector;
+use super::swiglu::SwigluBackend;
 use crate::error::Result;
 use crate::ops::{HostDispatchPlan, HostSelection};
 use crate::train::{AdamWUpdateBackend, ControllerBackend};
@@ -47,6 +48,7 @@ use crate::train::{AdamWUpdateBackend, ControllerBackend};
 /// A burn backend that routes MoE layers: every backend the model trains on.
 pub trait RoutingBackend:
     GroupedMatmulBackend
+    + SwigluBackend
     + RowMovesBackend
     + DrnBackend
     + ControllerBackend

@@ -1,0 +1,117 @@
+//! burn ndarray's SwiGLU gate on its own arrays: one pass forward, one pass backward,
+//! blocks of values over the cores.
+
+use burn::backend::NdArray;
+use burn::tensor::{DType, Tensor};
+use ndarray::{ArcArray, ArrayD, IxDyn};
+use rayon::prelude::*;
+
+use super::ndarray_arrays::{array, tensor};
+use super::swiglu::SwigluBackend;
+use crate::cpu_fast::exp_nonpositive;
+
+/// Values per block. Below two blocks the pass stays on the calling thread: the tiny
+/// preset's gates (2^18 values) gain from two cores, much smaller ones would not repay
+/// the pool's hand-off.
+const BLOCK: usize = 1 << 15;
+
+impl SwigluBackend for NdArray {
+    fn swiglu(gate: Tensor<Self, 2>, up: Tensor<Self, 2>) -> Tensor<Self, 2> {
+        if gate.dtype() != DType::F32 || up.dtype() != DType::F32 {
+            return burn::tensor::activation::silu(gate) * up;
+        }
+        let (gate, up) = (contiguous(array(gate)), contiguous(array(up)));
+        let shape = gate.shape().to_vec();
+        let mut out = vec![0.0f32; gate.len()];
+        let (g, u) = (slice(&gate), slice(&up));
+        each_block(&mut out, |start, block| {
+            for (i, y) in block.iter_mut().enumerate() {
+                let (g, u) = (g[start + i], u[start + i]);
+                *y = g * sigmoid(g) * u;
+            }
+        });
+        tensor(shaped(shape, out))
+    }
+
+    fn swiglu_backward(
+        gate: Tensor<Self, 2>,
+        up: Tensor<Self, 2>,
+        grad: Tensor<Self, 2>,
+    ) -> (Tensor<Self, 2>, Tensor<Self, 2>) {
+        if [gate.dtype(), up.dtype(), grad.dtype()] != [DType::F32; 3] {
+            let s = burn::tensor::activation::sigmoid(gate.clone());
+            let d_up = grad.clone() * gate.clone() * s.clone();
+            let slope = s.clone() * (gate * (s.neg() + 1.0) + 1.0);
+            return (grad * up * slope, d_up);
+        }
+        let (gate, up, grad) = (
+            contiguous(array(gate)),
+            contiguous(array(up)),
+            contiguous(array(grad)),
+        );
+        let shape = gate.shape().to_vec();
+        let (g, u, dy) = (slice(&gate), slice(&up), slice(&grad));
+        // Both gradients in one pass over the inputs.
+        let mut d_gate = vec![0.0f32; g.len()];
+        let mut d_up = vec![0.0f32; g.len()];
+        let pass = |(b, (dg, du)): (usize, (&mut [f32], &mut [f32]))| {
+            let start = b * BLOCK;
+            for i in 0..dg.len() {
+                let (g, u, dy) = (g[start + i], u[start + i], dy[start + i]);
+                let s = sigmoid(g);
+                du[i] = dy * g * s;
+                dg[i] = dy * u * s * (1.0 + g * (1.0 - s));
+            }
+        };
+        if g.len() > BLOCK {
+            let blocks = d_gate.par_chunks_mut(BLOCK).zip(d_up.par_chunks_mut(BLOCK));
+            blocks.enumerate().for_each(pass);
+        } else {
+            pass((0, (&mut d_gate[..], &mut d_up[..])));
+        }
+        (
+            tensor(shaped(shape.clone(), d_gate)),
+            tensor(shaped(shape, d_up)),
+        )
+    }
+}
+
+/// `1 / (1 + e^-x)`, from `e^-|x|` so that the exponential never overflows; NaN stays NaN.
+#[inline(always)]
+fn sigmoid(x: f32) -> f32 {
+    let e = exp_nonpositive(-x.abs());
+    let r = 1.0 / (1.0 + e);
+    if x >= 0.0 { r } else { e * r }
+}
+
+/// `f(start, block)` on consecutive blocks of `out`, over the cores when there are two
+/// or more.
+fn each_block(out: &mut [f32], f: impl Fn(usize, &mut [f32]) + Send + Sync) {
+    if out.len() > BLOCK {
+        out.par_chunks_mut(BLOCK)
+            .enumerate()
+            .for_each(|(b, block)| f(b * BLOCK, block));
+    } else {
+        f(0, out);
+    }
+}
+
+/// `a` in row-major order: itself when it already is (no copy), else a row-major copy.
+fn contiguous(a: ArcArray<f32, IxDyn>) -> ArcArray<f32, IxDyn> {
+    if a.is_standard_layout() {
+        a
+    } else {
+        a.as_standard_layout().into_owned().into_shared()
+    }
+}
+
+fn slice(a: &ArcArray<f32, IxDyn>) -> &[f32] {
+    a.as_slice()
+        .expect("contiguous() returned a row-major array")
+}
+
+fn shaped(shape: Vec<usize>, values: Vec<f32>) -> ArcArray<f32, IxDyn> {
+    ArrayD::from_shape_vec(IxDyn(&shape), values)
+        .expect("one value per element of the shape")
+        .into_shared()
+}
