@@ -560,6 +560,13 @@ fn claims(r: &mut String, results: &[ModeResult], t: f64) {
                     )
                 }
             );
+        } else {
+            let _ = writeln!(
+                r,
+                "6. **Harder tokens get more experts** (the premise of Top-p routing). Not measured: \
+                 these tokens carry no difficulty or class label (byte-level text); the built-in \
+                 corpora label every token (`synthetic`: entropy, `synthetic:reasoning`: lookups)."
+            );
         }
     }
     let _ = writeln!(
