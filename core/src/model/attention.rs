@@ -3,10 +3,10 @@
 
 use burn::module::{Module, Param};
 use burn::nn::{RotaryEncoding, RotaryEncodingConfig};
-use burn::tensor::activation::softmax;
+use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Bool, Int, Tensor};
 
+use super::attention_op::{AttentionBackend, causal_attention};
 use super::config::ModelConfig;
 use super::init::normal_param;
 use super::precision::Precision;
@@ -39,19 +39,14 @@ impl<B: Backend> CausalSelfAttention<B> {
             heads: config.heads,
         }
     }
+}
 
-    /// `x` `[B, S, D]` → `[B, S, D]`; `mask` `[S, S]` is true above the diagonal.
-    /// The projections run in `precision`; scores and softmax in f32.
-    pub fn forward(
-        &self,
-        x: Tensor<B, 3>,
-        mask: Tensor<B, 2, Bool>,
-        precision: Precision,
-    ) -> Tensor<B, 3> {
-        let [b, s, _] = x.dims();
+impl<B: AttentionBackend> CausalSelfAttention<B> {
+    /// `x` `[B, S, D]` → `[B, S, D]`, causal. The projections run in `precision`; scores
+    /// and softmax in f32.
+    pub fn forward(&self, x: Tensor<B, 3>, precision: Precision) -> Tensor<B, 3> {
         let (q, k, v) = self.project(x, 0, precision);
-        let mask = mask.unsqueeze::<4>().expand([b, self.heads, s, s]);
-        self.attend(q, k, v, Some(mask), precision)
+        self.attend(q, k, v, 0, precision)
     }
 
     /// [`Self::forward`] for `x` `[B, S, D]` at positions `start..start + S`, given the
@@ -65,8 +60,6 @@ impl<B: Backend> CausalSelfAttention<B> {
         start: usize,
         precision: Precision,
     ) -> Tensor<B, 3> {
-        let [b, s, _] = x.dims();
-        let device = x.device();
         let (q, k, v) = self.project(x, start, precision);
         let (k, v) = match cache.take() {
             Some((past_k, past_v)) => (
@@ -76,20 +69,7 @@ impl<B: Backend> CausalSelfAttention<B> {
             None => (k, v),
         };
         *cache = Some((k.clone(), v.clone()));
-        let total = start + s;
-        // One new position sees everything cached: no mask at all.
-        let mask = (s > 1).then(|| {
-            let rows = Tensor::<B, 1, Int>::arange(start as i64..total as i64, &device)
-                .reshape([s, 1])
-                .expand([s, total]);
-            let cols = Tensor::<B, 1, Int>::arange(0..total as i64, &device)
-                .reshape([1, total])
-                .expand([s, total]);
-            cols.greater(rows)
-                .unsqueeze::<4>()
-                .expand([b, self.heads, s, total])
-        });
-        self.attend(q, k, v, mask, precision)
+        self.attend(q, k, v, start, precision)
     }
 
     /// Queries, keys and values `[B, H, S, h]` of `x` at positions `start..start + S`,
@@ -117,32 +97,20 @@ impl<B: Backend> CausalSelfAttention<B> {
         (self.rope.apply(q, start), self.rope.apply(k, start), v)
     }
 
-    /// Softmax attention of `q` `[B, H, S, h]` over `k`, `v` `[B, H, T, h]` (`mask`
-    /// `[B, H, S, T]` true where a key is hidden), then the output projection.
+    /// Causal softmax attention of `q` `[B, H, S, h]` (positions `start..start + S`) over
+    /// `k`, `v` `[B, H, T, h]` (positions `0..T`), then the output projection.
     fn attend(
         &self,
         q: Tensor<B, 4>,
         k: Tensor<B, 4>,
         v: Tensor<B, 4>,
-        mask: Option<Tensor<B, 4, Bool>>,
+        start: usize,
         precision: Precision,
     ) -> Tensor<B, 3> {
         let [b, h, s, hd] = q.dims();
-        let d = h * hd;
-        let scores = q.matmul(k.swap_dims(2, 3)) / (hd as f64).sqrt();
-        let scores = match mask {
-            Some(mask) => scores.mask_fill(mask, -1e9),
-            None => scores,
-        };
-        let context = softmax(scores, 3).matmul(v);
-        let context = context.swap_dims(1, 2).reshape([b * s, d]);
-        precision.matmul(context, self.out.val()).reshape([b, s, d])
+        let context = causal_attention(q, k, v, start).reshape([b * s, h * hd]);
+        precision
+            .matmul(context, self.out.val())
+            .reshape([b, s, h * hd])
     }
-}
-
-/// The causal mask `[S, S]`: true where a query would see a later key. burn's
-/// `tril_mask` is true *outside* the lower triangle (diagonal included), which is
-/// exactly the strictly upper part (its `triu_mask` would hide the past instead).
-pub fn causal_mask<B: Backend>(seq: usize, device: &B::Device) -> Tensor<B, 2, Bool> {
-    Tensor::<B, 2, Bool>::tril_mask([seq, seq], 0, device)
 }

@@ -7,7 +7,7 @@ use burn::nn::{RmsNorm, RmsNormConfig};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 
-use super::attention::{CausalSelfAttention, causal_mask};
+use super::attention::CausalSelfAttention;
 use super::config::ModelConfig;
 use super::dense::DenseFfn;
 use super::init::normal_param;
@@ -215,9 +215,7 @@ impl<B: RoutingBackend> MoeLanguageModel<B> {
                 format!("one per MoE layer ({moe_layers})"),
             ));
         }
-        let device = tokens.device();
         let d = self.embed.dims()[1];
-        let mask = causal_mask::<B>(s, &device);
         let flat = tokens.reshape([b * s]);
         let mut x = match host {
             Some(host) => embed_host_tokens(self.embed.val(), flat, host),
@@ -226,10 +224,7 @@ impl<B: RoutingBackend> MoeLanguageModel<B> {
         .reshape([b, s, d]);
         let mut moe = Vec::with_capacity(moe_layers);
         for block in &self.blocks {
-            x = x.clone()
-                + block
-                    .attn
-                    .forward(block.attn_norm.forward(x), mask.clone(), precision);
+            x = x.clone() + block.attn.forward(block.attn_norm.forward(x), precision);
             let l = moe.len();
             let layer_routing = LayerRoutingArgs {
                 use_drn: routing.use_drn,

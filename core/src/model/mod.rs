@@ -4,6 +4,8 @@
 //! differences; attention with RoPE; and the decoder-only model around them.
 
 mod attention;
+mod attention_ndarray;
+mod attention_op;
 mod config;
 mod dense;
 mod device_memory;
@@ -28,7 +30,8 @@ mod swiglu;
 mod swiglu_ndarray;
 mod token_embedding;
 
-pub use attention::{CausalSelfAttention, causal_mask};
+pub use attention::CausalSelfAttention;
+pub use attention_op::{AttentionBackend, causal_attention};
 pub use config::ModelConfig;
 pub use dense::DenseFfn;
 pub use device_memory::{DeviceMemory, DeviceMemoryBackend};

@@ -14,7 +14,8 @@
 //! Every implementation follows the spec's rules (`crate::ops`): rank order with ties to
 //! the lower index, Top-p's rank-ordered prefix sum, routes ordered by expert then token.
 //!
-//! DRN ([`super::drn::DrnBackend`]), the SwiGLU gate ([`super::SwigluBackend`]), the row moves ([`super::RowMovesBackend`]) and the
+//! DRN ([`super::drn::DrnBackend`]), the SwiGLU gate ([`super::SwigluBackend`]), causal attention
+//! ([`super::AttentionBackend`]), the row moves ([`super::RowMovesBackend`]) and the
 //! PI law ([`crate::train::ControllerBackend`]) are its supertraits, each with the same
 //! pattern.
 
@@ -33,6 +34,7 @@ use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
 
+use super::attention_op::AttentionBackend;
 use super::device_memory::DeviceMemoryBackend;
 use super::device_routing::{route_on_device, select_ranked};
 use super::drn::DrnBackend;
@@ -49,6 +51,7 @@ use crate::train::{AdamWUpdateBackend, ControllerBackend};
 pub trait RoutingBackend:
     GroupedMatmulBackend
     + SwigluBackend
+    + AttentionBackend
     + RowMovesBackend
     + DrnBackend
     + ControllerBackend
