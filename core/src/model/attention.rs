@@ -10,6 +10,7 @@ use super::attention_op::{AttentionBackend, causal_attention};
 use super::config::ModelConfig;
 use super::init::normal_param;
 use super::precision::Precision;
+use super::rope::RopeBackend;
 use crate::rng::SplitMix64;
 
 /// One attention sub-layer.
@@ -41,7 +42,7 @@ impl<B: Backend> CausalSelfAttention<B> {
     }
 }
 
-impl<B: AttentionBackend> CausalSelfAttention<B> {
+impl<B: AttentionBackend + RopeBackend> CausalSelfAttention<B> {
     /// `x` `[B, S, D]` → `[B, S, D]`, causal. The projections run in `precision`; scores
     /// and softmax in f32.
     pub fn forward(&self, x: Tensor<B, 3>, precision: Precision) -> Tensor<B, 3> {
@@ -94,7 +95,8 @@ impl<B: AttentionBackend> CausalSelfAttention<B> {
                 .swap_dims(1, 2)
         };
         let (q, k, v) = (split(0), split(1), split(2));
-        (self.rope.apply(q, start), self.rope.apply(k, start), v)
+        let freq = || self.rope.freq_complex.clone().slice([start..start + s]);
+        (B::rope(q, freq()), B::rope(k, freq()), v)
     }
 
     /// Causal softmax attention of `q` `[B, H, S, h]` (positions `start..start + S`) over

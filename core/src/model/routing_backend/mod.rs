@@ -15,7 +15,7 @@
 //! the lower index, Top-p's rank-ordered prefix sum, routes ordered by expert then token.
 //!
 //! DRN ([`super::drn::DrnBackend`]), the SwiGLU gate ([`super::SwigluBackend`]), causal attention
-//! ([`super::AttentionBackend`]), the row moves ([`super::RowMovesBackend`]) and the
+//! ([`super::AttentionBackend`]), RoPE ([`super::RopeBackend`]), the row moves ([`super::RowMovesBackend`]) and the
 //! PI law ([`crate::train::ControllerBackend`]) are its supertraits, each with the same
 //! pattern.
 
@@ -39,6 +39,7 @@ use super::device_memory::DeviceMemoryBackend;
 use super::device_routing::{route_on_device, select_ranked};
 use super::drn::DrnBackend;
 use super::grouped_matmul::GroupedMatmulBackend;
+use super::rope::RopeBackend;
 use super::route::{ExpertRows, Route};
 use super::routed_rows::{RowMovesBackend, gathers};
 use super::routing::Selector;
@@ -52,6 +53,7 @@ pub trait RoutingBackend:
     GroupedMatmulBackend
     + SwigluBackend
     + AttentionBackend
+    + RopeBackend
     + RowMovesBackend
     + DrnBackend
     + ControllerBackend
