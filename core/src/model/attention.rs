@@ -95,7 +95,7 @@ impl<B: AttentionBackend + RopeBackend> CausalSelfAttention<B> {
                 .swap_dims(1, 2)
         };
         let (q, k, v) = (split(0), split(1), split(2));
-        let freq = || self.rope.freq_complex.clone().slice([start..start + s]);
+        let freq = || self.rope.freq_complex.clone().narrow(0, start, s);
         (B::rope(q, freq()), B::rope(k, freq()), v)
     }
 

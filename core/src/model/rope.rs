@@ -140,10 +140,7 @@ mod tests {
             let run = |ours: bool| {
                 let x = Tensor::<B, 4>::from_inner(x0.clone()).require_grad();
                 let y = if ours {
-                    B::rope(
-                        x.clone(),
-                        rope.freq_complex.clone().slice([start..start + s]),
-                    )
+                    B::rope(x.clone(), rope.freq_complex.clone().narrow(0, start, s))
                 } else {
                     rope.apply(x.clone(), start)
                 };
@@ -163,7 +160,7 @@ mod tests {
         // A head-major view of a sequence-major tensor, as the model's queries are.
         let x = Tensor::<NdArray, 4>::random([2, 5, 3, 4], Distribution::Normal(0.0, 1.0), &device)
             .swap_dims(1, 2);
-        let freq = rope.freq_complex.clone().slice([2..7]);
+        let freq = rope.freq_complex.clone().narrow(0, 2, 5);
         let got = NdArray::rope(x.clone(), freq.clone());
         assert_close(
             &flat(got),
