@@ -7,12 +7,12 @@ use burn::backend::NdArray;
 use burn::tensor::{DType, Tensor};
 use ndarray::linalg::general_mat_mul;
 use ndarray::{
-    Array2, ArrayD, ArrayView3, ArrayView4, ArrayViewMut2, ArrayViewMut3, Axis, Ix3, Ix4, IxDyn, s,
+    Array2, ArrayView3, ArrayView4, ArrayViewMut2, ArrayViewMut3, Axis, Ix3, Ix4, IxDyn, s,
 };
 use rayon::prelude::*;
 
 use super::attention_op::{AttentionBackend, attention_backward_ops, attention_ops};
-use super::ndarray_arrays::{array, tensor};
+use super::ndarray_arrays::{array, from_vec, tensor};
 use crate::cpu_fast::exp_nonpositive;
 
 impl AttentionBackend for NdArray {
@@ -50,8 +50,8 @@ impl AttentionBackend for NdArray {
             general_mat_mul(1.0, &p, &v.slice(s![bi, hi, .., ..]), 0.0, &mut out);
         });
         (
-            tensor(owned(&[b, s, h * hd], context)),
-            tensor(owned(&[b, h, s, t], probs)),
+            tensor(from_vec(&[b, s, h * hd], context)),
+            tensor(from_vec(&[b, h, s, t], probs)),
         )
     }
 
@@ -105,9 +105,9 @@ impl AttentionBackend for NdArray {
             general_mat_mul(scale, &ds.t(), &q.slice(s![bi, hi, .., ..]), 0.0, &mut dk);
         });
         (
-            tensor(owned(&[b, h, s, hd], dq)),
-            tensor(owned(&[b, h, t, hd], dk)),
-            tensor(owned(&[b, h, t, hd], dv)),
+            tensor(from_vec(&[b, h, s, hd], dq)),
+            tensor(from_vec(&[b, h, t, hd], dk)),
+            tensor(from_vec(&[b, h, t, hd], dv)),
         )
     }
 }
@@ -162,10 +162,4 @@ fn rank4(a: &ndarray::ArcArray<f32, IxDyn>) -> ArrayView4<'_, f32> {
 
 fn view_mut(buffer: &mut [f32], shape: (usize, usize, usize)) -> ArrayViewMut3<'_, f32> {
     ArrayViewMut3::from_shape(shape, buffer).expect("the buffer holds the shape")
-}
-
-fn owned(shape: &[usize], values: Vec<f32>) -> ndarray::ArcArray<f32, IxDyn> {
-    ArrayD::from_shape_vec(IxDyn(shape), values)
-        .expect("one value per element of the shape")
-        .into_shared()
 }

@@ -187,31 +187,11 @@ impl<B: AttentionBackend, C: CheckpointStrategy> AttentionBackend for Autodiff<B
 #[cfg(test)]
 mod tests {
     use burn::backend::{Autodiff, NdArray};
-    use burn::tensor::activation::softmax;
-    use burn::tensor::{Distribution, Int, Tensor, TensorData};
+    use burn::tensor::{Distribution, Tensor, TensorData};
 
     use super::{AttentionBackend, attention_backward_ops, attention_ops};
 
     type B = Autodiff<NdArray>;
-
-    /// The attention burn's own ops compute under autodiff (the code the op replaced).
-    fn burn_ops(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, start: usize) -> Tensor<B, 3> {
-        let [b, h, s, hd] = q.dims();
-        let t = k.dims()[2];
-        let device = q.device();
-        let scores = q.matmul(k.swap_dims(2, 3)) / (hd as f64).sqrt();
-        let rows = Tensor::<B, 1, Int>::arange(start as i64..(start + s) as i64, &device)
-            .reshape([s, 1])
-            .expand([s, t]);
-        let cols = Tensor::<B, 1, Int>::arange(0..t as i64, &device)
-            .reshape([1, t])
-            .expand([s, t]);
-        let hidden = cols.greater(rows).unsqueeze::<4>().expand([b, h, s, t]);
-        softmax(scores.mask_fill(hidden, -1e9), 3)
-            .matmul(v)
-            .swap_dims(1, 2)
-            .reshape([b, s, h * hd])
-    }
 
     type Values = [Vec<f32>; 4];
 
@@ -223,7 +203,8 @@ mod tests {
         let out = if fused {
             B::causal_attention(q.clone(), k.clone(), v.clone(), start).0
         } else {
-            burn_ops(q.clone(), k.clone(), v.clone(), start)
+            // burn's own ops, recorded op by op by autodiff (the code the op replaced).
+            attention_ops(q.clone(), k.clone(), v.clone(), start).0
         };
         let [b, s, w] = out.dims();
         let weights = Tensor::<B, 3>::from_data(

@@ -4,7 +4,7 @@
 use burn::backend::NdArray;
 use burn::backend::ndarray::NdArrayTensor;
 use burn::tensor::{Tensor, TensorPrimitive};
-use ndarray::{ArcArray, IxDyn};
+use ndarray::{ArcArray, ArrayD, IxDyn};
 
 /// The f32 array under a tensor (shared with it, not copied).
 ///
@@ -20,4 +20,11 @@ pub(crate) fn array<const D: usize>(t: Tensor<NdArray, D>) -> ArcArray<f32, IxDy
 /// A tensor over `a` (not copied).
 pub(crate) fn tensor<const D: usize>(a: ArcArray<f32, IxDyn>) -> Tensor<NdArray, D> {
     Tensor::from_primitive(TensorPrimitive::Float(NdArrayTensor::F32(a.into())))
+}
+
+/// An array of `shape` over `values` (row-major, one per element).
+pub(crate) fn from_vec(shape: &[usize], values: Vec<f32>) -> ArcArray<f32, IxDyn> {
+    ArrayD::from_shape_vec(IxDyn(shape), values)
+        .expect("one value per element of the shape")
+        .into_shared()
 }

@@ -3,10 +3,10 @@
 
 use burn::backend::NdArray;
 use burn::tensor::{DType, Tensor};
-use ndarray::{ArrayD, Ix3, IxDyn};
+use ndarray::Ix3;
 use rayon::prelude::*;
 
-use super::ndarray_arrays::{array, tensor};
+use super::ndarray_arrays::{array, from_vec, tensor};
 use super::rope::{RopeBackend, rope_ops};
 
 /// Values per block: below two blocks the pass stays on the calling thread.
@@ -50,8 +50,6 @@ impl RopeBackend for NdArray {
         } else {
             pass((0, &mut out[..]));
         }
-        let out = ArrayD::from_shape_vec(IxDyn(&[n, heads, s, h]), out)
-            .expect("one value per element of the shape");
-        tensor(out.into_shared())
+        tensor(from_vec(&[n, heads, s, h], out))
     }
 }

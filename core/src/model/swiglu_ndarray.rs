@@ -3,11 +3,11 @@
 
 use burn::backend::NdArray;
 use burn::tensor::{DType, Tensor};
-use ndarray::{ArcArray, ArrayD, IxDyn};
+use ndarray::{ArcArray, IxDyn};
 use rayon::prelude::*;
 
-use super::ndarray_arrays::{array, tensor};
-use super::swiglu::SwigluBackend;
+use super::ndarray_arrays::{array, from_vec, tensor};
+use super::swiglu::{SwigluBackend, swiglu_backward_ops};
 use crate::cpu_fast::exp_nonpositive;
 
 /// Values per block. Below two blocks the pass stays on the calling thread: the tiny
@@ -30,7 +30,7 @@ impl SwigluBackend for NdArray {
                 *y = g * sigmoid(g) * u;
             }
         });
-        tensor(shaped(shape, out))
+        tensor(from_vec(&shape, out))
     }
 
     fn swiglu_backward(
@@ -39,10 +39,7 @@ impl SwigluBackend for NdArray {
         grad: Tensor<Self, 2>,
     ) -> (Tensor<Self, 2>, Tensor<Self, 2>) {
         if [gate.dtype(), up.dtype(), grad.dtype()] != [DType::F32; 3] {
-            let s = burn::tensor::activation::sigmoid(gate.clone());
-            let d_up = grad.clone() * gate.clone() * s.clone();
-            let slope = s.clone() * (gate * (s.neg() + 1.0) + 1.0);
-            return (grad * up * slope, d_up);
+            return swiglu_backward_ops(gate, up, grad);
         }
         let (gate, up, grad) = (
             contiguous(array(gate)),
@@ -70,8 +67,8 @@ impl SwigluBackend for NdArray {
             pass((0, (&mut d_gate[..], &mut d_up[..])));
         }
         (
-            tensor(shaped(shape.clone(), d_gate)),
-            tensor(shaped(shape, d_up)),
+            tensor(from_vec(&shape, d_gate)),
+            tensor(from_vec(&shape, d_up)),
         )
     }
 }
@@ -108,10 +105,4 @@ fn contiguous(a: ArcArray<f32, IxDyn>) -> ArcArray<f32, IxDyn> {
 fn slice(a: &ArcArray<f32, IxDyn>) -> &[f32] {
     a.as_slice()
         .expect("contiguous() returned a row-major array")
-}
-
-fn shaped(shape: Vec<usize>, values: Vec<f32>) -> ArcArray<f32, IxDyn> {
-    ArrayD::from_shape_vec(IxDyn(&shape), values)
-        .expect("one value per element of the shape")
-        .into_shared()
 }
