@@ -64,6 +64,11 @@ pub enum Error {
         backend: &'static str,
         message: String,
     },
+
+    /// A multi-node run could not start, or stopped because a node, the orchestrator or
+    /// the connection between them failed; the message names which.
+    #[error("multi-node run: {0}")]
+    Cluster(String),
 }
 
 /// Result alias of the crate.

@@ -3,6 +3,7 @@
 mod bench;
 #[cfg(feature = "train")]
 mod bench_train;
+mod burn_log;
 #[cfg(feature = "train")]
 mod devices;
 #[cfg(feature = "train")]
@@ -13,6 +14,8 @@ mod export;
 mod generate;
 #[cfg(feature = "train")]
 mod inference_backend;
+#[cfg(feature = "train")]
+mod orchestrate;
 #[cfg(feature = "reproduce")]
 mod reproduce;
 mod route;
@@ -49,6 +52,10 @@ enum Command {
     /// Sample text from a trained run (KV cache), optionally showing each token's experts.
     #[cfg(feature = "train")]
     Generate(generate::GenerateArgs),
+    /// Run the orchestrator of a multi-node training run (`dtopp train --nodes`) until
+    /// every node has finished; exits with their status.
+    #[cfg(feature = "train")]
+    Orchestrate(orchestrate::OrchestrateArgs),
     /// Train every routing mode on the same data and write a report with plots.
     #[cfg(feature = "reproduce")]
     Reproduce(reproduce::ReproduceArgs),
@@ -157,6 +164,7 @@ pub(crate) fn normalization(no_drn: bool, theta: f32) -> Result<crate::ops::Norm
 
 /// Parses the command line, runs it, and turns an error into a message and exit code 1.
 pub fn main() -> ExitCode {
+    burn_log::install();
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -177,6 +185,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Eval(args) => eval::run(args),
         #[cfg(feature = "train")]
         Command::Generate(args) => generate::run(args),
+        #[cfg(feature = "train")]
+        Command::Orchestrate(args) => orchestrate::run(args),
         #[cfg(feature = "reproduce")]
         Command::Reproduce(args) => reproduce::run(args),
         Command::Simulate(args) => simulate::run(args),

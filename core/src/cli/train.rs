@@ -3,6 +3,7 @@
 //! routing_samples.jsonl, summary.json).
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use clap::Args;
 
@@ -11,8 +12,8 @@ use super::{Backend, layout_on};
 use crate::error::Result;
 use crate::model::{ExpertLayout, Precision};
 use crate::train::{
-    Preset, RoutingMode, TrainConfig, TrainOptions, resume, resume_data_parallel, train,
-    train_data_parallel,
+    NodeSpec, Preset, RoutingMode, TrainConfig, TrainOptions, resume, resume_data_parallel,
+    resume_node, train, train_data_parallel, train_node,
 };
 
 #[derive(Debug, Args)]
@@ -59,6 +60,32 @@ pub(crate) struct TrainArgs {
     /// the same data-parallel path. See docs/distributed.md.
     #[arg(long, value_name = "LIST", conflicts_with = "backend")]
     devices: Option<String>,
+    /// Multi-node training: the number of nodes (processes, usually one per machine),
+    /// each running the same `--devices` count. Needs --node-rank, --orchestrator,
+    /// --node-address and --data-port; see docs/distributed.md.
+    #[arg(long, value_name = "N", requires_all = ["node_rank", "orchestrator", "node_address", "data_port"])]
+    nodes: Option<usize>,
+    /// This node, from 0 to N-1. Node 0 holds global rank 0: it writes the run directory
+    /// and checkpoints; the other nodes write nothing.
+    #[arg(long, value_name = "R", requires = "nodes")]
+    node_rank: Option<usize>,
+    /// burn's global orchestrator, as `dtopp orchestrate --port PORT` serves it.
+    #[arg(long, value_name = "ws://HOST:PORT", requires = "nodes")]
+    orchestrator: Option<String>,
+    /// This node's host name or IP, as the other nodes reach it.
+    #[arg(long, value_name = "HOST", requires = "nodes")]
+    node_address: Option<String>,
+    /// The port this node serves its share of every all-reduce on.
+    #[arg(long, value_name = "PORT", requires = "nodes")]
+    data_port: Option<u16>,
+    /// Seconds to wait for the orchestrator and every other node before giving up.
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value_t = 600,
+        requires = "nodes"
+    )]
+    join_timeout: u64,
     /// Run directory (created; must not already hold a run).
     #[arg(long, value_name = "DIR", required_unless_present = "resume")]
     out: Option<PathBuf>,
@@ -132,9 +159,42 @@ impl TrainArgs {
     }
 }
 
+impl TrainArgs {
+    /// `--nodes …` as a [`NodeSpec`] (clap has checked that all of them are given).
+    fn node(&self) -> Option<NodeSpec> {
+        Some(NodeSpec {
+            nodes: self.nodes?,
+            rank: self.node_rank?,
+            orchestrator: self.orchestrator.clone()?,
+            host: self.node_address.clone()?,
+            data_port: self.data_port?,
+        })
+    }
+
+    /// The devices of a multi-node run without `--devices`: one, of `--backend`.
+    fn default_device(&self) -> Result<DeviceSpec> {
+        match self.backend {
+            Backend::Cpu => Ok(DeviceSpec::Cpu(0)),
+            Backend::CpuReference => Err(super::reference_runs_no_model()),
+            #[cfg(feature = "wgpu")]
+            Backend::Wgpu => Ok(DeviceSpec::Wgpu(super::devices::WgpuSpec::Default)),
+            #[cfg(not(feature = "wgpu"))]
+            Backend::Wgpu => Err(crate::error::Error::param(
+                "--backend",
+                "wgpu",
+                "a backend in this build (it was built without the wgpu feature)",
+            )),
+            Backend::Cuda => Ok(DeviceSpec::Cuda(0)),
+        }
+    }
+}
+
 pub(crate) fn run(args: TrainArgs) -> Result<()> {
     if let Some(list) = &args.devices {
         return run_data_parallel(&args, &parse_devices(list)?);
+    }
+    if args.nodes.is_some() {
+        return run_data_parallel(&args, &[args.default_device()?]);
     }
     let dir = args.run_dir();
     let options = |backend_name| args.options(&dir, backend_name);
@@ -196,8 +256,9 @@ fn run_data_parallel(args: &TrainArgs, specs: &[DeviceSpec]) -> Result<()> {
         ($backend:ty, $devices:expr, $name:expr) => {{
             let devices: Vec<_> = $devices;
             let layout = layout_on::<$backend>(args.layout);
-            match &args.resume {
-                Some(run_dir) => {
+            let join = Duration::from_secs(args.join_timeout);
+            match (&args.resume, args.node()) {
+                (Some(run_dir), None) => {
                     resume_data_parallel::<$backend>(
                         run_dir,
                         args.steps,
@@ -206,9 +267,31 @@ fn run_data_parallel(args: &TrainArgs, specs: &[DeviceSpec]) -> Result<()> {
                         &options($name),
                     )?;
                 }
-                None => {
+                (None, None) => {
                     let config = args.config()?;
                     train_data_parallel::<$backend>(&config, &devices, layout, &options($name))?;
+                }
+                (Some(run_dir), Some(node)) => {
+                    resume_node::<$backend>(
+                        run_dir,
+                        args.steps,
+                        &devices,
+                        layout,
+                        &options($name),
+                        &node,
+                        join,
+                    )?;
+                }
+                (None, Some(node)) => {
+                    let config = args.config()?;
+                    train_node::<$backend>(
+                        &config,
+                        &devices,
+                        layout,
+                        &options($name),
+                        &node,
+                        join,
+                    )?;
                 }
             }
         }};
@@ -258,6 +341,8 @@ fn run_data_parallel(args: &TrainArgs, specs: &[DeviceSpec]) -> Result<()> {
         #[cfg(not(feature = "cuda"))]
         Backend::Cuda => return Err(super::cuda_backend().expect_err(NO_CUDA_STAND_IN)),
     }
-    eprintln!("run directory: {}", dir.display());
+    if args.node_rank.unwrap_or(0) == 0 {
+        eprintln!("run directory: {}", dir.display());
+    }
     Ok(())
 }

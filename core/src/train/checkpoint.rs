@@ -205,8 +205,18 @@ pub fn list_checkpoints(run: &Path) -> Result<Vec<(u64, PathBuf)>> {
     Ok(found)
 }
 
+/// Held while a checkpoint is written, so that a process ending on purpose (a failed
+/// multi-node run) lets the write finish first.
+static WRITES: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Waits for a checkpoint being written and keeps new ones from starting while held.
+pub(crate) fn hold_writes() -> std::sync::MutexGuard<'static, ()> {
+    WRITES.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Writes `checkpoint` atomically and keeps the newest `keep` files.
 pub fn write_checkpoint(run: &Path, checkpoint: &Checkpoint, keep: usize) -> Result<PathBuf> {
+    let _writing = hold_writes();
     let dir = checkpoint_dir(run);
     std::fs::create_dir_all(&dir).map_err(|e| Error::io("cannot create", &dir, e))?;
     let step = checkpoint.header.step;

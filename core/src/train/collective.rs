@@ -43,9 +43,14 @@ impl Rank {
         PeerId::from(self.index)
     }
 
-    /// Joins the collective on `device`; returns once every rank has joined.
-    pub fn join<B: AutodiffBackend>(&self, device: &B::Device) -> Result<()> {
-        let config = CollectiveConfig::default().with_num_devices(self.world);
+    /// Joins the collective on `device` with `config` (the same on every rank of the
+    /// process: the local ranks, and the global level in a multi-node run); returns once
+    /// every rank has joined.
+    pub fn join<B: AutodiffBackend>(
+        &self,
+        device: &B::Device,
+        config: CollectiveConfig,
+    ) -> Result<()> {
         register::<B::InnerBackend>(self.peer(), device.clone(), config)
             .map_err(|e| self.error("joining the collective", e))
     }

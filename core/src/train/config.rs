@@ -63,6 +63,11 @@ pub struct RunConfig {
     /// `dtopp train --devices`; a resumed run needs the same count.
     #[serde(default = "default_devices")]
     pub devices: usize,
+    /// Nodes (processes) the `devices` ranks are spread over, the same number on each
+    /// (`dtopp train --nodes`); a resumed run needs the same count. Written only when
+    /// above 1.
+    #[serde(default = "default_devices", skip_serializing_if = "is_one")]
+    pub nodes: usize,
     /// The dtype of the model's large matrix products in training steps (parameters,
     /// optimizer state, router, norms, softmaxes and losses stay f32; validation, routing
     /// samples and the `p_0` calibration run in f32). `bf16` needs CUDA, `f16` a GPU with
@@ -77,6 +82,10 @@ fn default_keep_checkpoints() -> usize {
 
 fn default_devices() -> usize {
     1
+}
+
+fn is_one(n: &usize) -> bool {
+    *n == 1
 }
 
 /// Expert selection and the threshold controller.
@@ -200,6 +209,7 @@ fn tiny() -> TrainConfig {
             checkpoint_every: 0,
             keep_checkpoints: 3,
             devices: 1,
+            nodes: 1,
             precision: Precision::F32,
         },
         model: ModelConfig {
@@ -265,6 +275,7 @@ fn small() -> TrainConfig {
         checkpoint_every: 250,
         keep_checkpoints: 3,
         devices: 1,
+        nodes: 1,
         precision: Precision::F32,
     };
     c.model = ModelConfig {
@@ -307,6 +318,7 @@ fn paper_13b() -> TrainConfig {
         checkpoint_every: 500,
         keep_checkpoints: 3,
         devices: 1,
+        nodes: 1,
         precision: Precision::F32,
     };
     c.model = ModelConfig {
@@ -410,12 +422,23 @@ impl TrainConfig {
             ("run.batch_size", run.batch_size),
             ("run.grad_accum", run.grad_accum),
             ("run.devices", run.devices),
+            ("run.nodes", run.nodes),
             ("run.eval_batches", run.eval_batches),
             ("run.log_every", run.log_every as usize),
         ] {
             if value == 0 {
                 return Err(Error::param(name, 0, "at least 1"));
             }
+        }
+        if run.devices % run.nodes != 0 {
+            return Err(Error::param(
+                "run.devices",
+                run.devices,
+                format!(
+                    "a multiple of run.nodes ({}): every node runs as many ranks",
+                    run.nodes
+                ),
+            ));
         }
         self.validate_routing()?;
         let o = &self.optimizer;

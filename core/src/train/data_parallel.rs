@@ -3,17 +3,23 @@
 //! its share of every micro-batch; per step the ranks all-reduce the routing counts
 //! (so every rank computes the same `a_t` and moves `p` the same way), the losses and
 //! the gradients. Rank 0 evaluates, logs and writes the run directory and checkpoints
-//! (once); the others only step.
+//! (once); the others only step. The ranks may span several processes (nodes): see
+//! [`train_node`].
 
 use std::panic::AssertUnwindSafe;
 use std::path::Path;
 use std::sync::Mutex;
+use std::time::Duration;
+
+use burn::collective::CollectiveConfig;
 
 use crate::model::TrainingBackend;
 
 use super::collective::{ANOTHER_RANK_FAILED, Rank};
 use super::config::TrainConfig;
+use super::nodes::{NodeSpec, binary_id, config_hash};
 use super::session::TrainSession;
+use super::supervision::{Hello, NodeLink};
 use super::trainer::{
     ResumePoint, TrainOptions, begin_run, check_backend, continue_run, follow, lead,
 };
@@ -32,19 +38,17 @@ pub fn train_data_parallel<B: TrainingBackend>(
 ) -> Result<RunSummary> {
     let mut config = config.clone();
     config.run.devices = devices.len();
+    config.run.nodes = 1;
     if let Some(device) = devices.first() {
         check_backend::<B>(&config, device)?;
     }
     begin_run(&config, options)?;
     announce(&config, devices.len(), options);
-    run_ranks::<B>(devices, |rank, device| {
-        let session = TrainSession::<B>::new_rank(&config, device, layout, rank)?;
-        if rank.is_leader() {
-            lead(session, options).map(Some)
-        } else {
-            follow(session).map(|()| None)
-        }
+    let ranks = Ranks::local(devices.len());
+    run_ranks::<B>(devices, &ranks, |rank, device| {
+        start_rank::<B>(&config, device, layout, rank, options)
     })
+    .and_then(leader_summary)
 }
 
 /// [`super::resume`] of a run trained data-parallel, on as many devices as it was
@@ -61,43 +65,205 @@ pub fn resume_data_parallel<B: TrainingBackend>(
         check_backend::<B>(&point.config, device)?;
     }
     announce(&point.config, devices.len(), options);
-    run_ranks::<B>(devices, |rank, device| {
-        let session = TrainSession::<B>::restore(
-            &point.config,
-            device,
-            layout,
-            &point.checkpoint,
-            point.history.clone(),
-            Some(rank),
-        )?;
-        if rank.is_leader() {
-            continue_run(session, dir, options).map(Some)
-        } else {
-            follow(session).map(|()| None)
+    let ranks = Ranks::local(devices.len());
+    run_ranks::<B>(devices, &ranks, |rank, device| {
+        restore_rank::<B>(&point, dir, device, layout, rank, options)
+    })
+    .and_then(leader_summary)
+}
+
+/// One node of a multi-node run (`dtopp train --nodes N --node-rank R …`): trains
+/// `config` on this node's `devices` with the other nodes' ranks, over burn-collective's
+/// global level. `run.devices` becomes the global world, `nodes · devices.len()`. Node 0
+/// writes the run directory and returns the summary; the others write nothing.
+///
+/// Before training, the node joins dtopp's supervision (waiting at most `join_timeout`
+/// for every node): a node with another config, binary or device count is refused by
+/// name, and a node that dies or goes silent ends the run on every node (this process
+/// exits with the error while its ranks may be blocked inside burn's all-reduce).
+pub fn train_node<B: TrainingBackend>(
+    config: &TrainConfig,
+    devices: &[B::Device],
+    layout: ExpertLayout,
+    options: &TrainOptions,
+    node: &NodeSpec,
+    join_timeout: Duration,
+) -> Result<Option<RunSummary>> {
+    node.validate(devices.len())?;
+    let mut config = config.clone();
+    config.run.devices = node.nodes * devices.len();
+    config.run.nodes = node.nodes;
+    config.validate()?;
+    if let Some(device) = devices.first() {
+        check_backend::<B>(&config, device)?;
+    }
+    let link = join_nodes(&config, devices.len(), node, join_timeout, options)?;
+    let outcome = (|| {
+        if node.rank == 0 {
+            begin_run(&config, options)?;
         }
+        announce(&config, devices.len(), options);
+        let ranks = Ranks::on_node(node, devices.len());
+        run_ranks::<B>(devices, &ranks, |rank, device| {
+            start_rank::<B>(&config, device, layout, rank, options)
+        })
+    })();
+    link.finish(outcome.as_ref().map(drop).map_err(ToString::to_string));
+    outcome
+}
+
+/// [`train_node`] for `--resume`: every node reads the run in `dir` (so it must be on a
+/// file system they share, or copied to each node before), node 0 alone rewrites it.
+pub fn resume_node<B: TrainingBackend>(
+    dir: &Path,
+    steps: Option<u64>,
+    devices: &[B::Device],
+    layout: ExpertLayout,
+    options: &TrainOptions,
+    node: &NodeSpec,
+    join_timeout: Duration,
+) -> Result<Option<RunSummary>> {
+    node.validate(devices.len())?;
+    let point = ResumePoint::read(dir, steps, node.nodes * devices.len(), node.nodes, options)?;
+    if let Some(device) = devices.first() {
+        check_backend::<B>(&point.config, device)?;
+    }
+    let link = join_nodes(&point.config, devices.len(), node, join_timeout, options)?;
+    let outcome = (|| {
+        if node.rank == 0 {
+            point.commit(dir)?;
+        }
+        announce(&point.config, devices.len(), options);
+        let ranks = Ranks::on_node(node, devices.len());
+        run_ranks::<B>(devices, &ranks, |rank, device| {
+            restore_rank::<B>(&point, dir, device, layout, rank, options)
+        })
+    })();
+    link.finish(outcome.as_ref().map(drop).map_err(ToString::to_string));
+    outcome
+}
+
+/// Says hello to the orchestrator and waits for every node.
+fn join_nodes(
+    config: &TrainConfig,
+    local_world: usize,
+    node: &NodeSpec,
+    timeout: Duration,
+    options: &TrainOptions,
+) -> Result<NodeLink> {
+    let hello = Hello {
+        node: node.rank,
+        nodes: node.nodes,
+        local_world,
+        config_hash: config_hash(config)?,
+        binary: binary_id()?,
+        data_address: node.data_address(),
+    };
+    let address = node.supervisor()?;
+    options.say(format!(
+        "{node}: joining the run at {} (supervision {address}); waiting up to {} s for every node",
+        node.orchestrator,
+        timeout.as_secs()
+    ));
+    NodeLink::join(&address, &hello, timeout)
+}
+
+fn start_rank<B: TrainingBackend>(
+    config: &TrainConfig,
+    device: &B::Device,
+    layout: ExpertLayout,
+    rank: Rank,
+    options: &TrainOptions,
+) -> Result<Option<RunSummary>> {
+    let session = TrainSession::<B>::new_rank(config, device, layout, rank)?;
+    if rank.is_leader() {
+        lead(session, options).map(Some)
+    } else {
+        follow(session).map(|()| None)
+    }
+}
+
+fn restore_rank<B: TrainingBackend>(
+    point: &ResumePoint,
+    dir: &Path,
+    device: &B::Device,
+    layout: ExpertLayout,
+    rank: Rank,
+    options: &TrainOptions,
+) -> Result<Option<RunSummary>> {
+    let session = TrainSession::<B>::restore(
+        &point.config,
+        device,
+        layout,
+        &point.checkpoint,
+        point.history.clone(),
+        Some(rank),
+    )?;
+    if rank.is_leader() {
+        continue_run(session, dir, options).map(Some)
+    } else {
+        follow(session).map(|()| None)
+    }
+}
+
+fn leader_summary(summary: Option<RunSummary>) -> Result<RunSummary> {
+    summary.ok_or_else(|| Error::Backend {
+        backend: "trainer",
+        message: "the leading rank returned no summary".into(),
     })
 }
 
-fn announce(config: &TrainConfig, world: usize, options: &TrainOptions) {
+fn announce(config: &TrainConfig, local_world: usize, options: &TrainOptions) {
     let run = &config.run;
+    let nodes = if run.nodes > 1 {
+        format!(" on each of {} nodes", run.nodes)
+    } else {
+        String::new()
+    };
     options.say(format!(
-        "data parallel: {world} rank(s) over burn-collective, {} sequences per rank and micro-batch, {} sequences ({} tokens) per optimizer step; routing counts, losses and gradients all-reduced every step",
+        "data parallel: {local_world} rank(s){nodes} over burn-collective, {} sequences per rank and micro-batch, {} sequences ({} tokens) per optimizer step; routing counts, losses and gradients all-reduced every step",
         run.batch_size,
-        world * run.batch_size * run.grad_accum,
+        run.devices * run.batch_size * run.grad_accum,
         config.tokens_per_step()
     ));
 }
 
-/// Runs `body` once per rank, each on its own thread with its device, after every rank has joined the collective. Returns the leader's value. The
-/// first rank to fail releases the others (they stop at their next all-reduce) and its
-/// error is the one returned.
+/// The ranks this process runs: global ranks `first..first + devices`, of `world`.
+struct Ranks {
+    first: usize,
+    world: usize,
+    collective: CollectiveConfig,
+}
+
+impl Ranks {
+    fn local(devices: usize) -> Self {
+        Self {
+            first: 0,
+            world: devices,
+            collective: CollectiveConfig::default().with_num_devices(devices),
+        }
+    }
+
+    fn on_node(node: &NodeSpec, devices: usize) -> Self {
+        Self {
+            first: node.global_rank(0, devices),
+            world: node.nodes * devices,
+            collective: node.collective_config(devices),
+        }
+    }
+}
+
+/// Runs `body` once per local rank, each on its own thread with its device, after every
+/// rank has joined the collective. Returns the leader's value (`None` on a node without
+/// global rank 0). The first rank to fail releases the others (they stop at their next
+/// all-reduce) and its error is the one returned.
 fn run_ranks<B: TrainingBackend>(
     devices: &[B::Device],
+    ranks: &Ranks,
     body: impl Fn(Rank, &B::Device) -> Result<Option<RunSummary>> + Sync,
-) -> Result<RunSummary> {
-    let world = devices.len();
-    if world == 0 {
-        return Err(Error::param("--devices", world, "at least one device"));
+) -> Result<Option<RunSummary>> {
+    if devices.is_empty() {
+        return Err(Error::param("--devices", 0, "at least one device"));
     }
     // Whatever an earlier run in this process left behind.
     Rank::abort::<B>();
@@ -120,20 +286,27 @@ fn run_ranks<B: TrainingBackend>(
         let handles: Vec<_> = devices
             .iter()
             .enumerate()
-            .map(|(index, device)| {
-                let rank = Rank { index, world };
-                let (body, fail) = (&body, &fail);
+            .map(|(local, device)| {
+                let rank = Rank {
+                    index: ranks.first + local,
+                    world: ranks.world,
+                };
+                let (body, fail, collective) = (&body, &fail, ranks.collective.clone());
                 scope.spawn(move || {
                     // A panic is a failure like any other: the other ranks are released.
                     let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                        rank.join::<B>(device)
+                        rank.join::<B>(device, collective)
                             .and_then(|()| body(rank, device))
                             .and_then(|summary| rank.leave::<B>().map(|()| summary))
                     }))
                     .unwrap_or_else(|panic| {
                         Err(Error::Backend {
                             backend: "trainer",
-                            message: format!("rank {index} panicked: {}", panic_message(&panic)),
+                            message: format!(
+                                "rank {} panicked: {}",
+                                rank.index,
+                                panic_message(&panic)
+                            ),
                         })
                     });
                     outcome.map_err(fail).ok().flatten()
@@ -151,14 +324,7 @@ fn run_ranks<B: TrainingBackend>(
     {
         return Err(e);
     }
-    summaries
-        .into_iter()
-        .flatten()
-        .next()
-        .ok_or_else(|| Error::Backend {
-            backend: "trainer",
-            message: "the leading rank returned no summary".into(),
-        })
+    Ok(summaries.into_iter().flatten().next())
 }
 
 fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {

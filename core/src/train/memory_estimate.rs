@@ -166,8 +166,9 @@ pub fn check_fits<B: DeviceMemoryBackend>(
     device: &B::Device,
 ) -> Result<(MemoryEstimate, DeviceMemory)> {
     let memory = B::device_memory(device);
+    // The ranks of one node (process) share its host; other nodes have their own.
     let copies = if memory.shared_by_ranks {
-        config.run.devices
+        config.run.devices / config.run.nodes.max(1)
     } else {
         1
     };

@@ -18,9 +18,11 @@ mod loop_limit;
 mod losses;
 mod memory_estimate;
 mod mode;
+mod nodes;
 mod param_values;
 mod schedule;
 mod session;
+mod supervision;
 mod threshold;
 mod throughput;
 mod trainer;
@@ -40,7 +42,7 @@ pub use config::{
     DataConfig, LossConfig, OptimizerConfig, Preset, REASONING_SOURCE, RoutingConfig, RunConfig,
     SHARDS_PREFIX, TrainConfig,
 };
-pub use data_parallel::{resume_data_parallel, train_data_parallel};
+pub use data_parallel::{resume_data_parallel, resume_node, train_data_parallel, train_node};
 pub use device_control::{ControllerBackend, DeviceControl};
 pub(crate) use evaluate::host_f32;
 pub use evaluate::{Evaluation, evaluate, printable_byte};
@@ -51,9 +53,11 @@ pub use losses::{
 };
 pub use memory_estimate::{MemoryEstimate, check_fits};
 pub use mode::RoutingMode;
+pub use nodes::{BINARY_ID_ENV, NodeSpec, binary_id, config_hash};
 pub(crate) use param_values::load_params;
 pub use schedule::learning_rate;
 pub use session::{StepOutput, TrainSession};
+pub use supervision::{HEARTBEAT, OrchestrateOptions, SILENCE_LIMIT, orchestrate};
 pub use threshold::ThresholdPolicy;
 pub use throughput::{
     MemoryProbe, Throughput, ThroughputPlan, measure_throughput, process_peak_rss,

@@ -192,6 +192,20 @@ impl ResumePoint {
         devices: usize,
         options: &TrainOptions,
     ) -> Result<Self> {
+        let point = Self::read(dir, steps, devices, 1, options)?;
+        point.commit(dir)?;
+        Ok(point)
+    }
+
+    /// [`ResumePoint::prepare`] without writing anything: what every node of a
+    /// multi-node run reads (node 0 then commits).
+    pub(super) fn read(
+        dir: &Path,
+        steps: Option<u64>,
+        devices: usize,
+        nodes: usize,
+        options: &TrainOptions,
+    ) -> Result<Self> {
         let say = |line: String| options.say(line);
         let mut config = read_run_config(dir)?;
         if let Some(steps) = steps {
@@ -203,8 +217,19 @@ impl ResumePoint {
                 "--devices",
                 devices,
                 format!(
-                    "the {} device(s) the run in {} was trained on (run.devices): resume with the same count",
+                    "the {} device(s) the run in {} was trained on (run.devices, all nodes together): resume with the same count",
                     config.run.devices,
+                    dir.display()
+                ),
+            ));
+        }
+        if config.run.nodes != nodes {
+            return Err(Error::param(
+                "--nodes",
+                nodes,
+                format!(
+                    "the {} node(s) the run in {} was trained on (run.nodes): resume with the same count",
+                    config.run.nodes,
                     dir.display()
                 ),
             ));
@@ -228,7 +253,7 @@ impl ResumePoint {
             config.run.steps
         ));
         let metrics_path = dir.join("metrics.jsonl");
-        let history: Vec<StepMetrics> = keep_lines_up_to(&metrics_path, step)?
+        let history: Vec<StepMetrics> = lines_up_to(&metrics_path, step)?
             .iter()
             .map(|line| {
                 serde_json::from_str(line).map_err(|e| Error::Parse {
@@ -237,13 +262,27 @@ impl ResumePoint {
                 })
             })
             .collect::<Result<_>>()?;
-        keep_lines_up_to(&dir.join("routing_samples.jsonl"), step)?;
-        write_atomic(&dir.join("config.toml"), config.to_toml()?.as_bytes())?;
         Ok(Self {
             config,
             checkpoint,
             history,
         })
+    }
+
+    /// Makes the run directory `dir` agree with this point: the metrics and routing
+    /// samples after its step dropped, `config.toml` with the new `run.steps`.
+    pub(super) fn commit(&self, dir: &Path) -> Result<()> {
+        let step = self.checkpoint.header.step;
+        for name in ["metrics.jsonl", "routing_samples.jsonl"] {
+            let path = dir.join(name);
+            let kept = lines_up_to(&path, step)?;
+            let mut bytes = kept.join("\n").into_bytes();
+            if !kept.is_empty() {
+                bytes.push(b'\n');
+            }
+            write_atomic(&path, &bytes)?;
+        }
+        write_atomic(&dir.join("config.toml"), self.config.to_toml()?.as_bytes())
     }
 }
 
@@ -269,15 +308,15 @@ pub(super) fn follow<B: TrainingBackend>(mut session: TrainSession<B>) -> Result
     Ok(())
 }
 
-/// Keeps the lines of a JSON-lines file whose `step` is at most `step` (rewritten
-/// atomically); returns them.
-fn keep_lines_up_to(path: &Path, step: u64) -> Result<Vec<String>> {
+/// The lines of a JSON-lines file whose `step` is at most `step` (none if the file is
+/// missing).
+fn lines_up_to(path: &Path, step: u64) -> Result<Vec<String>> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
         Err(e) => return Err(Error::io("cannot read", path, e)),
     };
-    let kept: Vec<String> = text
+    Ok(text
         .lines()
         .filter(|line| {
             serde_json::from_str::<serde_json::Value>(line)
@@ -286,13 +325,7 @@ fn keep_lines_up_to(path: &Path, step: u64) -> Result<Vec<String>> {
                 .is_some_and(|s| s <= step)
         })
         .map(str::to_string)
-        .collect();
-    let mut bytes = kept.join("\n").into_bytes();
-    if !kept.is_empty() {
-        bytes.push(b'\n');
-    }
-    write_atomic(path, &bytes)?;
-    Ok(kept)
+        .collect())
 }
 
 /// Steps `session` to its last step, appending metrics and samples, writing

@@ -510,11 +510,19 @@ impl<B: TrainingBackend> TrainSession<B> {
 }
 
 /// Test hook: `rank:step` makes that rank fail at the start of that step (how the tests
-/// show that a failing rank stops the others instead of hanging them).
+/// show that a failing rank stops the others instead of hanging them); `rank:step:kill`
+/// kills its whole process with SIGKILL there instead (a node dying in a multi-node run).
 pub const FAIL_RANK_ENV: &str = "DTOPP_TEST_FAIL_RANK";
 
 fn fails_here(rank: Rank, step: u64) -> bool {
-    std::env::var(FAIL_RANK_ENV).is_ok_and(|v| v == format!("{}:{step}", rank.index))
+    std::env::var(FAIL_RANK_ENV).is_ok_and(|v| {
+        let at = format!("{}:{step}", rank.index);
+        v == at || v == format!("{at}:kill")
+    })
+}
+
+fn killed_here(rank: Rank, step: u64) -> bool {
+    std::env::var(FAIL_RANK_ENV).is_ok_and(|v| v == format!("{}:{step}:kill", rank.index))
 }
 
 /// A session without a rank runs alone; with one, `run.devices` must be its world.
