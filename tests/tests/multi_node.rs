@@ -30,20 +30,23 @@ fn scratch(name: &str) -> PathBuf {
     dir
 }
 
-/// A free port `p` whose `p + 1` is free too (the orchestrator's supervision).
+/// A free port `p` whose `p + 1` is free too (the orchestrator's supervision), below
+/// Linux's ephemeral range (32768 and up): the global all-reduce opens a connection per
+/// operation, and a port that some connection took as its source port cannot be bound.
 fn free_ports() -> u16 {
     // Tests of this binary run in parallel: hand out ports one test at a time.
-    static LOCK: Mutex<()> = Mutex::new(());
-    let _one = LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    static NEXT: Mutex<u16> = Mutex::new(0);
+    let mut next = NEXT.lock().unwrap_or_else(|p| p.into_inner());
+    if *next == 0 {
+        // Spread over runs, so a port a previous run left in TIME_WAIT is not the first.
+        *next = 20000 + (std::process::id() % 500) as u16 * 20;
+    }
     loop {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        if port < 65000
-            && TcpListener::bind(("127.0.0.1", port + 1)).is_ok()
-            && TcpListener::bind(("0.0.0.0", port)).is_ok()
+        let port = *next;
+        *next += 2;
+        assert!(port < 32000, "no free port pair below 32000");
+        if TcpListener::bind(("0.0.0.0", port)).is_ok()
+            && TcpListener::bind(("0.0.0.0", port + 1)).is_ok()
         {
             return port;
         }
@@ -59,6 +62,9 @@ fn config(root: &Path, batch: usize) -> String {
     .unwrap();
     path.display().to_string()
 }
+
+/// How a process ended: its status, its stderr, when.
+type Ended = (ExitStatus, String, Instant);
 
 /// A running dtopp process; its stderr goes to a file (a pipe nobody reads could fill
 /// and stop it).
@@ -87,7 +93,7 @@ fn spawn(args: &[String], env: &[(&str, &str)]) -> Proc {
 
 /// Waits at most [`LIMIT`] for every process, noting when each ended; returns their
 /// status, stderr and end time.
-fn finish_all(mut procs: Vec<Proc>) -> Vec<(ExitStatus, String, Instant)> {
+fn finish_all(mut procs: Vec<Proc>) -> Vec<Ended> {
     let started = Instant::now();
     let mut ended: Vec<Option<(ExitStatus, Instant)>> = vec![None; procs.len()];
     while ended.iter().any(Option::is_none) {
@@ -118,7 +124,7 @@ fn finish_all(mut procs: Vec<Proc>) -> Vec<(ExitStatus, String, Instant)> {
         .collect()
 }
 
-fn finish(proc: Proc) -> (ExitStatus, String, Instant) {
+fn finish(proc: Proc) -> Ended {
     finish_all(vec![proc]).remove(0)
 }
 
@@ -173,12 +179,7 @@ impl Cluster {
     }
 
     /// Every node's and then the orchestrator's (status, stderr, end).
-    fn wait(
-        self,
-    ) -> (
-        Vec<(ExitStatus, String, Instant)>,
-        (ExitStatus, String, Instant),
-    ) {
+    fn wait(self) -> (Vec<Ended>, Ended) {
         let mut procs = self.nodes;
         procs.push(self.orchestrator);
         let mut ended = finish_all(procs);
@@ -211,10 +212,7 @@ fn train_here(out: &Path, config: &str, steps: usize, extra: &[&str]) {
     assert!(status.success(), "{err}");
 }
 
-fn all_succeeded(
-    nodes: &[(ExitStatus, String, Instant)],
-    orchestrator: &(ExitStatus, String, Instant),
-) {
+fn all_succeeded(nodes: &[Ended], orchestrator: &Ended) {
     for (n, (status, err, _)) in nodes.iter().enumerate() {
         assert!(status.success(), "node {n}: {err}");
     }

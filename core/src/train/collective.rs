@@ -124,7 +124,7 @@ impl Rank {
             // What a reset leaves behind: the rank that reset reports the cause.
             CollectiveError::LocalServerMissing | CollectiveError::RegisterNotFirstOperation => {
                 format!(
-                    "rank {} stopped during {during}: {ANOTHER_RANK_FAILED}",
+                    "rank {} stopped during {during}: {ANOTHER_RANK_FAILED} (or burn-collective's server stopped; a panic in it is printed above)",
                     self.index
                 )
             }

@@ -430,7 +430,7 @@ impl TrainConfig {
                 return Err(Error::param(name, 0, "at least 1"));
             }
         }
-        if run.devices % run.nodes != 0 {
+        if !run.devices.is_multiple_of(run.nodes) {
             return Err(Error::param(
                 "run.devices",
                 run.devices,

@@ -195,7 +195,8 @@ mod tests {
 
     #[test]
     fn bad_flags_are_named() {
-        let cases: [(fn(&mut NodeSpec), &str); 5] = [
+        type Change = fn(&mut NodeSpec);
+        let cases: [(Change, &str); 5] = [
             (|s| s.rank = 2, "--node-rank"),
             (|s| s.nodes = 0, "--nodes"),
             (
