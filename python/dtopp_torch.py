@@ -145,7 +145,8 @@ class MoeLm(torch.nn.Module):
             idx = tok[start : start + c]
             xe = x.index_select(0, idx)
             ye = (F.silu(xe @ b.gate[j]) * (xe @ b.up[j])) @ b.down[j]
-            out.index_add_(0, idx, ye * w[start : start + c, None].to(ye.dtype))
+            # Under bf16/f16 autocast the expert product is 16-bit; the sum stays in out's f32.
+            out.index_add_(0, idx, (ye * w[start : start + c, None].to(ye.dtype)).to(out.dtype))
             start += c
         load = counts.float()
         stats = {
