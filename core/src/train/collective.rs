@@ -68,8 +68,15 @@ impl Rank {
     }
 
     /// The element-wise mean of `values` over all ranks (every rank gets the same bits).
+    ///
+    /// Summed by burn, divided here: burn-collective divides a mean on its own server
+    /// thread, and on CUDA with two nodes the host read of that result twice returned the
+    /// undivided sum (docs/distributed.md). An f32 division on the host gives the same
+    /// bits as the device's.
     pub fn mean<B: AutodiffBackend>(&self, values: &[f32], device: &B::Device) -> Result<Vec<f32>> {
-        self.reduce::<B::InnerBackend>(values, ReduceOperation::Mean, device)
+        let world = self.world as f32;
+        let sums = self.reduce::<B::InnerBackend>(values, ReduceOperation::Sum, device)?;
+        Ok(sums.into_iter().map(|s| s / world).collect())
     }
 
     /// The element-wise sum of non-negative integer counts over all ranks, exact.

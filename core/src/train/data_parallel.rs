@@ -94,22 +94,17 @@ pub fn train_node<B: TrainingBackend>(
     config.run.devices = node.nodes * devices.len();
     config.run.nodes = node.nodes;
     config.validate()?;
-    if let Some(device) = devices.first() {
-        check_backend::<B>(&config, device)?;
-    }
-    let link = join_nodes(&config, devices.len(), node, join_timeout, options)?;
-    let outcome = (|| {
-        if node.rank == 0 {
-            begin_run(&config, options)?;
-        }
-        announce(&config, devices.len(), options);
-        let ranks = Ranks::on_node(node, devices.len());
-        run_ranks::<B>(devices, &ranks, |rank, device| {
-            start_rank::<B>(&config, device, layout, rank, options)
-        })
-    })();
-    link.finish(outcome.as_ref().map(drop).map_err(ToString::to_string));
-    outcome
+    let joined = Joined::<B> {
+        config: &config,
+        devices,
+        node,
+        join_timeout,
+        options,
+    };
+    joined.run(
+        || begin_run(&config, options),
+        |rank, device| start_rank::<B>(&config, device, layout, rank, options),
+    )
 }
 
 /// [`train_node`] for `--resume`: every node reads the run in `dir` (so it must be on a
@@ -125,22 +120,52 @@ pub fn resume_node<B: TrainingBackend>(
 ) -> Result<Option<RunSummary>> {
     node.validate(devices.len())?;
     let point = ResumePoint::read(dir, steps, node.nodes * devices.len(), node.nodes, options)?;
-    if let Some(device) = devices.first() {
-        check_backend::<B>(&point.config, device)?;
-    }
-    let link = join_nodes(&point.config, devices.len(), node, join_timeout, options)?;
-    let outcome = (|| {
-        if node.rank == 0 {
-            point.commit(dir)?;
+    let joined = Joined::<B> {
+        config: &point.config,
+        devices,
+        node,
+        join_timeout,
+        options,
+    };
+    joined.run(
+        || point.commit(dir),
+        |rank, device| restore_rank::<B>(&point, dir, device, layout, rank, options),
+    )
+}
+
+/// A node's part of a multi-node run, from the checks to the end reported to the
+/// orchestrator.
+struct Joined<'a, B: TrainingBackend> {
+    config: &'a TrainConfig,
+    devices: &'a [B::Device],
+    node: &'a NodeSpec,
+    join_timeout: Duration,
+    options: &'a TrainOptions<'a>,
+}
+
+impl<B: TrainingBackend> Joined<'_, B> {
+    /// Checks the backend, joins the other nodes, lets node 0 `write` the run directory,
+    /// runs `body` on every local rank, and tells the orchestrator how it ended.
+    fn run(
+        self,
+        write: impl FnOnce() -> Result<()>,
+        body: impl Fn(Rank, &B::Device) -> Result<Option<RunSummary>> + Sync,
+    ) -> Result<Option<RunSummary>> {
+        let (config, devices, node, options) = (self.config, self.devices, self.node, self.options);
+        if let Some(device) = devices.first() {
+            check_backend::<B>(config, device)?;
         }
-        announce(&point.config, devices.len(), options);
-        let ranks = Ranks::on_node(node, devices.len());
-        run_ranks::<B>(devices, &ranks, |rank, device| {
-            restore_rank::<B>(&point, dir, device, layout, rank, options)
-        })
-    })();
-    link.finish(outcome.as_ref().map(drop).map_err(ToString::to_string));
-    outcome
+        let link = join_nodes(config, devices.len(), node, self.join_timeout, options)?;
+        let outcome = (|| {
+            if node.rank == 0 {
+                write()?;
+            }
+            announce(config, devices.len(), options);
+            run_ranks::<B>(devices, &Ranks::on_node(node, devices.len()), body)
+        })();
+        link.finish(outcome.as_ref().map(drop).map_err(ToString::to_string));
+        outcome
+    }
 }
 
 /// Says hello to the orchestrator and waits for every node.
