@@ -39,15 +39,14 @@ pub fn train_data_parallel<B: TrainingBackend>(
     let mut config = config.clone();
     config.run.devices = devices.len();
     config.run.nodes = 1;
-    if let Some(device) = devices.first() {
-        check_backend::<B>(&config, device)?;
-    }
-    begin_run(&config, options)?;
-    announce(&config, devices.len(), options);
-    let ranks = Ranks::local(devices.len());
-    run_ranks::<B>(devices, &ranks, |rank, device| {
-        start_rank::<B>(&config, device, layout, rank, options)
-    })
+    run_process::<B>(
+        &config,
+        devices,
+        None,
+        options,
+        || begin_run(&config, options),
+        |rank, device| start_rank::<B>(&config, device, layout, rank, options),
+    )
     .and_then(leader_summary)
 }
 
@@ -61,14 +60,14 @@ pub fn resume_data_parallel<B: TrainingBackend>(
     options: &TrainOptions,
 ) -> Result<RunSummary> {
     let point = ResumePoint::prepare(dir, steps, devices.len(), options)?;
-    if let Some(device) = devices.first() {
-        check_backend::<B>(&point.config, device)?;
-    }
-    announce(&point.config, devices.len(), options);
-    let ranks = Ranks::local(devices.len());
-    run_ranks::<B>(devices, &ranks, |rank, device| {
-        restore_rank::<B>(&point, dir, device, layout, rank, options)
-    })
+    run_process::<B>(
+        &point.config,
+        devices,
+        None,
+        options,
+        || Ok(()),
+        |rank, device| restore_rank::<B>(&point, dir, device, layout, rank, options),
+    )
     .and_then(leader_summary)
 }
 
@@ -94,14 +93,11 @@ pub fn train_node<B: TrainingBackend>(
     config.run.devices = node.nodes * devices.len();
     config.run.nodes = node.nodes;
     config.validate()?;
-    let joined = Joined::<B> {
-        config: &config,
+    run_process::<B>(
+        &config,
         devices,
-        node,
-        join_timeout,
+        Some((node, join_timeout)),
         options,
-    };
-    joined.run(
         || begin_run(&config, options),
         |rank, device| start_rank::<B>(&config, device, layout, rank, options),
     )
@@ -120,52 +116,52 @@ pub fn resume_node<B: TrainingBackend>(
 ) -> Result<Option<RunSummary>> {
     node.validate(devices.len())?;
     let point = ResumePoint::read(dir, steps, node.nodes * devices.len(), node.nodes, options)?;
-    let joined = Joined::<B> {
-        config: &point.config,
+    run_process::<B>(
+        &point.config,
         devices,
-        node,
-        join_timeout,
+        Some((node, join_timeout)),
         options,
-    };
-    joined.run(
         || point.commit(dir),
         |rank, device| restore_rank::<B>(&point, dir, device, layout, rank, options),
     )
 }
 
-/// A node's part of a multi-node run, from the checks to the end reported to the
-/// orchestrator.
-struct Joined<'a, B: TrainingBackend> {
-    config: &'a TrainConfig,
-    devices: &'a [B::Device],
-    node: &'a NodeSpec,
-    join_timeout: Duration,
-    options: &'a TrainOptions<'a>,
-}
+/// Where this process's ranks are: alone (`None`), or one node of several, with how long
+/// to wait for the others.
+type Place<'a> = Option<(&'a NodeSpec, Duration)>;
 
-impl<B: TrainingBackend> Joined<'_, B> {
-    /// Checks the backend, joins the other nodes, lets node 0 `write` the run directory,
-    /// runs `body` on every local rank, and tells the orchestrator how it ended.
-    fn run(
-        self,
-        write: impl FnOnce() -> Result<()>,
-        body: impl Fn(Rank, &B::Device) -> Result<Option<RunSummary>> + Sync,
-    ) -> Result<Option<RunSummary>> {
-        let (config, devices, node, options) = (self.config, self.devices, self.node, self.options);
-        if let Some(device) = devices.first() {
-            check_backend::<B>(config, device)?;
-        }
-        let link = join_nodes(config, devices.len(), node, self.join_timeout, options)?;
-        let outcome = (|| {
-            if node.rank == 0 {
-                write()?;
-            }
-            announce(config, devices.len(), options);
-            run_ranks::<B>(devices, &Ranks::on_node(node, devices.len()), body)
-        })();
-        link.finish(outcome.as_ref().map(drop).map_err(ToString::to_string));
-        outcome
+/// Checks the backend, joins the other nodes if there are any, lets the process holding
+/// global rank 0 `write` the run directory, runs `body` on every local rank, and tells
+/// the orchestrator (if any) how it ended. Returns the leader's value.
+fn run_process<B: TrainingBackend>(
+    config: &TrainConfig,
+    devices: &[B::Device],
+    place: Place,
+    options: &TrainOptions,
+    write: impl FnOnce() -> Result<()>,
+    body: impl Fn(Rank, &B::Device) -> Result<Option<RunSummary>> + Sync,
+) -> Result<Option<RunSummary>> {
+    if let Some(device) = devices.first() {
+        check_backend::<B>(config, device)?;
     }
+    let link = place
+        .map(|(node, timeout)| join_nodes(config, devices.len(), node, timeout, options))
+        .transpose()?;
+    let ranks = place.map_or_else(
+        || Ranks::local(devices.len()),
+        |(node, _)| Ranks::on_node(node, devices.len()),
+    );
+    let outcome = (|| {
+        if ranks.first == 0 {
+            write()?;
+        }
+        announce(config, devices.len(), options);
+        run_ranks::<B>(devices, &ranks, body)
+    })();
+    if let Some(link) = link {
+        link.finish(outcome.as_ref().map(drop).map_err(ToString::to_string));
+    }
+    outcome
 }
 
 /// Says hello to the orchestrator and waits for every node.

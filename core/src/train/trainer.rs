@@ -212,27 +212,26 @@ impl ResumePoint {
             config.run.steps = steps;
         }
         config.validate()?;
-        if config.run.devices != devices {
-            return Err(Error::param(
+        for (flag, given, trained, noun, field) in [
+            (
                 "--devices",
                 devices,
-                format!(
-                    "the {} device(s) the run in {} was trained on (run.devices, all nodes together): resume with the same count",
-                    config.run.devices,
-                    dir.display()
-                ),
-            ));
-        }
-        if config.run.nodes != nodes {
-            return Err(Error::param(
-                "--nodes",
-                nodes,
-                format!(
-                    "the {} node(s) the run in {} was trained on (run.nodes): resume with the same count",
-                    config.run.nodes,
-                    dir.display()
-                ),
-            ));
+                config.run.devices,
+                "device(s)",
+                "run.devices, all nodes together",
+            ),
+            ("--nodes", nodes, config.run.nodes, "node(s)", "run.nodes"),
+        ] {
+            if given != trained {
+                return Err(Error::param(
+                    flag,
+                    given,
+                    format!(
+                        "the {trained} {noun} the run in {} was trained on ({field}): resume with the same count",
+                        dir.display()
+                    ),
+                ));
+            }
         }
         let (checkpoint, path, skipped) = latest_checkpoint(dir)?;
         for damaged in &skipped {

@@ -514,15 +514,15 @@ impl<B: TrainingBackend> TrainSession<B> {
 /// kills its whole process with SIGKILL there instead (a node dying in a multi-node run).
 pub const FAIL_RANK_ENV: &str = "DTOPP_TEST_FAIL_RANK";
 
-fn fails_here(rank: Rank, step: u64) -> bool {
-    std::env::var(FAIL_RANK_ENV).is_ok_and(|v| {
-        let at = format!("{}:{step}", rank.index);
-        v == at || v == format!("{at}:kill")
-    })
-}
-
-fn killed_here(rank: Rank, step: u64) -> bool {
-    std::env::var(FAIL_RANK_ENV).is_ok_and(|v| v == format!("{}:{step}:kill", rank.index))
+/// `Some(kill)` when [`FAIL_RANK_ENV`] names this rank and step (`kill`: with `:kill`).
+fn injected_failure(rank: Rank, step: u64) -> Option<bool> {
+    let v = std::env::var(FAIL_RANK_ENV).ok()?;
+    let rest = v.strip_prefix(&format!("{}:{step}", rank.index))?;
+    match rest {
+        "" => Some(false),
+        ":kill" => Some(true),
+        _ => None,
+    }
 }
 
 /// A session without a rank runs alone; with one, `run.devices` must be its world.

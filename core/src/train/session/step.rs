@@ -11,9 +11,9 @@ impl<B: TrainingBackend> TrainSession<B> {
         let step_start = Instant::now();
         let step = self.step + 1;
         if let Some(rank) = self.rank
-            && fails_here(rank, step)
+            && let Some(kill) = injected_failure(rank, step)
         {
-            if killed_here(rank, step) {
+            if kill {
                 // As `kill -9` would: no unwinding, no cleanup, no last word.
                 let _ = std::process::Command::new("kill")
                     .args(["-9", &std::process::id().to_string()])
