@@ -693,3 +693,37 @@ pub fn tiny_two_micro_batches(
     config.run.sample_every = 0;
     config
 }
+
+/// A TOML laid over `--preset tiny` for the data-parallel tests: `batch` sequences per
+/// rank, validation every 4 steps, a routing sample every 8. Written in `root`; returns
+/// its path.
+pub fn batch_config(root: &std::path::Path, batch: usize) -> String {
+    let path = root.join(format!("batch{batch}.toml"));
+    std::fs::write(
+        &path,
+        format!("[run]\nbatch_size = {batch}\neval_every = 4\nsample_every = 8\n"),
+    )
+    .unwrap();
+    path.display().to_string()
+}
+
+/// How far two data-parallel runs of the same global batch may drift apart, step by step.
+#[derive(Debug)]
+pub struct Tolerances {
+    /// Losses (training, cross-entropy, validation).
+    pub loss: f64,
+    /// The threshold p.
+    pub threshold: f64,
+    /// a_t, the mean active experts.
+    pub active: f64,
+}
+
+/// On the CPU: N ranks with batch B against one device with batch N*B. The same windows,
+/// the same global routing counts and balance loss, sums taken in another order (per-rank
+/// means then their mean, instead of one mean over N*B sequences), so the trajectories
+/// agree to float rounding that grows slowly with the steps.
+pub const CPU_DATA_PARALLEL: Tolerances = Tolerances {
+    loss: 1e-5,
+    threshold: 1e-6,
+    active: 2e-3,
+};

@@ -10,19 +10,12 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use dtopp::metrics::StepMetrics;
-use dtopp_tests::{dtopp_binary, read_metrics};
+use dtopp_tests::{
+    CPU_DATA_PARALLEL as CPU_TOL, Tolerances, batch_config, dtopp_binary, read_metrics,
+};
 
 const STEPS: usize = 16;
 
-/// Two ranks of batch 8 against one device of batch 16: the same windows, the same
-/// global routing counts and balance loss, sums taken in another order (per-rank means
-/// then the mean of the two, instead of one mean over 16 sequences), so the trajectories
-/// agree to float rounding that grows slowly with the steps.
-const CPU_TOL: Tolerances = Tolerances {
-    loss: 1e-5,
-    threshold: 1e-6,
-    active: 2e-3,
-};
 /// On a GPU adapter the matrix products of a batch of B and of 2B may sum in different
 /// orders (lavapipe measured: as on the CPU), so a few tokens near the threshold may
 /// change their count.
@@ -31,12 +24,6 @@ const GPU_TOL: Tolerances = Tolerances {
     threshold: 1e-4,
     active: 2e-2,
 };
-
-struct Tolerances {
-    loss: f64,
-    threshold: f64,
-    active: f64,
-}
 
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("dtopp-dp-{name}-{}", std::process::id()));
@@ -58,16 +45,6 @@ fn succeeded(out: &std::process::Output) -> String {
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(out.status.success(), "{err}");
     err
-}
-
-fn batch_config(root: &Path, batch: usize) -> String {
-    let path = root.join(format!("batch{batch}.toml"));
-    std::fs::write(
-        &path,
-        format!("[run]\nbatch_size = {batch}\neval_every = 4\nsample_every = 8\n"),
-    )
-    .unwrap();
-    path.display().to_string()
 }
 
 /// The largest step-by-step differences of the quantities the issue names.
