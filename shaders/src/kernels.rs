@@ -5,7 +5,9 @@ use wgpu::util::DeviceExt;
 
 use crate::context::GpuContext;
 use crate::error::ShaderError;
-use crate::params::{ControllerParams, DrnParams, MoveParams, PlanParams, RowParams, SelectParams};
+use crate::params::{
+    ControllerParams, DrnParams, GroupedParams, MoveParams, PlanParams, RowParams, SelectParams,
+};
 use crate::source;
 
 /// Threads per workgroup of the per-token and per-element kernels (the WGSL `WG`
@@ -17,6 +19,14 @@ const WG_WIDE: u32 = 256;
 const PLAN_CHUNK: u32 = 32;
 /// Largest E the selection kernels handle on lavapipe (see `check_select_experts`).
 const LAVAPIPE_MAX_SELECT_EXPERTS: usize = 512;
+/// The grouped products' workgroup tile (`TILE_M` x `TILE_N` outputs, `TILE_K` deep) and
+/// threads, the `override`s of grouped_matmul.wgsl: 16 outputs per thread in registers,
+/// 4 KiB of shared memory, 64 threads (every device's limits, browsers' included).
+/// Measured on lavapipe against 16 x 16 x 16 (`dtopp bench train --backend wgpu`,
+/// docs/benchmarks.md).
+pub const GROUPED_TILE: [u32; 3] = [32, 32, 16];
+const GROUPED_MICRO: u32 = 4;
+const GROUPED_WG: u32 = (GROUPED_TILE[0] / GROUPED_MICRO) * (GROUPED_TILE[1] / GROUPED_MICRO);
 /// `status` value meaning "no non-finite input seen".
 const STATUS_CLEAN: u32 = u32::MAX;
 
@@ -200,6 +210,8 @@ pub struct RoutingKernels {
     sum_rows: Kernel,
     row_dots: Kernel,
     controller_update: Kernel,
+    grouped_forward: Kernel,
+    grouped_weight_grad: Kernel,
 }
 
 use Slot::{Storage, Uniform};
@@ -220,6 +232,15 @@ impl RoutingKernels {
         let moves = module("gather_combine.wgsl", source::GATHER_COMBINE);
         let rows = module("rows.wgsl", source::ROWS);
         let controller = module("controller.wgsl", source::CONTROLLER);
+        let grouped = module("grouped_matmul.wgsl", source::GROUPED_MATMUL);
+        let [tile_m, tile_n, tile_k] = GROUPED_TILE.map(f64::from);
+        let tiles: &[(&str, f64)] = &[
+            ("TILE_M", tile_m),
+            ("TILE_N", tile_n),
+            ("TILE_K", tile_k),
+            ("WG", f64::from(GROUPED_WG)),
+        ];
+        let tiled = |name, b| Self::kernel_with(device, &grouped, name, tiles, b);
         let k = |m: &wgpu::ShaderModule, name, wg, b| Self::kernel(device, m, name, wg, b);
         Self {
             drn_forward: k(
@@ -363,6 +384,26 @@ impl RoutingKernels {
                 WG_WIDE,
                 &[(0, Uniform), (1, Storage), (2, Storage)],
             ),
+            grouped_forward: tiled(
+                "grouped_forward",
+                &[
+                    (0, Uniform),
+                    (1, Storage),
+                    (2, Storage),
+                    (3, Storage),
+                    (4, Storage),
+                ],
+            ),
+            grouped_weight_grad: tiled(
+                "grouped_weight_grad",
+                &[
+                    (0, Uniform),
+                    (1, Storage),
+                    (2, Storage),
+                    (5, Storage),
+                    (6, Storage),
+                ],
+            ),
             ctx,
         }
     }
@@ -372,6 +413,17 @@ impl RoutingKernels {
         module: &wgpu::ShaderModule,
         name: &'static str,
         workgroup: u32,
+        bindings: &'static [(u32, Slot)],
+    ) -> Kernel {
+        let constants = [("WG", f64::from(workgroup))];
+        Self::kernel_with(device, module, name, &constants, bindings)
+    }
+
+    fn kernel_with(
+        device: &wgpu::Device,
+        module: &wgpu::ShaderModule,
+        name: &'static str,
+        constants: &[(&str, f64)],
         bindings: &'static [(u32, Slot)],
     ) -> Kernel {
         let entries: Vec<wgpu::BindGroupLayoutEntry> = bindings
@@ -405,7 +457,7 @@ impl RoutingKernels {
             module,
             entry_point: Some(name),
             compilation_options: wgpu::PipelineCompilationOptions {
-                constants: &[("WG", f64::from(workgroup))],
+                constants,
                 zero_initialize_workgroup_memory: false,
             },
             cache: None,
@@ -1075,6 +1127,87 @@ impl RoutingKernels {
             grid,
         );
         Ok(())
+    }
+
+    /// `out[m] = x[m] · W_e` for the rows `m` in `offsets[e]..offsets[e + 1]` of every
+    /// expert (`offsets`: `E + 1` i32 on the device, starting at 0), zeros from
+    /// `offsets[E]` to `rows`; `w` is `[E, inner, cols]`, or `[E, cols, inner]` read
+    /// transposed. Into ranges the caller owns; nothing is read back.
+    pub fn grouped_matmul_into(
+        &self,
+        x: Bound<'_>,
+        w: Bound<'_>,
+        offsets: Bound<'_>,
+        [rows, inner, cols, experts]: [usize; 4],
+        transposed: bool,
+        out: Bound<'_>,
+    ) -> Result<(), ShaderError> {
+        if rows * cols == 0 {
+            return Ok(());
+        }
+        let [tile_m, tile_n, _] = GROUPED_TILE.map(|t| t as usize);
+        let col_tiles = cols.div_ceil(tile_n);
+        let params = Self::grouped_params([rows, inner, cols, experts], transposed, col_tiles, 0);
+        // A bound on the experts' row tiles: each expert wastes less than one.
+        let slots = rows.div_ceil(tile_m) + experts;
+        let grid = self.grid("grouped_matmul", (slots * col_tiles) as u64)?;
+        self.run(
+            &self.grouped_forward,
+            bytemuck::bytes_of(&params),
+            &[offsets, x, w, out],
+            grid,
+        );
+        Ok(())
+    }
+
+    /// `out[e] = x_eᵀ · grad_e` (`[E, inner, cols]`) over the rows of each expert as in
+    /// [`Self::grouped_matmul_into`]; zeros for an expert without rows.
+    pub fn grouped_weight_grad_into(
+        &self,
+        x: Bound<'_>,
+        grad: Bound<'_>,
+        offsets: Bound<'_>,
+        [rows, inner, cols, experts]: [usize; 4],
+        out: Bound<'_>,
+    ) -> Result<(), ShaderError> {
+        if experts * inner * cols == 0 {
+            return Ok(());
+        }
+        let [tile_m, tile_n, _] = GROUPED_TILE.map(|t| t as usize);
+        let (col_tiles, inner_tiles) = (cols.div_ceil(tile_n), inner.div_ceil(tile_m));
+        let params = Self::grouped_params(
+            [rows, inner, cols, experts],
+            false,
+            col_tiles,
+            inner_tiles,
+        );
+        let groups = (experts * inner_tiles * col_tiles) as u64;
+        let grid = self.grid("grouped_weight_grad", groups)?;
+        self.run(
+            &self.grouped_weight_grad,
+            bytemuck::bytes_of(&params),
+            &[offsets, x, grad, out],
+            grid,
+        );
+        Ok(())
+    }
+
+    fn grouped_params(
+        [rows, inner, cols, experts]: [usize; 4],
+        transposed: bool,
+        col_tiles: usize,
+        inner_tiles: usize,
+    ) -> GroupedParams {
+        GroupedParams {
+            rows: rows as u32,
+            inner: inner as u32,
+            cols: cols as u32,
+            experts: experts as u32,
+            transposed: u32::from(transposed),
+            col_tiles: col_tiles as u32,
+            inner_tiles: inner_tiles as u32,
+            _pad: 0,
+        }
     }
 
     fn row_params([rows, hidden, sources]: [usize; 3], slots: usize, weighted: bool) -> RowParams {

@@ -70,7 +70,22 @@ pub(crate) struct ControllerParams {
     pub per: f32,
 }
 
+/// `GroupedParams` in grouped_matmul.wgsl.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+pub(crate) struct GroupedParams {
+    pub rows: u32,
+    pub inner: u32,
+    pub cols: u32,
+    pub experts: u32,
+    pub transposed: u32,
+    pub col_tiles: u32,
+    pub inner_tiles: u32,
+    pub _pad: u32,
+}
+
 const _: () = assert!(size_of::<DrnParams>() == 32);
+const _: () = assert!(size_of::<GroupedParams>() == 32);
 const _: () = assert!(size_of::<SelectParams>() == 16);
 const _: () = assert!(size_of::<PlanParams>() == 16);
 const _: () = assert!(size_of::<MoveParams>() == 16);

@@ -14,6 +14,9 @@ pub const ROWS: &str = include_str!("wgsl/rows.wgsl");
 /// `controller.wgsl`: the device-resident PI controller update.
 pub const CONTROLLER: &str = include_str!("wgsl/controller.wgsl");
 
+/// `grouped_matmul.wgsl`: the experts' grouped products, offsets read on the device.
+pub const GROUPED_MATMUL: &str = include_str!("wgsl/grouped_matmul.wgsl");
+
 /// Every shader with its file name, for validation and tooling.
 pub const ALL: &[(&str, &str)] = &[
     ("drn.wgsl", DRN),
@@ -22,4 +25,5 @@ pub const ALL: &[(&str, &str)] = &[
     ("gather_combine.wgsl", GATHER_COMBINE),
     ("rows.wgsl", ROWS),
     ("controller.wgsl", CONTROLLER),
+    ("grouped_matmul.wgsl", GROUPED_MATMUL),
 ];

@@ -19,8 +19,9 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{Tensor, TensorPrimitive};
+use burn::tensor::{Int, Tensor, TensorPrimitive};
 
+use super::grouped_offsets::{autodiff_on_device, through_host, weight_grad_through_host};
 use super::precision::Precision;
 use super::routed_rows::float;
 
@@ -56,10 +57,40 @@ pub trait GroupedMatmulBackend: Backend {
     ) -> Tensor<Self, 3> {
         weight_grad(xs, grad, dims, offsets, precision)
     }
+
+    /// Whether [`GroupedMatmulBackend::grouped_matmul_on_device`] reads the offsets on
+    /// the device (dtopp's kernel); otherwise it reads them back and slices.
+    const DEVICE_OFFSETS: bool = false;
+
+    /// [`GroupedMatmulBackend::grouped_matmul`] with the `E + 1` offsets on the device
+    /// and `xs`'s row count a bound on the routes: rows from `offsets[E]` on are zero.
+    /// `transposed`: `w` is `[E, F, D]` and multiplies as `w[e]ᵀ` (the backward's `dX`).
+    /// The default reads the offsets back.
+    fn grouped_matmul_on_device(
+        xs: Tensor<Self, 2>,
+        w: Tensor<Self, 3>,
+        offsets: Tensor<Self, 1, Int>,
+        transposed: bool,
+        precision: Precision,
+    ) -> Tensor<Self, 2> {
+        through_host(xs, w, offsets, transposed, precision)
+    }
+
+    /// [`GroupedMatmulBackend::grouped_weight_grad`] with the offsets on the device, as
+    /// in [`GroupedMatmulBackend::grouped_matmul_on_device`].
+    fn grouped_weight_grad_on_device(
+        xs: Tensor<Self, 2>,
+        grad: Tensor<Self, 2>,
+        dims: [usize; 3],
+        offsets: Tensor<Self, 1, Int>,
+        precision: Precision,
+    ) -> Tensor<Self, 3> {
+        weight_grad_through_host(xs, grad, dims, offsets, precision)
+    }
 }
 
 /// The grouped product in burn's tensor ops: a slice of rows and of the matrix per expert.
-pub(super) fn sliced_products<B: GroupedMatmulBackend>(
+pub(crate) fn sliced_products<B: GroupedMatmulBackend>(
     xs: Tensor<B, 2>,
     w: Tensor<B, 3>,
     offsets: &[usize],
@@ -117,12 +148,14 @@ pub(super) fn side_by_side<B: GroupedMatmulBackend>(
         && rows.saturating_mul(inner).saturating_mul(cols) / experts >= PARALLEL_MIN_MACS
 }
 
+/// Without dtopp's WGSL kernels in the build, burn-wgpu slices per expert.
+#[cfg(not(feature = "wgpu"))]
 impl GroupedMatmulBackend for burn::backend::Wgpu {}
 #[cfg(feature = "cuda")]
 impl GroupedMatmulBackend for burn::backend::Cuda {}
 
 /// [`GroupedMatmulBackend::grouped_weight_grad`] in burn's tensor ops.
-pub(super) fn weight_grad<B: GroupedMatmulBackend>(
+pub(crate) fn weight_grad<B: GroupedMatmulBackend>(
     xs: Tensor<B, 2>,
     grad: Tensor<B, 2>,
     dims: [usize; 3],
@@ -172,6 +205,18 @@ impl<B: GroupedMatmulBackend> Backward<B, 2> for GroupedMatmul {
 }
 
 impl<B: GroupedMatmulBackend, C: CheckpointStrategy> GroupedMatmulBackend for Autodiff<B, C> {
+    const DEVICE_OFFSETS: bool = B::DEVICE_OFFSETS;
+
+    fn grouped_matmul_on_device(
+        xs: Tensor<Self, 2>,
+        w: Tensor<Self, 3>,
+        offsets: Tensor<Self, 1, Int>,
+        transposed: bool,
+        precision: Precision,
+    ) -> Tensor<Self, 2> {
+        autodiff_on_device(xs, w, offsets, transposed, precision)
+    }
+
     fn grouped_matmul(
         xs: Tensor<Self, 2>,
         w: Tensor<Self, 3>,

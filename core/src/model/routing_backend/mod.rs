@@ -27,6 +27,8 @@ mod wgpu_control;
 #[cfg(feature = "wgpu")]
 mod wgpu_drn;
 #[cfg(feature = "wgpu")]
+mod wgpu_grouped;
+#[cfg(feature = "wgpu")]
 mod wgpu_rows;
 
 use burn::backend::Autodiff;

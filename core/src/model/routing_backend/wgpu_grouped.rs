@@ -1,0 +1,138 @@
+//! burn-wgpu's grouped expert products with dtopp's `grouped_matmul.wgsl` on burn's own
+//! buffers: the experts' offsets stay on the device, so the grouped layout runs a MoE
+//! layer forward and backward with no host read ([`GroupedMatmulBackend`]).
+//!
+//! The host-offset entry points (the exact layout) use the same kernels on offsets
+//! uploaded from the host. Products in f32 only: another precision takes the default,
+//! burn's own products on slices.
+
+use burn::backend::Wgpu;
+use burn::tensor::{Int, Tensor, TensorData};
+
+use super::wgpu::{float, int, kernels, launch, or_panic};
+use crate::model::grouped_matmul::{GroupedMatmulBackend, sliced_products, weight_grad};
+use crate::model::grouped_offsets::{through_host, weight_grad_through_host};
+use crate::model::precision::Precision;
+
+impl GroupedMatmulBackend for Wgpu {
+    const DEVICE_OFFSETS: bool = true;
+
+    fn grouped_matmul(
+        xs: Tensor<Self, 2>,
+        w: Tensor<Self, 3>,
+        offsets: &[usize],
+        precision: Precision,
+    ) -> Tensor<Self, 2> {
+        if precision != Precision::F32 {
+            return sliced_products(xs, w, offsets, precision);
+        }
+        let device = xs.device();
+        let on_device = upload(offsets, &device);
+        Self::grouped_matmul_on_device(xs, w, on_device, false, precision)
+    }
+
+    fn grouped_weight_grad(
+        xs: Tensor<Self, 2>,
+        grad: Tensor<Self, 2>,
+        dims: [usize; 3],
+        offsets: &[usize],
+        precision: Precision,
+    ) -> Tensor<Self, 3> {
+        if precision != Precision::F32 {
+            return weight_grad(xs, grad, dims, offsets, precision);
+        }
+        let device = xs.device();
+        let on_device = upload(offsets, &device);
+        Self::grouped_weight_grad_on_device(xs, grad, dims, on_device, precision)
+    }
+
+    fn grouped_matmul_on_device(
+        xs: Tensor<Self, 2>,
+        w: Tensor<Self, 3>,
+        offsets: Tensor<Self, 1, Int>,
+        transposed: bool,
+        precision: Precision,
+    ) -> Tensor<Self, 2> {
+        if precision != Precision::F32 {
+            return through_host(xs, w, offsets, transposed, precision);
+        }
+        let device = xs.device();
+        let [rows, inner] = xs.dims();
+        let [experts, a, b] = w.dims();
+        let cols = if transposed { a } else { b };
+        assert_eq!(
+            if transposed { b } else { a },
+            inner,
+            "grouped product: rows of width {inner} against experts' matrices {:?}{}",
+            w.dims(),
+            if transposed { " transposed" } else { "" }
+        );
+        assert_eq!(offsets.dims()[0], experts + 1, "grouped product: E + 1 offsets");
+        let out = Tensor::<Self, 2>::empty([rows, cols], &device);
+        if rows * cols == 0 {
+            return out;
+        }
+        if inner == 0 || experts == 0 {
+            return Tensor::zeros([rows, cols], &device);
+        }
+        let kernels = or_panic("grouped_matmul", kernels(&device));
+        let tensors = [float(xs), float(w), int(offsets), float(out.clone())];
+        or_panic(
+            "grouped_matmul",
+            launch(&tensors, |t| {
+                kernels.grouped_matmul_into(
+                    t[0],
+                    t[1],
+                    t[2],
+                    [rows, inner, cols, experts],
+                    transposed,
+                    t[3],
+                )
+            }),
+        );
+        out
+    }
+
+    fn grouped_weight_grad_on_device(
+        xs: Tensor<Self, 2>,
+        grad: Tensor<Self, 2>,
+        dims: [usize; 3],
+        offsets: Tensor<Self, 1, Int>,
+        precision: Precision,
+    ) -> Tensor<Self, 3> {
+        if precision != Precision::F32 {
+            return weight_grad_through_host(xs, grad, dims, offsets, precision);
+        }
+        let device = xs.device();
+        let [experts, inner, cols] = dims;
+        let rows = xs.dims()[0];
+        if experts * inner * cols == 0 {
+            return Tensor::zeros(dims, &device);
+        }
+        if rows == 0 {
+            return Tensor::zeros(dims, &device);
+        }
+        let kernels = or_panic("grouped_weight_grad", kernels(&device));
+        let out = Tensor::<Self, 3>::empty(dims, &device);
+        let tensors = [float(xs), float(grad), int(offsets), float(out.clone())];
+        or_panic(
+            "grouped_weight_grad",
+            launch(&tensors, |t| {
+                kernels.grouped_weight_grad_into(
+                    t[0],
+                    t[1],
+                    t[2],
+                    [rows, inner, cols, experts],
+                    t[3],
+                )
+            }),
+        );
+        out
+    }
+}
+
+/// Host offsets as the kernels' `E + 1` device integers (an upload, not a read).
+fn upload(offsets: &[usize], device: &burn::backend::wgpu::WgpuDevice) -> Tensor<Wgpu, 1, Int> {
+    let values: Vec<i32> = offsets.iter().map(|&o| o as i32).collect();
+    Tensor::from_data(TensorData::new(values, [offsets.len()]), device)
+}
