@@ -202,6 +202,6 @@ fn report(t: &Throughput, backend: &str, json: bool) {
         t.host_reads_per_step
     );
     if let Some(usage) = t.padded {
-        println!("\n{}", usage.describe());
+        println!("\n{}", usage.describe(&t.layout));
     }
 }

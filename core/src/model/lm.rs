@@ -13,7 +13,7 @@ use super::dense::DenseFfn;
 use super::init::normal_param;
 use super::moe::MoeForward;
 use super::moe_layer::MoeLayer;
-use super::padded_routing::ExpertBounds;
+use super::layer_bounds::LayerBounds;
 use super::precision::Precision;
 use super::routing::Selector;
 use super::routing_backend::RoutingBackend;
@@ -38,7 +38,7 @@ pub(super) struct LayerRoutingArgs<B: Backend> {
     /// The layer's selector (`None` only for a model without MoE layers left to route).
     pub selector: Option<Selector>,
     pub threshold: Option<Tensor<B, 1>>,
-    pub bounds: Option<ExpertBounds>,
+    pub bounds: Option<LayerBounds>,
 }
 
 impl<B: RoutingBackend> Block<B> {
@@ -91,9 +91,9 @@ pub struct RoutingPlan {
     pub use_drn: bool,
     /// One selector per MoE layer, first to last.
     pub selectors: Vec<Selector>,
-    /// One [`ExpertBounds`] per MoE layer for the padded layout
-    /// ([`super::ExpertLayout::Padded`]); `None` runs the exact layout.
-    pub bounds: Option<Vec<ExpertBounds>>,
+    /// One [`LayerBounds`] per MoE layer for the padded or grouped layout
+    /// ([`super::ExpertLayout`]); `None` runs the exact layout.
+    pub bounds: Option<Vec<LayerBounds>>,
 }
 
 /// What a forward pass returns.
@@ -201,7 +201,7 @@ impl<B: RoutingBackend> MoeLanguageModel<B> {
             && bounds.len() != moe_layers
         {
             return Err(Error::param(
-                "padded expert bounds",
+                "expert row bounds",
                 bounds.len(),
                 format!("one per MoE layer ({moe_layers})"),
             ));

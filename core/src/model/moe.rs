@@ -15,7 +15,10 @@ use burn::tensor::{Int, Tensor};
 
 use super::device_routing::read_ints;
 use super::long_reductions::column_sums;
-use super::padded_routing::{ExpertBounds, route_padded};
+use super::grouped_offsets::grouped_on_device;
+use super::grouped_routing::route_grouped;
+use super::layer_bounds::LayerBounds;
+use super::padded_routing::route_padded;
 use super::precision::Precision;
 use super::route::ExpertRows;
 use super::routed_rows::{gather_rows, sum_rows};
@@ -59,7 +62,7 @@ pub struct MoeForward<B: Backend> {
 pub struct LayerRouting<B: Backend> {
     /// `[N, E]` 1 where the token selected the expert.
     pub selected: Tensor<B, 2, Int>,
-    /// Set where the layer ran in the padded layout, which leaves the check to the
+    /// Set where the layer ran in the padded or grouped layout, which leaves the check to the
     /// trainer: `[1]` the first non-finite router logit, row-major, `N E` when none.
     pub first_bad: Option<Tensor<B, 1, Int>>,
 }
@@ -110,14 +113,15 @@ impl<B: Backend> LayerRouting<B> {
 
 /// One dropless MoE layer on token rows `x` `[N, D]`. `threshold` (`[1]`, on the model's
 /// device) replaces a Top-p selector's host threshold. With `bounds` the experts run in
-/// the padded layout ([`super::ExpertLayout::Padded`]), otherwise on exact slices.
+/// the padded or grouped layout ([`super::ExpertLayout`]) `bounds` belong to, otherwise
+/// on exact slices.
 pub fn moe_forward<B: RoutingBackend>(
     x: Tensor<B, 2>,
     w: &MoeWeights<B>,
     use_drn: bool,
     selector: Selector,
     threshold: Option<Tensor<B, 1>>,
-    bounds: Option<ExpertBounds>,
+    bounds: Option<LayerBounds>,
     precision: Precision,
 ) -> Result<MoeForward<B>> {
     let [n, d] = x.dims();
@@ -135,16 +139,17 @@ pub fn moe_forward<B: RoutingBackend>(
     // Selection and the rows' layout (the spec's rules), on the backend.
     let (p, z) = (probs.clone().detach(), logits.clone().detach());
     let route = match bounds {
-        Some(bounds) => route_padded(p, z, selector, threshold, bounds)?,
+        Some(LayerBounds::Padded(bounds)) => route_padded(p, z, selector, threshold, bounds)?,
+        Some(LayerBounds::Grouped(bound)) => route_grouped(p, z, selector, threshold, bound)?,
         None => B::route(p, z, selector, threshold)?,
     };
     let rows = route.row_count();
     let device = x.device();
 
-    // Combine weights from P (differentiable), read at each row. A padded layout's empty
-    // rows read an appended zero, and take the zero row appended to x, so that their
-    // expert outputs are exactly zero.
-    let padded = matches!(route.rows, ExpertRows::Padded { .. });
+    // Combine weights from P (differentiable), read at each row. A padded or grouped
+    // layout's empty rows read an appended zero, and take the zero row appended to x, so
+    // that their expert outputs are exactly zero.
+    let padded = !matches!(route.rows, ExpertRows::Exact { .. });
     // Only the padded layout appends (and allocates) its extra row.
     let append = |t: Tensor<B, 2>| {
         if padded {
@@ -180,6 +185,12 @@ pub fn moe_forward<B: RoutingBackend>(
             let up = B::grouped_matmul(xs, w.up.clone(), offsets, precision);
             B::grouped_matmul(swiglu(gate, up), w.down.clone(), offsets, precision)
         }
+        // Each expert on its rows, the offsets read on the device.
+        ExpertRows::Grouped { offsets, .. } => {
+            let gate = grouped_on_device(xs.clone(), w.gate.clone(), offsets, precision);
+            let up = grouped_on_device(xs, w.up.clone(), offsets, precision);
+            grouped_on_device(swiglu(gate, up), w.down.clone(), offsets, precision)
+        }
         // Every expert on its buffer of C rows, in one batched product.
         ExpertRows::Padded { capacity, .. } => {
             let xs = xs.reshape([e, *capacity, d]);
@@ -191,7 +202,7 @@ pub fn moe_forward<B: RoutingBackend>(
         }
     };
 
-    // Combine: weighted rows added back to their tokens (an empty padded row adds its
+    // Combine: weighted rows added back to their tokens (an empty padded or grouped row adds its
     // zero output, with weight zero, to token N - 1).
     let to_token = if padded {
         route.row_tokens.clone().clamp_max(n as i64 - 1)
@@ -201,7 +212,9 @@ pub fn moe_forward<B: RoutingBackend>(
     let output = sum_rows(ys, g, route.token_slots.as_ref(), &to_token, n);
     let first_bad = match route.rows {
         ExpertRows::Exact { .. } => None,
-        ExpertRows::Padded { first_bad, .. } => Some(first_bad),
+        ExpertRows::Padded { first_bad, .. } | ExpertRows::Grouped { first_bad, .. } => {
+            Some(first_bad)
+        }
     };
     Ok(MoeForward {
         output,
@@ -230,7 +243,8 @@ mod tests {
     use burn::backend::{Autodiff, NdArray};
     use burn::tensor::{Tensor, TensorData};
 
-    use super::{ExpertBounds, MoeWeights, Precision, Selector, moe_forward, read_ints};
+    use super::{LayerBounds, MoeWeights, Precision, Selector, moe_forward, read_ints};
+    use crate::model::{ExpertBounds, RowBound};
     use crate::rng::SplitMix64;
 
     type B = Autodiff<NdArray>;
@@ -261,7 +275,7 @@ mod tests {
     fn loss(
         t: &[Tensor<B, 3>],
         selector: Selector,
-        bounds: Option<ExpertBounds>,
+        bounds: Option<LayerBounds>,
         out_w: &[f32],
     ) -> (Tensor<B, 1>, Vec<i32>) {
         let w = MoeWeights {
@@ -310,13 +324,15 @@ mod tests {
                 k_max: None,
             },
         ];
-        // The exact layout, and padded buffers that hold every route (5 tokens, 4 experts).
+        // The exact layout, padded buffers that hold every route (5 tokens, 4 experts)
+        // and a grouped bound past the routes.
         let layouts = [
             None,
-            Some(ExpertBounds {
+            Some(LayerBounds::Padded(ExpertBounds {
                 capacity: 5,
                 slots: 4,
-            }),
+            })),
+            Some(LayerBounds::Grouped(RowBound { rows: 20, slots: 4 })),
         ];
         for (bounds, selector) in layouts
             .iter()

@@ -8,7 +8,7 @@ use burn::tensor::backend::Backend;
 use super::config::ModelConfig;
 use super::init::{constant_param, normal_param};
 use super::moe::{MoeForward, MoeWeights, moe_forward};
-use super::padded_routing::ExpertBounds;
+use super::layer_bounds::LayerBounds;
 use super::precision::Precision;
 use super::routing::Selector;
 use super::routing_backend::RoutingBackend;
@@ -60,7 +60,7 @@ impl<B: RoutingBackend> MoeLayer<B> {
         use_drn: bool,
         selector: Selector,
         threshold: Option<Tensor<B, 1>>,
-        bounds: Option<ExpertBounds>,
+        bounds: Option<LayerBounds>,
         precision: Precision,
     ) -> Result<MoeForward<B>> {
         let weights = MoeWeights {

@@ -17,6 +17,7 @@
 use burn::tensor::{Int, Tensor};
 use serde::{Deserialize, Serialize};
 
+use super::layer_bounds::LayerBounds;
 use super::device_routing::{
     ExpertMajor, expert_major, first_above, first_non_finite, slots_by_rank,
 };
@@ -59,7 +60,8 @@ impl ExpertBounds {
     }
 }
 
-/// How a session's padded layout went: reported by the trainer and `bench train`.
+/// How a session's padded or grouped layout went: reported by the trainer and
+/// `bench train`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PaddedUsage {
     /// Micro-batches whose gradients were used (the first step of a process in the exact
@@ -68,21 +70,25 @@ pub struct PaddedUsage {
     /// Micro-batches run once more because they (or another micro-batch of their step)
     /// outgrew their bounds.
     pub redone: u64,
-    /// Expert buffer rows (`E C`, summed over the MoE layers) of the micro-batches that
-    /// fit.
+    /// Expert rows the experts' products computed (`E C` per layer padded, the routes
+    /// grouped; summed over the MoE layers) in the micro-batches that fit.
     pub buffer_rows: u64,
+    /// Expert rows allocated (`E C` padded, the bound `R` grouped) in the same
+    /// micro-batches.
+    #[serde(default)]
+    pub allocated_rows: u64,
     /// Routes (selected token-expert pairs) of the same micro-batches.
     pub routes: u64,
 }
 
 impl PaddedUsage {
-    /// Counts a micro-batch that fit `bounds`: its buffer rows and its routes (`k_sum`:
-    /// each layer's experts summed over its tokens).
-    pub fn count_fitting(&mut self, bounds: &[ExpertBounds], experts: usize, k_sum: &[u64]) {
-        self.buffer_rows += bounds
-            .iter()
-            .map(|b| (experts * b.capacity) as u64)
-            .sum::<u64>();
+    /// Counts a micro-batch that fit `bounds`: its computed and allocated rows and its
+    /// routes (`k_sum`: each layer's experts summed over its tokens).
+    pub fn count_fitting(&mut self, bounds: &[LayerBounds], experts: usize, k_sum: &[u64]) {
+        for (b, &routes) in bounds.iter().zip(k_sum) {
+            self.buffer_rows += b.computed_rows(experts, routes as usize) as u64;
+            self.allocated_rows += b.allocated_rows(experts) as u64;
+        }
         self.routes += k_sum.iter().sum::<u64>();
     }
 
@@ -91,13 +97,22 @@ impl PaddedUsage {
         (self.routes > 0).then(|| self.buffer_rows as f64 / self.routes as f64)
     }
 
-    /// One line for the log.
-    pub fn describe(&self) -> String {
+    /// Expert rows allocated per route.
+    pub fn allocated_per_route(&self) -> Option<f64> {
+        (self.routes > 0 && self.allocated_rows > 0)
+            .then(|| self.allocated_rows as f64 / self.routes as f64)
+    }
+
+    /// One line for the log, for a run in `layout`.
+    pub fn describe(&self, layout: &str) -> String {
         let rows = self.rows_per_route().map_or_else(String::new, |r| {
             format!("; {r:.2} expert rows computed per route")
         });
+        let allocated = self
+            .allocated_per_route()
+            .map_or_else(String::new, |r| format!(", {r:.2} allocated"));
         format!(
-            "padded expert buffers: {} micro-batches run again (their step outgrew the buffers), {} used{rows}",
+            "{layout} expert rows: {} micro-batches run again (their step outgrew the bounds), {} used{rows}{allocated}",
             self.redone, self.micro_batches
         )
     }

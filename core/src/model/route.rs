@@ -47,10 +47,20 @@ pub enum ExpertRows<B: Backend> {
         /// the trainer reads it with the step's counts.
         first_bad: Tensor<B, 1, Int>,
     },
+    /// Expert j owns rows `offsets[j]..offsets[j + 1]`, one per route, of a bound `R`
+    /// fixed on the host; rows from `offsets[E]` on are empty. Nothing was read back:
+    /// the grouped products read the offsets on the device.
+    Grouped {
+        /// `[E + 1]` the experts' offsets, on the device (the last is the routes).
+        offsets: Tensor<B, 1, Int>,
+        /// `[1]` the first non-finite router logit, as in `Padded`.
+        first_bad: Tensor<B, 1, Int>,
+    },
 }
 
 impl<B: Backend> Route<B> {
-    /// `R`, the expert rows (the routes in the exact layout, `E C` padded).
+    /// `R`, the expert rows (the routes in the exact layout, `E C` padded, the bound
+    /// grouped).
     pub fn row_count(&self) -> usize {
         self.row_tokens.dims()[0]
     }
@@ -75,6 +85,10 @@ impl<B: Backend> Route<B> {
                     first_bad,
                 } => ExpertRows::Padded {
                     capacity,
+                    first_bad: int(first_bad),
+                },
+                ExpertRows::Grouped { offsets, first_bad } => ExpertRows::Grouped {
+                    offsets: int(offsets),
                     first_bad: int(first_bad),
                 },
             },

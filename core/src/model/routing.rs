@@ -20,8 +20,9 @@ pub enum Selector {
     },
 }
 
-/// How the routed rows are laid out for the experts' products. Both layouts make the
-/// same selection and the same outputs (`tests/tests/padded_routing.rs`); they differ in
+/// How the routed rows are laid out for the experts' products. The layouts make the
+/// same selection and the same outputs (`tests/tests/padded_routing.rs`,
+/// `tests/tests/grouped_routing.rs`); they differ in
 /// what the host must know, and so in how often it waits for the device.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
@@ -36,17 +37,33 @@ pub enum ExpertLayout {
     /// on the device and the host reads twice per optimizer step. A micro-batch that
     /// outgrows its buffers runs again, so nothing is dropped.
     Padded,
+    /// Each route on exactly one expert row, expert-major, with the experts' offsets on
+    /// the device where the grouped products read them: nothing is read per layer and
+    /// no padding is computed. The host bounds the total rows from the previous step; a
+    /// micro-batch that outgrows the bound runs again, so nothing is dropped. Needs a
+    /// backend whose grouped products read device offsets
+    /// ([`super::GroupedMatmulBackend::DEVICE_OFFSETS`]).
+    Grouped,
 }
 
 impl ExpertLayout {
-    /// The layout a run on backend `B` takes unless told otherwise: padded where the
-    /// backend's tensors live on a device the host must wait for, exact on host memory.
+    /// The layout a run on backend `B` takes unless told otherwise: exact on host
+    /// memory (reading is free); on a device the host must wait for, grouped where the
+    /// backend's grouped products read device offsets, else padded.
     pub fn preferred_on<B: RoutingBackend>() -> Self {
         if B::HOST_MEMORY {
             ExpertLayout::Exact
+        } else if B::DEVICE_OFFSETS {
+            ExpertLayout::Grouped
         } else {
             ExpertLayout::Padded
         }
+    }
+
+    /// Whether the layout runs on host bounds ([`super::LayerBounds`]) with nothing read
+    /// per layer.
+    pub fn bounded(self) -> bool {
+        self != ExpertLayout::Exact
     }
 
     /// The layout's name as `--layout` spells it.
@@ -54,6 +71,7 @@ impl ExpertLayout {
         match self {
             ExpertLayout::Exact => "exact",
             ExpertLayout::Padded => "padded",
+            ExpertLayout::Grouped => "grouped",
         }
     }
 
@@ -62,6 +80,12 @@ impl ExpertLayout {
         let layout = match self {
             ExpertLayout::Exact => "experts on exact slices (the plan's head read per layer)",
             ExpertLayout::Padded => "experts in padded buffers (nothing read per layer)",
+            ExpertLayout::Grouped if B::DEVICE_OFFSETS => {
+                "experts on their exact rows, grouped products reading the offsets on the device (nothing read per layer)"
+            }
+            ExpertLayout::Grouped => {
+                "experts on their exact rows; this backend's grouped products read the offsets back (one read per product)"
+            }
         };
         format!("{}; {layout}", B::routing_name(device))
     }

@@ -406,7 +406,7 @@ fn run_to_end<B: TrainingBackend>(
         ));
     }
     if let Some(usage) = session.padded_usage() {
-        say(usage.describe());
+        say(usage.describe(session.layout().name()));
     }
     Ok(summary)
 }

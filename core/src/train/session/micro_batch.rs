@@ -19,14 +19,14 @@ impl<B: TrainingBackend> TrainSession<B> {
         let (layers, experts) = (self.layers, self.config.model.experts);
         let (device, accum) = (&self.device, self.config.run.grad_accum);
         let precision = self.config.run.precision;
-        let padded = self.layout == ExpertLayout::Padded;
+        let bounded = self.layout.bounded();
         let mut accumulator = GradientsAccumulator::new();
         let mut stats = RoutingStats::new(layers, experts);
         let mut losses = [0.0f64; 4];
         for batch in batches {
             let (inputs, targets) = batch_tensors::<B>(batch, device);
             let mut plan = plan.clone();
-            plan.bounds = self.bounds.clone().filter(|_| padded);
+            plan.bounds = self.bounds.clone().filter(|_| bounded);
             // The host copy of the tokens spares the embedding's backward a read-back.
             let forward = |plan: &RoutingPlan| {
                 model.forward_with_host_tokens(inputs.clone(), &batch.inputs, plan, None, precision)
@@ -38,7 +38,7 @@ impl<B: TrainingBackend> TrainSession<B> {
                 if counts.fit(bounds) {
                     self.padded.count_fitting(bounds, experts, &counts.k_sum);
                 } else {
-                    // Some expert or token outgrew its buffer: nothing is differentiated
+                    // Some layer outgrew its bounds: nothing is differentiated
                     // yet, so the micro-batch runs again in the exact layout.
                     plan.bounds = None;
                     output = forward(&plan)?;
@@ -46,10 +46,11 @@ impl<B: TrainingBackend> TrainSession<B> {
                     self.padded.redone += 1;
                 }
             }
-            if padded {
+            if bounded {
                 self.padded.micro_batches += 1;
                 let tokens = batch.batch * batch.seq_len;
-                self.bounds = Some(counts.next_bounds(tokens, experts));
+                let needs: Vec<LayerNeeds> = (0..layers).map(|l| counts.needs(l)).collect();
+                self.bounds = self.next_bounds(&needs, tokens);
             }
             // The global batch's counts: they drive the controller (every rank the same
             // a_t, so the same p) and the balance loss's expert fractions.
@@ -91,7 +92,7 @@ impl<B: TrainingBackend> TrainSession<B> {
         model: &MoeLanguageModel<B>,
         batches: &[Batch],
         plan: &RoutingPlan,
-        bounds: Vec<ExpertBounds>,
+        bounds: Vec<LayerBounds>,
     ) -> Result<Option<Pass<B>>> {
         let (layers, experts) = (self.layers, self.config.model.experts);
         let width = 1 + 2 * experts;
@@ -116,7 +117,7 @@ impl<B: TrainingBackend> TrainSession<B> {
                 let Some(bad) = &layer.routing.first_bad else {
                     return Err(Error::Backend {
                         backend: "trainer",
-                        message: "a padded pass routed a layer outside the padded layout"
+                        message: "a bounded pass routed a layer in the exact layout"
                             .to_string(),
                     });
                 };
@@ -156,14 +157,18 @@ impl<B: TrainingBackend> TrainSession<B> {
             .map(|c| RoutingStats::unflatten(c, layers, experts))
             .collect();
         let tokens = batches.first().map_or(1, |b| b.batch * b.seq_len);
-        let grown = (0..layers)
+        // Each layer's largest needs over the step's micro-batches.
+        let needs: Vec<LayerNeeds> = (0..layers)
             .map(|l| {
-                let max_load = measured.iter().map(|s| s.max_load(l)).max().unwrap_or(0);
-                let max_k = measured.iter().map(|s| s.max_k(l)).max().unwrap_or(0);
-                ExpertBounds::after(max_load, max_k, tokens, experts)
+                let each = || measured.iter().map(|s| s.needs(l));
+                LayerNeeds {
+                    routes: each().map(|n| n.routes).max().unwrap_or(0),
+                    max_load: each().map(|n| n.max_load).max().unwrap_or(0),
+                    max_k: each().map(|n| n.max_k).max().unwrap_or(0),
+                }
             })
             .collect();
-        self.bounds = Some(grown);
+        self.bounds = self.next_bounds(&needs, tokens);
         if !measured.iter().all(|s| s.fit(&bounds)) {
             self.padded.redone += batches.len() as u64;
             return Ok(None);

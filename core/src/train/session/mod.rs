@@ -33,8 +33,8 @@ use crate::controller::{ThresholdScope, calibrate_threshold};
 use crate::error::{Error, Result};
 use crate::metrics::{ClassBucket, DifficultyBucket, RoutingSample, RunSummary, StepMetrics};
 use crate::model::{
-    ExpertBounds, ExpertLayout, MoeForward, MoeLanguageModel, PaddedUsage, Precision, RoutingPlan,
-    Selector, non_finite_logit, read_ints,
+    ExpertBounds, ExpertLayout, LayerBounds, LayerNeeds, MoeForward, MoeLanguageModel,
+    PaddedUsage, Precision, RoutingPlan, Selector, non_finite_logit, read_ints,
 };
 use crate::ops::RouteShape;
 use crate::sim::{TrackingSummary, mean_std};
@@ -79,14 +79,14 @@ pub struct TrainSession<B: TrainingBackend> {
     busy_s: f64,
     // `Some` in a data-parallel run (even of one rank: the same code path).
     rank: Option<Rank>,
-    // The padded layout's bounds per MoE layer ([`ExpertLayout::Padded`]), from the
+    // The padded or grouped layout's bounds per MoE layer ([`LayerBounds`]), from the
     // last step (the last micro-batch, where they are read one at a time); `None` until
     // one has been measured.
-    bounds: Option<Vec<ExpertBounds>>,
-    // How the padded layout went in this process.
+    bounds: Option<Vec<LayerBounds>>,
+    // How the padded or grouped layout went in this process.
     padded: PaddedUsage,
-    // The controller(s) on the device, where a single-process run routes in padded
-    // buffers: the updates happen there and `policy` holds the copy read at each step's
+    // The controller(s) on the device, where a single-process run routes with bounds
+    // (padded or grouped): the updates happen there and `policy` holds the copy read at each step's
     // end. `None` otherwise, and after a host-side change (target, gains, mode), until
     // the next step uploads the policy again.
     control: Option<DeviceControl<B>>,
@@ -375,21 +375,53 @@ impl<B: TrainingBackend> TrainSession<B> {
     /// Starts the padded layout ([`ExpertLayout::Padded`]) from `bounds`, one per
     /// MoE layer, instead of measuring the next step in the exact layout first.
     pub fn set_padded_bounds(&mut self, bounds: Vec<ExpertBounds>) -> Result<()> {
+        self.set_bounds(bounds.into_iter().map(LayerBounds::Padded).collect())
+    }
+
+    /// Starts the padded or grouped layout from `bounds`, one per MoE layer and of the
+    /// session's layout, instead of measuring the next step in the exact layout first.
+    pub fn set_bounds(&mut self, bounds: Vec<LayerBounds>) -> Result<()> {
         if bounds.len() != self.layers {
             return Err(Error::param(
-                "padded expert bounds",
+                "expert row bounds",
                 bounds.len(),
                 format!("one per MoE layer ({})", self.layers),
+            ));
+        }
+        let fits_layout = |b: &LayerBounds| {
+            matches!(
+                (b, self.layout),
+                (LayerBounds::Padded(_), ExpertLayout::Padded)
+                    | (LayerBounds::Grouped(_), ExpertLayout::Grouped)
+            )
+        };
+        if let Some(other) = bounds.iter().find(|b| !fits_layout(b)) {
+            return Err(Error::param(
+                "expert row bounds",
+                format!("{other:?}"),
+                format!("bounds of the session's layout ({})", self.layout.name()),
             ));
         }
         self.bounds = Some(bounds);
         Ok(())
     }
 
-    /// How the padded layout ([`ExpertLayout::Padded`]) went in this session; `None` in
-    /// the exact layout.
+    /// Bounds for the next micro-batch of `tokens` tokens in the session's layout, from
+    /// what each layer needed (`None` in the exact layout).
+    fn next_bounds(&self, needs: &[LayerNeeds], tokens: usize) -> Option<Vec<LayerBounds>> {
+        let experts = self.config.model.experts;
+        let selectors = self.plan().selectors;
+        needs
+            .iter()
+            .zip(selectors)
+            .map(|(&n, selector)| LayerBounds::after(self.layout, n, tokens, experts, selector))
+            .collect()
+    }
+
+    /// How the padded or grouped layout went in this session; `None` in the exact
+    /// layout.
     pub fn padded_usage(&self) -> Option<PaddedUsage> {
-        (self.layout == ExpertLayout::Padded).then_some(self.padded)
+        self.layout.bounded().then_some(self.padded)
     }
 
     /// Changes `T` from the next step on. The controller keeps its integral (a bumpless

@@ -53,19 +53,21 @@ impl RoutingStats {
         Ok(Self::unflatten(&read[..counted], moe.len(), experts))
     }
 
-    /// Whether every layer's busiest expert and busiest token fit `bounds`.
-    pub(super) fn fit(&self, bounds: &[ExpertBounds]) -> bool {
+    /// Whether every layer's routes fit `bounds`.
+    pub(super) fn fit(&self, bounds: &[LayerBounds]) -> bool {
         bounds
             .iter()
             .enumerate()
-            .all(|(l, b)| b.hold(self.max_load(l), self.max_k(l)))
+            .all(|(l, b)| b.hold(self.needs(l)))
     }
 
-    /// Bounds for the next micro-batch of `tokens` tokens, from these counts.
-    pub(super) fn next_bounds(&self, tokens: usize, experts: usize) -> Vec<ExpertBounds> {
-        (0..self.k_sum.len())
-            .map(|l| ExpertBounds::after(self.max_load(l), self.max_k(l), tokens, experts))
-            .collect()
+    /// What layer `layer` needed: its routes, busiest expert and busiest token.
+    pub(super) fn needs(&self, layer: usize) -> LayerNeeds {
+        LayerNeeds {
+            routes: self.k_sum[layer] as usize,
+            max_load: self.max_load(layer),
+            max_k: self.max_k(layer),
+        }
     }
 
     pub(super) fn max_load(&self, layer: usize) -> usize {

@@ -56,9 +56,9 @@ impl<B: TrainingBackend> TrainSession<B> {
             .model
             .take()
             .expect("a failed step leaves no model; start a new session");
-        // A single-process run in padded buffers keeps its controller on the device and
-        // reads back once per step.
-        let single_padded = self.rank.is_none() && self.layout == ExpertLayout::Padded;
+        // A single-process run with bounds (padded or grouped) keeps its controller on the
+        // device and reads back once per step.
+        let single_padded = self.rank.is_none() && self.layout.bounded();
         if single_padded
             && self.control.is_none()
             && let Some(control) = self.policy.control()

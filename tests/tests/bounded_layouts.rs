@@ -1,17 +1,20 @@
-//! The padded expert layout (`--layout padded`) against the exact one
-//! (`--layout exact`): the same selection, the same outputs and gradients, on burn
-//! ndarray and on burn-wgpu, for awkward shapes (one token, one expert, E not a power of
-//! two, every probability tied); bounds that are tight, loose and too small; a
-//! non-finite logit found without a read-back per layer; whole training steps (with the
-//! controller on the device) that redo a step which outgrew its buffers; and a padded
-//! run resumed from a checkpoint exactly.
+//! The layouts that read nothing back per layer, padded (`--layout padded`) and grouped
+//! (`--layout grouped`), against the exact one (`--layout exact`): the same selection,
+//! the same outputs and gradients, on burn ndarray and on burn-wgpu (where the grouped
+//! products are dtopp's kernels reading the offsets on the device), for awkward shapes
+//! (one token, one expert, E not a power of two, every probability tied); bounds that are
+//! tight, loose and too small; a non-finite logit found without a read-back per layer;
+//! whole training steps (with the controller on the device) that redo a step which
+//! outgrew its bounds; runs resumed from a checkpoint exactly; and the host's reads per
+//! step.
 
 use burn::backend::{Autodiff, NdArray, Wgpu};
 use burn::tensor::{Tensor, TensorData};
 use dtopp::host_reads;
 use dtopp::model::{
-    ExpertBounds, ExpertLayout, ExpertRows, LayerRouting, MoeWeights, PaddedUsage, Precision,
-    RoutingBackend, Selector, TrainingBackend, moe_forward, route_padded,
+    ExpertBounds, ExpertLayout, ExpertRows, LayerBounds, LayerRouting, MoeWeights, PaddedUsage,
+    Precision, RoutingBackend, RowBound, Selector, TrainingBackend, moe_forward, route_grouped,
+    route_padded,
 };
 use dtopp::rng::SplitMix64;
 use dtopp::train::{Preset, RoutingMode, TrainSession};
@@ -107,13 +110,16 @@ impl Run {
     fn max_load(&self, n: usize) -> usize {
         self.counts[n..].iter().copied().max().unwrap() as usize
     }
+    fn routes(&self, n: usize) -> usize {
+        self.counts[..n].iter().sum::<i32>() as usize
+    }
 }
 
 fn run<B: RoutingBackend>(
     s: Shape,
     v: &(Vec<Vec<f32>>, Vec<f32>),
     selector: Selector,
-    bounds: Option<ExpertBounds>,
+    bounds: Option<LayerBounds>,
 ) -> Run {
     let device = Default::default();
     let t: Vec<Tensor<Autodiff<B>, 1>> = v
@@ -211,7 +217,7 @@ fn selectors(e: usize) -> [Selector; 3] {
     ]
 }
 
-fn padded_matches_exact<B: RoutingBackend>(backend: &str) {
+fn bounded_matches_exact<B: RoutingBackend>(backend: &str) {
     let mut compared = 0;
     for (i, s) in SHAPES.into_iter().enumerate() {
         let v = values(s, 40 + i as u64);
@@ -219,44 +225,75 @@ fn padded_matches_exact<B: RoutingBackend>(backend: &str) {
             let what = format!("{backend} {s:?} {selector:?}");
             let exact = run::<B>(s, &v, selector, None);
             let (max_load, max_k) = (exact.max_load(s.n), exact.max_k(s.n));
-            let tight = ExpertBounds {
-                capacity: max_load,
-                slots: max_k,
+            let routes = exact.routes(s.n);
+            let k_bound = match selector {
+                Selector::TopK(k) => k,
+                Selector::TopP { k_max, .. } => k_max.unwrap_or(s.e),
             };
-            let loose = ExpertBounds::after(max_load, max_k, s.n, s.e);
-            for bounds in [tight, loose] {
-                let padded = run::<B>(s, &v, selector, Some(bounds));
-                assert_eq!(padded.counts, exact.counts, "{what} {bounds:?}: selection");
-                assert_close(&padded, &exact, &format!("{what} {bounds:?}"));
+            let fitting: [LayerBounds; 4] = [
+                ExpertBounds {
+                    capacity: max_load,
+                    slots: max_k,
+                }
+                .into(),
+                ExpertBounds::after(max_load, max_k, s.n, s.e).into(),
+                RowBound {
+                    rows: routes,
+                    slots: max_k,
+                }
+                .into(),
+                RowBound::after(routes, max_k, s.n, k_bound).into(),
+            ];
+            for bounds in fitting {
+                let bounded = run::<B>(s, &v, selector, Some(bounds));
+                assert_eq!(bounded.counts, exact.counts, "{what} {bounds:?}: selection");
+                assert_close(&bounded, &exact, &format!("{what} {bounds:?}"));
                 compared += 1;
             }
             // Too small: the selection is still reported whole, so the trainer sees that
             // it does not fit and redoes the micro-batch.
-            if max_load > 1 {
-                let small = ExpertBounds {
-                    capacity: max_load - 1,
+            let mut small: Vec<LayerBounds> = vec![
+                RowBound {
+                    rows: routes - 1,
                     slots: max_k,
+                }
+                .into(),
+            ];
+            if max_load > 1 {
+                small.push(
+                    ExpertBounds {
+                        capacity: max_load - 1,
+                        slots: max_k,
+                    }
+                    .into(),
+                );
+            }
+            for bounds in small.into_iter().filter(|_| routes > 1) {
+                let bounded = run::<B>(s, &v, selector, Some(bounds));
+                assert_eq!(bounded.counts, exact.counts, "{what} {bounds:?}: selection");
+                let needs = dtopp::model::LayerNeeds {
+                    routes: bounded.routes(s.n),
+                    max_load: bounded.max_load(s.n),
+                    max_k: bounded.max_k(s.n),
                 };
-                let padded = run::<B>(s, &v, selector, Some(small));
-                assert_eq!(padded.counts, exact.counts, "{what} {small:?}: selection");
-                assert!(!small.hold(padded.max_load(s.n), padded.max_k(s.n)));
+                assert!(!bounds.hold(needs), "{what} {bounds:?}");
             }
         }
     }
-    println!("{backend}: {compared} padded runs equal the exact layout");
+    println!("{backend}: {compared} padded and grouped runs equal the exact layout");
 }
 
 #[test]
-fn the_padded_layout_equals_the_exact_one_on_ndarray() {
-    padded_matches_exact::<NdArray>("ndarray");
+fn the_padded_and_grouped_layouts_equal_the_exact_one_on_ndarray() {
+    bounded_matches_exact::<NdArray>("ndarray");
 }
 
 #[test]
-fn the_padded_layout_equals_the_exact_one_on_wgpu() {
+fn the_padded_and_grouped_layouts_equal_the_exact_one_on_wgpu() {
     if dtopp_tests::wgpu_model_device().is_none() {
         return;
     }
-    padded_matches_exact::<Wgpu>("wgpu");
+    bounded_matches_exact::<Wgpu>("wgpu");
 }
 
 #[test]
@@ -267,14 +304,25 @@ fn a_non_finite_logit_is_located_on_the_device() {
     logits[3 * e + 2] = f32::NAN;
     logits[4 * e + 1] = f32::INFINITY;
     let logits = Tensor::<NdArray, 2>::from_data(TensorData::new(logits, [n, e]), &device);
-    let probs = burn::tensor::activation::softmax(logits.clone(), 1);
+    let probs_of = |l: &Tensor<NdArray, 2>| burn::tensor::activation::softmax(l.clone(), 1);
+    let probs = probs_of(&logits);
     let bounds = ExpertBounds {
         capacity: n,
         slots: e,
     };
-    let route = route_padded(probs, logits, Selector::TopK(2), None, bounds).unwrap();
+    let route = route_padded(probs, logits.clone(), Selector::TopK(2), None, bounds).unwrap();
     let ExpertRows::Padded { first_bad, .. } = route.rows else {
         panic!("route_padded lays its rows out in buffers");
+    };
+    let first: Vec<i64> = first_bad.into_data().convert::<i64>().to_vec().unwrap();
+    assert_eq!(first, vec![(3 * e + 2) as i64]);
+    let bound = RowBound {
+        rows: n * e,
+        slots: e,
+    };
+    let route = route_grouped(probs_of(&logits), logits.clone(), Selector::TopK(2), None, bound);
+    let ExpertRows::Grouped { first_bad, .. } = route.unwrap().rows else {
+        panic!("route_grouped keeps its offsets on the device");
     };
     let first: Vec<i64> = first_bad.into_data().convert::<i64>().to_vec().unwrap();
     assert_eq!(first, vec![(3 * e + 2) as i64]);
@@ -285,6 +333,10 @@ fn a_non_finite_logit_is_located_on_the_device() {
     let logits = Tensor::<NdArray, 2>::zeros([n, e], &device);
     let err = route_padded(logits.clone(), logits, Selector::TopK(2), None, zero).unwrap_err();
     assert!(err.to_string().contains("padded expert bounds"), "{err}");
+    let zero = RowBound { rows: 0, slots: 1 };
+    let logits = Tensor::<NdArray, 2>::zeros([n, e], &device);
+    let err = route_grouped(logits.clone(), logits, Selector::TopK(2), None, zero).unwrap_err();
+    assert!(err.to_string().contains("grouped row bound"), "{err}");
 }
 
 /// Losses (total, then cross-entropy) and the threshold routed with, of each step.
@@ -311,14 +363,14 @@ fn losses_of(metrics: &[dtopp::train::StepMetrics]) -> Losses {
 /// and the padded report.
 fn train_steps<B: TrainingBackend>(
     layout: ExpertLayout,
-    start: Option<Vec<ExpertBounds>>,
+    start: Option<Vec<LayerBounds>>,
     steps: u64,
 ) -> (Losses, Option<PaddedUsage>) {
     let config = tiny_dtopp(steps);
     let device = Default::default();
     let mut session = TrainSession::<B>::new(&config, &device, layout).unwrap();
     if let Some(bounds) = start {
-        session.set_padded_bounds(bounds).unwrap();
+        session.set_bounds(bounds).unwrap();
     }
     for _ in 0..steps {
         session.step().unwrap();
@@ -335,16 +387,29 @@ fn sessions_agree<B: TrainingBackend>(backend: &str) {
         capacity: 1,
         slots: 1,
     };
-    for (start, name) in [(None, "measured"), (Some(vec![one; layers]), "too small")] {
+    let few = RowBound { rows: 1, slots: 1 };
+    for (layout, start, name) in [
+        (ExpertLayout::Padded, None, "measured"),
+        (ExpertLayout::Padded, Some(vec![one.into(); layers]), "too small"),
+        (ExpertLayout::Grouped, None, "measured"),
+        (ExpertLayout::Grouped, Some(vec![few.into(); layers]), "too small"),
+    ] {
         let forced = start.is_some();
-        let (padded, report) = train_steps::<B>(ExpertLayout::Padded, start, steps);
-        let usage = report.expect("the padded layout reports");
-        println!("{backend} {name}: {}; losses {padded:?}", usage.describe());
+        let (padded, report) = train_steps::<B>(layout, start, steps);
+        let usage = report.expect("a bounded layout reports");
+        let name = format!("{} {name}", layout.name());
+        println!(
+            "{backend} {name}: {}; losses {padded:?}",
+            usage.describe(layout.name())
+        );
+        if layout == ExpertLayout::Grouped {
+            assert_eq!(usage.rows_per_route(), Some(1.0), "{usage:?}");
+        }
         assert_eq!(usage.micro_batches, 2 * steps);
         if forced {
             assert!(
                 usage.redone >= 1,
-                "a micro-batch past one row per expert is redone"
+                "a micro-batch past its bounds is redone"
             );
         }
         assert!(usage.rows_per_route().unwrap() >= 1.0, "{usage:?}");
@@ -381,15 +446,19 @@ fn training_in_padded_buffers_follows_the_exact_layout_on_wgpu() {
     sessions_agree::<Autodiff<Wgpu>>("wgpu");
 }
 
-/// A padded run (controller on the device, one read-back per step) checkpointed after
-/// two steps and restored continues exactly as the uninterrupted run.
+/// A padded or grouped run (controller on the device, reading back once per step)
+/// checkpointed after two steps and restored continues exactly as the uninterrupted run.
 #[test]
-fn a_padded_run_resumes_exactly_from_its_checkpoint() {
+fn padded_and_grouped_runs_resume_exactly_from_their_checkpoints() {
+    resumes_exactly(ExpertLayout::Padded);
+    resumes_exactly(ExpertLayout::Grouped);
+}
+
+fn resumes_exactly(layout: ExpertLayout) {
     type B = Autodiff<NdArray>;
     let (steps, cut) = (4, 2);
     let config = tiny_dtopp(steps);
     let device = Default::default();
-    let layout = ExpertLayout::Padded;
     let mut straight = TrainSession::<B>::new(&config, &device, layout).unwrap();
     let mut saved = None;
     for step in 1..=steps {
@@ -418,11 +487,16 @@ fn a_padded_run_resumes_exactly_from_its_checkpoint() {
 /// A non-finite router logit in a step that reads back only at its end is still an
 /// error naming the token and expert, raised before the optimizer touches the weights.
 #[test]
-fn a_non_finite_logit_stops_a_deferred_padded_step() {
+fn a_non_finite_logit_stops_a_deferred_padded_or_grouped_step() {
+    for layout in [ExpertLayout::Padded, ExpertLayout::Grouped] {
+        non_finite_logit_stops(layout);
+    }
+}
+
+fn non_finite_logit_stops(layout: ExpertLayout) {
     type B = Autodiff<NdArray>;
     let config = tiny_dtopp(2);
     let device = Default::default();
-    let layout = ExpertLayout::Padded;
     let mut session = TrainSession::<B>::new(&config, &device, layout).unwrap();
     session.step().unwrap();
     let mut poisoned = session.checkpoint().unwrap();
@@ -432,11 +506,20 @@ fn a_non_finite_logit_stops_a_deferred_padded_step() {
     let mut session =
         TrainSession::<B>::restore(&config, &device, layout, &poisoned, history, None).unwrap();
     let layers = config.model.moe_layers();
-    let roomy = ExpertBounds {
-        capacity: 64,
-        slots: config.model.experts,
+    let experts = config.model.experts;
+    let roomy: LayerBounds = match layout {
+        ExpertLayout::Grouped => RowBound {
+            rows: 64 * experts,
+            slots: experts,
+        }
+        .into(),
+        _ => ExpertBounds {
+            capacity: 64,
+            slots: experts,
+        }
+        .into(),
     };
-    session.set_padded_bounds(vec![roomy; layers]).unwrap();
+    session.set_bounds(vec![roomy; layers]).unwrap();
     match session.step() {
         Err(dtopp::Error::NonFinite {
             what,
@@ -476,6 +559,7 @@ fn host_reads_per_step_on_wgpu() {
     for (layout, want) in [
         (ExpertLayout::Exact, accum * (layers + 2) + 2),
         (ExpertLayout::Padded, 2),
+        (ExpertLayout::Grouped, 2),
     ] {
         let device = Default::default();
         let mut session = TrainSession::<B>::new(&config, &device, layout).unwrap();
