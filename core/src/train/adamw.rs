@@ -15,9 +15,16 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use super::adamw_update::{AdamWStep, AdamWUpdateBackend, Scale};
 use super::config::OptimizerConfig;
 
+#[derive(Clone)]
 struct Moments<B: Backend> {
     first: Tensor<B, 1>,
     second: Tensor<B, 1>,
+}
+
+/// An [`AdamW`] state kept to go back to.
+pub(crate) struct AdamWSnapshot<B: AutodiffBackend> {
+    step: u64,
+    moments: HashMap<ParamId, Moments<B::InnerBackend>>,
 }
 
 /// The optimizer state.
@@ -45,6 +52,21 @@ impl<B: AutodiffBackend> AdamW<B> {
             step: 0,
             moments: HashMap::new(),
         }
+    }
+
+    /// The state as it is now (tensor handles, no copies), to go back to with
+    /// [`AdamW::restore_snapshot`] when a step must run again.
+    pub(crate) fn snapshot(&self) -> AdamWSnapshot<B> {
+        AdamWSnapshot {
+            step: self.step,
+            moments: self.moments.clone(),
+        }
+    }
+
+    /// Back to a [`AdamW::snapshot`].
+    pub(crate) fn restore_snapshot(&mut self, snapshot: AdamWSnapshot<B>) {
+        self.step = snapshot.step;
+        self.moments = snapshot.moments;
     }
 
     /// Optimizer steps taken.

@@ -76,24 +76,24 @@ impl<B: TrainingBackend> TrainSession<B> {
             losses,
             k_sum: None,
             loss_values: None,
+            check: None,
         })
     }
 
-    /// The micro-batches of a step in the padded layout ([`ExpertLayout::Padded`],
-    /// one process) with nothing read back until all have run forward and backward: the
-    /// counts and first non-finite logits of every micro-batch then come back in one read
-    /// of integers (before the optimizer, which must not see an outgrown micro-batch);
-    /// the losses stay on the device for the step's one read of floats after the update,
-    /// and the device controller's thresholds route every layer. `None` when some micro-batch outgrew `bounds`: its gradients
-    /// are dropped and the step runs again through [`Self::immediate_pass`], from bounds
-    /// grown to what was measured.
+    /// The micro-batches of a step in a bounded layout (padded or grouped, one process)
+    /// with nothing read back: their counts and first non-finite logits stay on the device
+    /// ([`DeferredCheck`]) for the step's one read, after the update, with the losses;
+    /// the device controller's thresholds route every layer. The step keeps the previous
+    /// weights until that read shows every micro-batch within `bounds`
+    /// ([`TrainSession::settle`]), and otherwise runs again through
+    /// [`Self::immediate_pass`] from bounds grown to what was measured.
     pub(super) fn deferred_pass(
         &mut self,
         model: &MoeLanguageModel<B>,
         batches: &[Batch],
         plan: &RoutingPlan,
         bounds: Vec<LayerBounds>,
-    ) -> Result<Option<Pass<B>>> {
+    ) -> Result<Pass<B>> {
         let (layers, experts) = (self.layers, self.config.model.experts);
         let width = 1 + 2 * experts;
         let (device, accum) = (&self.device, self.config.run.grad_accum);
@@ -117,8 +117,7 @@ impl<B: TrainingBackend> TrainSession<B> {
                 let Some(bad) = &layer.routing.first_bad else {
                     return Err(Error::Backend {
                         backend: "trainer",
-                        message: "a bounded pass routed a layer in the exact layout"
-                            .to_string(),
+                        message: "a bounded pass routed a layer in the exact layout".to_string(),
                     });
                 };
                 per_layer.push(layer.routing.device_counts().reshape([1, width]));
@@ -140,23 +139,49 @@ impl<B: TrainingBackend> TrainSession<B> {
             let grads = (parts.total / accum as f64).backward();
             accumulator.accumulate(model, GradientsParams::from_grads(grads, model));
         }
-        // The pass's one read-back: every micro-batch's counts and first bad logits.
-        let counted = counts.len() * layers * width;
-        let ints = read_counts(Tensor::cat(
-            counts.into_iter().chain(first_bad).collect(),
-            0,
-        ))?;
+        let k_sum = k_sums
+            .into_iter()
+            .reduce(|a, b| a + b)
+            .expect("a step has micro-batches");
+        Ok(Pass {
+            grads: accumulator.grads(),
+            // Filled in by `settle` from the step's one read.
+            stats: RoutingStats::new(layers, experts),
+            // Added up from `loss_values` by the step's one read.
+            losses: [0.0; 4],
+            k_sum: Some(k_sum),
+            loss_values: Some(Tensor::cat(values, 0)),
+            check: Some(DeferredCheck {
+                ints: Tensor::cat(counts.into_iter().chain(first_bad).collect(), 0),
+                logits,
+                bounds,
+                micro_batches: batches.len(),
+                tokens: batches.first().map_or(1, |b| b.batch * b.seq_len),
+            }),
+        })
+    }
+
+    /// Settles a deferred pass from its counts and first bad logits as read: the step's
+    /// routing counts, or `None` when some micro-batch outgrew its bounds (its step must
+    /// run again; the bounds have grown to what was measured). A non-finite router logit
+    /// is an error naming token and expert.
+    pub(super) fn settle(
+        &mut self,
+        check: &DeferredCheck<B>,
+        ints: &[u64],
+    ) -> Result<Option<RoutingStats>> {
+        let (layers, experts) = (self.layers, self.config.model.experts);
+        let counted = check.micro_batches * layers * (1 + 2 * experts);
         let (counts, first_bad) = ints.split_at(counted);
-        for (logits, &bad) in logits.iter().zip(first_bad) {
+        for (logits, &bad) in check.logits.iter().zip(first_bad) {
             if bad < logits.shape().num_elements() as u64 {
                 return Err(non_finite_logit(logits, bad as usize));
             }
         }
         let measured: Vec<RoutingStats> = counts
-            .chunks_exact(layers * width)
+            .chunks_exact(counted / check.micro_batches.max(1))
             .map(|c| RoutingStats::unflatten(c, layers, experts))
             .collect();
-        let tokens = batches.first().map_or(1, |b| b.batch * b.seq_len);
         // Each layer's largest needs over the step's micro-batches.
         let needs: Vec<LayerNeeds> = (0..layers)
             .map(|l| {
@@ -168,30 +193,33 @@ impl<B: TrainingBackend> TrainSession<B> {
                 }
             })
             .collect();
-        self.bounds = self.next_bounds(&needs, tokens);
-        if !measured.iter().all(|s| s.fit(&bounds)) {
-            self.padded.redone += batches.len() as u64;
+        self.bounds = self.next_bounds(&needs, check.tokens);
+        if !measured.iter().all(|s| s.fit(&check.bounds)) {
+            self.padded.redone += check.micro_batches as u64;
             return Ok(None);
         }
         let mut stats = RoutingStats::new(layers, experts);
         for s in &measured {
-            self.padded.count_fitting(&bounds, experts, &s.k_sum);
+            self.padded.count_fitting(&check.bounds, experts, &s.k_sum);
             stats.accumulate(s);
         }
-        self.padded.micro_batches += batches.len() as u64;
-        let k_sum = k_sums
-            .into_iter()
-            .reduce(|a, b| a + b)
-            .expect("a step has micro-batches");
-        Ok(Some(Pass {
-            grads: accumulator.grads(),
-            stats,
-            // Added up from `loss_values` by the step's one read of floats.
-            losses: [0.0; 4],
-            k_sum: Some(k_sum),
-            loss_values: Some(Tensor::cat(values, 0)),
-        }))
+        self.padded.micro_batches += check.micro_batches as u64;
+        Ok(Some(stats))
     }
+}
+
+/// What a deferred pass leaves on the device for the step's one read to check.
+pub(super) struct DeferredCheck<B: TrainingBackend> {
+    /// Every micro-batch's counts (`[1 + 2E]` per layer), then every layer's first
+    /// non-finite logit, micro-batch by micro-batch.
+    pub(super) ints: Tensor<B, 1, Int>,
+    /// The router logits of each (micro-batch, layer), to name a non-finite one.
+    logits: Vec<Tensor<B, 2>>,
+    /// The bounds the pass ran in.
+    bounds: Vec<LayerBounds>,
+    micro_batches: usize,
+    /// Tokens per micro-batch.
+    tokens: usize,
 }
 
 /// What the micro-batches of a step leave for its optimizer and controller update.
@@ -206,6 +234,9 @@ pub(super) struct Pass<B: TrainingBackend> {
     /// `[4 A]` each micro-batch's four losses, where still on the device (then `losses`
     /// is zero until the step reads them).
     pub(super) loss_values: Option<Tensor<B, 1>>,
+    /// A deferred pass's counts, still on the device (then `stats` is empty until the
+    /// step reads them).
+    pub(super) check: Option<DeferredCheck<B>>,
 }
 
 /// The error of a step whose loss is not finite.

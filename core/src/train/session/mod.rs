@@ -46,7 +46,7 @@ mod step;
 
 use calibration::initial_thresholds;
 use micro_batch::Pass;
-use routing_stats::{RoutingStats, read_counts};
+use routing_stats::RoutingStats;
 
 /// What one optimizer step produced.
 #[derive(Clone, Debug)]
@@ -83,6 +83,8 @@ pub struct TrainSession<B: TrainingBackend> {
     // last step (the last micro-batch, where they are read one at a time); `None` until
     // one has been measured.
     bounds: Option<Vec<LayerBounds>>,
+    // Set when a deferred pass outgrew its bounds: the step runs again immediately.
+    redo_immediate: bool,
     // How the padded or grouped layout went in this process.
     padded: PaddedUsage,
     // The controller(s) on the device, where a single-process run routes with bounds
@@ -170,6 +172,7 @@ impl<B: TrainingBackend> TrainSession<B> {
             busy_s: 0.0,
             rank,
             bounds: None,
+            redo_immediate: false,
             padded: PaddedUsage::default(),
             control: None,
         };
@@ -258,6 +261,7 @@ impl<B: TrainingBackend> TrainSession<B> {
             busy_s: header.busy_s,
             rank,
             bounds: None,
+            redo_immediate: false,
             padded: PaddedUsage::default(),
             control: None,
         })

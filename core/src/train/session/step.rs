@@ -65,20 +65,27 @@ impl<B: TrainingBackend> TrainSession<B> {
         {
             self.control = Some(DeviceControl::upload(control, device));
         }
-        let deferred = match self.bounds.clone() {
-            Some(bounds) if single_padded => self.deferred_pass(&model, &batches, &plan, bounds)?,
-            _ => None,
-        };
+        // A step redone because its deferred pass outgrew the bounds runs immediately.
+        let redo = std::mem::take(&mut self.redo_immediate);
         let Pass {
             mut grads,
-            stats,
+            mut stats,
             mut losses,
             k_sum,
             loss_values,
-        } = match deferred {
-            Some(pass) => pass,
-            None => self.immediate_pass(&model, &batches, &plan)?,
+            check,
+        } = match self.bounds.clone() {
+            Some(bounds) if single_padded && !redo => {
+                self.deferred_pass(&model, &batches, &plan, bounds)?
+            }
+            _ => self.immediate_pass(&model, &batches, &plan)?,
         };
+        // Until the step's one read shows that the deferred pass fit its bounds, the
+        // weights, moments and controller before the update are kept (handles, no
+        // copies; burn cannot update them in place meanwhile) to run the step again.
+        let before = check
+            .is_some()
+            .then(|| (model.clone(), self.optimizer.snapshot(), self.control.clone()));
         let config = &self.config;
         let run = &config.run;
         let device = &self.device;
@@ -109,11 +116,9 @@ impl<B: TrainingBackend> TrainSession<B> {
         }
 
         let tokens = run.batch_size * config.model.seq_len * run.grad_accum * world;
-        let active_per_layer = stats.active_per_layer(tokens);
-        let active = active_per_layer.iter().sum::<f64>() / layers as f64;
         // One read-back for every layer's theta, where the controller runs on the device
-        // its state after this step's update, and where they stayed there the losses and
-        // the gradient norm.
+        // its state after this step's update, where they stayed there the losses and the
+        // gradient norm, and a deferred pass's counts.
         let mut read: Vec<Tensor<B, 1>> = model.moe_layers().map(|m| m.theta.val()).collect();
         if let Some(control) = &mut self.control {
             let k_sum = k_sum.unwrap_or_else(|| {
@@ -122,17 +127,37 @@ impl<B: TrainingBackend> TrainSession<B> {
             });
             control.update(k_sum, tokens);
             read.push(control.flat_state());
-        } else {
-            self.policy.update(&active_per_layer)?;
         }
         let tail_len: usize = tail.iter().map(|t| t.dims()[0]).sum();
         read.extend(tail);
+        let ints_len = check.as_ref().map_or(0, |c| c.ints.dims()[0]);
+        read.extend(check.as_ref().map(|c| exact_floats(c.ints.clone())));
         let mut values = host_f32(Tensor::cat(read, 0))?;
+        if let Some(check) = &check {
+            let ints = from_exact_floats(&values.split_off(values.len() - 2 * ints_len));
+            match self.settle(check, &ints)? {
+                Some(settled) => stats = settled,
+                None => {
+                    // Outgrown: back to the weights before the update, and again.
+                    let (model, optimizer, control) = before.expect("kept for a deferred pass");
+                    self.model = Some(model);
+                    self.optimizer.restore_snapshot(optimizer);
+                    self.control = control;
+                    self.redo_immediate = true;
+                    return self.step();
+                }
+            }
+        }
+        let active_per_layer = stats.active_per_layer(tokens);
+        let active = active_per_layer.iter().sum::<f64>() / layers as f64;
+        if self.control.is_none() {
+            self.policy.update(&active_per_layer)?;
+        }
         if norm_on_device {
             let tail = values.split_off(values.len() - tail_len);
             let (micro_batches, norm) = tail.split_at(tail_len - 1);
             for micro in micro_batches.chunks_exact(4) {
-                add_micro_batch_losses(&mut losses, micro, run.grad_accum);
+                add_micro_batch_losses(&mut losses, micro, self.config.run.grad_accum);
             }
             grad_norm = f64::from(norm[0]);
             if !losses[0].is_finite() {
@@ -206,3 +231,27 @@ impl<B: TrainingBackend> TrainSession<B> {
         Ok(StepOutput { metrics, sample })
     }
 }
+
+/// Non-negative integers below 2^36 as f32 pairs `[high; low]` (`v / 4096`, `v % 4096`),
+/// each exact in f32, so that they join the step's one read of floats.
+fn exact_floats<B: Backend>(ints: Tensor<B, 1, Int>) -> Tensor<B, 1> {
+    Tensor::cat(
+        vec![
+            ints.clone().div_scalar(EXACT_BASE as i64),
+            ints.remainder_scalar(EXACT_BASE as i64),
+        ],
+        0,
+    )
+    .float()
+}
+
+/// The integers [`exact_floats`] wrote.
+fn from_exact_floats(values: &[f32]) -> Vec<u64> {
+    let (high, low) = values.split_at(values.len() / 2);
+    high.iter()
+        .zip(low)
+        .map(|(&h, &l)| h as u64 * EXACT_BASE + l as u64)
+        .collect()
+}
+
+const EXACT_BASE: u64 = 4096;
