@@ -187,19 +187,21 @@ fn report(t: &Throughput, backend: &str, json: bool) {
         .mfu
         .map_or_else(|| "-".to_string(), |m| format!("{:.1} %", 100.0 * m));
     println!(
-        "| backend | mode | tokens/s | median step | a_t | model TFLOP/s | MFU | peak memory | estimated before the run | host reads per step |"
+        "| backend | mode | layout | tokens/s | median step | a_t | model TFLOP/s | MFU | peak memory | estimated before the run | host reads per step | expert rows per route |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     println!(
-        "| {backend} | {} | {:.0} | {:.3} s | {:.3} | {:.3} | {mfu} | {memory} ({}) | {} | {:.1} |",
+        "| {backend} | {} | {} | {:.0} | {:.3} s | {:.3} | {:.3} | {mfu} | {memory} ({}) | {} | {:.1} | {:.2} |",
         t.mode,
+        t.layout,
         t.tokens_per_sec,
         t.median_step_s,
         t.active_experts,
         t.model_tflops,
         t.peak_memory_kind,
         gib(t.memory_estimate_bytes),
-        t.host_reads_per_step
+        t.host_reads_per_step,
+        t.expert_rows_per_route
     );
     if let Some(usage) = t.padded {
         println!("\n{}", usage.describe(&t.layout));

@@ -49,8 +49,11 @@ pub struct Throughput {
     /// Reads of the backend's results by the host per timed optimizer step, counted
     /// ([`crate::host_reads`]): each is a wait for the device.
     pub host_reads_per_step: f64,
-    /// The layout of the experts' rows (`exact`, `padded`).
+    /// The layout of the experts' rows (`exact`, `padded`, `grouped`).
     pub layout: String,
+    /// Expert rows the experts' products computed per route, warm-up included: 1.00 is
+    /// no padding computed (the exact and grouped layouts), `E C / routes` padded.
+    pub expert_rows_per_route: f64,
     /// In the padded layout (`--layout padded`): micro-batches run again
     /// because their step outgrew its buffers, and rows computed per route (warm-up
     /// included).
@@ -166,6 +169,10 @@ pub fn measure_throughput<B: TrainingBackend>(
         last_loss,
         host_reads_per_step: reads as f64 / steps as f64,
         layout: layout.name().to_string(),
+        expert_rows_per_route: session
+            .padded_usage()
+            .and_then(|u| u.rows_per_route())
+            .unwrap_or(1.0),
         padded: session.padded_usage(),
     })
 }
