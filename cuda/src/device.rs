@@ -17,6 +17,7 @@ use cudarc::driver::{
 };
 use cudarc::nvrtc::{CompileOptions, Ptx, compile_ptx_with_opts};
 
+use crate::GemmPrecision;
 use crate::error::CudaError;
 use crate::source::MODULES;
 
@@ -30,6 +31,8 @@ const PLAN_CHUNK: usize = 32;
 const STATUS_CLEAN: u32 = u32::MAX;
 /// Largest `E` the fused DRN + selection kernels serve (8 values per lane in registers).
 pub const FUSED_MAX_EXPERTS: usize = 256;
+/// Rows and columns of a grouped product's block tile (`TILE` in grouped_matmul.cu).
+const GEMM_TILE: usize = 64;
 /// Largest element count the kernels index with 32-bit integers.
 const MAX_ELEMENTS: u64 = u32::MAX as u64;
 
@@ -629,6 +632,109 @@ impl CudaKernels {
         // combine(const int*, const float*, const float*, float*, unsigned x3): four
         // device pointers then three unsigned, as pushed above.
         unsafe { b.launch(Self::thread_grid(rows * hidden)) }.map_err(driver(kernel))?;
+        Ok(out)
+    }
+
+    /// `out[m] = x[m] W_e` for the rows `m` in `offsets[e]..offsets[e + 1]` (`E + 1`
+    /// i32 on the device, from 0) of every expert, zeros from `offsets[E]` to `rows`; `w`
+    /// is `[E, inner, cols]`, or `[E, cols, inner]` read transposed. f32 in and out; the
+    /// products in `precision` (bf16 and f16 on the tensor cores). Nothing is read back.
+    pub fn grouped_matmul(
+        &self,
+        x: &DeviceBuffer,
+        w: &DeviceBuffer,
+        offsets: &DeviceBuffer,
+        [rows, inner, cols, experts]: [usize; 4],
+        transposed: bool,
+        precision: GemmPrecision,
+    ) -> Result<DeviceBuffer, CudaError> {
+        Self::check_size("grouped_matmul", rows * cols.max(inner))?;
+        Self::check_size("grouped_matmul", experts * inner * cols)?;
+        let out = self.zeros("grouped_matmul", rows * cols)?;
+        if rows * cols == 0 || experts == 0 {
+            return Ok(out);
+        }
+        let (kernel, threads) = match precision {
+            GemmPrecision::F32 => ("grouped_forward_f32", 256),
+            GemmPrecision::Bf16 => ("grouped_forward_bf16", 128),
+            GemmPrecision::F16 => ("grouped_forward_f16", 128),
+        };
+        // Row tiles: a bound on the experts' tiles (each wastes less than one).
+        let row_tiles = rows.div_ceil(GEMM_TILE) + experts;
+        if row_tiles > 65_535 {
+            return Err(CudaError::TooLarge {
+                what: "grouped_matmul row tiles".to_string(),
+                elements: row_tiles as u64,
+                limit: 65_535,
+            });
+        }
+        let config = LaunchConfig {
+            grid_dim: (cols.div_ceil(GEMM_TILE) as u32, row_tiles as u32, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let dims = [rows, inner, cols, experts].map(|v| v as u32);
+        let transposed = u32::from(transposed);
+        let mut b = self.stream.launch_builder(self.function(kernel));
+        b.arg(&*offsets.slice)
+            .arg(&*x.slice)
+            .arg(&*w.slice)
+            .arg(&*out.slice)
+            .arg(&dims[0])
+            .arg(&dims[1])
+            .arg(&dims[2])
+            .arg(&dims[3])
+            .arg(&transposed);
+        // SAFETY: grouped_forward_*(const int*, const float*, const float*, float*,
+        // unsigned x5): four device pointers then five unsigned, as pushed above.
+        unsafe { b.launch(config) }.map_err(driver(kernel))?;
+        Ok(out)
+    }
+
+    /// `out[e] = x_e^T g_e` (`[E, inner, cols]`) over each expert's rows as in
+    /// [`Self::grouped_matmul`]; zeros for an expert without rows. f32.
+    pub fn grouped_weight_grad(
+        &self,
+        x: &DeviceBuffer,
+        g: &DeviceBuffer,
+        offsets: &DeviceBuffer,
+        [rows, inner, cols, experts]: [usize; 4],
+    ) -> Result<DeviceBuffer, CudaError> {
+        Self::check_size("grouped_weight_grad", experts * inner * cols)?;
+        let out = self.zeros("grouped_weight_grad", experts * inner * cols)?;
+        if experts * inner * cols == 0 {
+            return Ok(out);
+        }
+        if experts > 65_535 {
+            return Err(CudaError::TooLarge {
+                what: "grouped_weight_grad experts".to_string(),
+                elements: experts as u64,
+                limit: 65_535,
+            });
+        }
+        let config = LaunchConfig {
+            grid_dim: (
+                cols.div_ceil(GEMM_TILE) as u32,
+                inner.div_ceil(GEMM_TILE) as u32,
+                experts as u32,
+            ),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let dims = [rows, inner, cols, experts].map(|v| v as u32);
+        let kernel = "grouped_weight_grad_f32";
+        let mut b = self.stream.launch_builder(self.function(kernel));
+        b.arg(&*offsets.slice)
+            .arg(&*x.slice)
+            .arg(&*g.slice)
+            .arg(&*out.slice)
+            .arg(&dims[0])
+            .arg(&dims[1])
+            .arg(&dims[2])
+            .arg(&dims[3]);
+        // SAFETY: grouped_weight_grad_f32(const int*, const float*, const float*, float*,
+        // unsigned x4), as pushed above.
+        unsafe { b.launch(config) }.map_err(driver(kernel))?;
         Ok(out)
     }
 

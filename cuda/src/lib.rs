@@ -24,6 +24,17 @@ pub use device::{
     compiled_modules, device_memory, driver_present, nvrtc_present,
 };
 pub use error::CudaError;
+
+/// The precision of the grouped products' multiplications (inputs and outputs are f32).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GemmPrecision {
+    /// f32 on the CUDA cores.
+    F32,
+    /// bfloat16 operands on the tensor cores, f32 accumulators (sm_80 and newer).
+    Bf16,
+    /// IEEE half operands on the tensor cores, f32 accumulators.
+    F16,
+}
 #[cfg(not(feature = "cuda"))]
 pub use stand_in::{
     CudaKernels, DeviceBuffer, DispatchBuffers, FUSED_MAX_EXPERTS, RoutedBuffers, SelectionBuffers,

@@ -15,12 +15,15 @@ pub const DISPATCH: &str = include_str!("kernels/dispatch.cu");
 pub const GATHER_COMBINE: &str = include_str!("kernels/gather_combine.cu");
 /// The device-resident PI controller.
 pub const CONTROLLER: &str = include_str!("kernels/controller.cu");
+/// The experts' grouped products, offsets read on the device (f32, and bf16/f16 on the
+/// tensor cores).
+pub const GROUPED_MATMUL: &str = include_str!("kernels/grouped_matmul.cu");
 
 /// The line a `.cu` file uses to include [`COMMON`].
 const INCLUDE_COMMON: &str = "#include \"common.cuh\"";
 
 /// Every module: file name, source, and the kernels it defines.
-pub const MODULES: [(&str, &str, &[&str]); 6] = [
+pub const MODULES: [(&str, &str, &[&str]); 7] = [
     (
         "drn.cu",
         DRN,
@@ -44,6 +47,16 @@ pub const MODULES: [(&str, &str, &[&str]); 6] = [
     ),
     ("gather_combine.cu", GATHER_COMBINE, &["gather", "combine"]),
     ("controller.cu", CONTROLLER, &["controller_update"]),
+    (
+        "grouped_matmul.cu",
+        GROUPED_MATMUL,
+        &[
+            "grouped_forward_f32",
+            "grouped_forward_bf16",
+            "grouped_forward_f16",
+            "grouped_weight_grad_f32",
+        ],
+    ),
 ];
 
 /// A module's source as NVRTC compiles it: the `#include "common.cuh"` line replaced by

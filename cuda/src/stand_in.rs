@@ -2,6 +2,7 @@
 //! returns [`CudaError::NotBuilt`], so no value of the other types can exist and their
 //! methods are unreachable (matching on an empty enum proves it to the compiler).
 
+use crate::GemmPrecision;
 use crate::error::CudaError;
 
 #[derive(Clone, Copy, Debug)]
@@ -237,6 +238,30 @@ impl CudaKernels {
         _gains: (f32, f32),
         _clamps: (f32, f32),
     ) -> Result<(), CudaError> {
+        match self.0 {}
+    }
+
+    /// Unreachable.
+    pub fn grouped_matmul(
+        &self,
+        _x: &DeviceBuffer,
+        _w: &DeviceBuffer,
+        _offsets: &DeviceBuffer,
+        _dims: [usize; 4],
+        _transposed: bool,
+        _precision: GemmPrecision,
+    ) -> Result<DeviceBuffer, CudaError> {
+        match self.0 {}
+    }
+
+    /// Unreachable.
+    pub fn grouped_weight_grad(
+        &self,
+        _x: &DeviceBuffer,
+        _g: &DeviceBuffer,
+        _offsets: &DeviceBuffer,
+        _dims: [usize; 4],
+    ) -> Result<DeviceBuffer, CudaError> {
         match self.0 {}
     }
 }

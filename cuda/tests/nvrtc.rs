@@ -63,3 +63,35 @@ fn fused_routing_kernels_keep_rows_in_registers() {
         );
     }
 }
+
+/// The grouped products keep their accumulators and fragments in registers: the MMA
+/// kernels' 32 accumulators and 16 operand words per thread, the f32 kernels' 16
+/// accumulators. A `.local` stack in the PTX would mean the compiler spilled an array
+/// it could not index statically.
+#[test]
+fn grouped_matmul_kernels_use_no_local_memory() {
+    if !nvrtc_present() {
+        assert!(
+            std::env::var("DTOPP_REQUIRE_NVRTC").as_deref() != Ok("1"),
+            "NVRTC is required (DTOPP_REQUIRE_NVRTC=1) but libnvrtc could not be loaded"
+        );
+        eprintln!("SKIPPED: libnvrtc could not be loaded (LD_LIBRARY_PATH)");
+        return;
+    }
+    let modules = compiled_modules().unwrap_or_else(|e| panic!("{e}"));
+    let (_, ptx) = modules
+        .iter()
+        .find(|(file, _)| *file == "grouped_matmul.cu")
+        .expect("grouped_matmul.cu is a module");
+    let text = ptx.to_src();
+    let entries: Vec<&str> = text.split(".entry ").skip(1).collect();
+    assert_eq!(entries.len(), 4, "f32, bf16, f16 forward and the f32 weight gradient");
+    for entry in entries {
+        let name = entry.split('(').next().unwrap_or_default();
+        assert!(!entry.contains(".local"), "{name} uses local memory");
+        if name.contains("bf16") || name.contains("f16") {
+            let mmas = entry.matches("mma.sync.aligned.m16n8k16").count();
+            assert!(mmas >= 8, "{name}: {mmas} tensor-core MMAs, want 8 per k step unrolled");
+        }
+    }
+}

@@ -727,3 +727,94 @@ pub const CPU_DATA_PARALLEL: Tolerances = Tolerances {
     threshold: 1e-6,
     active: 2e-3,
 };
+
+/// The grouped expert products' conformance cases and CPU reference, shared by the WGSL
+/// (`tests/grouped_matmul.rs`) and CUDA (`tests/cuda_conformance.rs`) tests.
+pub mod grouped {
+    use dtopp::rng::SplitMix64;
+
+    /// Rows per expert, the row bound (at least their sum), D and F.
+    #[derive(Debug)]
+    pub struct Case {
+        pub counts: Vec<usize>,
+        pub rows: usize,
+        pub d: usize,
+        pub f: usize,
+    }
+
+    pub fn cases() -> Vec<Case> {
+        let case = |counts: &[usize], extra: usize, d: usize, f: usize| Case {
+            rows: counts.iter().sum::<usize>() + extra,
+            counts: counts.to_vec(),
+            d,
+            f,
+        };
+        vec![
+            // One row, one expert.
+            case(&[1], 0, 3, 5),
+            // Empty experts first, in the middle and last; E = 5; D, F odd.
+            case(&[0, 7, 0, 33, 0], 0, 13, 9),
+            // One expert with every row, the others empty; rows past the routes.
+            case(&[0, 0, 70, 0], 19, 6, 37),
+            // Row counts across tile edges (31, 32, 33, 65); D a multiple of 4 but not of 32.
+            case(&[31, 32, 33, 1, 65], 5, 36, 40),
+            // Every expert empty: the output is all zeros.
+            case(&[0, 0, 0], 11, 5, 7),
+            // E = 12, a deeper product (several K tiles, the last partial) and wide columns.
+            case(&[9, 0, 14, 3, 40, 2, 0, 17, 5, 1, 0, 26], 8, 70, 66),
+        ]
+    }
+
+    pub fn normals(rng: &mut SplitMix64, len: usize) -> Vec<f32> {
+        (0..len).map(|_| rng.normal() as f32).collect()
+    }
+
+    /// Reference: y, dX = g_y · Wᵀ and dW_e = x_eᵀ g_y over the routes, in f64.
+    pub fn reference(c: &Case, x: &[f32], w: &[f32], up: &[f32]) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+        let (d, f, e) = (c.d, c.f, c.counts.len());
+        let mut y = vec![0.0; c.rows * f];
+        let mut dx = vec![0.0; c.rows * d];
+        let mut dw = vec![0.0; e * d * f];
+        let mut row = 0;
+        for (expert, &count) in c.counts.iter().enumerate() {
+            let wb = expert * d * f;
+            for m in row..row + count {
+                for j in 0..f {
+                    y[m * f + j] = (0..d)
+                        .map(|k| f64::from(x[m * d + k]) * f64::from(w[wb + k * f + j]))
+                        .sum();
+                }
+                for k in 0..d {
+                    dx[m * d + k] = (0..f)
+                        .map(|j| f64::from(up[m * f + j]) * f64::from(w[wb + k * f + j]))
+                        .sum();
+                    for j in 0..f {
+                        dw[wb + k * f + j] += f64::from(x[m * d + k]) * f64::from(up[m * f + j]);
+                    }
+                }
+            }
+            row += count;
+        }
+        (y, dx, dw)
+    }
+
+    pub fn assert_close(got: &[f32], want: &[f64], depth: usize, what: &str) {
+        assert_eq!(got.len(), want.len(), "{what}: length");
+        let slack = 1e-6 * (depth as f64).sqrt();
+        for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (f64::from(g) - w).abs() <= 2e-5 * (1.0 + w.abs()) + slack,
+                "{what}[{i}]: kernel {g}, reference {w}"
+            );
+        }
+    }
+
+    /// The experts' offsets of `counts`, from 0.
+    pub fn offsets(counts: &[usize]) -> Vec<i32> {
+        let mut offsets = vec![0i32];
+        for &count in counts {
+            offsets.push(offsets.last().unwrap() + count as i32);
+        }
+        offsets
+    }
+}

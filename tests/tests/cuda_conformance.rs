@@ -89,3 +89,71 @@ fn the_cli_names_what_the_cuda_backend_lacks_and_writes_nothing() {
     assert!(!dir.join("sim/metrics.jsonl").exists());
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// `grouped_matmul.cu` against the f64 reference (`dtopp_tests::grouped`): the f32
+/// kernels within the WGSL test's tolerance, the bf16 and f16 tensor-core kernels within
+/// what rounding both operands to 8 (bf16) or 11 (f16) significant bits allows:
+/// `|got - want| <= tol (1 + |want|) + 4 tol sqrt(K)` with tol = 2^-8 or 2^-11.
+#[test]
+fn grouped_matmul_kernels_conform_to_the_cpu_reference() {
+    use dtopp::backends::GemmPrecision;
+    use dtopp::rng::SplitMix64;
+    use dtopp_tests::grouped::{assert_close, cases, normals, offsets, reference};
+
+    let Some(ops) = cuda_or_skip() else { return };
+    let k = ops.kernels();
+    let mut rng = SplitMix64::new(24);
+    for c in cases() {
+        let (d, f, e) = (c.d, c.f, c.counts.len());
+        let (x, w, up) = (
+            normals(&mut rng, c.rows * d),
+            normals(&mut rng, e * d * f),
+            normals(&mut rng, c.rows * f),
+        );
+        let (want_y, want_dx, want_dw) = reference(&c, &x, &w, &up);
+        let what = format!("counts {:?}, rows {}, D {d}, F {f}", c.counts, c.rows);
+        let routes = c.counts.iter().sum::<usize>();
+        let up_load = |data: &[f32]| k.upload("grouped test", data).unwrap();
+        let (xb, wb, gb) = (up_load(&x), up_load(&w), up_load(&up));
+        let ob = k.upload("grouped test", &offsets(&c.counts)).unwrap();
+        for precision in [GemmPrecision::F32, GemmPrecision::Bf16, GemmPrecision::F16] {
+            let dims = [c.rows, d, f, e];
+            let y = k.grouped_matmul(&xb, &wb, &ob, dims, false, precision).unwrap();
+            let y: Vec<f32> = k.read(&y, c.rows * f).unwrap();
+            // dX = g W^T: the transposed read of the same [E, D, F] weights.
+            let dx = k
+                .grouped_matmul(&gb, &wb, &ob, [c.rows, f, d, e], true, precision)
+                .unwrap();
+            let dx: Vec<f32> = k.read(&dx, c.rows * d).unwrap();
+            let label = format!("{what} {precision:?}");
+            match precision {
+                GemmPrecision::F32 => {
+                    assert_close(&y, &want_y, d, &format!("{label}: y"));
+                    assert_close(&dx, &want_dx, f, &format!("{label}: dX"));
+                }
+                _ => {
+                    let tol = if precision == GemmPrecision::Bf16 {
+                        2f64.powi(-8)
+                    } else {
+                        2f64.powi(-11)
+                    };
+                    for (got, want, depth, name) in
+                        [(&y, &want_y, d, "y"), (&dx, &want_dx, f, "dX")]
+                    {
+                        for (i, (&g, &w)) in got.iter().zip(want.iter()).enumerate() {
+                            let bound = tol * (1.0 + w.abs()) + 4.0 * tol * (depth as f64).sqrt();
+                            assert!(
+                                (f64::from(g) - w).abs() <= bound,
+                                "{label}: {name}[{i}] kernel {g}, reference {w}"
+                            );
+                        }
+                    }
+                }
+            }
+            assert!(y[routes * f..].iter().all(|&v| v == 0.0), "{label}: y past the routes");
+        }
+        let dw = k.grouped_weight_grad(&xb, &gb, &ob, [c.rows, d, f, e]).unwrap();
+        let dw: Vec<f32> = k.read(&dw, e * d * f).unwrap();
+        assert_close(&dw, &want_dw, routes, &format!("{what}: dW"));
+    }
+}

@@ -1,6 +1,8 @@
 //! `dtopp train --backend cuda` (burn-cuda for the model; selection and dispatch plan in
-//! the routing extension's burn tensor ops, the experts in padded buffers by default, or
-//! on exact slices with `--layout exact`) against the
+//! the routing extension's burn tensor ops, the experts in padded buffers by default, on
+//! exact slices with `--layout exact`, or on their exact rows of a bound with
+//! `--layout grouped`, whose products read the offsets back on CUDA until its grouped
+//! kernel runs on burn-cuda's buffers) against the
 //! CPU run of the same config, also through the data-parallel path with one device, and
 //! with bf16 products. Without a GPU: the error
 //! names what is missing and no run directory is written (`DTOPP_REQUIRE_GPU=1` makes
@@ -54,6 +56,11 @@ fn cuda_training_follows_the_cpu_run_or_names_what_is_missing() {
                 "bf16",
             ][..],
             (5e-2, 0.3),
+        ),
+        (
+            "cuda-grouped",
+            &["--backend", "cuda", "--layout", "grouped"][..],
+            (1e-2, 0.1),
         ),
         ("cuda-dp", &["--devices", "cuda:0"][..], (1e-2, 0.1)),
         (

@@ -73,7 +73,7 @@ fn run<B: dtopp::model::RoutingBackend>(
         true,
         selector,
         None,
-        bounds,
+        bounds.map(Into::into),
         Precision::F32,
     )
     .unwrap();

@@ -10,6 +10,8 @@ mod kernel_set;
 mod wgpu_ops;
 
 pub use cuda_ops::{CudaArray, CudaOps};
+/// The grouped products' multiplication precision on CUDA (`CudaOps::kernels`).
+pub use dtopp_cuda::GemmPrecision;
 pub use device_ops::{DeviceOps, GpuArray};
 pub use kernel_set::{Keep, KernelSet, PlanBuffers, RoutedBuffers, SelectionBuffers};
 #[cfg(feature = "wgpu")]
