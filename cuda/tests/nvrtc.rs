@@ -85,13 +85,20 @@ fn grouped_matmul_kernels_use_no_local_memory() {
         .expect("grouped_matmul.cu is a module");
     let text = ptx.to_src();
     let entries: Vec<&str> = text.split(".entry ").skip(1).collect();
-    assert_eq!(entries.len(), 4, "f32, bf16, f16 forward and the f32 weight gradient");
+    assert_eq!(
+        entries.len(),
+        4,
+        "f32, bf16, f16 forward and the f32 weight gradient"
+    );
     for entry in entries {
         let name = entry.split('(').next().unwrap_or_default();
         assert!(!entry.contains(".local"), "{name} uses local memory");
         if name.contains("bf16") || name.contains("f16") {
             let mmas = entry.matches("mma.sync.aligned.m16n8k16").count();
-            assert!(mmas >= 8, "{name}: {mmas} tensor-core MMAs, want 8 per k step unrolled");
+            assert!(
+                mmas >= 8,
+                "{name}: {mmas} tensor-core MMAs, want 8 per k step unrolled"
+            );
         }
     }
 }

@@ -19,14 +19,40 @@ const WG_WIDE: u32 = 256;
 const PLAN_CHUNK: u32 = 32;
 /// Largest E the selection kernels handle on lavapipe (see `check_select_experts`).
 const LAVAPIPE_MAX_SELECT_EXPERTS: usize = 512;
-/// The grouped products' workgroup tile (`TILE_M` x `TILE_N` outputs, `TILE_K` deep) and
-/// threads, the `override`s of grouped_matmul.wgsl: 16 outputs per thread in registers,
-/// 4 KiB of shared memory, 64 threads (every device's limits, browsers' included).
-/// Measured on lavapipe against 16 x 16 x 16 (`dtopp bench train --backend wgpu`,
-/// docs/benchmarks.md).
-pub const GROUPED_TILE: [u32; 3] = [32, 32, 16];
+/// The grouped products' workgroup tile (`TILE_M` x `TILE_N` outputs, `TILE_K` deep), the
+/// `override`s of grouped_matmul.wgsl: 16 outputs per thread in registers, 256 threads and
+/// 8 KiB of shared memory (within every device's limits, browsers' included). Measured on
+/// lavapipe, bench/cpu-mid.toml: 61.9 tokens/s at 32 x 32 x 16, 66.1 at 64 x 32 x 16,
+/// 71.5 here, 73.0 at 64 x 64 x 32 (16 KiB, past a browser's limit); docs/benchmarks.md.
+pub const GROUPED_TILE: [u32; 3] = [64, 64, 16];
 const GROUPED_MICRO: u32 = 4;
-const GROUPED_WG: u32 = (GROUPED_TILE[0] / GROUPED_MICRO) * (GROUPED_TILE[1] / GROUPED_MICRO);
+
+/// The grouped products' tile: [`GROUPED_TILE`], or `DTOPP_GROUPED_TILE=M,N,K` to try
+/// another on a device (M and N multiples of 4, at most 256 threads and 16 KiB of
+/// workgroup memory; anything else is ignored, saying so).
+fn grouped_tile() -> [u32; 3] {
+    let Ok(given) = std::env::var("DTOPP_GROUPED_TILE") else {
+        return GROUPED_TILE;
+    };
+    let t: Vec<u32> = given
+        .split(',')
+        .filter_map(|x| x.trim().parse().ok())
+        .collect();
+    let fits = t.len() == 3
+        && t.iter().all(|&v| v > 0)
+        && t[0].is_multiple_of(GROUPED_MICRO)
+        && t[1].is_multiple_of(GROUPED_MICRO)
+        && (t[0] / GROUPED_MICRO) * (t[1] / GROUPED_MICRO) <= 256
+        && (t[0] + t[1]) * t[2] * 4 <= 16 * 1024 - 64;
+    if fits {
+        [t[0], t[1], t[2]]
+    } else {
+        eprintln!(
+            "DTOPP_GROUPED_TILE={given} ignored: want M,N,K with M and N multiples of 4, (M/4)(N/4) <= 256 threads and (M + N) K floats within 16 KiB; using {GROUPED_TILE:?}"
+        );
+        GROUPED_TILE
+    }
+}
 /// `status` value meaning "no non-finite input seen".
 const STATUS_CLEAN: u32 = u32::MAX;
 
@@ -212,6 +238,7 @@ pub struct RoutingKernels {
     controller_update: Kernel,
     grouped_forward: Kernel,
     grouped_weight_grad: Kernel,
+    grouped_tile: [u32; 3],
 }
 
 use Slot::{Storage, Uniform};
@@ -233,12 +260,14 @@ impl RoutingKernels {
         let rows = module("rows.wgsl", source::ROWS);
         let controller = module("controller.wgsl", source::CONTROLLER);
         let grouped = module("grouped_matmul.wgsl", source::GROUPED_MATMUL);
-        let [tile_m, tile_n, tile_k] = GROUPED_TILE.map(f64::from);
+        let grouped_tile = grouped_tile();
+        let [tile_m, tile_n, tile_k] = grouped_tile.map(f64::from);
+        let threads = (grouped_tile[0] / GROUPED_MICRO) * (grouped_tile[1] / GROUPED_MICRO);
         let tiles: &[(&str, f64)] = &[
             ("TILE_M", tile_m),
             ("TILE_N", tile_n),
             ("TILE_K", tile_k),
-            ("WG", f64::from(GROUPED_WG)),
+            ("WG", f64::from(threads)),
         ];
         let tiled = |name, b| Self::kernel_with(device, &grouped, name, tiles, b);
         let k = |m: &wgpu::ShaderModule, name, wg, b| Self::kernel(device, m, name, wg, b);
@@ -404,6 +433,7 @@ impl RoutingKernels {
                     (6, Storage),
                 ],
             ),
+            grouped_tile,
             ctx,
         }
     }
@@ -1145,7 +1175,7 @@ impl RoutingKernels {
         if rows * cols == 0 {
             return Ok(());
         }
-        let [tile_m, tile_n, _] = GROUPED_TILE.map(|t| t as usize);
+        let [tile_m, tile_n, _] = self.grouped_tile.map(|t| t as usize);
         let col_tiles = cols.div_ceil(tile_n);
         let params = Self::grouped_params([rows, inner, cols, experts], transposed, col_tiles, 0);
         // A bound on the experts' row tiles: each expert wastes less than one.
@@ -1173,14 +1203,10 @@ impl RoutingKernels {
         if experts * inner * cols == 0 {
             return Ok(());
         }
-        let [tile_m, tile_n, _] = GROUPED_TILE.map(|t| t as usize);
+        let [tile_m, tile_n, _] = self.grouped_tile.map(|t| t as usize);
         let (col_tiles, inner_tiles) = (cols.div_ceil(tile_n), inner.div_ceil(tile_m));
-        let params = Self::grouped_params(
-            [rows, inner, cols, experts],
-            false,
-            col_tiles,
-            inner_tiles,
-        );
+        let params =
+            Self::grouped_params([rows, inner, cols, experts], false, col_tiles, inner_tiles);
         let groups = (experts * inner_tiles * col_tiles) as u64;
         let grid = self.grid("grouped_weight_grad", groups)?;
         self.run(

@@ -320,7 +320,13 @@ fn a_non_finite_logit_is_located_on_the_device() {
         rows: n * e,
         slots: e,
     };
-    let route = route_grouped(probs_of(&logits), logits.clone(), Selector::TopK(2), None, bound);
+    let route = route_grouped(
+        probs_of(&logits),
+        logits.clone(),
+        Selector::TopK(2),
+        None,
+        bound,
+    );
     let ExpertRows::Grouped { first_bad, .. } = route.unwrap().rows else {
         panic!("route_grouped keeps its offsets on the device");
     };
@@ -390,9 +396,17 @@ fn sessions_agree<B: TrainingBackend>(backend: &str) {
     let few = RowBound { rows: 1, slots: 1 };
     for (layout, start, name) in [
         (ExpertLayout::Padded, None, "measured"),
-        (ExpertLayout::Padded, Some(vec![one.into(); layers]), "too small"),
+        (
+            ExpertLayout::Padded,
+            Some(vec![one.into(); layers]),
+            "too small",
+        ),
         (ExpertLayout::Grouped, None, "measured"),
-        (ExpertLayout::Grouped, Some(vec![few.into(); layers]), "too small"),
+        (
+            ExpertLayout::Grouped,
+            Some(vec![few.into(); layers]),
+            "too small",
+        ),
     ] {
         let forced = start.is_some();
         let (padded, report) = train_steps::<B>(layout, start, steps);
@@ -407,10 +421,7 @@ fn sessions_agree<B: TrainingBackend>(backend: &str) {
         }
         assert_eq!(usage.micro_batches, 2 * steps);
         if forced {
-            assert!(
-                usage.redone >= 1,
-                "a micro-batch past its bounds is redone"
-            );
+            assert!(usage.redone >= 1, "a micro-batch past its bounds is redone");
         }
         assert!(usage.rows_per_route().unwrap() >= 1.0, "{usage:?}");
         for (step, (p, x)) in padded.iter().zip(&exact).enumerate() {

@@ -118,7 +118,9 @@ fn grouped_matmul_kernels_conform_to_the_cpu_reference() {
         let ob = k.upload("grouped test", &offsets(&c.counts)).unwrap();
         for precision in [GemmPrecision::F32, GemmPrecision::Bf16, GemmPrecision::F16] {
             let dims = [c.rows, d, f, e];
-            let y = k.grouped_matmul(&xb, &wb, &ob, dims, false, precision).unwrap();
+            let y = k
+                .grouped_matmul(&xb, &wb, &ob, dims, false, precision)
+                .unwrap();
             let y: Vec<f32> = k.read(&y, c.rows * f).unwrap();
             // dX = g W^T: the transposed read of the same [E, D, F] weights.
             let dx = k
@@ -150,9 +152,14 @@ fn grouped_matmul_kernels_conform_to_the_cpu_reference() {
                     }
                 }
             }
-            assert!(y[routes * f..].iter().all(|&v| v == 0.0), "{label}: y past the routes");
+            assert!(
+                y[routes * f..].iter().all(|&v| v == 0.0),
+                "{label}: y past the routes"
+            );
         }
-        let dw = k.grouped_weight_grad(&xb, &gb, &ob, [c.rows, d, f, e]).unwrap();
+        let dw = k
+            .grouped_weight_grad(&xb, &gb, &ob, [c.rows, d, f, e])
+            .unwrap();
         let dw: Vec<f32> = k.read(&dw, e * d * f).unwrap();
         assert_close(&dw, &want_dw, routes, &format!("{what}: dW"));
     }

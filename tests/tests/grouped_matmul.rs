@@ -26,7 +26,7 @@ fn grouped_products_on_the_device_match_the_cpu_reference() {
     let Some(device) = wgpu_model_device() else {
         return;
     };
-    assert!(<B as GroupedMatmulBackend>::DEVICE_OFFSETS);
+    const { assert!(<B as GroupedMatmulBackend>::DEVICE_OFFSETS) };
     let mut rng = SplitMix64::new(24);
     for c in cases() {
         let (d, f, e) = (c.d, c.f, c.counts.len());
@@ -36,8 +36,8 @@ fn grouped_products_on_the_device_match_the_cpu_reference() {
         let offsets = offsets(&c.counts);
         let xs = Tensor::<B, 2>::from_data(TensorData::new(x.clone(), [c.rows, d]), &device)
             .require_grad();
-        let wt =
-            Tensor::<B, 3>::from_data(TensorData::new(w.clone(), [e, d, f]), &device).require_grad();
+        let wt = Tensor::<B, 3>::from_data(TensorData::new(w.clone(), [e, d, f]), &device)
+            .require_grad();
         let ut = Tensor::<B, 2>::from_data(TensorData::new(up.clone(), [c.rows, f]), &device);
         let on_device =
             Tensor::<B, 1, Int>::from_data(TensorData::new(offsets.clone(), [e + 1]), &device);
@@ -56,23 +56,38 @@ fn grouped_products_on_the_device_match_the_cpu_reference() {
         let what = format!("counts {:?}, rows {}, D {d}, F {f}", c.counts, c.rows);
         let got_y = values(y.inner());
         let got_dx = values(xs.grad(&grads).unwrap());
-        let got_dw = wt.grad(&grads).unwrap().into_data().to_vec::<f32>().unwrap();
+        let got_dw = wt
+            .grad(&grads)
+            .unwrap()
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap();
         assert_close(&got_y, &want_y, d, &format!("{what}: y"));
         assert_close(&got_dx, &want_dx, f, &format!("{what}: dX"));
         let routes = offsets[e] as usize;
         assert_close(&got_dw, &want_dw, routes, &format!("{what}: dW"));
         // Past the routes: exact zeros, forward and backward.
-        assert!(got_y[routes * f..].iter().all(|&v| v == 0.0), "{what}: y past the routes");
-        assert!(got_dx[routes * d..].iter().all(|&v| v == 0.0), "{what}: dX past the routes");
+        assert!(
+            got_y[routes * f..].iter().all(|&v| v == 0.0),
+            "{what}: y past the routes"
+        );
+        assert!(
+            got_dx[routes * d..].iter().all(|&v| v == 0.0),
+            "{what}: dX past the routes"
+        );
         // An expert without rows: an exact zero gradient.
         for (expert, &count) in c.counts.iter().enumerate() {
             if count == 0 {
                 let block = &got_dw[expert * d * f..(expert + 1) * d * f];
-                assert!(block.iter().all(|&v| v == 0.0), "{what}: dW of empty expert {expert}");
+                assert!(
+                    block.iter().all(|&v| v == 0.0),
+                    "{what}: dW of empty expert {expert}"
+                );
             }
         }
         // The same products again: bit for bit (each output summed by one thread in order).
-        let again = values(grouped_on_device(xs.clone(), wt.clone(), &on_device, Precision::F32).inner());
+        let again =
+            values(grouped_on_device(xs.clone(), wt.clone(), &on_device, Precision::F32).inner());
         assert_eq!(again, got_y, "{what}: repeatable");
     }
 }
@@ -87,9 +102,16 @@ fn offsets_past_the_row_bound_stay_inside_the_buffers() {
     let (rows, d, f) = (10, 4, 3);
     let xs = Tensor::<Wgpu, 2>::ones([rows, d], &device);
     let w = Tensor::<Wgpu, 3>::ones([2, d, f], &device);
-    let offsets = Tensor::<Wgpu, 1, Int>::from_data(TensorData::new(vec![0i32, 6, 25], [3]), &device);
+    let offsets =
+        Tensor::<Wgpu, 1, Int>::from_data(TensorData::new(vec![0i32, 6, 25], [3]), &device);
     // Expert 0 on rows 0..6, expert 1 on 6..10 (its offset 25 clamped to the bound).
-    let y = Wgpu::grouped_matmul_on_device(xs.clone(), w.clone(), offsets.clone(), false, Precision::F32);
+    let y = Wgpu::grouped_matmul_on_device(
+        xs.clone(),
+        w.clone(),
+        offsets.clone(),
+        false,
+        Precision::F32,
+    );
     assert_eq!(y.into_data().to_vec::<f32>().unwrap(), vec![4.0; rows * f]);
     let g = Tensor::<Wgpu, 2>::ones([rows, f], &device);
     let dw = Wgpu::grouped_weight_grad_on_device(xs, g, [2, d, f], offsets, Precision::F32);

@@ -10,9 +10,9 @@ mod kernel_set;
 mod wgpu_ops;
 
 pub use cuda_ops::{CudaArray, CudaOps};
+pub use device_ops::{DeviceOps, GpuArray};
 /// The grouped products' multiplication precision on CUDA (`CudaOps::kernels`).
 pub use dtopp_cuda::GemmPrecision;
-pub use device_ops::{DeviceOps, GpuArray};
 pub use kernel_set::{Keep, KernelSet, PlanBuffers, RoutedBuffers, SelectionBuffers};
 #[cfg(feature = "wgpu")]
 pub use wgpu_ops::{DeviceArray, WgpuOps};

@@ -46,10 +46,13 @@ pub(crate) struct TrainArgs {
     #[arg(long, value_enum, default_value_t = Backend::Cpu)]
     backend: Backend,
     /// The layout of the experts' rows: `exact` (each expert on its own slice of the
-    /// routes; the host reads E + 4 integers per layer for the slices' shapes) or
-    /// `padded` (experts on buffers sized from the previous step, the PI controller on
-    /// the device: the host reads twice per step; an outgrown micro-batch runs again, so
-    /// nothing is dropped). Default: exact on the CPU, padded on a GPU. Both select
+    /// routes; the host reads E + 4 integers per layer for the slices' shapes),
+    /// `grouped` (each route on one row, the experts' offsets read on the device by the
+    /// grouped products, a row bound from the previous step) or `padded` (experts on
+    /// buffers sized from the previous step). With `grouped` and `padded` the PI
+    /// controller runs on the device, the host reads once per step, and an outgrown
+    /// micro-batch runs again, so nothing is dropped. Default: exact on the CPU,
+    /// grouped on wgpu, padded on cuda. All select
     /// with the backend's routing ops on the model's own tensors (dtopp's WGSL kernels
     /// on burn-wgpu's buffers, the fast CPU ops on ndarray). See docs/benchmarks.md.
     #[arg(long, value_enum)]

@@ -90,7 +90,7 @@ pub trait GroupedMatmulBackend: Backend {
 }
 
 /// The grouped product in burn's tensor ops: a slice of rows and of the matrix per expert.
-pub(crate) fn sliced_products<B: GroupedMatmulBackend>(
+pub(super) fn sliced_products<B: GroupedMatmulBackend>(
     xs: Tensor<B, 2>,
     w: Tensor<B, 3>,
     offsets: &[usize],
@@ -155,7 +155,7 @@ impl GroupedMatmulBackend for burn::backend::Wgpu {}
 impl GroupedMatmulBackend for burn::backend::Cuda {}
 
 /// [`GroupedMatmulBackend::grouped_weight_grad`] in burn's tensor ops.
-pub(crate) fn weight_grad<B: GroupedMatmulBackend>(
+pub(super) fn weight_grad<B: GroupedMatmulBackend>(
     xs: Tensor<B, 2>,
     grad: Tensor<B, 2>,
     dims: [usize; 3],

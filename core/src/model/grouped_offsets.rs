@@ -63,16 +63,14 @@ pub(crate) fn through_host<B: GroupedMatmulBackend>(
     let cols = w.dims()[2];
     let device = xs.device();
     let inner = xs.dims()[1];
-    let routed = B::grouped_matmul(
-        xs.slice([0..routes, 0..inner]),
-        w,
-        &offsets,
-        precision,
-    );
+    let routed = B::grouped_matmul(xs.slice([0..routes, 0..inner]), w, &offsets, precision);
     if routes == rows {
         routed
     } else {
-        Tensor::cat(vec![routed, Tensor::zeros([rows - routes, cols], &device)], 0)
+        Tensor::cat(
+            vec![routed, Tensor::zeros([rows - routes, cols], &device)],
+            0,
+        )
     }
 }
 
@@ -111,8 +109,13 @@ impl<B: GroupedMatmulBackend> Backward<B, 2> for DeviceGroupedMatmul {
         let xs = float::<B, 2>(checkpointer.retrieve_node_output(xs_id));
         let w = float::<B, 3>(checkpointer.retrieve_node_output(w_id));
         if let Some(node) = node_w {
-            let dw =
-                B::grouped_weight_grad_on_device(xs, grad.clone(), dims, offsets.clone(), precision);
+            let dw = B::grouped_weight_grad_on_device(
+                xs,
+                grad.clone(),
+                dims,
+                offsets.clone(),
+                precision,
+            );
             grads.register::<B>(node.id, dw.into_primitive().tensor());
         }
         if let Some(node) = node_xs {

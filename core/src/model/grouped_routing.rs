@@ -125,12 +125,24 @@ mod tests {
     #[test]
     fn bounds_leave_a_margin_within_what_a_batch_can_make() {
         let b = RowBound::after(1000, 6, 512, 16);
-        assert_eq!(b, RowBound { rows: 1280, slots: 9 });
+        assert_eq!(
+            b,
+            RowBound {
+                rows: 1280,
+                slots: 9
+            }
+        );
         assert!(b.hold(1280, 9));
         assert!(!b.hold(1281, 9));
         assert!(!b.hold(10, 10));
         // Top-k: the bound is the exact route count, k slots.
-        assert_eq!(RowBound::after(512 * 2, 2, 512, 2), RowBound { rows: 1024, slots: 2 });
+        assert_eq!(
+            RowBound::after(512 * 2, 2, 512, 2),
+            RowBound {
+                rows: 1024,
+                slots: 2
+            }
+        );
         // Never fewer rows than tokens, never fewer than one slot.
         assert_eq!(RowBound::after(0, 0, 7, 3), RowBound { rows: 7, slots: 1 });
     }

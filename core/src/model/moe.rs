@@ -14,10 +14,10 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 
 use super::device_routing::read_ints;
-use super::long_reductions::column_sums;
 use super::grouped_offsets::grouped_on_device;
 use super::grouped_routing::route_grouped;
 use super::layer_bounds::LayerBounds;
+use super::long_reductions::column_sums;
 use super::padded_routing::route_padded;
 use super::precision::Precision;
 use super::route::ExpertRows;

@@ -7,8 +7,8 @@ use burn::tensor::backend::Backend;
 
 use super::config::ModelConfig;
 use super::init::{constant_param, normal_param};
-use super::moe::{MoeForward, MoeWeights, moe_forward};
 use super::layer_bounds::LayerBounds;
+use super::moe::{MoeForward, MoeWeights, moe_forward};
 use super::precision::Precision;
 use super::routing::Selector;
 use super::routing_backend::RoutingBackend;

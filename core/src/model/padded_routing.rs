@@ -17,10 +17,10 @@
 use burn::tensor::{Int, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::layer_bounds::LayerBounds;
 use super::device_routing::{
     ExpertMajor, expert_major, first_above, first_non_finite, slots_by_rank,
 };
+use super::layer_bounds::LayerBounds;
 use super::route::{ExpertRows, Route};
 use super::routed_rows::gathers;
 use super::routing::Selector;

@@ -21,8 +21,7 @@ pub enum Selector {
 }
 
 /// How the routed rows are laid out for the experts' products. The layouts make the
-/// same selection and the same outputs (`tests/tests/padded_routing.rs`,
-/// `tests/tests/grouped_routing.rs`); they differ in
+/// same selection and the same outputs (`tests/tests/bounded_layouts.rs`); they differ in
 /// what the host must know, and so in how often it waits for the device.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
@@ -34,15 +33,14 @@ pub enum ExpertLayout {
     Exact,
     /// Each expert on a buffer of rows sized from the previous step, all in one batched
     /// product: nothing is read per layer; in a single-process run the controller runs
-    /// on the device and the host reads twice per optimizer step. A micro-batch that
+    /// on the device and the host reads once per optimizer step. A micro-batch that
     /// outgrows its buffers runs again, so nothing is dropped.
     Padded,
     /// Each route on exactly one expert row, expert-major, with the experts' offsets on
     /// the device where the grouped products read them: nothing is read per layer and
     /// no padding is computed. The host bounds the total rows from the previous step; a
-    /// micro-batch that outgrows the bound runs again, so nothing is dropped. Needs a
-    /// backend whose grouped products read device offsets
-    /// ([`super::GroupedMatmulBackend::DEVICE_OFFSETS`]).
+    /// micro-batch that outgrows the bound runs again, so nothing is dropped. Without a
+    /// grouped kernel on the backend (CUDA today) its products read the offsets back.
     Grouped,
 }
 

@@ -17,7 +17,7 @@
 // (the spare ones cover them: see `grouped_forward`). Tiles never straddle two experts,
 // so every tile is one plain tiled product over shared memory.
 //
-// Each thread keeps a MICRO x MICRO block of outputs in registers; each output is summed
+// Each thread keeps a 4 x 4 block of outputs in registers (four vec4s); each output is summed
 // in one thread in a fixed order, so results are deterministic. The K loops run
 // inner / TILE_K (forward) or rows_e / TILE_K (weight gradient) times: within lavapipe's
 // 65,535 iterations up to a million rows per expert.
@@ -56,8 +56,12 @@ const MICRO: u32 = 4u;
 @group(0) @binding(5) var<storage, read_write> g: array<f32>;
 @group(0) @binding(6) var<storage, read_write> dw: array<f32>;
 
-var<workgroup> a_tile: array<f32, TILE_M * TILE_K>;
-var<workgroup> b_tile: array<f32, TILE_K * TILE_N>;
+// Tiles of vec4s along the output's rows (a) and columns (b): element (m, k) of a at
+// a_tile[k * TILE_M / 4 + m / 4][m % 4], element (k, n) of b at b_tile[k * TILE_N / 4 + n / 4][n % 4],
+// so a thread's 4 x 4 block takes one vec4 of each per k (a quarter of the scalar loads;
+// lavapipe turns each per-lane shared load into a gather).
+var<workgroup> a_tile: array<vec4<f32>, TILE_M * TILE_K / 4u>;
+var<workgroup> b_tile: array<vec4<f32>, TILE_K * TILE_N / 4u>;
 // The workgroup's job, found by one thread and shared: uniform control flow needs it
 // loaded through workgroupUniformLoad.
 var<workgroup> job_expert: u32;
@@ -70,20 +74,23 @@ fn offset_at(e: u32) -> u32 {
     return min(u32(max(offsets[e], 0)), params.rows);
 }
 
-// acc += a_tile[rows of this thread] x b_tile[cols of this thread], over one K tile.
-fn multiply_tile(tx: u32, ty: u32, acc: ptr<function, array<f32, 16>>) {
+fn set_a(m: u32, k: u32, v: f32) {
+    a_tile[k * (TILE_M / MICRO) + m / MICRO][m % MICRO] = v;
+}
+
+fn set_b(k: u32, n: u32, v: f32) {
+    b_tile[k * (TILE_N / MICRO) + n / MICRO][n % MICRO] = v;
+}
+
+// acc[i] += a[row ty * 4 + i] * b[cols tx * 4 ..], over one K tile.
+fn multiply_tile(tx: u32, ty: u32, acc: ptr<function, array<vec4<f32>, 4>>) {
     for (var k = 0u; k < TILE_K; k++) {
-        var a: array<f32, 4>;
-        var b: array<f32, 4>;
-        for (var i = 0u; i < MICRO; i++) {
-            a[i] = a_tile[(ty * MICRO + i) * TILE_K + k];
-            b[i] = b_tile[k * TILE_N + tx * MICRO + i];
-        }
-        for (var i = 0u; i < MICRO; i++) {
-            for (var j = 0u; j < MICRO; j++) {
-                (*acc)[i * MICRO + j] = fma(a[i], b[j], (*acc)[i * MICRO + j]);
-            }
-        }
+        let a = a_tile[k * (TILE_M / MICRO) + ty];
+        let b = b_tile[k * (TILE_N / MICRO) + tx];
+        (*acc)[0] = fma(vec4<f32>(a.x), b, (*acc)[0]);
+        (*acc)[1] = fma(vec4<f32>(a.y), b, (*acc)[1]);
+        (*acc)[2] = fma(vec4<f32>(a.z), b, (*acc)[2]);
+        (*acc)[3] = fma(vec4<f32>(a.w), b, (*acc)[3]);
     }
 }
 
@@ -132,7 +139,7 @@ fn grouped_forward(
     let col0 = col_tile * TILE_N;
     let tx = lid % (TILE_N / MICRO);
     let ty = lid / (TILE_N / MICRO);
-    var acc: array<f32, 16>;
+    var acc: array<vec4<f32>, 4>;
     if (expert < params.experts) {
         let inner = params.inner;
         let cols = params.cols;
@@ -145,7 +152,7 @@ fn grouped_forward(
                 if (row < end && k < inner) {
                     v = x[row * inner + k];
                 }
-                a_tile[i] = v;
+                set_a(i / TILE_K, i % TILE_K, v);
             }
             for (var i = lid; i < TILE_K * TILE_N; i += WG) {
                 var v = 0.0;
@@ -156,14 +163,14 @@ fn grouped_forward(
                     if (k0 + k < inner && col0 + c < cols) {
                         v = w[w_base + (col0 + c) * inner + k0 + k];
                     }
-                    b_tile[k * TILE_N + c] = v;
+                    set_b(k, c, v);
                 } else {
                     let k = i / TILE_N;
                     let c = i % TILE_N;
                     if (k0 + k < inner && col0 + c < cols) {
                         v = w[w_base + (k0 + k) * cols + col0 + c];
                     }
-                    b_tile[i] = v;
+                    set_b(k, c, v);
                 }
             }
             workgroupBarrier();
@@ -176,7 +183,7 @@ fn grouped_forward(
         for (var j = 0u; j < MICRO; j++) {
             let col = col0 + tx * MICRO + j;
             if (row < end && col < params.cols) {
-                y[row * params.cols + col] = acc[i * MICRO + j];
+                y[row * params.cols + col] = acc[i][j];
             }
         }
     }
@@ -206,7 +213,7 @@ fn grouped_weight_grad(
     let ty = lid / (TILE_N / MICRO);
     let inner = params.inner;
     let cols = params.cols;
-    var acc: array<f32, 16>;
+    var acc: array<vec4<f32>, 4>;
     for (var r0 = start; r0 < end; r0 += TILE_K) {
         // a_tile[m, r] = x[r0 + r, k0 + m]: consecutive threads read consecutive m.
         for (var i = lid; i < TILE_M * TILE_K; i += WG) {
@@ -216,7 +223,7 @@ fn grouped_weight_grad(
             if (r0 + r < end && k0 + m < inner) {
                 v = x[(r0 + r) * inner + k0 + m];
             }
-            a_tile[m * TILE_K + r] = v;
+            set_a(m, r, v);
         }
         for (var i = lid; i < TILE_K * TILE_N; i += WG) {
             let r = i / TILE_N;
@@ -225,7 +232,7 @@ fn grouped_weight_grad(
             if (r0 + r < end && col0 + c < cols) {
                 v = g[(r0 + r) * cols + col0 + c];
             }
-            b_tile[i] = v;
+            set_b(r, c, v);
         }
         workgroupBarrier();
         multiply_tile(tx, ty, &acc);
@@ -237,7 +244,7 @@ fn grouped_weight_grad(
         for (var j = 0u; j < MICRO; j++) {
             let col = col0 + tx * MICRO + j;
             if (k < inner && col < cols) {
-                dw[base + k * cols + col] = acc[i * MICRO + j];
+                dw[base + k * cols + col] = acc[i][j];
             }
         }
     }

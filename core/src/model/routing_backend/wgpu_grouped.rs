@@ -2,49 +2,21 @@
 //! buffers: the experts' offsets stay on the device, so the grouped layout runs a MoE
 //! layer forward and backward with no host read ([`GroupedMatmulBackend`]).
 //!
-//! The host-offset entry points (the exact layout) use the same kernels on offsets
-//! uploaded from the host. Products in f32 only: another precision takes the default,
-//! burn's own products on slices.
+//! The host-offset entry points (the exact layout) keep the default, burn's own products
+//! on slices: with the shapes on the host, burn's tuned matmul measured faster on
+//! lavapipe than this kernel (docs/benchmarks.md). Products in f32 only: another
+//! precision takes the default, through the host.
 
 use burn::backend::Wgpu;
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{Int, Tensor};
 
 use super::wgpu::{float, int, kernels, launch, or_panic};
-use crate::model::grouped_matmul::{GroupedMatmulBackend, sliced_products, weight_grad};
+use crate::model::grouped_matmul::GroupedMatmulBackend;
 use crate::model::grouped_offsets::{through_host, weight_grad_through_host};
 use crate::model::precision::Precision;
 
 impl GroupedMatmulBackend for Wgpu {
     const DEVICE_OFFSETS: bool = true;
-
-    fn grouped_matmul(
-        xs: Tensor<Self, 2>,
-        w: Tensor<Self, 3>,
-        offsets: &[usize],
-        precision: Precision,
-    ) -> Tensor<Self, 2> {
-        if precision != Precision::F32 {
-            return sliced_products(xs, w, offsets, precision);
-        }
-        let device = xs.device();
-        let on_device = upload(offsets, &device);
-        Self::grouped_matmul_on_device(xs, w, on_device, false, precision)
-    }
-
-    fn grouped_weight_grad(
-        xs: Tensor<Self, 2>,
-        grad: Tensor<Self, 2>,
-        dims: [usize; 3],
-        offsets: &[usize],
-        precision: Precision,
-    ) -> Tensor<Self, 3> {
-        if precision != Precision::F32 {
-            return weight_grad(xs, grad, dims, offsets, precision);
-        }
-        let device = xs.device();
-        let on_device = upload(offsets, &device);
-        Self::grouped_weight_grad_on_device(xs, grad, dims, on_device, precision)
-    }
 
     fn grouped_matmul_on_device(
         xs: Tensor<Self, 2>,
@@ -67,7 +39,11 @@ impl GroupedMatmulBackend for Wgpu {
             w.dims(),
             if transposed { " transposed" } else { "" }
         );
-        assert_eq!(offsets.dims()[0], experts + 1, "grouped product: E + 1 offsets");
+        assert_eq!(
+            offsets.dims()[0],
+            experts + 1,
+            "grouped product: E + 1 offsets"
+        );
         let out = Tensor::<Self, 2>::empty([rows, cols], &device);
         if rows * cols == 0 {
             return out;
@@ -129,10 +105,4 @@ impl GroupedMatmulBackend for Wgpu {
         );
         out
     }
-}
-
-/// Host offsets as the kernels' `E + 1` device integers (an upload, not a read).
-fn upload(offsets: &[usize], device: &burn::backend::wgpu::WgpuDevice) -> Tensor<Wgpu, 1, Int> {
-    let values: Vec<i32> = offsets.iter().map(|&o| o as i32).collect();
-    Tensor::from_data(TensorData::new(values, [offsets.len()]), device)
 }

@@ -33,8 +33,8 @@ use crate::controller::{ThresholdScope, calibrate_threshold};
 use crate::error::{Error, Result};
 use crate::metrics::{ClassBucket, DifficultyBucket, RoutingSample, RunSummary, StepMetrics};
 use crate::model::{
-    ExpertBounds, ExpertLayout, LayerBounds, LayerNeeds, MoeForward, MoeLanguageModel,
-    PaddedUsage, Precision, RoutingPlan, Selector, non_finite_logit, read_ints,
+    ExpertBounds, ExpertLayout, LayerBounds, LayerNeeds, MoeForward, MoeLanguageModel, PaddedUsage,
+    Precision, RoutingPlan, Selector, non_finite_logit, read_ints,
 };
 use crate::ops::RouteShape;
 use crate::sim::{TrackingSummary, mean_std};

@@ -83,9 +83,13 @@ impl<B: TrainingBackend> TrainSession<B> {
         // Until the step's one read shows that the deferred pass fit its bounds, the
         // weights, moments and controller before the update are kept (handles, no
         // copies; burn cannot update them in place meanwhile) to run the step again.
-        let before = check
-            .is_some()
-            .then(|| (model.clone(), self.optimizer.snapshot(), self.control.clone()));
+        let before = check.is_some().then(|| {
+            (
+                model.clone(),
+                self.optimizer.snapshot(),
+                self.control.clone(),
+            )
+        });
         let config = &self.config;
         let run = &config.run;
         let device = &self.device;
