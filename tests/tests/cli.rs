@@ -540,7 +540,7 @@ fn train_on_wgpu_follows_the_cpu_run() {
     let mut runs = Vec::new();
     // One routing path: the backend's routing ops on the model's tensors (the fast CPU
     // ops on ndarray, the WGSL kernels on burn-wgpu's buffers), with the experts' rows in
-    // the backend's default layout (exact on the CPU, padded on a GPU) or the other one.
+    // the backend's default layout (exact on the CPU, grouped on wgpu) or another one.
     for (name, backend, layout, log) in [
         (
             "cpu",
@@ -548,7 +548,18 @@ fn train_on_wgpu_follows_the_cpu_run() {
             None,
             "selection and dispatch plan: dtopp fast CPU routing ops on burn ndarray's host tensors; experts on exact slices",
         ),
-        ("wgpu", "wgpu", None, "padded expert buffers: "),
+        (
+            "wgpu",
+            "wgpu",
+            None,
+            "grouped products reading the offsets on the device",
+        ),
+        (
+            "wgpu-padded",
+            "wgpu",
+            Some("padded"),
+            "padded expert rows: 0 micro-batches run again",
+        ),
         (
             "wgpu-exact",
             "wgpu",
@@ -1074,4 +1085,43 @@ fn bench_train_reports_throughput_mfu_and_memory() {
     let bad = dtopp(&["bench", "train", "--preset", "tiny", "--steps", "0"]);
     assert!(text(&bad).1.contains("--steps"), "{}", text(&bad).1);
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `dtopp bench moe` times one MoE layer forward and backward in each layout (ndarray:
+/// the grouped and padded layouts through the host offsets), and refuses a bad shape by
+/// name.
+#[test]
+fn bench_moe_times_one_layer_in_every_layout() {
+    let shape = [
+        "--tokens",
+        "37",
+        "--hidden",
+        "6",
+        "--experts",
+        "5",
+        "--expert-hidden",
+        "7",
+        "--top-k",
+        "2",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--json",
+    ];
+    for layout in ["exact", "grouped", "padded"] {
+        let mut args = vec!["bench", "moe", "--backend", "cpu", "--layout", layout];
+        args.extend(shape);
+        let out = dtopp(&args);
+        let (stdout, stderr) = text(&out);
+        assert!(out.status.success(), "{layout}: {stderr}");
+        let result: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+        assert_eq!(result["layout"], layout);
+        assert_eq!(result["tokens"], 37);
+        assert!(result["median_ms"].as_f64().unwrap() > 0.0, "{result}");
+        assert!(result["expert_tflops"].as_f64().unwrap() > 0.0, "{result}");
+    }
+    let out = dtopp(&["bench", "moe", "--experts", "4", "--top-k", "5"]);
+    assert!(!out.status.success());
+    assert!(text(&out).1.contains("--top-k"), "{}", text(&out).1);
 }

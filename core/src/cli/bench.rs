@@ -22,6 +22,11 @@ pub(crate) enum BenchCommand {
     /// `bench/torch_moe.py`, the PyTorch eager baseline of the same model).
     #[cfg(feature = "train")]
     Train(super::bench_train::TrainBenchArgs),
+    /// Time one MoE layer forward and backward in a layout of the experts' rows (beside
+    /// `bench/torch_moe_layer.py`, PyTorch eager's layer and a dense SwiGLU of the same
+    /// FLOPs).
+    #[cfg(feature = "train")]
+    Moe(super::bench_moe::MoeBenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -80,6 +85,8 @@ pub(crate) fn run(command: BenchCommand) -> Result<()> {
         BenchCommand::Routing(args) => args,
         #[cfg(feature = "train")]
         BenchCommand::Train(args) => return super::bench_train::run(args),
+        #[cfg(feature = "train")]
+        BenchCommand::Moe(args) => return super::bench_moe::run(args),
     };
     if args.iters == 0 || args.tokens == 0 || args.experts == 0 || args.hidden == 0 {
         return Err(Error::param(

@@ -2,6 +2,8 @@
 
 mod bench;
 #[cfg(feature = "train")]
+mod bench_moe;
+#[cfg(feature = "train")]
 mod bench_train;
 mod burn_log;
 #[cfg(feature = "train")]
