@@ -1,10 +1,9 @@
 #!/usr/bin/env python3
 """PyTorch eager baseline of one MoE layer, forward and backward, beside `dtopp bench moe`:
-the same layer (DRN router, Top-k, dropless dispatch, SwiGLU experts, renormalised
-combine) written the usual eager way, routes sorted by expert and a loop over experts with
-index_select / index_add_ (as `python/dtopp_torch.py`'s model), and a dense SwiGLU over
-the same N k rows: the same expert FLOPs with no routing, the floor a grouped product
-aims at.
+`python/dtopp_torch.py`'s layer (`MoeLm.moe`: DRN router, Top-k, dropless dispatch with
+routes sorted by expert and a loop over experts with index_select / index_add_, SwiGLU
+experts, renormalised combine), and a dense SwiGLU over the same N k rows: the same expert
+FLOPs with no routing, the floor a grouped product aims at.
 
 Usage (the same shape on both sides):
   dtopp bench moe --backend cuda --tokens 16384 --hidden 1024 --experts 64 --expert-hidden 1024 --top-k 8 --json
@@ -16,13 +15,18 @@ each forward + backward, and the expert TFLOP/s (9 products of 2 D F per route).
 
 import argparse
 import json
+import os
 import statistics
+import sys
 import time
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
-DRN_EPS = 1e-6
+# The layer is dtopp_torch's (python/), the one bench/torch_moe.py's model runs.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+from dtopp_torch import MoeLm  # noqa: E402
 
 
 def main():
@@ -49,29 +53,12 @@ def main():
     x = param(n, d, fan_in=1)
     upstream = torch.randn(n, d, generator=gen).to(dev)
 
+    block = SimpleNamespace(router=router, theta=theta, gate=gate, up=up, down=down)
+    shape = SimpleNamespace(m={"experts": e})
+    routing = {"drn": True, "top_k": k}
+
     def layer():
-        z = x @ router
-        mu = z.mean(-1, keepdim=True)
-        var = (z - mu).pow(2).mean(-1, keepdim=True)
-        probs = torch.softmax(theta * (z - mu) / torch.sqrt(var + DRN_EPS), dim=-1)
-        top_p, top_e = probs.topk(k, dim=-1)
-        w = top_p / top_p.sum(-1, keepdim=True)
-        tok = torch.arange(n, device=dev)[:, None].expand(n, k).reshape(-1)
-        exp, w = top_e.reshape(-1), w.reshape(-1)
-        perm = torch.argsort(exp, stable=True)
-        tok, exp, w = tok[perm], exp[perm], w[perm]
-        counts = torch.bincount(exp, minlength=e)
-        out = torch.zeros_like(x)
-        start = 0
-        for j, c in enumerate(counts.tolist()):
-            if c == 0:
-                continue
-            idx = tok[start : start + c]
-            xe = x.index_select(0, idx)
-            ye = (F.silu(xe @ gate[j]) * (xe @ up[j])) @ down[j]
-            out.index_add_(0, idx, ye * w[start : start + c, None])
-            start += c
-        return out
+        return MoeLm.moe(shape, block, x, routing)[0]
 
     rows = param(n * k, d, fan_in=1)
     dense_up = torch.randn(n * k, d, generator=gen).to(dev)

@@ -21,7 +21,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Int, Tensor, TensorPrimitive};
 
-use super::grouped_offsets::{autodiff_on_device, through_host, weight_grad_through_host};
+use super::grouped_offsets::{through_host, weight_grad_through_host};
 use super::precision::Precision;
 use super::routed_rows::float;
 
@@ -175,12 +175,60 @@ pub(super) fn weight_grad<B: GroupedMatmulBackend>(
     Tensor::stack(per_expert, 0)
 }
 
+/// Where a grouped product's offsets are: read by the host (the exact layout) or on the
+/// device (the grouped layout). One autodiff op serves both; its backward calls the
+/// inner backend's products of the same kind.
+#[derive(Clone, Debug)]
+enum GroupOffsets<B: Backend> {
+    Host(Vec<usize>),
+    Device(Tensor<B, 1, Int>),
+}
+
+impl<B: GroupedMatmulBackend> GroupOffsets<B> {
+    /// `xs` by `w[e]`, or by `w[e]ᵀ` where `transposed`.
+    fn product(
+        &self,
+        xs: Tensor<B, 2>,
+        w: Tensor<B, 3>,
+        transposed: bool,
+        precision: Precision,
+    ) -> Tensor<B, 2> {
+        match self {
+            GroupOffsets::Host(offsets) => {
+                let w = if transposed { w.swap_dims(1, 2) } else { w };
+                B::grouped_matmul(xs, w, offsets, precision)
+            }
+            GroupOffsets::Device(offsets) => {
+                B::grouped_matmul_on_device(xs, w, offsets.clone(), transposed, precision)
+            }
+        }
+    }
+
+    /// `xs_eᵀ grad_e` per expert, `[E, D, F]`.
+    fn weight_grad(
+        &self,
+        xs: Tensor<B, 2>,
+        grad: Tensor<B, 2>,
+        dims: [usize; 3],
+        precision: Precision,
+    ) -> Tensor<B, 3> {
+        match self {
+            GroupOffsets::Host(offsets) => {
+                B::grouped_weight_grad(xs, grad, dims, offsets, precision)
+            }
+            GroupOffsets::Device(offsets) => {
+                B::grouped_weight_grad_on_device(xs, grad, dims, offsets.clone(), precision)
+            }
+        }
+    }
+}
+
 #[derive(Debug)]
 struct GroupedMatmul;
 
 impl<B: GroupedMatmulBackend> Backward<B, 2> for GroupedMatmul {
     /// The checkpointed rows and weights, `[E, D, F]`, the offsets and the precision.
-    type State = (NodeId, NodeId, [usize; 3], Vec<usize>, Precision);
+    type State = (NodeId, NodeId, [usize; 3], GroupOffsets<B>, Precision);
 
     fn backward(
         self,
@@ -194,14 +242,47 @@ impl<B: GroupedMatmulBackend> Backward<B, 2> for GroupedMatmul {
         let xs = float::<B, 2>(checkpointer.retrieve_node_output(xs_id));
         let w = float::<B, 3>(checkpointer.retrieve_node_output(w_id));
         if let Some(node) = node_w {
-            let dw = B::grouped_weight_grad(xs, grad.clone(), dims, &offsets, precision);
+            let dw = offsets.weight_grad(xs, grad.clone(), dims, precision);
             grads.register::<B>(node.id, dw.into_primitive().tensor());
         }
         if let Some(node) = node_xs {
-            let dx = B::grouped_matmul(grad, w.swap_dims(1, 2), &offsets, precision);
+            // dX = dY · W_eᵀ per expert.
+            let dx = offsets.product(grad, w, true, precision);
             grads.register::<B>(node.id, dx.into_primitive().tensor());
         }
     }
+}
+
+/// The grouped product on autodiff: `xs` by `w[e]` on the inner backend, tracked.
+fn tracked<B: GroupedMatmulBackend, C: CheckpointStrategy>(
+    xs: Tensor<Autodiff<B, C>, 2>,
+    w: Tensor<Autodiff<B, C>, 3>,
+    offsets: GroupOffsets<B>,
+    precision: Precision,
+) -> Tensor<Autodiff<B, C>, 2> {
+    let dims = w.dims();
+    let xs = xs.into_primitive().tensor();
+    let w = w.into_primitive().tensor();
+    let forward = |xs: FloatTensor<B>, w: FloatTensor<B>| {
+        offsets
+            .product(float(xs), float(w), false, precision)
+            .into_primitive()
+            .tensor()
+    };
+    let out = match GroupedMatmul
+        .prepare::<C>([xs.node.clone(), w.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(mut prep) => {
+            let xs_id = prep.checkpoint(&xs);
+            let w_id = prep.checkpoint(&w);
+            let out = forward(xs.primitive, w.primitive);
+            prep.finish((xs_id, w_id, dims, offsets, precision), out)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(forward(xs.primitive, w.primitive)),
+    };
+    Tensor::from_primitive(TensorPrimitive::Float(out))
 }
 
 impl<B: GroupedMatmulBackend, C: CheckpointStrategy> GroupedMatmulBackend for Autodiff<B, C> {
@@ -214,7 +295,9 @@ impl<B: GroupedMatmulBackend, C: CheckpointStrategy> GroupedMatmulBackend for Au
         transposed: bool,
         precision: Precision,
     ) -> Tensor<Self, 2> {
-        autodiff_on_device(xs, w, offsets, transposed, precision)
+        // Only the backward multiplies by `w[e]ᵀ`, on the inner backend.
+        let w = if transposed { w.swap_dims(1, 2) } else { w };
+        tracked(xs, w, GroupOffsets::Device(offsets.inner()), precision)
     }
 
     fn grouped_matmul(
@@ -223,28 +306,7 @@ impl<B: GroupedMatmulBackend, C: CheckpointStrategy> GroupedMatmulBackend for Au
         offsets: &[usize],
         precision: Precision,
     ) -> Tensor<Self, 2> {
-        let dims = w.dims();
-        let xs = xs.into_primitive().tensor();
-        let w = w.into_primitive().tensor();
-        let forward = |xs: FloatTensor<B>, w: FloatTensor<B>| {
-            B::grouped_matmul(float(xs), float(w), offsets, precision)
-                .into_primitive()
-                .tensor()
-        };
-        let out = match GroupedMatmul
-            .prepare::<C>([xs.node.clone(), w.node.clone()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(mut prep) => {
-                let xs_id = prep.checkpoint(&xs);
-                let w_id = prep.checkpoint(&w);
-                let state = (xs_id, w_id, dims, offsets.to_vec(), precision);
-                prep.finish(state, forward(xs.primitive, w.primitive))
-            }
-            OpsKind::UnTracked(prep) => prep.finish(forward(xs.primitive, w.primitive)),
-        };
-        Tensor::from_primitive(TensorPrimitive::Float(out))
+        tracked(xs, w, GroupOffsets::Host(offsets.to_vec()), precision)
     }
 }
 

@@ -7,21 +7,14 @@
 //! synchronisation per MoE layer. A kernel that reads the offsets itself runs on a row
 //! count the host fixed in advance (a bound on the routes): rows past the routes come
 //! out as zeros and cost no arithmetic. Backends without such a kernel read the offsets
-//! and slice (free on the CPU, where tensors live in host memory).
+//! and slice (free on the CPU, where tensors live in host memory). The autodiff op is
+//! the host-offset one's (`grouped_matmul.rs`), holding the offsets where they are.
 
-use burn::backend::Autodiff;
-use burn::backend::autodiff::NodeId;
-use burn::backend::autodiff::checkpoint::base::Checkpointer;
-use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
-use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
-use burn::tensor::ops::FloatTensor;
-use burn::tensor::{Int, Tensor, TensorPrimitive};
+use burn::tensor::{Int, Tensor};
 
 use super::device_routing::read_ints;
 use super::grouped_matmul::GroupedMatmulBackend;
 use super::precision::Precision;
-use super::routed_rows::float;
 
 /// `out[m] = xs[m] @ w[e]` for the rows `m` in `offsets[e]..offsets[e + 1]` of every
 /// expert `e`, `offsets` (`E + 1` entries from 0) on the device; rows from `offsets[E]`
@@ -35,12 +28,13 @@ pub fn grouped_on_device<B: GroupedMatmulBackend>(
     B::grouped_matmul_on_device(xs, w, offsets.clone(), false, precision)
 }
 
-/// The host's copy of device offsets, for the backends that slice (a read-back).
-pub(super) fn host_offsets<B: GroupedMatmulBackend>(offsets: Tensor<B, 1, Int>) -> Vec<usize> {
+/// The host's copy of device offsets, for the backends that slice (a read-back),
+/// clamped to `0..=rows` as the kernels clamp them.
+fn host_offsets<B: GroupedMatmulBackend>(offsets: Tensor<B, 1, Int>, rows: usize) -> Vec<usize> {
     read_ints(offsets)
         .unwrap_or_else(|e| panic!("reading the experts' offsets for a grouped product: {e}"))
         .into_iter()
-        .map(|o| o.max(0) as usize)
+        .map(|o| (o.max(0) as usize).min(rows))
         .collect()
 }
 
@@ -54,10 +48,7 @@ pub(crate) fn through_host<B: GroupedMatmulBackend>(
     precision: Precision,
 ) -> Tensor<B, 2> {
     let rows = xs.dims()[0];
-    let offsets: Vec<usize> = host_offsets(offsets)
-        .into_iter()
-        .map(|o| o.min(rows))
-        .collect();
+    let offsets = host_offsets(offsets, rows);
     let routes = offsets.last().copied().unwrap_or(0);
     let w = if transposed { w.swap_dims(1, 2) } else { w };
     let cols = w.dims()[2];
@@ -82,86 +73,8 @@ pub(crate) fn weight_grad_through_host<B: GroupedMatmulBackend>(
     offsets: Tensor<B, 1, Int>,
     precision: Precision,
 ) -> Tensor<B, 3> {
-    let rows = xs.dims()[0];
-    let offsets: Vec<usize> = host_offsets(offsets)
-        .into_iter()
-        .map(|o| o.min(rows))
-        .collect();
+    let offsets = host_offsets(offsets, xs.dims()[0]);
     B::grouped_weight_grad(xs, grad, dims, &offsets, precision)
-}
-
-#[derive(Debug)]
-struct DeviceGroupedMatmul;
-
-impl<B: GroupedMatmulBackend> Backward<B, 2> for DeviceGroupedMatmul {
-    /// The checkpointed rows and weights, `[E, D, F]`, the offsets and the precision.
-    type State = (NodeId, NodeId, [usize; 3], Tensor<B, 1, Int>, Precision);
-
-    fn backward(
-        self,
-        ops: Ops<Self::State, 2>,
-        grads: &mut Gradients,
-        checkpointer: &mut Checkpointer,
-    ) {
-        let [node_xs, node_w] = ops.parents;
-        let grad = float::<B, 2>(grads.consume::<B>(&ops.node));
-        let (xs_id, w_id, dims, offsets, precision) = ops.state;
-        let xs = float::<B, 2>(checkpointer.retrieve_node_output(xs_id));
-        let w = float::<B, 3>(checkpointer.retrieve_node_output(w_id));
-        if let Some(node) = node_w {
-            let dw = B::grouped_weight_grad_on_device(
-                xs,
-                grad.clone(),
-                dims,
-                offsets.clone(),
-                precision,
-            );
-            grads.register::<B>(node.id, dw.into_primitive().tensor());
-        }
-        if let Some(node) = node_xs {
-            // dX = dY · W_eᵀ per expert: the same kernel reading W transposed.
-            let dx = B::grouped_matmul_on_device(grad, w, offsets, true, precision);
-            grads.register::<B>(node.id, dx.into_primitive().tensor());
-        }
-    }
-}
-
-/// The autodiff form of [`GroupedMatmulBackend::grouped_matmul_on_device`] (untransposed:
-/// the model only calls it that way; its backward calls the inner backend's transposed).
-pub(super) fn autodiff_on_device<B: GroupedMatmulBackend, C: CheckpointStrategy>(
-    xs: Tensor<Autodiff<B, C>, 2>,
-    w: Tensor<Autodiff<B, C>, 3>,
-    offsets: Tensor<Autodiff<B, C>, 1, Int>,
-    transposed: bool,
-    precision: Precision,
-) -> Tensor<Autodiff<B, C>, 2> {
-    if transposed {
-        // Differentiating the transposed form is never needed; keep it correct anyway.
-        return autodiff_on_device(xs, w.swap_dims(1, 2), offsets, false, precision);
-    }
-    let dims = w.dims();
-    let offsets = offsets.inner();
-    let xs = xs.into_primitive().tensor();
-    let w = w.into_primitive().tensor();
-    let forward = |xs: FloatTensor<B>, w: FloatTensor<B>| {
-        B::grouped_matmul_on_device(float(xs), float(w), offsets.clone(), false, precision)
-            .into_primitive()
-            .tensor()
-    };
-    let out = match DeviceGroupedMatmul
-        .prepare::<C>([xs.node.clone(), w.node.clone()])
-        .compute_bound()
-        .stateful()
-    {
-        OpsKind::Tracked(mut prep) => {
-            let xs_id = prep.checkpoint(&xs);
-            let w_id = prep.checkpoint(&w);
-            let state = (xs_id, w_id, dims, offsets.clone(), precision);
-            prep.finish(state, forward(xs.primitive, w.primitive))
-        }
-        OpsKind::UnTracked(prep) => prep.finish(forward(xs.primitive, w.primitive)),
-    };
-    Tensor::from_primitive(TensorPrimitive::Float(out))
 }
 
 #[cfg(test)]

@@ -93,6 +93,21 @@ __device__ __forceinline__ void simt_tile(const float (*a)[TILE + 4], const floa
     }
 }
 
+// A thread's 4 x 4 block into out[row0 + i, col0 + j] (row width `cols`), rows below
+// `row_end` and columns below `cols` only.
+__device__ __forceinline__ void store_block(float* out, unsigned row0, unsigned row_end,
+                                            unsigned col0, unsigned cols, const float acc[4][4]) {
+#pragma unroll
+    for (unsigned i = 0; i < 4; i++) {
+        unsigned row = row0 + i;
+#pragma unroll
+        for (unsigned j = 0; j < 4; j++) {
+            unsigned col = col0 + j;
+            if (row < row_end && col < cols) out[(unsigned long long)row * cols + col] = acc[i][j];
+        }
+    }
+}
+
 extern "C" __global__ void __launch_bounds__(256)
 grouped_forward_f32(const int* __restrict__ offsets, const float* __restrict__ x,
                     const float* __restrict__ w, float* __restrict__ y, unsigned rows,
@@ -138,15 +153,7 @@ grouped_forward_f32(const int* __restrict__ offsets, const float* __restrict__ x
         simt_tile(a, b, tx, ty, acc);
         __syncthreads();
     }
-#pragma unroll
-    for (unsigned i = 0; i < 4; i++) {
-        unsigned row = start + ty * 4 + i;
-#pragma unroll
-        for (unsigned j = 0; j < 4; j++) {
-            unsigned col = col0 + tx * 4 + j;
-            if (row < end && col < cols) y[(unsigned long long)row * cols + col] = acc[i][j];
-        }
-    }
+    store_block(y, start + ty * 4, end, col0 + tx * 4, cols, acc);
 }
 
 extern "C" __global__ void __launch_bounds__(256)
@@ -177,15 +184,7 @@ grouped_weight_grad_f32(const int* __restrict__ offsets, const float* __restrict
         __syncthreads();
     }
     float* out = dw + (unsigned long long)expert * inner * cols;
-#pragma unroll
-    for (unsigned i = 0; i < 4; i++) {
-        unsigned k = k0 + ty * 4 + i;
-#pragma unroll
-        for (unsigned j = 0; j < 4; j++) {
-            unsigned col = col0 + tx * 4 + j;
-            if (k < inner && col < cols) out[(unsigned long long)k * cols + col] = acc[i][j];
-        }
-    }
+    store_block(out, k0 + ty * 4, inner, col0 + tx * 4, cols, acc);
 }
 
 // ---- bf16 / f16 on the tensor cores: 4 warps of 32 x 32 outputs ------------------------
