@@ -13,12 +13,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use cudarc::nvrtc::{CompileOptions, Ptx, compile_ptx_with_opts};
 
 use crate::GemmPrecision;
 use crate::error::CudaError;
+use crate::params::{GroupedDims, SelectDims};
 use crate::source::MODULES;
 
 /// Warps per block of the warp-per-token kernels (`WARPS` in drn.cu / select.cu).
@@ -35,6 +36,11 @@ pub const FUSED_MAX_EXPERTS: usize = 256;
 const GEMM_TILE: usize = 64;
 /// Largest element count the kernels index with 32-bit integers.
 const MAX_ELEMENTS: u64 = u32::MAX as u64;
+
+// SAFETY: `#[repr(C)]` structs of `u32`, declared field for field as the kernels'
+// `GroupedDims` and `SelectDims`; cudarc passes them by value.
+unsafe impl DeviceRepr for GroupedDims {}
+unsafe impl DeviceRepr for SelectDims {}
 
 /// A device buffer of 4-byte values (f32, i32 or u32 by use), cheap to clone.
 #[derive(Clone, Debug)]
@@ -158,6 +164,24 @@ pub fn device_memory(ordinal: usize) -> Result<(u64, u64), CudaError> {
     })?;
     let (free, total) = ctx.mem_get_info().map_err(driver("memory info"))?;
     Ok((free as u64, total as u64))
+}
+
+/// Device `ordinal`'s compute capability (major, minor), as the driver reports it.
+pub fn compute_capability(ordinal: usize) -> Result<(u32, u32), CudaError> {
+    if !driver_present() {
+        return Err(CudaError::MissingLibrary {
+            library: "the NVIDIA driver (libcuda)",
+            hint: "this machine has no NVIDIA driver; use --backend wgpu or cpu",
+        });
+    }
+    let ctx = CudaContext::new(ordinal).map_err(|e| CudaError::NoDevice {
+        ordinal,
+        message: e.to_string(),
+    })?;
+    let (major, minor) = ctx
+        .compute_capability()
+        .map_err(driver("compute capability"))?;
+    Ok((major.max(0) as u32, minor.max(0) as u32))
 }
 
 fn driver(what: &'static str) -> impl Fn(cudarc::driver::DriverError) -> CudaError {
@@ -419,7 +443,11 @@ impl CudaKernels {
         k_max: Option<usize>,
     ) -> Result<SelectionBuffers, CudaError> {
         let out = self.selection_buffers(tokens, experts)?;
-        let (n, e, cap) = (tokens as u32, experts as u32, k_max.unwrap_or(0) as u32);
+        let dims = SelectDims {
+            tokens: tokens as u32,
+            experts: experts as u32,
+            k: k_max.unwrap_or(0) as u32,
+        };
         let mut b = self.stream.launch_builder(self.function("top_p"));
         b.arg(&*probs.slice)
             .arg(&*threshold.slice)
@@ -427,11 +455,9 @@ impl CudaKernels {
             .arg(&*out.weights.slice)
             .arg(&*out.counts.slice)
             .arg(&*out.status.slice)
-            .arg(&n)
-            .arg(&e)
-            .arg(&cap);
+            .arg(&dims);
         // SAFETY: top_p(const float*, const float*, int*, float*, int*, unsigned*,
-        // unsigned, unsigned, unsigned).
+        // SelectDims).
         unsafe { b.launch(Self::warp_grid(tokens)) }.map_err(driver("top_p"))?;
         Ok(out)
     }
@@ -503,18 +529,19 @@ impl CudaKernels {
         k: usize,
     ) -> Result<SelectionBuffers, CudaError> {
         let out = self.selection_buffers(tokens, experts)?;
-        let (n, e, k) = (tokens as u32, experts as u32, k as u32);
+        let dims = SelectDims {
+            tokens: tokens as u32,
+            experts: experts as u32,
+            k: k as u32,
+        };
         let mut b = self.stream.launch_builder(self.function("top_k"));
         b.arg(&*probs.slice)
             .arg(&*out.experts.slice)
             .arg(&*out.weights.slice)
             .arg(&*out.counts.slice)
             .arg(&*out.status.slice)
-            .arg(&n)
-            .arg(&e)
-            .arg(&k);
-        // SAFETY: top_k(const float*, int*, float*, int*, unsigned*, unsigned, unsigned,
-        // unsigned).
+            .arg(&dims);
+        // SAFETY: top_k(const float*, int*, float*, int*, unsigned*, SelectDims).
         unsafe { b.launch(Self::warp_grid(tokens)) }.map_err(driver("top_k"))?;
         Ok(out)
     }
@@ -673,20 +700,21 @@ impl CudaKernels {
             block_dim: (threads, 1, 1),
             shared_mem_bytes: 0,
         };
-        let dims = [rows, inner, cols, experts].map(|v| v as u32);
-        let transposed = u32::from(transposed);
+        let dims = GroupedDims {
+            rows: rows as u32,
+            inner: inner as u32,
+            cols: cols as u32,
+            experts: experts as u32,
+            transposed: u32::from(transposed),
+        };
         let mut b = self.stream.launch_builder(self.function(kernel));
         b.arg(&*offsets.slice)
             .arg(&*x.slice)
             .arg(&*w.slice)
             .arg(&*out.slice)
-            .arg(&dims[0])
-            .arg(&dims[1])
-            .arg(&dims[2])
-            .arg(&dims[3])
-            .arg(&transposed);
+            .arg(&dims);
         // SAFETY: grouped_forward_*(const int*, const float*, const float*, float*,
-        // unsigned x5): four device pointers then five unsigned, as pushed above.
+        // GroupedDims): four device pointers then the struct, as pushed above.
         unsafe { b.launch(config) }.map_err(driver(kernel))?;
         Ok(out)
     }
@@ -721,19 +749,22 @@ impl CudaKernels {
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        let dims = [rows, inner, cols, experts].map(|v| v as u32);
+        let dims = GroupedDims {
+            rows: rows as u32,
+            inner: inner as u32,
+            cols: cols as u32,
+            experts: experts as u32,
+            transposed: 0,
+        };
         let kernel = "grouped_weight_grad_f32";
         let mut b = self.stream.launch_builder(self.function(kernel));
         b.arg(&*offsets.slice)
             .arg(&*x.slice)
             .arg(&*g.slice)
             .arg(&*out.slice)
-            .arg(&dims[0])
-            .arg(&dims[1])
-            .arg(&dims[2])
-            .arg(&dims[3]);
+            .arg(&dims);
         // SAFETY: grouped_weight_grad_f32(const int*, const float*, const float*, float*,
-        // unsigned x4), as pushed above.
+        // GroupedDims), as pushed above.
         unsafe { b.launch(config) }.map_err(driver(kernel))?;
         Ok(out)
     }

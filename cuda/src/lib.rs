@@ -14,6 +14,7 @@
 #[cfg(feature = "cuda")]
 mod device;
 mod error;
+pub mod params;
 pub mod source;
 #[cfg(not(feature = "cuda"))]
 mod stand_in;
@@ -21,9 +22,10 @@ mod stand_in;
 #[cfg(feature = "cuda")]
 pub use device::{
     CudaKernels, DeviceBuffer, DispatchBuffers, FUSED_MAX_EXPERTS, RoutedBuffers, SelectionBuffers,
-    compiled_modules, device_memory, driver_present, nvrtc_present,
+    compiled_modules, compute_capability, device_memory, driver_present, nvrtc_present,
 };
 pub use error::CudaError;
+pub use params::{GroupedDims, SelectDims};
 
 /// The precision of the grouped products' multiplications (inputs and outputs are f32).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,5 +40,5 @@ pub enum GemmPrecision {
 #[cfg(not(feature = "cuda"))]
 pub use stand_in::{
     CudaKernels, DeviceBuffer, DispatchBuffers, FUSED_MAX_EXPERTS, RoutedBuffers, SelectionBuffers,
-    device_memory, driver_present, nvrtc_present,
+    compute_capability, device_memory, driver_present, nvrtc_present,
 };

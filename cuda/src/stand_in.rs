@@ -81,6 +81,11 @@ pub fn device_memory(_ordinal: usize) -> Result<(u64, u64), CudaError> {
     Err(CudaError::NotBuilt)
 }
 
+/// Always [`CudaError::NotBuilt`].
+pub fn compute_capability(_ordinal: usize) -> Result<(u32, u32), CudaError> {
+    Err(CudaError::NotBuilt)
+}
+
 /// The kernels (never constructed in this build).
 #[derive(Debug)]
 pub struct CudaKernels(Never);

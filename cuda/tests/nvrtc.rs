@@ -102,3 +102,72 @@ fn grouped_matmul_kernels_use_no_local_memory() {
         }
     }
 }
+
+/// The kernels dtopp launches through burn-cuda's own client (core's
+/// `routing_backend/cuda_launch.rs`) compile as cubecl-cuda 0.10 compiles a kernel's text
+/// (`--gpu-architecture=sm_XY[a]` for the device, `-lineinfo`, no other option), and take
+/// cubecl's arguments: the buffers as pointers, then the scalar struct by value, as large
+/// as the host's copy in `dtopp_cuda::params`.
+#[test]
+fn kernels_on_burn_buffers_compile_as_cubecl_compiles_them() {
+    use dtopp_cuda::{GroupedDims, SelectDims};
+    if !nvrtc_present() {
+        assert!(
+            std::env::var("DTOPP_REQUIRE_NVRTC").as_deref() != Ok("1"),
+            "NVRTC is required (DTOPP_REQUIRE_NVRTC=1) but libnvrtc could not be loaded"
+        );
+        eprintln!("SKIPPED: libnvrtc could not be loaded (LD_LIBRARY_PATH)");
+        return;
+    }
+    let launched: [(&str, &str, &[(&str, usize)], usize); 2] = [
+        (
+            "grouped_matmul.cu",
+            dtopp_cuda::source::GROUPED_MATMUL,
+            &[
+                ("grouped_forward_f32", 4),
+                ("grouped_forward_bf16", 4),
+                ("grouped_forward_f16", 4),
+                ("grouped_weight_grad_f32", 4),
+            ],
+            size_of::<GroupedDims>(),
+        ),
+        (
+            "select.cu",
+            dtopp_cuda::source::SELECT,
+            &[("top_p", 6), ("top_k", 5)],
+            size_of::<SelectDims>(),
+        ),
+    ];
+    // Ampere (the oldest the kernels accept) and Hopper, as cubecl names them.
+    for arch in ["sm_80", "sm_90a"] {
+        for (file, source, entries, struct_bytes) in launched {
+            let opts = cudarc::nvrtc::CompileOptions {
+                options: vec![format!("--gpu-architecture={arch}"), "-lineinfo".into()],
+                name: Some(file.into()),
+                ..Default::default()
+            };
+            let ptx =
+                cudarc::nvrtc::compile_ptx_with_opts(dtopp_cuda::source::expanded(source), opts)
+                    .unwrap_or_else(|e| panic!("{file} for {arch}: {e}"));
+            let text = ptx.to_src();
+            for &(entry, buffers) in entries {
+                let head = text
+                    .split(&format!(".entry {entry}("))
+                    .nth(1)
+                    .unwrap_or_else(|| panic!("{file} ({arch}): no kernel {entry}"));
+                let params = head.split(')').next().unwrap_or_default();
+                let pointers = params.matches(".param .u64").count();
+                assert_eq!(pointers, buffers, "{entry} ({arch}): buffers");
+                assert!(
+                    params.contains(&format!(".b8 {entry}_param_{buffers}[{struct_bytes}]")),
+                    "{entry} ({arch}): the scalar struct of {struct_bytes} bytes last: {params}"
+                );
+                assert_eq!(
+                    params.matches(".param").count(),
+                    buffers + 1,
+                    "{entry} ({arch}): nothing after the struct"
+                );
+            }
+        }
+    }
+}

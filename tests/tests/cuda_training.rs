@@ -1,12 +1,10 @@
-//! `dtopp train --backend cuda` (burn-cuda for the model; selection and dispatch plan in
-//! the routing extension's burn tensor ops, the experts in padded buffers by default, on
-//! exact slices with `--layout exact`, or on their exact rows of a bound with
-//! `--layout grouped`, whose products read the offsets back on CUDA until its grouped
-//! kernel runs on burn-cuda's buffers) against the
-//! CPU run of the same config, also through the data-parallel path with one device, and
-//! with bf16 products. Without a GPU: the error
-//! names what is missing and no run directory is written (`DTOPP_REQUIRE_GPU=1` makes
-//! that a failure).
+//! `dtopp train --backend cuda` (burn-cuda for the model; by default the grouped layout,
+//! whose selection (`select.cu`) and expert products (`grouped_matmul.cu`) run as dtopp's
+//! kernels on burn-cuda's buffers and stream; the padded layout with `--layout padded`, and
+//! burn's sliced products with `--layout exact`) against the CPU run of the same config,
+//! also through the data-parallel path with one device, and with bf16 products (the
+//! tensor-core kernels in the grouped layout). Without a GPU: the error names what is
+//! missing and no run directory is written (`DTOPP_REQUIRE_GPU=1` makes that a failure).
 
 use std::path::Path;
 
@@ -58,8 +56,8 @@ fn cuda_training_follows_the_cpu_run_or_names_what_is_missing() {
             (5e-2, 0.3),
         ),
         (
-            "cuda-grouped",
-            &["--backend", "cuda", "--layout", "grouped"][..],
+            "cuda-padded",
+            &["--backend", "cuda", "--layout", "padded"][..],
             (1e-2, 0.1),
         ),
         ("cuda-dp", &["--devices", "cuda:0"][..], (1e-2, 0.1)),
@@ -76,6 +74,18 @@ fn cuda_training_follows_the_cpu_run_or_names_what_is_missing() {
             "{name}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        if name == "cuda" {
+            let log = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(
+                log.contains("dtopp CUDA kernels")
+                    && log.contains("grouped products reading the offsets on the device"),
+                "the default CUDA run routes with dtopp's kernels on burn's buffers: {log}"
+            );
+        }
         let got = read_metrics(&dir);
         assert_eq!(got.len(), reference.len());
         let mut worst = (0.0f64, 0.0f64);

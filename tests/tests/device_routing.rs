@@ -328,6 +328,19 @@ fn device_routing_on_wgpu_matches_the_reference() {
     run::<burn::backend::Wgpu>(Impl::Default, "burn wgpu", &device, true);
 }
 
+/// `select.cu` on burn-cuda's buffers (skipped with the reason without a GPU); the plan
+/// of the exact layout stays in burn's tensor ops there.
+#[cfg(feature = "cuda")]
+#[test]
+fn the_cuda_kernels_select_on_burn_cuda_buffers() {
+    if dtopp_tests::cuda_or_skip().is_none() {
+        return;
+    }
+    let device = burn::backend::cuda::CudaDevice::default();
+    println!("{}", burn::backend::Cuda::routing_name(&device));
+    run::<burn::backend::Cuda>(Impl::Backend, "burn cuda", &device, true);
+}
+
 #[test]
 fn the_wgsl_kernels_route_on_burn_wgpu_buffers() {
     let Some(device) = dtopp_tests::wgpu_model_device() else {

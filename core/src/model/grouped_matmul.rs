@@ -151,8 +151,6 @@ pub(super) fn side_by_side<B: GroupedMatmulBackend>(
 /// Without dtopp's WGSL kernels in the build, burn-wgpu slices per expert.
 #[cfg(not(feature = "wgpu"))]
 impl GroupedMatmulBackend for burn::backend::Wgpu {}
-#[cfg(feature = "cuda")]
-impl GroupedMatmulBackend for burn::backend::Cuda {}
 
 /// [`GroupedMatmulBackend::grouped_weight_grad`] in burn's tensor ops.
 pub(super) fn weight_grad<B: GroupedMatmulBackend>(

@@ -24,6 +24,14 @@
 #define SIMT_K 16
 #define MMA_K 32
 
+// The kernels' scalars in one struct passed by value: dtopp's cudarc launcher pushes it as
+// one argument, and a launch through cubecl's client on burn-cuda's buffers passes it as
+// the kernel's metadata block, which cubecl appends after the buffers (src/params.rs has
+// the host's copy; `transposed` is not read by the weight gradient).
+struct GroupedDims {
+    unsigned rows, inner, cols, experts, transposed;
+};
+
 // offsets[e] within 0..rows (a bound smaller than the routes must not read or write past
 // the buffers: the trainer redoes that micro-batch).
 __device__ __forceinline__ unsigned offset_at(const int* offsets, unsigned e, unsigned rows) {
@@ -110,8 +118,9 @@ __device__ __forceinline__ void store_block(float* out, unsigned row0, unsigned 
 
 extern "C" __global__ void __launch_bounds__(256)
 grouped_forward_f32(const int* __restrict__ offsets, const float* __restrict__ x,
-                    const float* __restrict__ w, float* __restrict__ y, unsigned rows,
-                    unsigned inner, unsigned cols, unsigned experts, unsigned transposed) {
+                    const float* __restrict__ w, float* __restrict__ y, const GroupedDims d) {
+    unsigned rows = d.rows, inner = d.inner, cols = d.cols, experts = d.experts;
+    unsigned transposed = d.transposed;
     __shared__ unsigned job[3];
     __shared__ float a[SIMT_K][TILE + 4];
     __shared__ float b[SIMT_K][TILE + 4];
@@ -158,8 +167,9 @@ grouped_forward_f32(const int* __restrict__ offsets, const float* __restrict__ x
 
 extern "C" __global__ void __launch_bounds__(256)
 grouped_weight_grad_f32(const int* __restrict__ offsets, const float* __restrict__ x,
-                        const float* __restrict__ g, float* __restrict__ dw, unsigned rows,
-                        unsigned inner, unsigned cols, unsigned experts) {
+                        const float* __restrict__ g, float* __restrict__ dw,
+                        const GroupedDims d) {
+    unsigned rows = d.rows, inner = d.inner, cols = d.cols;
     __shared__ float a[SIMT_K][TILE + 4];
     __shared__ float b[SIMT_K][TILE + 4];
     unsigned expert = blockIdx.z;
@@ -331,14 +341,12 @@ __device__ __forceinline__ void grouped_forward_mma(const int* __restrict__ offs
 
 extern "C" __global__ void __launch_bounds__(128)
 grouped_forward_bf16(const int* __restrict__ offsets, const float* __restrict__ x,
-                     const float* __restrict__ w, float* __restrict__ y, unsigned rows,
-                     unsigned inner, unsigned cols, unsigned experts, unsigned transposed) {
-    grouped_forward_mma<true>(offsets, x, w, y, rows, inner, cols, experts, transposed);
+                     const float* __restrict__ w, float* __restrict__ y, const GroupedDims d) {
+    grouped_forward_mma<true>(offsets, x, w, y, d.rows, d.inner, d.cols, d.experts, d.transposed);
 }
 
 extern "C" __global__ void __launch_bounds__(128)
 grouped_forward_f16(const int* __restrict__ offsets, const float* __restrict__ x,
-                    const float* __restrict__ w, float* __restrict__ y, unsigned rows,
-                    unsigned inner, unsigned cols, unsigned experts, unsigned transposed) {
-    grouped_forward_mma<false>(offsets, x, w, y, rows, inner, cols, experts, transposed);
+                    const float* __restrict__ w, float* __restrict__ y, const GroupedDims d) {
+    grouped_forward_mma<false>(offsets, x, w, y, d.rows, d.inner, d.cols, d.experts, d.transposed);
 }

@@ -76,11 +76,18 @@ __device__ void select_row(const float* __restrict__ probs, int* __restrict__ ex
     if (lane == 0) counts_out[t] = (int)k;
 }
 
+// The kernels' scalars, one struct passed by value (as GroupedDims in grouped_matmul.cu):
+// `k` is Top-k's k, or Top-p's cap (0: none).
+struct SelectDims {
+    unsigned tokens, experts, k;
+};
+
 extern "C" __global__ void top_p(const float* __restrict__ probs,
                                  const float* __restrict__ threshold,
                                  int* __restrict__ experts_out, float* __restrict__ weights_out,
                                  int* __restrict__ counts_out, unsigned* __restrict__ status,
-                                 unsigned tokens, unsigned experts, unsigned k_max) {
+                                 const SelectDims d) {
+    unsigned tokens = d.tokens, experts = d.experts, k_max = d.k;
     unsigned t = blockIdx.x * WARPS + threadIdx.x / 32;
     if (t >= tokens) return;
     unsigned limit = k_max > 0 ? min(experts, k_max) : experts;
@@ -91,7 +98,8 @@ extern "C" __global__ void top_p(const float* __restrict__ probs,
 extern "C" __global__ void top_k(const float* __restrict__ probs,
                                  int* __restrict__ experts_out, float* __restrict__ weights_out,
                                  int* __restrict__ counts_out, unsigned* __restrict__ status,
-                                 unsigned tokens, unsigned experts, unsigned k) {
+                                 const SelectDims d) {
+    unsigned tokens = d.tokens, experts = d.experts, k = d.k;
     unsigned t = blockIdx.x * WARPS + threadIdx.x / 32;
     if (t >= tokens) return;
     select_row(probs, experts_out, weights_out, counts_out, status, t, experts, k, 0.0f,

@@ -8,6 +8,8 @@
 //! - **wgpu** ([`wgpu`]) runs dtopp's own `.wgsl` kernels (`dtopp-shaders`, the text
 //!   `dtopp route` and the browser run) on burn's own buffers, on burn's own device and
 //!   queue: no second device, no host copy of the probabilities.
+//! - **CUDA** ([`cuda`], [`cuda_grouped`]) runs dtopp's own `.cu` kernels (`dtopp-cuda`)
+//!   through burn-cuda's own client, on its buffers and its stream ([`cuda_launch`]).
 //! - **`Autodiff<B>`** routes on `B`: selection is not differentiable (the spec), so the
 //!   results carry no graph; gradients reach the router through the combine weights.
 //!
@@ -19,6 +21,12 @@
 //! PI law ([`crate::train::ControllerBackend`]) are its supertraits, each with the same
 //! pattern.
 
+#[cfg(feature = "cuda")]
+mod cuda;
+#[cfg(feature = "cuda")]
+mod cuda_grouped;
+#[cfg(feature = "cuda")]
+mod cuda_launch;
 mod ndarray;
 #[cfg(feature = "wgpu")]
 pub mod wgpu;
@@ -131,9 +139,6 @@ impl<B: RoutingBackend, C: CheckpointStrategy> RoutingBackend for Autodiff<B, C>
         Ok((Tensor::from_inner(selected), Tensor::from_inner(rank)))
     }
 }
-
-#[cfg(feature = "cuda")]
-impl RoutingBackend for burn::backend::Cuda {}
 
 /// Without dtopp's WGSL kernels in the build, burn-wgpu routes with the default methods.
 #[cfg(not(feature = "wgpu"))]

@@ -1,0 +1,285 @@
+//! dtopp's `.cu` kernels launched through burn-cuda's own cubecl client, on its buffers.
+//!
+//! Why through cubecl's client, and not dtopp's cudarc launcher on the buffers' pointers:
+//! cubecl 0.10 runs each thread's work on its own non-blocking CUDA stream, which it does
+//! not expose. A kernel on another stream is ordered against it only by host waits
+//! (`ComputeClient::sync` before, a stream sync after): two stalls per launch, the very
+//! syncs the grouped layout removes. `ComputeClient::flush` does not help on CUDA (cubecl's
+//! launches are already on the stream; flush only releases its drop queue). Launched
+//! through the client, a kernel goes on cubecl's stream in program order with burn's own,
+//! and cubecl's bindings keep the buffers alive until it has run.
+//!
+//! The client takes a [`CubeTask`]: [`CudaSource`] hands it the `.cu` module's text
+//! (NVRTC compiles it on first use, for the device's own architecture) and the entry
+//! point. cubecl-cuda 0.10 unwraps the compiled kernel's IR only to read its shared-memory
+//! size (it sets the dynamic shared memory from it), so a kernel with static shared
+//! memory passes an empty IR ([`no_ir`]); burn-cubecl's own `SourceKernel` passes none,
+//! which cubecl-cuda's compile step panics on. Arguments follow cubecl's convention: the
+//! buffers in order, then the metadata block, which on sm_70 and newer is passed by value
+//! as the last parameter: the kernels' scalar struct (`dtopp_cuda::params`).
+
+use std::sync::{Mutex, PoisonError};
+
+use burn::backend::Cuda;
+use burn::backend::cuda::CudaDevice;
+use burn::tensor::{DType, Int, Tensor, TensorPrimitive};
+use burn_cubecl::cubecl::cuda::{CudaCompiler, CudaRuntime};
+use burn_cubecl::cubecl::prelude::{
+    CompiledKernel, CubePrimitive, KernelId, KernelMetadata, StorageType,
+};
+use burn_cubecl::cubecl::server::{CubeCount, KernelArguments, MetadataBindingInfo};
+use burn_cubecl::cubecl::{CompilationError, Compiler, CubeDim, CubeTask, ExecutionMode};
+use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
+use burn_cubecl::tensor::CubeTensor;
+use cubecl_cpp::shared::{Body, ComputeKernel, CubeIndexFlags, Dialect, Elem, Flags, Item};
+
+use crate::error::{Error, Result};
+
+/// The oldest architecture the kernels run on: the tensor-core products use sm_80's
+/// `mma.sync` shapes and bf16 conversions, and cubecl passes the scalar struct by value
+/// only from sm_70 on.
+const MIN_CAPABILITY: (u32, u32) = (8, 0);
+
+/// One entry point of one `.cu` module, run with `threads` threads per block.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct CudaSource {
+    /// The module's file (its kernel cache key, with the entry).
+    pub file: &'static str,
+    /// The module's text (`dtopp_cuda::source`), `common.cuh` not yet pasted in.
+    pub source: &'static str,
+    /// The `extern "C"` kernel.
+    pub entry: &'static str,
+    /// Threads per block (the kernel's `__launch_bounds__`).
+    pub threads: u32,
+}
+
+impl CudaSource {
+    fn cube_dim(&self) -> CubeDim {
+        CubeDim::new_1d(self.threads)
+    }
+}
+
+impl KernelMetadata for CudaSource {
+    fn id(&self) -> KernelId {
+        KernelId::new::<Self>()
+            .info((self.file, self.entry))
+            .cube_dim(self.cube_dim())
+    }
+
+    fn address_type(&self) -> StorageType {
+        u32::as_type_native_unchecked().storage_type()
+    }
+}
+
+impl CubeTask<CudaCompiler> for CudaSource {
+    fn compile(
+        &self,
+        _compiler: &mut CudaCompiler,
+        _options: &<CudaCompiler as Compiler>::CompilationOptions,
+        _mode: ExecutionMode,
+        _address_type: StorageType,
+    ) -> std::result::Result<CompiledKernel<CudaCompiler>, CompilationError> {
+        Ok(CompiledKernel {
+            entrypoint_name: self.entry.to_string(),
+            debug_name: Some(self.entry),
+            source: dtopp_cuda::source::expanded(self.source),
+            cube_dim: self.cube_dim(),
+            debug_info: None,
+            repr: Some(no_ir(self.cube_dim())),
+        })
+    }
+}
+
+/// A kernel description with no instructions and no dynamic shared memory: what
+/// cubecl-cuda reads of a compiled kernel besides its text.
+fn no_ir<D: Dialect>(cube_dim: CubeDim) -> ComputeKernel<D> {
+    let address_type = Item::new(Elem::U32, 1, true);
+    ComputeKernel {
+        tensor_maps: Vec::new(),
+        buffers: Vec::new(),
+        scalars: Vec::new(),
+        info: Default::default(),
+        meta_static_len: 0,
+        body: Body {
+            instructions: Vec::new(),
+            shared_memories: Vec::new(),
+            pipelines: Vec::new(),
+            barriers: Vec::new(),
+            const_arrays: Vec::new(),
+            local_arrays: Vec::new(),
+            info_by_ptr: false,
+            has_dynamic_meta: false,
+            address_type,
+        },
+        cube_dim,
+        cluster_dim: None,
+        extensions: Vec::new(),
+        flags: Flags {
+            elem_fp4: false,
+            elem_fp6: false,
+            elem_fp8: false,
+            elem_bf16: false,
+            elem_f16: false,
+            elem_tf32: false,
+            indexes: CubeIndexFlags::default(),
+            op_barrier: false,
+            op_pipeline: false,
+            inst_tma: false,
+            inst_tma_im2col: false,
+            inst_wmma: false,
+            inst_ptx_wrappers: false,
+            inst_async_copy: false,
+            use_grid_constants: true,
+            static_meta_length: 0,
+            has_dynamic_meta: false,
+            has_info: true,
+            cube_dim,
+            cluster_dim: None,
+            address_type,
+        },
+        items: Default::default(),
+        kernel_name: String::new(),
+    }
+}
+
+/// Queues `kernel` on `grid` blocks on the stream of `buffers`' client, after everything
+/// burn queued there before: `buffers` in the kernel's parameter order, then `params` (the
+/// kernel's scalar struct). Nothing waits for the device.
+pub(super) fn launch<P: bytemuck::Pod>(
+    kernel: CudaSource,
+    grid: [u32; 3],
+    buffers: &[&CubeTensor<CudaRuntime>],
+    params: &P,
+) {
+    let client = &buffers[0].client;
+    let bindings = buffers.iter().map(|t| t.handle.clone().binding()).collect();
+    let arguments =
+        KernelArguments::new()
+            .with_buffers(bindings)
+            .with_info(MetadataBindingInfo::custom(dtopp_cuda::params::words(
+                params,
+            )));
+    client.launch(
+        Box::new(kernel),
+        CubeCount::Static(grid[0], grid[1], grid[2]),
+        arguments,
+    );
+}
+
+/// Whether dtopp's kernels run on `device` (its compute capability, once per device):
+/// an error naming the device and what it lacks.
+pub(super) fn usable(device: &CudaDevice) -> Result<()> {
+    static CHECKED: Mutex<Vec<(usize, std::result::Result<(), String>)>> = Mutex::new(Vec::new());
+    let mut checked = CHECKED.lock().unwrap_or_else(PoisonError::into_inner);
+    let found = match checked.iter().find(|(i, _)| *i == device.index) {
+        Some((_, r)) => r.clone(),
+        None => {
+            let r = match dtopp_cuda::compute_capability(device.index) {
+                Ok(cc) if cc >= MIN_CAPABILITY => Ok(()),
+                Ok((major, minor)) => Err(format!(
+                    "device {} has compute capability {major}.{minor}; dtopp's CUDA kernels need {}.{} or newer (Ampere)",
+                    device.index, MIN_CAPABILITY.0, MIN_CAPABILITY.1
+                )),
+                Err(e) => Err(e.to_string()),
+            };
+            checked.push((device.index, r.clone()));
+            r
+        }
+    };
+    found.map_err(|message| Error::Backend {
+        backend: "cuda",
+        message,
+    })
+}
+
+/// [`usable`] inside a burn op, which cannot return an error: the trainer checks the
+/// device before the first step ([`super::RoutingBackend::routing_name`] names it), so
+/// a failure here is a broken invariant.
+pub(super) fn or_panic(what: &str, device: &CudaDevice) {
+    if let Err(e) = usable(device) {
+        panic!("dtopp's {what} kernel on burn-cuda: {e}");
+    }
+}
+
+/// The contiguous cubecl tensor behind a burn float tensor (a copy only when strided).
+pub(super) fn float<const D: usize>(t: Tensor<Cuda, D>) -> CubeTensor<CudaRuntime> {
+    burn_cubecl::kernel::into_contiguous(t.into_primitive().tensor())
+}
+
+/// The contiguous cubecl tensor behind a burn int tensor.
+pub(super) fn int<const D: usize>(t: Tensor<Cuda, D, Int>) -> CubeTensor<CudaRuntime> {
+    burn_cubecl::kernel::into_contiguous(t.into_primitive())
+}
+
+/// A new dense row-major tensor for a kernel to fill, on `like`'s client. Not
+/// `Tensor::empty`: cubecl-cuda pads the rows of the tensors it allocates itself (pitched
+/// memory), and the kernels index rows densely.
+pub(super) fn output<const D: usize>(
+    like: &CubeTensor<CudaRuntime>,
+    shape: [usize; D],
+    dtype: DType,
+) -> CubeTensor<CudaRuntime> {
+    empty_device_contiguous_dtype(
+        like.client.clone(),
+        like.device.clone(),
+        shape.into(),
+        dtype,
+    )
+}
+
+/// A burn float tensor over a cubecl tensor.
+pub(super) fn float_tensor<const D: usize>(t: CubeTensor<CudaRuntime>) -> Tensor<Cuda, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(t))
+}
+
+/// A burn int tensor over a cubecl tensor.
+pub(super) fn int_tensor<const D: usize>(t: CubeTensor<CudaRuntime>) -> Tensor<Cuda, D, Int> {
+    Tensor::from_primitive(t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What cubecl-cuda takes from a compiled kernel (no GPU needed): the entry point, the
+    /// module's whole text with `common.cuh` pasted in, the block, and an IR whose shared
+    /// memory (cubecl's dynamic shared memory) is zero, as the kernels' is all static.
+    #[test]
+    fn the_compiled_kernel_is_the_module_text_and_an_empty_ir() {
+        let kernel = CudaSource {
+            file: "select.cu",
+            source: dtopp_cuda::source::SELECT,
+            entry: "top_p",
+            threads: 256,
+        };
+        let compiled = kernel
+            .compile(
+                &mut Default::default(),
+                &Default::default(),
+                ExecutionMode::Checked,
+                kernel.address_type(),
+            )
+            .unwrap();
+        assert_eq!(compiled.entrypoint_name, "top_p");
+        assert!(
+            compiled
+                .source
+                .contains("extern \"C\" __global__ void top_p(")
+        );
+        let includes = compiled.source.lines();
+        assert!(
+            !includes
+                .map(str::trim_start)
+                .any(|l| l.starts_with("#include"))
+        );
+        assert_eq!(compiled.cube_dim, CubeDim::new_1d(256));
+        assert_eq!(compiled.repr.map(|r| r.shared_memory_size()), Some(0));
+        // One cache entry per (module, entry, block).
+        let other = CudaSource {
+            entry: "top_k",
+            ..kernel
+        };
+        assert_ne!(kernel.id(), other.id());
+        assert_eq!(kernel.id(), kernel.id());
+    }
+}

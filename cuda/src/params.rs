@@ -1,0 +1,73 @@
+//! The scalars of the kernels that take them as one struct passed by value
+//! (`GroupedDims` in grouped_matmul.cu, `SelectDims` in select.cu), laid out as the
+//! kernels declare them. One struct, two launchers: cudarc pushes it as one argument
+//! ([`crate::CudaKernels`]), and dtopp's launches through cubecl's client on burn-cuda's
+//! buffers pass it as the kernel's metadata block ([`words`]), which cubecl appends after
+//! the buffers.
+
+use bytemuck::{Pod, Zeroable};
+
+/// `GroupedDims`: the grouped products' shape; `transposed` (0 or 1) is read by the
+/// forward kernels only.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct GroupedDims {
+    /// Rows of `x` (a bound on the routes).
+    pub rows: u32,
+    /// Width of a row of `x`.
+    pub inner: u32,
+    /// Width of a row of the output.
+    pub cols: u32,
+    /// Experts (`E`; the offsets have `E + 1` entries).
+    pub experts: u32,
+    /// 1: the matrices are `[E, cols, inner]`, read transposed.
+    pub transposed: u32,
+}
+
+/// `SelectDims`: a selection's shape and count.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct SelectDims {
+    /// Tokens (`N`).
+    pub tokens: u32,
+    /// Experts per token (`E`).
+    pub experts: u32,
+    /// Top-k's `k`, or Top-p's cap on experts per token (0: none).
+    pub k: u32,
+}
+
+/// `params`' bytes in 8-byte words, zero padded: the form cubecl's launch arguments carry
+/// a kernel's metadata block in. The kernel reads its struct from the block's start.
+pub fn words<T: Pod>(params: &T) -> Vec<u64> {
+    let bytes = bytemuck::bytes_of(params);
+    bytes
+        .chunks(8)
+        .map(|chunk| {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            u64::from_ne_bytes(word)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn words_hold_the_struct_bytes_in_order() {
+        let dims = GroupedDims {
+            rows: 1,
+            inner: 2,
+            cols: 3,
+            experts: 4,
+            transposed: 5,
+        };
+        let w = words(&dims);
+        assert_eq!(w.len(), 3);
+        let back: &[u8] = bytemuck::cast_slice(&w);
+        assert_eq!(&back[..20], bytemuck::bytes_of(&dims));
+        assert_eq!(&back[20..], &[0; 4]);
+        assert_eq!(size_of::<SelectDims>(), 12);
+    }
+}
