@@ -19,15 +19,13 @@ use cudarc::nvrtc::{CompileOptions, Ptx, compile_ptx_with_opts};
 
 use crate::GemmPrecision;
 use crate::error::CudaError;
-use crate::params::{GroupedDims, SelectDims};
+use crate::params::{GroupedDims, PLAN_CHUNK, PlanDims, SelectDims};
 use crate::source::MODULES;
 
 /// Warps per block of the warp-per-token kernels (`WARPS` in drn.cu / select.cu).
 const WARPS: u32 = 8;
 /// Threads per block of the other kernels.
 const BLOCK: u32 = 256;
-/// Tokens per chunk of the dispatch plan.
-const PLAN_CHUNK: usize = 32;
 /// `status` value meaning "no non-finite input seen".
 const STATUS_CLEAN: u32 = u32::MAX;
 /// Largest `E` the fused DRN + selection kernels serve (8 values per lane in registers).
@@ -38,9 +36,10 @@ const GEMM_TILE: usize = 64;
 const MAX_ELEMENTS: u64 = u32::MAX as u64;
 
 // SAFETY: `#[repr(C)]` structs of `u32`, declared field for field as the kernels'
-// `GroupedDims` and `SelectDims`; cudarc passes them by value.
+// `GroupedDims`, `SelectDims` and `PlanDims`; cudarc passes them by value.
 unsafe impl DeviceRepr for GroupedDims {}
 unsafe impl DeviceRepr for SelectDims {}
+unsafe impl DeviceRepr for PlanDims {}
 
 /// A device buffer of 4-byte values (f32, i32 or u32 by use), cheap to clone.
 #[derive(Clone, Debug)]
@@ -565,29 +564,25 @@ impl CudaKernels {
             route_weights: self.zeros("route weights", capacity)?,
             token_routes: self.zeros("token routes", tokens * experts)?,
         };
-        let (n, e, c, nc) = (
-            tokens as u32,
-            experts as u32,
-            PLAN_CHUNK as u32,
-            chunks as u32,
-        );
+        let dims = PlanDims {
+            tokens: tokens as u32,
+            experts: experts as u32,
+            chunk: PLAN_CHUNK as u32,
+            num_chunks: chunks as u32,
+        };
         let mut b = self.stream.launch_builder(self.function("plan_count"));
         b.arg(&*experts_sel.slice)
             .arg(&*counts_sel.slice)
             .arg(&*table.slice)
-            .arg(&n)
-            .arg(&e)
-            .arg(&c)
-            .arg(&nc);
-        // SAFETY: plan_count(const int*, const int*, unsigned*, unsigned x4).
+            .arg(&dims);
+        // SAFETY: plan_count(const int*, const int*, unsigned*, PlanDims).
         unsafe { b.launch(Self::thread_grid(chunks)) }.map_err(driver("plan_count"))?;
         let mut b = self.stream.launch_builder(self.function("plan_scan"));
         b.arg(&*table.slice)
             .arg(&*plan.expert_counts.slice)
             .arg(&*plan.expert_offsets.slice)
-            .arg(&e)
-            .arg(&nc);
-        // SAFETY: plan_scan(unsigned*, int*, int*, unsigned, unsigned), one block.
+            .arg(&dims);
+        // SAFETY: plan_scan(unsigned*, int*, int*, PlanDims), one block.
         unsafe { b.launch(Self::one_block()) }.map_err(driver("plan_scan"))?;
         let mut b = self.stream.launch_builder(self.function("plan_scatter"));
         b.arg(&*experts_sel.slice)
@@ -597,12 +592,9 @@ impl CudaKernels {
             .arg(&*plan.route_tokens.slice)
             .arg(&*plan.route_weights.slice)
             .arg(&*plan.token_routes.slice)
-            .arg(&n)
-            .arg(&e)
-            .arg(&c)
-            .arg(&nc);
+            .arg(&dims);
         // SAFETY: plan_scatter(const int*, const float*, const int*, unsigned*, int*,
-        // float*, int*, unsigned x4).
+        // float*, int*, PlanDims).
         unsafe { b.launch(Self::thread_grid(chunks)) }.map_err(driver("plan_scatter"))?;
         Ok(plan)
     }

@@ -1,6 +1,6 @@
 //! The scalars of the kernels that take them as one struct passed by value
-//! (`GroupedDims` in grouped_matmul.cu, `SelectDims` in select.cu), laid out as the
-//! kernels declare them. One struct, two launchers: cudarc pushes it as one argument
+//! (`GroupedDims` in grouped_matmul.cu, `SelectDims` in select.cu, `PlanDims` in
+//! dispatch.cu), laid out as the kernels declare them. One struct, two launchers: cudarc pushes it as one argument
 //! ([`crate::CudaKernels`]), and dtopp's launches through cubecl's client on burn-cuda's
 //! buffers pass it as the kernel's metadata block ([`words`]), which cubecl appends after
 //! the buffers.
@@ -34,6 +34,23 @@ pub struct SelectDims {
     pub experts: u32,
     /// Top-k's `k`, or Top-p's cap on experts per token (0: none).
     pub k: u32,
+}
+
+/// Tokens per chunk of the dispatch plan, as its launchers split the tokens.
+pub const PLAN_CHUNK: usize = 32;
+
+/// `PlanDims`: a dispatch plan's shape and chunking.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct PlanDims {
+    /// Tokens (`N`).
+    pub tokens: u32,
+    /// Experts per token (`E`).
+    pub experts: u32,
+    /// Tokens per chunk.
+    pub chunk: u32,
+    /// Chunks (`ceil(N / chunk)`).
+    pub num_chunks: u32,
 }
 
 /// `params`' bytes in 8-byte words, zero padded: the form cubecl's launch arguments carry

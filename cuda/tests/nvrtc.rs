@@ -110,7 +110,7 @@ fn grouped_matmul_kernels_use_no_local_memory() {
 /// as the host's copy in `dtopp_cuda::params`.
 #[test]
 fn kernels_on_burn_buffers_compile_as_cubecl_compiles_them() {
-    use dtopp_cuda::{GroupedDims, SelectDims};
+    use dtopp_cuda::{GroupedDims, PlanDims, SelectDims};
     if !nvrtc_present() {
         assert!(
             std::env::var("DTOPP_REQUIRE_NVRTC").as_deref() != Ok("1"),
@@ -119,7 +119,7 @@ fn kernels_on_burn_buffers_compile_as_cubecl_compiles_them() {
         eprintln!("SKIPPED: libnvrtc could not be loaded (LD_LIBRARY_PATH)");
         return;
     }
-    let launched: [(&str, &str, &[(&str, usize)], usize); 2] = [
+    let launched: [(&str, &str, &[(&str, usize)], usize); 3] = [
         (
             "grouped_matmul.cu",
             dtopp_cuda::source::GROUPED_MATMUL,
@@ -136,6 +136,12 @@ fn kernels_on_burn_buffers_compile_as_cubecl_compiles_them() {
             dtopp_cuda::source::SELECT,
             &[("top_p", 6), ("top_k", 5)],
             size_of::<SelectDims>(),
+        ),
+        (
+            "dispatch.cu",
+            dtopp_cuda::source::DISPATCH,
+            &[("plan_count", 3), ("plan_scan", 3), ("plan_scatter", 7)],
+            size_of::<PlanDims>(),
         ),
     ];
     // Ampere (the oldest the kernels accept) and Hopper, as cubecl names them.

@@ -1,7 +1,7 @@
 //! `dtopp train --backend cuda` (burn-cuda for the model; by default the grouped layout,
 //! whose selection (`select.cu`) and expert products (`grouped_matmul.cu`) run as dtopp's
 //! kernels on burn-cuda's buffers and stream; the padded layout with `--layout padded`, and
-//! burn's sliced products with `--layout exact`) against the CPU run of the same config,
+//! burn's sliced products on `dispatch.cu`'s plan with `--layout exact`) against the CPU run of the same config,
 //! also through the data-parallel path with one device, and with bf16 products (the
 //! tensor-core kernels in the grouped layout). Without a GPU: the error names what is
 //! missing and no run directory is written (`DTOPP_REQUIRE_GPU=1` makes that a failure).

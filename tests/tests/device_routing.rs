@@ -328,8 +328,8 @@ fn device_routing_on_wgpu_matches_the_reference() {
     run::<burn::backend::Wgpu>(Impl::Default, "burn wgpu", &device, true);
 }
 
-/// `select.cu` on burn-cuda's buffers (skipped with the reason without a GPU); the plan
-/// of the exact layout stays in burn's tensor ops there.
+/// `select.cu` and `dispatch.cu` on burn-cuda's buffers (skipped with the reason without
+/// a GPU).
 #[cfg(feature = "cuda")]
 #[test]
 fn the_cuda_kernels_select_on_burn_cuda_buffers() {

@@ -13,6 +13,12 @@
 // Memory traffic: the [N, E] selection is read twice, the [num_chunks, E] table three
 // times, the route arrays written once.
 
+// The kernels' scalars, one struct passed by value (as GroupedDims in grouped_matmul.cu):
+// plan_scan reads `experts` and `num_chunks` only.
+struct PlanDims {
+    unsigned tokens, experts, chunk, num_chunks;
+};
+
 __device__ __forceinline__ unsigned count_of(const int* sel_counts, unsigned t, unsigned e) {
     int c = sel_counts[t];
     return (unsigned)(c < 0 ? 0 : (c > (int)e ? (int)e : c));
@@ -21,8 +27,9 @@ __device__ __forceinline__ unsigned count_of(const int* sel_counts, unsigned t, 
 extern "C" __global__ void plan_count(const int* __restrict__ sel_experts,
                                       const int* __restrict__ sel_counts,
                                       unsigned* __restrict__ chunk_offsets,
-                                      unsigned tokens, unsigned experts, unsigned chunk,
-                                      unsigned num_chunks) {
+                                      const PlanDims d) {
+    unsigned tokens = d.tokens, experts = d.experts, chunk = d.chunk;
+    unsigned num_chunks = d.num_chunks;
     unsigned c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= num_chunks) return;
     unsigned row = c * experts;
@@ -39,8 +46,8 @@ extern "C" __global__ void plan_count(const int* __restrict__ sel_experts,
 
 extern "C" __global__ void plan_scan(unsigned* __restrict__ chunk_offsets,
                                      int* __restrict__ expert_counts,
-                                     int* __restrict__ expert_offsets, unsigned experts,
-                                     unsigned num_chunks) {
+                                     int* __restrict__ expert_offsets, const PlanDims d) {
+    unsigned experts = d.experts, num_chunks = d.num_chunks;
     for (unsigned j = threadIdx.x; j < experts; j += blockDim.x) {
         unsigned running = 0;
         for (unsigned c = 0; c < num_chunks; c++) {
@@ -72,9 +79,9 @@ extern "C" __global__ void plan_scatter(const int* __restrict__ sel_experts,
                                         unsigned* __restrict__ chunk_offsets,
                                         int* __restrict__ route_tokens,
                                         float* __restrict__ route_weights,
-                                        int* __restrict__ token_routes, unsigned tokens,
-                                        unsigned experts, unsigned chunk,
-                                        unsigned num_chunks) {
+                                        int* __restrict__ token_routes, const PlanDims d) {
+    unsigned tokens = d.tokens, experts = d.experts, chunk = d.chunk;
+    unsigned num_chunks = d.num_chunks;
     unsigned c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= num_chunks) return;
     unsigned row = c * experts;

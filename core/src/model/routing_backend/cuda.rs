@@ -1,23 +1,30 @@
-//! burn-cuda selects experts with dtopp's `select.cu` kernels on burn's own buffers
-//! ([`super::cuda_launch`]): Top-p reads its threshold from the device (the controller's),
-//! and nothing is read back, so the grouped layout routes a layer without a host wait.
-//! The exact layout's plan ([`RoutingBackend::route`]) keeps the default, burn's tensor
-//! ops, which read the offsets back once per layer for burn's sliced products anyway.
+//! burn-cuda routes with dtopp's `select.cu` and `dispatch.cu` kernels on burn's own
+//! buffers ([`super::cuda_launch`]): Top-p reads its threshold from the device (the
+//! controller's), the grouped and padded layouts' selection reads nothing back, and the
+//! exact layout's plan is read once per layer ([`DevicePlan`]), as burn's sliced products
+//! need it.
 
 use burn::backend::Cuda;
+use burn::backend::cuda::CudaDevice;
 use burn::tensor::{DType, Int, Tensor};
-use dtopp_cuda::SelectDims;
+use burn_cubecl::cubecl::cuda::CudaRuntime;
+use burn_cubecl::tensor::CubeTensor;
+use dtopp_cuda::{PLAN_CHUNK, PlanDims, SelectDims};
 
 use super::cuda_launch::{CudaSource, float, int, int_tensor, launch, output, usable};
+use super::device_plan::DevicePlan;
 use super::{RoutingBackend, mask_and_rank, within};
 use crate::error::Result;
+use crate::model::route::Route;
 use crate::model::routing::Selector;
 use crate::ops::RouteShape;
 
 /// Tokens per block of the warp-per-token kernels (`WARPS` in select.cu).
 const WARPS: usize = 8;
+/// Threads per block of the plan's kernels.
+const PLAN_THREADS: usize = 256;
 
-fn kernel(entry: &'static str) -> CudaSource {
+fn select_kernel(entry: &'static str) -> CudaSource {
     CudaSource {
         file: "select.cu",
         source: dtopp_cuda::source::SELECT,
@@ -26,15 +33,89 @@ fn kernel(entry: &'static str) -> CudaSource {
     }
 }
 
+fn plan_kernel(entry: &'static str) -> CudaSource {
+    CudaSource {
+        file: "dispatch.cu",
+        source: dtopp_cuda::source::DISPATCH,
+        entry,
+        threads: PLAN_THREADS as u32,
+    }
+}
+
 impl RoutingBackend for Cuda {
     fn routing_name(device: &Self::Device) -> String {
         match usable(device) {
             Ok(()) => format!(
-                "dtopp CUDA kernels (select.cu, grouped_matmul.cu) on burn-cuda's buffers, on its stream (device {})",
+                "dtopp CUDA kernels (select.cu, dispatch.cu, grouped_matmul.cu) on burn-cuda's buffers, on its stream (device {})",
                 device.index
             ),
             Err(e) => format!("none: {e}"),
         }
+    }
+
+    fn route(
+        probs: Tensor<Self, 2>,
+        logits: Tensor<Self, 2>,
+        selector: Selector,
+        threshold: Option<Tensor<Self, 1>>,
+    ) -> Result<Route<Self>> {
+        let [n, e] = probs.dims();
+        let selector = within(selector, e);
+        let k_bound = match selector {
+            Selector::TopK(k) => k,
+            Selector::TopP { k_max, .. } => k_max.unwrap_or(e),
+        };
+        let sel = Selected::new(probs, selector, threshold)?;
+        let chunks = n.div_ceil(PLAN_CHUNK);
+        let like = &sel.experts;
+        let table = output(like, [chunks * e], DType::U32);
+        let expert_counts = output(like, [e], DType::I32);
+        let offsets = output(like, [e + 1], DType::I32);
+        let route_tokens = output(like, [(n * k_bound).max(1)], DType::I32);
+        let route_weights = output(like, [(n * k_bound).max(1)], DType::F32);
+        let token_routes = output(like, [n, e], DType::I32);
+        let dims = PlanDims {
+            tokens: n as u32,
+            experts: e as u32,
+            chunk: PLAN_CHUNK as u32,
+            num_chunks: chunks as u32,
+        };
+        let chunk_grid = [chunks.div_ceil(PLAN_THREADS) as u32, 1, 1];
+        launch(
+            plan_kernel("plan_count"),
+            chunk_grid,
+            &[&sel.experts, &sel.counts, &table],
+            &dims,
+        );
+        launch(
+            plan_kernel("plan_scan"),
+            [1, 1, 1],
+            &[&table, &expert_counts, &offsets],
+            &dims,
+        );
+        launch(
+            plan_kernel("plan_scatter"),
+            chunk_grid,
+            &[
+                &sel.experts,
+                &sel.weights,
+                &sel.counts,
+                &table,
+                &route_tokens,
+                &route_weights,
+                &token_routes,
+            ],
+            &dims,
+        );
+        DevicePlan {
+            experts: int_tensor(sel.experts),
+            counts: int_tensor(sel.counts),
+            status: int_tensor(sel.status),
+            offsets: int_tensor(offsets),
+            route_tokens: int_tensor(route_tokens),
+            token_routes: int_tensor(token_routes),
+        }
+        .into_route(logits, selector)
     }
 
     fn select(
@@ -42,54 +123,73 @@ impl RoutingBackend for Cuda {
         selector: Selector,
         threshold: Option<Tensor<Self, 1>>,
     ) -> Result<(Tensor<Self, 2, Int>, Tensor<Self, 2, Int>)> {
-        let device = probs.device();
+        let e = probs.dims()[1];
+        let sel = Selected::new(probs, within(selector, e), threshold)?;
+        Ok(mask_and_rank(
+            int_tensor(sel.experts),
+            int_tensor(sel.counts),
+        ))
+    }
+}
+
+/// A selection `select.cu` wrote into new buffers (the ops contract's layout).
+struct Selected {
+    /// `[N, E]` i32, rank order, padded with -1.
+    experts: CubeTensor<CudaRuntime>,
+    /// `[N, E]` f32 combine weights.
+    weights: CubeTensor<CudaRuntime>,
+    /// `[N]` i32.
+    counts: CubeTensor<CudaRuntime>,
+    /// `[1]` the first non-finite probability, row-major, or -1 (`u32::MAX`).
+    status: CubeTensor<CudaRuntime>,
+}
+
+impl Selected {
+    /// Top-p (at `threshold` on the device, else the selector's) or Top-k of `probs`.
+    fn new(
+        probs: Tensor<Cuda, 2>,
+        selector: Selector,
+        threshold: Option<Tensor<Cuda, 1>>,
+    ) -> Result<Self> {
+        let device: CudaDevice = probs.device();
         usable(&device)?;
         let [n, e] = probs.dims();
         RouteShape::new(n, e)?;
-        let selector = within(selector, e);
         let probs = float(probs);
-        let experts = output(&probs, [n, e], DType::I32);
-        let weights = output(&probs, [n, e], DType::F32);
-        let counts = output(&probs, [n], DType::I32);
-        // The first non-finite probability, or u32::MAX: the grouped layout reports bad
-        // logits itself, so it is not read here.
-        let status = int(Tensor::<Self, 1, Int>::full([1], -1, &device));
+        let out = Self {
+            experts: output(&probs, [n, e], DType::I32),
+            weights: output(&probs, [n, e], DType::F32),
+            counts: output(&probs, [n], DType::I32),
+            status: int(Tensor::<Cuda, 1, Int>::full([1], -1, &device)),
+        };
         let grid = [n.div_ceil(WARPS).max(1) as u32, 1, 1];
+        let (k, entry) = match selector {
+            Selector::TopP { k_max, .. } => (k_max.unwrap_or(0), "top_p"),
+            Selector::TopK(k) => (k, "top_k"),
+        };
+        let dims = SelectDims {
+            tokens: n as u32,
+            experts: e as u32,
+            k: k as u32,
+        };
+        let outputs = [&out.experts, &out.weights, &out.counts, &out.status];
         match selector {
-            Selector::TopP {
-                threshold: p,
-                k_max,
-            } => {
+            Selector::TopP { threshold: p, .. } => {
                 let threshold =
                     float(threshold.unwrap_or_else(|| Tensor::from_floats([p], &device)));
-                let dims = SelectDims {
-                    tokens: n as u32,
-                    experts: e as u32,
-                    k: k_max.unwrap_or(0) as u32,
-                };
+                let [a, b, c, d] = outputs;
                 launch(
-                    kernel("top_p"),
+                    select_kernel(entry),
                     grid,
-                    &[&probs, &threshold, &experts, &weights, &counts, &status],
+                    &[&probs, &threshold, a, b, c, d],
                     &dims,
                 );
             }
-            Selector::TopK(k) => {
-                let dims = SelectDims {
-                    tokens: n as u32,
-                    experts: e as u32,
-                    k: k as u32,
-                };
-                launch(
-                    kernel("top_k"),
-                    grid,
-                    &[&probs, &experts, &weights, &counts, &status],
-                    &dims,
-                );
+            Selector::TopK(_) => {
+                let [a, b, c, d] = outputs;
+                launch(select_kernel(entry), grid, &[&probs, a, b, c, d], &dims);
             }
         }
-        // The combine weights are not needed: the layouts take them from the probabilities.
-        drop(weights);
-        Ok(mask_and_rank(int_tensor(experts), int_tensor(counts)))
+        Ok(out)
     }
 }

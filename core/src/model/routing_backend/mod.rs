@@ -27,6 +27,8 @@ mod cuda;
 mod cuda_grouped;
 #[cfg(feature = "cuda")]
 mod cuda_launch;
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+mod device_plan;
 mod ndarray;
 #[cfg(feature = "wgpu")]
 pub mod wgpu;

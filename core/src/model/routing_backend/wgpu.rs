@@ -22,11 +22,10 @@ use burn::backend::wgpu::{CubeTensor, RuntimeOptions, WgpuDevice, WgpuRuntime, i
 use burn::tensor::{Int, Tensor};
 use dtopp_shaders::{Bound, GpuContext, PlanOut, RoutingKernels, SelectionOut};
 
+use super::device_plan::DevicePlan;
 use super::{RoutingBackend, mask_and_rank, within};
 use crate::error::{Error, Result};
-use crate::model::device_routing::{first_above, first_non_finite, non_finite_logit};
-use crate::model::long_reductions::int_max;
-use crate::model::route::{ExpertRows, Route};
+use crate::model::route::Route;
 use crate::model::routing::Selector;
 use crate::ops::RouteShape;
 
@@ -159,68 +158,15 @@ impl RoutingBackend for Wgpu {
             )
         })?;
 
-        // One read: the offsets, the route count, the first bad logit, the selection's
-        // status (first non-finite probability) and the most experts a token took.
-        let head = crate::model::read_ints(Tensor::cat(
-            vec![
-                offsets.clone(),
-                first_non_finite(logits.clone()),
-                status,
-                int_max(counts),
-            ],
-            0,
-        ))?;
-        let routes = head[e] as usize;
-        let (bad_logit, bad_prob) = (head[e + 1] as usize, head[e + 2]);
-        let slots = (head[e + 3] as usize).max(1);
-        if bad_logit < n * e {
-            return Err(non_finite_logit(&logits, bad_logit));
+        DevicePlan {
+            experts,
+            counts,
+            status,
+            offsets,
+            route_tokens,
+            token_routes,
         }
-        if bad_prob >= 0 {
-            let flat = bad_prob as usize;
-            return Err(Error::NonFinite {
-                op: match selector {
-                    Selector::TopK(_) => "top_k",
-                    Selector::TopP { .. } => "top_p",
-                },
-                what: "routing probability",
-                token: flat / e,
-                column: flat % e,
-                value: f32::NAN,
-            });
-        }
-
-        // The model's index tensors from the plan (gathers, and a scatter within rows).
-        let route_tokens = route_tokens.narrow(0, 0, routes);
-        let expert_ends = offsets.clone().narrow(0, 1, e);
-        let route_expert = first_above(&expert_ends, Tensor::arange(0..routes as i64, &device));
-        let route_sources = route_tokens.clone().mul_scalar(e as i64) + route_expert;
-        let raw_slots = token_routes.narrow(1, 0, slots);
-        let token_slots = raw_slots
-            .clone()
-            .mask_fill(raw_slots.lower_elem(0), routes as i64);
-        let slot_experts = experts.narrow(1, 0, slots).clamp_min(0);
-        let route_of = Tensor::<Self, 2, Int>::zeros([n, e], &device)
-            .scatter(
-                1,
-                slot_experts,
-                token_slots.clone().sub_scalar(routes as i64),
-                burn::tensor::IndexingUpdateOp::Add,
-            )
-            .add_scalar(routes as i64);
-        let selected = route_of.clone().lower_elem(routes as i64).int();
-        let mut expert_offsets: Vec<usize> = head[..e].iter().map(|&o| o as usize).collect();
-        expert_offsets.push(routes);
-        Ok(Route {
-            selected,
-            row_tokens: route_tokens,
-            row_sources: route_sources,
-            row_of: route_of,
-            token_slots: Some(token_slots),
-            rows: ExpertRows::Exact {
-                offsets: expert_offsets,
-            },
-        })
+        .into_route(logits, selector)
     }
 
     fn select(
