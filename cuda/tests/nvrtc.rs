@@ -119,7 +119,9 @@ fn kernels_on_burn_buffers_compile_as_cubecl_compiles_them() {
         eprintln!("SKIPPED: libnvrtc could not be loaded (LD_LIBRARY_PATH)");
         return;
     }
-    let launched: [(&str, &str, &[(&str, usize)], usize); 3] = [
+    // (file, text, [(entry, buffers)], bytes of the scalar struct)
+    type Launched = (&'static str, &'static str, &'static [(&'static str, usize)], usize);
+    let launched: [Launched; 3] = [
         (
             "grouped_matmul.cu",
             dtopp_cuda::source::GROUPED_MATMUL,

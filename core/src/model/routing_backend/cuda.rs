@@ -11,7 +11,7 @@ use burn_cubecl::cubecl::cuda::CudaRuntime;
 use burn_cubecl::tensor::CubeTensor;
 use dtopp_cuda::{PLAN_CHUNK, PlanDims, SelectDims};
 
-use super::cuda_launch::{CudaSource, float, int, int_tensor, launch, output, usable};
+use super::cuda_launch::{CudaModule, float, int, int_tensor, launch, output, usable};
 use super::device_plan::DevicePlan;
 use super::{RoutingBackend, mask_and_rank, within};
 use crate::error::Result;
@@ -24,23 +24,8 @@ const WARPS: usize = 8;
 /// Threads per block of the plan's kernels.
 const PLAN_THREADS: usize = 256;
 
-fn select_kernel(entry: &'static str) -> CudaSource {
-    CudaSource {
-        file: "select.cu",
-        source: dtopp_cuda::source::SELECT,
-        entry,
-        threads: (WARPS * 32) as u32,
-    }
-}
-
-fn plan_kernel(entry: &'static str) -> CudaSource {
-    CudaSource {
-        file: "dispatch.cu",
-        source: dtopp_cuda::source::DISPATCH,
-        entry,
-        threads: PLAN_THREADS as u32,
-    }
-}
+const SELECT: CudaModule = CudaModule::new("select.cu", dtopp_cuda::source::SELECT);
+const DISPATCH: CudaModule = CudaModule::new("dispatch.cu", dtopp_cuda::source::DISPATCH);
 
 impl RoutingBackend for Cuda {
     fn routing_name(device: &Self::Device) -> String {
@@ -82,19 +67,19 @@ impl RoutingBackend for Cuda {
         };
         let chunk_grid = [chunks.div_ceil(PLAN_THREADS) as u32, 1, 1];
         launch(
-            plan_kernel("plan_count"),
+            DISPATCH.kernel("plan_count", PLAN_THREADS as u32),
             chunk_grid,
             &[&sel.experts, &sel.counts, &table],
             &dims,
         );
         launch(
-            plan_kernel("plan_scan"),
+            DISPATCH.kernel("plan_scan", PLAN_THREADS as u32),
             [1, 1, 1],
             &[&table, &expert_counts, &offsets],
             &dims,
         );
         launch(
-            plan_kernel("plan_scatter"),
+            DISPATCH.kernel("plan_scatter", PLAN_THREADS as u32),
             chunk_grid,
             &[
                 &sel.experts,
@@ -179,7 +164,7 @@ impl Selected {
                     float(threshold.unwrap_or_else(|| Tensor::from_floats([p], &device)));
                 let [a, b, c, d] = outputs;
                 launch(
-                    select_kernel(entry),
+                    SELECT.kernel(entry, (WARPS * 32) as u32),
                     grid,
                     &[&probs, &threshold, a, b, c, d],
                     &dims,
@@ -187,7 +172,12 @@ impl Selected {
             }
             Selector::TopK(_) => {
                 let [a, b, c, d] = outputs;
-                launch(select_kernel(entry), grid, &[&probs, a, b, c, d], &dims);
+                launch(
+                    SELECT.kernel(entry, (WARPS * 32) as u32),
+                    grid,
+                    &[&probs, a, b, c, d],
+                    &dims,
+                );
             }
         }
         Ok(out)

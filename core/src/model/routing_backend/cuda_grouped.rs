@@ -11,7 +11,7 @@ use burn::backend::Cuda;
 use burn::tensor::{DType, Int, Tensor};
 use dtopp_cuda::GroupedDims;
 
-use super::cuda_launch::{CudaSource, float, float_tensor, int, launch, or_panic, output};
+use super::cuda_launch::{CudaModule, float, float_tensor, int, launch, or_panic, output};
 use crate::model::grouped_matmul::GroupedMatmulBackend;
 use crate::model::precision::Precision;
 
@@ -20,14 +20,7 @@ const TILE: usize = 64;
 /// CUDA's limit on a grid's y and z extents.
 const GRID_YZ_MAX: usize = 65_535;
 
-fn kernel(entry: &'static str, threads: u32) -> CudaSource {
-    CudaSource {
-        file: "grouped_matmul.cu",
-        source: dtopp_cuda::source::GROUPED_MATMUL,
-        entry,
-        threads,
-    }
-}
+const MODULE: CudaModule = CudaModule::new("grouped_matmul.cu", dtopp_cuda::source::GROUPED_MATMUL);
 
 impl GroupedMatmulBackend for Cuda {
     const DEVICE_OFFSETS: bool = true;
@@ -84,7 +77,7 @@ impl GroupedMatmulBackend for Cuda {
             transposed: u32::from(transposed),
         };
         launch(
-            kernel(entry, threads),
+            MODULE.kernel(entry, threads),
             [cols.div_ceil(TILE) as u32, row_tiles as u32, 1],
             &[&offsets, &xs, &w, &out],
             &dims,
@@ -120,7 +113,7 @@ impl GroupedMatmulBackend for Cuda {
             transposed: 0,
         };
         launch(
-            kernel("grouped_weight_grad_f32", 256),
+            MODULE.kernel("grouped_weight_grad_f32", 256),
             [
                 cols.div_ceil(TILE) as u32,
                 inner.div_ceil(TILE) as u32,

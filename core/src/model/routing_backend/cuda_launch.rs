@@ -16,7 +16,8 @@
 //! memory passes an empty IR ([`no_ir`]); burn-cubecl's own `SourceKernel` passes none,
 //! which cubecl-cuda's compile step panics on. Arguments follow cubecl's convention: the
 //! buffers in order, then the metadata block, which on sm_70 and newer is passed by value
-//! as the last parameter: the kernels' scalar struct (`dtopp_cuda::params`).
+//! as the last parameter: the kernels' scalar struct (`dtopp_cuda::params`), with no
+//! dynamic part ([`metadata`]).
 
 use std::sync::{Mutex, PoisonError};
 
@@ -40,17 +41,48 @@ use crate::error::{Error, Result};
 /// only from sm_70 on.
 const MIN_CAPABILITY: (u32, u32) = (8, 0);
 
-/// One entry point of one `.cu` module, run with `threads` threads per block.
+/// A `.cu` module's text (`dtopp_cuda::source`, `common.cuh` not yet pasted in), with a
+/// hash of it in its kernels' cache key: cubecl can keep compiled PTX on disk between runs
+/// (its `compilation.cache` setting), keyed by the kernel id, and a kernel whose text
+/// changed must not load the old PTX.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct CudaModule {
+    file: &'static str,
+    source: &'static str,
+    hash: u64,
+}
+
+impl CudaModule {
+    /// The module `file` with text `source` (in a `const`, so it is hashed once, at build).
+    pub const fn new(file: &'static str, source: &'static str) -> Self {
+        // FNV-1a, 64 bits.
+        let bytes = source.as_bytes();
+        let mut hash = 0xcbf2_9ce4_8422_2325u64;
+        let mut i = 0;
+        while i < bytes.len() {
+            hash = (hash ^ bytes[i] as u64).wrapping_mul(0x0100_0000_01b3);
+            i += 1;
+        }
+        Self { file, source, hash }
+    }
+
+    /// Its kernel `entry`, run with `threads` threads per block.
+    pub fn kernel(self, entry: &'static str, threads: u32) -> CudaSource {
+        CudaSource {
+            module: self,
+            entry,
+            threads,
+        }
+    }
+}
+
+/// One entry point of one `.cu` module, run with `threads` threads per block (the
+/// kernel's `__launch_bounds__`).
 #[derive(Clone, Copy, Debug)]
 pub(super) struct CudaSource {
-    /// The module's file (its kernel cache key, with the entry).
-    pub file: &'static str,
-    /// The module's text (`dtopp_cuda::source`), `common.cuh` not yet pasted in.
-    pub source: &'static str,
-    /// The `extern "C"` kernel.
-    pub entry: &'static str,
-    /// Threads per block (the kernel's `__launch_bounds__`).
-    pub threads: u32,
+    module: CudaModule,
+    entry: &'static str,
+    threads: u32,
 }
 
 impl CudaSource {
@@ -62,7 +94,7 @@ impl CudaSource {
 impl KernelMetadata for CudaSource {
     fn id(&self) -> KernelId {
         KernelId::new::<Self>()
-            .info((self.file, self.entry))
+            .info((self.module.file, self.module.hash, self.entry))
             .cube_dim(self.cube_dim())
     }
 
@@ -82,7 +114,7 @@ impl CubeTask<CudaCompiler> for CudaSource {
         Ok(CompiledKernel {
             entrypoint_name: self.entry.to_string(),
             debug_name: Some(self.entry),
-            source: dtopp_cuda::source::expanded(self.source),
+            source: dtopp_cuda::source::expanded(self.module.source),
             cube_dim: self.cube_dim(),
             debug_info: None,
             repr: Some(no_ir(self.cube_dim())),
@@ -153,17 +185,24 @@ pub(super) fn launch<P: bytemuck::Pod>(
 ) {
     let client = &buffers[0].client;
     let bindings = buffers.iter().map(|t| t.handle.clone().binding()).collect();
-    let arguments =
-        KernelArguments::new()
-            .with_buffers(bindings)
-            .with_info(MetadataBindingInfo::custom(dtopp_cuda::params::words(
-                params,
-            )));
+    let arguments = KernelArguments::new()
+        .with_buffers(bindings)
+        .with_info(metadata(params));
     client.launch(
         Box::new(kernel),
         CubeCount::Static(grid[0], grid[1], grid[2]),
         arguments,
     );
+}
+
+/// `params` as the kernel's metadata block, all of it static. Not
+/// `MetadataBindingInfo::custom`, which marks the whole block dynamic: with grid constants
+/// cubecl-cuda 0.10 then also uploads it as a buffer and passes that as one more pointer
+/// before the struct, where the kernel would read the pointer as its scalars.
+fn metadata<P: bytemuck::Pod>(params: &P) -> MetadataBindingInfo {
+    let words = dtopp_cuda::params::words(params);
+    let end = words.len();
+    MetadataBindingInfo::new(words, end)
 }
 
 /// Whether dtopp's kernels run on `device` (its compute capability, once per device):
@@ -201,14 +240,23 @@ pub(super) fn or_panic(what: &str, device: &CudaDevice) {
     }
 }
 
-/// The contiguous cubecl tensor behind a burn float tensor (a copy only when strided).
+/// The contiguous cubecl tensor behind a burn float tensor (a copy only when strided);
+/// the kernels read f32.
 pub(super) fn float<const D: usize>(t: Tensor<Cuda, D>) -> CubeTensor<CudaRuntime> {
-    burn_cubecl::kernel::into_contiguous(t.into_primitive().tensor())
+    of_dtype(t.into_primitive().tensor(), DType::F32)
 }
 
-/// The contiguous cubecl tensor behind a burn int tensor.
+/// The contiguous cubecl tensor behind a burn int tensor; the kernels read i32.
 pub(super) fn int<const D: usize>(t: Tensor<Cuda, D, Int>) -> CubeTensor<CudaRuntime> {
-    burn_cubecl::kernel::into_contiguous(t.into_primitive())
+    of_dtype(t.into_primitive(), DType::I32)
+}
+
+fn of_dtype(t: CubeTensor<CudaRuntime>, dtype: DType) -> CubeTensor<CudaRuntime> {
+    assert_eq!(
+        t.dtype, dtype,
+        "dtopp's CUDA kernels read {dtype:?} tensors (the model keeps f32 values and i32 indices)"
+    );
+    burn_cubecl::kernel::into_contiguous(t)
 }
 
 /// A new dense row-major tensor for a kernel to fill, on `like`'s client. Not
@@ -246,12 +294,8 @@ mod tests {
     /// memory (cubecl's dynamic shared memory) is zero, as the kernels' is all static.
     #[test]
     fn the_compiled_kernel_is_the_module_text_and_an_empty_ir() {
-        let kernel = CudaSource {
-            file: "select.cu",
-            source: dtopp_cuda::source::SELECT,
-            entry: "top_p",
-            threads: 256,
-        };
+        const SELECT: CudaModule = CudaModule::new("select.cu", dtopp_cuda::source::SELECT);
+        let kernel = SELECT.kernel("top_p", 256);
         let compiled = kernel
             .compile(
                 &mut Default::default(),
@@ -274,12 +318,26 @@ mod tests {
         );
         assert_eq!(compiled.cube_dim, CubeDim::new_1d(256));
         assert_eq!(compiled.repr.map(|r| r.shared_memory_size()), Some(0));
-        // One cache entry per (module, entry, block).
-        let other = CudaSource {
-            entry: "top_k",
-            ..kernel
-        };
+        // One cache entry per (module, its text, entry, block).
+        let other = SELECT.kernel("top_k", 256);
+        let edited = CudaModule::new("select.cu", "// another text").kernel("top_p", 256);
         assert_ne!(kernel.id(), other.id());
-        assert_eq!(kernel.id(), kernel.id());
+        assert_ne!(kernel.id(), edited.id(), "the text is in the key");
+        assert_eq!(kernel.id(), SELECT.kernel("top_p", 256).id());
+    }
+
+    /// The scalars go as the static metadata block (passed by value after the buffers),
+    /// with no dynamic part (which cubecl-cuda would pass as an extra buffer first).
+    #[test]
+    fn the_scalars_are_one_static_metadata_block() {
+        let dims = dtopp_cuda::SelectDims {
+            tokens: 7,
+            experts: 5,
+            k: 2,
+        };
+        let info = metadata(&dims);
+        assert_eq!(info.data, dtopp_cuda::params::words(&dims));
+        assert_eq!(info.data.len(), 2);
+        assert_eq!(info.dynamic_metadata_offset, info.data.len());
     }
 }
