@@ -181,12 +181,6 @@ impl TrainArgs {
             Backend::CpuReference => Err(super::reference_runs_no_model()),
             #[cfg(feature = "wgpu")]
             Backend::Wgpu => Ok(DeviceSpec::Wgpu(super::devices::WgpuSpec::Default)),
-            #[cfg(not(feature = "wgpu"))]
-            Backend::Wgpu => Err(crate::error::Error::param(
-                "--backend",
-                "wgpu",
-                "a backend in this build (it was built without the wgpu feature)",
-            )),
             Backend::Cuda => Ok(DeviceSpec::Cuda(0)),
         }
     }
