@@ -120,7 +120,12 @@ fn kernels_on_burn_buffers_compile_as_cubecl_compiles_them() {
         return;
     }
     // (file, text, [(entry, buffers)], bytes of the scalar struct)
-    type Launched = (&'static str, &'static str, &'static [(&'static str, usize)], usize);
+    type Launched = (
+        &'static str,
+        &'static str,
+        &'static [(&'static str, usize)],
+        usize,
+    );
     let launched: [Launched; 3] = [
         (
             "grouped_matmul.cu",

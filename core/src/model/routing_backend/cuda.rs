@@ -11,10 +11,11 @@ use burn_cubecl::cubecl::cuda::CudaRuntime;
 use burn_cubecl::tensor::CubeTensor;
 use dtopp_cuda::{PLAN_CHUNK, PlanDims, SelectDims};
 
-use super::cuda_launch::{CudaModule, float, int, int_tensor, launch, output, usable};
+use super::cuda_launch::{CudaModule, float, int, int_tensor, kernels_on, launch, output, usable};
 use super::device_plan::DevicePlan;
 use super::{RoutingBackend, mask_and_rank, within};
 use crate::error::Result;
+use crate::model::device_routing::{route_on_device, select_ranked};
 use crate::model::route::Route;
 use crate::model::routing::Selector;
 use crate::ops::RouteShape;
@@ -29,6 +30,9 @@ const DISPATCH: CudaModule = CudaModule::new("dispatch.cu", dtopp_cuda::source::
 
 impl RoutingBackend for Cuda {
     fn routing_name(device: &Self::Device) -> String {
+        if !kernels_on() {
+            return "burn tensor ops on the model's device (DTOPP_CUDA_KERNELS=off: dtopp's CUDA kernels unused, grouped products read the offsets back)".to_string();
+        }
         match usable(device) {
             Ok(()) => format!(
                 "dtopp CUDA kernels (select.cu, dispatch.cu, grouped_matmul.cu) on burn-cuda's buffers, on its stream (device {})",
@@ -44,6 +48,9 @@ impl RoutingBackend for Cuda {
         selector: Selector,
         threshold: Option<Tensor<Self, 1>>,
     ) -> Result<Route<Self>> {
+        if !kernels_on() {
+            return route_on_device(probs, logits, selector, threshold);
+        }
         let [n, e] = probs.dims();
         let selector = within(selector, e);
         let k_bound = match selector {
@@ -108,6 +115,9 @@ impl RoutingBackend for Cuda {
         selector: Selector,
         threshold: Option<Tensor<Self, 1>>,
     ) -> Result<(Tensor<Self, 2, Int>, Tensor<Self, 2, Int>)> {
+        if !kernels_on() {
+            return select_ranked(probs, selector, threshold);
+        }
         let e = probs.dims()[1];
         let sel = Selected::new(probs, within(selector, e), threshold)?;
         Ok(mask_and_rank(

@@ -11,8 +11,11 @@ use burn::backend::Cuda;
 use burn::tensor::{DType, Int, Tensor};
 use dtopp_cuda::GroupedDims;
 
-use super::cuda_launch::{CudaModule, float, float_tensor, int, launch, or_panic, output};
+use super::cuda_launch::{
+    CudaModule, float, float_tensor, int, kernels_on, launch, or_panic, output,
+};
 use crate::model::grouped_matmul::GroupedMatmulBackend;
+use crate::model::grouped_offsets::{through_host, weight_grad_through_host};
 use crate::model::precision::Precision;
 
 /// Rows and columns of a block's output tile (`TILE` in grouped_matmul.cu).
@@ -32,6 +35,9 @@ impl GroupedMatmulBackend for Cuda {
         transposed: bool,
         precision: Precision,
     ) -> Tensor<Self, 2> {
+        if !kernels_on() {
+            return through_host(xs, w, offsets, transposed, precision);
+        }
         let device = xs.device();
         let [rows, inner] = xs.dims();
         let [experts, a, b] = w.dims();
@@ -90,8 +96,11 @@ impl GroupedMatmulBackend for Cuda {
         grad: Tensor<Self, 2>,
         dims: [usize; 3],
         offsets: Tensor<Self, 1, Int>,
-        _precision: Precision,
+        precision: Precision,
     ) -> Tensor<Self, 3> {
+        if !kernels_on() {
+            return weight_grad_through_host(xs, grad, dims, offsets, precision);
+        }
         let device = xs.device();
         let [experts, inner, cols] = dims;
         let rows = xs.dims()[0];

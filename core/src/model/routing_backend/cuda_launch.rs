@@ -19,7 +19,7 @@
 //! as the last parameter: the kernels' scalar struct (`dtopp_cuda::params`), with no
 //! dynamic part ([`metadata`]).
 
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Mutex, OnceLock, PoisonError};
 
 use burn::backend::Cuda;
 use burn::backend::cuda::CudaDevice;
@@ -205,6 +205,32 @@ fn metadata<P: bytemuck::Pod>(params: &P) -> MetadataBindingInfo {
     MetadataBindingInfo::new(words, end)
 }
 
+/// Whether dtopp's CUDA kernels run on burn-cuda's buffers: yes, unless the environment
+/// says `DTOPP_CUDA_KERNELS=off`. Off, burn-cuda routes with the routing extension's
+/// default methods (burn tensor ops) and the grouped products read the offsets back, as
+/// before these launches existed; the log says so ([`super::RoutingBackend::routing_name`]).
+/// The switch is there because these launches have not yet run on a GPU (no GPU was lent
+/// to the sessions that wrote them): a user whose GPU rejects them can still train.
+pub(super) fn kernels_on() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| match std::env::var("DTOPP_CUDA_KERNELS") {
+        Err(_) => true,
+        Ok(given) => parse_switch(&given).unwrap_or_else(|| {
+            eprintln!("DTOPP_CUDA_KERNELS={given} ignored: want on or off; using on");
+            true
+        }),
+    })
+}
+
+/// `on`/`1` or `off`/`0` (any case), else `None`.
+fn parse_switch(given: &str) -> Option<bool> {
+    match given.trim().to_ascii_lowercase().as_str() {
+        "on" | "1" => Some(true),
+        "off" | "0" => Some(false),
+        _ => None,
+    }
+}
+
 /// Whether dtopp's kernels run on `device` (its compute capability, once per device):
 /// an error naming the device and what it lacks.
 pub(super) fn usable(device: &CudaDevice) -> Result<()> {
@@ -324,6 +350,16 @@ mod tests {
         assert_ne!(kernel.id(), other.id());
         assert_ne!(kernel.id(), edited.id(), "the text is in the key");
         assert_eq!(kernel.id(), SELECT.kernel("top_p", 256).id());
+    }
+
+    #[test]
+    fn the_kernel_switch_takes_on_and_off() {
+        assert_eq!(parse_switch("off"), Some(false));
+        assert_eq!(parse_switch(" OFF "), Some(false));
+        assert_eq!(parse_switch("0"), Some(false));
+        assert_eq!(parse_switch("on"), Some(true));
+        assert_eq!(parse_switch("1"), Some(true));
+        assert_eq!(parse_switch("no"), None);
     }
 
     /// The scalars go as the static metadata block (passed by value after the buffers),
