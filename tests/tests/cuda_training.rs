@@ -8,10 +8,22 @@
 
 use std::path::Path;
 
-use dtopp_tests::{cuda_or_skip, read_metrics, train_tiny};
+use dtopp_tests::{cuda_or_skip, dtopp_binary, read_metrics, train_tiny};
 
 fn train(out: &Path, extra: &[&str]) -> std::process::Output {
     train_tiny(out, 8, extra)
+}
+
+/// As [`train`], with the log (not `--quiet`) and `env` set.
+fn train_logged(out: &Path, extra: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let out = out.display().to_string();
+    let mut args = vec!["train", "--preset", "tiny", "--steps", "8", "--out", &out];
+    args.extend_from_slice(extra);
+    std::process::Command::new(dtopp_binary())
+        .args(&args)
+        .envs(env.iter().copied())
+        .output()
+        .expect("dtopp runs")
 }
 
 #[test]
@@ -36,8 +48,11 @@ fn cuda_training_follows_the_cpu_run_or_names_what_is_missing() {
     let reference = read_metrics(&cpu);
     // Tolerances: another summation order on another device is close, not equal; bf16
     // products (8 mantissa bits) move the loss further.
+    // `DTOPP_CUDA_KERNELS=off`: burn tensor ops instead of dtopp's kernels, as before them.
+    let off = [("DTOPP_CUDA_KERNELS", "off")];
     for (name, extra, tolerance) in [
         ("cuda", &["--backend", "cuda"][..], (1e-2, 0.1)),
+        ("cuda-kernels-off", &["--backend", "cuda"][..], (1e-2, 0.1)),
         (
             "cuda-exact",
             &["--backend", "cuda", "--layout", "exact"][..],
@@ -68,22 +83,29 @@ fn cuda_training_follows_the_cpu_run_or_names_what_is_missing() {
         ),
     ] {
         let dir = root.join(name);
-        let out = train(&dir, extra);
+        let env: &[(&str, &str)] = if name == "cuda-kernels-off" {
+            &off
+        } else {
+            &[]
+        };
+        let out = train_logged(&dir, extra, env);
         assert!(
             out.status.success(),
             "{name}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        let log = String::from_utf8_lossy(&out.stderr);
         if name == "cuda" {
-            let log = format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
             assert!(
                 log.contains("dtopp CUDA kernels")
                     && log.contains("grouped products reading the offsets on the device"),
                 "the default CUDA run routes with dtopp's kernels on burn's buffers: {log}"
+            );
+        }
+        if name == "cuda-kernels-off" {
+            assert!(
+                log.contains("DTOPP_CUDA_KERNELS=off") && !log.contains("dtopp CUDA kernels"),
+                "the switch is logged: {log}"
             );
         }
         let got = read_metrics(&dir);

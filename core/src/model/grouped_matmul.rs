@@ -59,8 +59,12 @@ pub trait GroupedMatmulBackend: Backend {
     }
 
     /// Whether [`GroupedMatmulBackend::grouped_matmul_on_device`] reads the offsets on
-    /// the device (dtopp's kernel); otherwise it reads them back and slices.
-    const DEVICE_OFFSETS: bool = false;
+    /// the device (dtopp's kernel) in this process; otherwise it reads them back and
+    /// slices. A function, not a constant: CUDA's kernels can be switched off at run time
+    /// (`DTOPP_CUDA_KERNELS=off`).
+    fn device_offsets() -> bool {
+        false
+    }
 
     /// [`GroupedMatmulBackend::grouped_matmul`] with the `E + 1` offsets on the device
     /// and `xs`'s row count a bound on the routes: rows from `offsets[E]` on are zero.
@@ -284,7 +288,9 @@ fn tracked<B: GroupedMatmulBackend, C: CheckpointStrategy>(
 }
 
 impl<B: GroupedMatmulBackend, C: CheckpointStrategy> GroupedMatmulBackend for Autodiff<B, C> {
-    const DEVICE_OFFSETS: bool = B::DEVICE_OFFSETS;
+    fn device_offsets() -> bool {
+        B::device_offsets()
+    }
 
     fn grouped_matmul_on_device(
         xs: Tensor<Self, 2>,

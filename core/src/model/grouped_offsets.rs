@@ -1,6 +1,6 @@
 //! The experts' grouped products with their row offsets on the device: the grouped
 //! layout's products ([`super::ExpertLayout::Grouped`]), forward and backward, with no
-//! host read where the backend has the kernel ([`GroupedMatmulBackend::DEVICE_OFFSETS`]).
+//! host read where the backend has the kernel ([`GroupedMatmulBackend::device_offsets`]).
 //!
 //! Why a second entry point beside the host-offset one: burn's matrix products take
 //! every shape from the host, so slicing rows per expert needs the offsets there, one

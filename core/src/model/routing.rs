@@ -51,7 +51,7 @@ impl ExpertLayout {
     pub fn preferred_on<B: RoutingBackend>() -> Self {
         if B::HOST_MEMORY {
             ExpertLayout::Exact
-        } else if B::DEVICE_OFFSETS {
+        } else if B::device_offsets() {
             ExpertLayout::Grouped
         } else {
             ExpertLayout::Padded
@@ -78,7 +78,7 @@ impl ExpertLayout {
         let layout = match self {
             ExpertLayout::Exact => "experts on exact slices (the plan's head read per layer)",
             ExpertLayout::Padded => "experts in padded buffers (nothing read per layer)",
-            ExpertLayout::Grouped if B::DEVICE_OFFSETS => {
+            ExpertLayout::Grouped if B::device_offsets() => {
                 "experts on their exact rows, grouped products reading the offsets on the device (nothing read per layer)"
             }
             ExpertLayout::Grouped => {

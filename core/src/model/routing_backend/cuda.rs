@@ -31,7 +31,7 @@ const DISPATCH: CudaModule = CudaModule::new("dispatch.cu", dtopp_cuda::source::
 impl RoutingBackend for Cuda {
     fn routing_name(device: &Self::Device) -> String {
         if !kernels_on() {
-            return "burn tensor ops on the model's device (DTOPP_CUDA_KERNELS=off: dtopp's CUDA kernels unused, grouped products read the offsets back)".to_string();
+            return "burn tensor ops on the model's device (DTOPP_CUDA_KERNELS=off: dtopp's CUDA kernels unused)".to_string();
         }
         match usable(device) {
             Ok(()) => format!(

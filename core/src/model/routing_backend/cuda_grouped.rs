@@ -26,7 +26,9 @@ const GRID_YZ_MAX: usize = 65_535;
 const MODULE: CudaModule = CudaModule::new("grouped_matmul.cu", dtopp_cuda::source::GROUPED_MATMUL);
 
 impl GroupedMatmulBackend for Cuda {
-    const DEVICE_OFFSETS: bool = true;
+    fn device_offsets() -> bool {
+        kernels_on()
+    }
 
     fn grouped_matmul_on_device(
         xs: Tensor<Self, 2>,

@@ -207,8 +207,8 @@ fn metadata<P: bytemuck::Pod>(params: &P) -> MetadataBindingInfo {
 
 /// Whether dtopp's CUDA kernels run on burn-cuda's buffers: yes, unless the environment
 /// says `DTOPP_CUDA_KERNELS=off`. Off, burn-cuda routes with the routing extension's
-/// default methods (burn tensor ops) and the grouped products read the offsets back, as
-/// before these launches existed; the log says so ([`super::RoutingBackend::routing_name`]).
+/// default methods (burn tensor ops), the grouped products read the offsets back and the
+/// default layout is padded, as before these launches existed; the log says so ([`super::RoutingBackend::routing_name`]).
 /// The switch is there because these launches have not yet run on a GPU (no GPU was lent
 /// to the sessions that wrote them): a user whose GPU rejects them can still train.
 pub(super) fn kernels_on() -> bool {

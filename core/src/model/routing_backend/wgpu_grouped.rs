@@ -16,7 +16,9 @@ use crate::model::grouped_offsets::{through_host, weight_grad_through_host};
 use crate::model::precision::Precision;
 
 impl GroupedMatmulBackend for Wgpu {
-    const DEVICE_OFFSETS: bool = true;
+    fn device_offsets() -> bool {
+        true
+    }
 
     fn grouped_matmul_on_device(
         xs: Tensor<Self, 2>,
