@@ -33,7 +33,7 @@ pub(crate) struct TrainBenchArgs {
     #[arg(long, value_enum, default_value_t = Backend::Cpu)]
     backend: Backend,
     /// The layout of the experts' rows (as `dtopp train --layout`; default: exact on
-    /// the CPU, grouped on wgpu, padded on cuda).
+    /// the CPU, grouped on wgpu and cuda).
     #[arg(long, value_enum)]
     layout: Option<ExpertLayout>,
     /// The dtype of the large matrix products (as `dtopp train --precision`).

@@ -52,9 +52,10 @@ pub(crate) struct TrainArgs {
     /// buffers sized from the previous step). With `grouped` and `padded` the PI
     /// controller runs on the device, the host reads once per step, and an outgrown
     /// micro-batch runs again, so nothing is dropped. Default: exact on the CPU,
-    /// grouped on wgpu, padded on cuda. All select
+    /// grouped on wgpu and cuda. All select
     /// with the backend's routing ops on the model's own tensors (dtopp's WGSL kernels
-    /// on burn-wgpu's buffers, the fast CPU ops on ndarray). See docs/benchmarks.md.
+    /// on burn-wgpu's buffers, its CUDA kernels on burn-cuda's, the fast CPU ops on
+    /// ndarray). See docs/benchmarks.md.
     #[arg(long, value_enum)]
     layout: Option<ExpertLayout>,
     /// Data-parallel training, one rank per device: `cuda:0,cuda:1`, `wgpu:0,wgpu:1`
