@@ -19,7 +19,7 @@ use cudarc::nvrtc::{CompileOptions, Ptx, compile_ptx_with_opts};
 
 use crate::GemmPrecision;
 use crate::error::CudaError;
-use crate::params::{GroupedDims, PLAN_CHUNK, PlanDims, SelectDims};
+use crate::params::{GroupedDims, PlanDims, SelectDims};
 use crate::source::MODULES;
 
 /// Warps per block of the warp-per-token kernels (`WARPS` in drn.cu / select.cu).
@@ -148,35 +148,42 @@ pub fn compiled_modules() -> Result<&'static [(&'static str, Ptx)], CudaError> {
     }
 }
 
+/// An error naming the driver unless libcuda can be loaded.
+fn require_driver() -> Result<(), CudaError> {
+    if driver_present() {
+        return Ok(());
+    }
+    Err(CudaError::MissingLibrary {
+        library: "the NVIDIA driver (libcuda)",
+        hint: "this machine has no NVIDIA driver; use --backend wgpu or cpu",
+    })
+}
+
+/// Device `ordinal`'s context (the driver's primary one, which burn-cuda shares).
+fn context(ordinal: usize) -> Result<Arc<CudaContext>, CudaError> {
+    CudaContext::new(ordinal).map_err(|e| CudaError::NoDevice {
+        ordinal,
+        message: e.to_string(),
+    })
+}
+
+/// [`context`], after [`require_driver`].
+fn open(ordinal: usize) -> Result<Arc<CudaContext>, CudaError> {
+    require_driver()?;
+    context(ordinal)
+}
+
 /// Free and total bytes of device `ordinal`'s memory, as the driver reports them (for
 /// refusing a training run that cannot fit before anything is allocated).
 pub fn device_memory(ordinal: usize) -> Result<(u64, u64), CudaError> {
-    if !driver_present() {
-        return Err(CudaError::MissingLibrary {
-            library: "the NVIDIA driver (libcuda)",
-            hint: "this machine has no NVIDIA driver; use --backend wgpu or cpu",
-        });
-    }
-    let ctx = CudaContext::new(ordinal).map_err(|e| CudaError::NoDevice {
-        ordinal,
-        message: e.to_string(),
-    })?;
+    let ctx = open(ordinal)?;
     let (free, total) = ctx.mem_get_info().map_err(driver("memory info"))?;
     Ok((free as u64, total as u64))
 }
 
 /// Device `ordinal`'s compute capability (major, minor), as the driver reports it.
 pub fn compute_capability(ordinal: usize) -> Result<(u32, u32), CudaError> {
-    if !driver_present() {
-        return Err(CudaError::MissingLibrary {
-            library: "the NVIDIA driver (libcuda)",
-            hint: "this machine has no NVIDIA driver; use --backend wgpu or cpu",
-        });
-    }
-    let ctx = CudaContext::new(ordinal).map_err(|e| CudaError::NoDevice {
-        ordinal,
-        message: e.to_string(),
-    })?;
+    let ctx = open(ordinal)?;
     let (major, minor) = ctx
         .compute_capability()
         .map_err(driver("compute capability"))?;
@@ -203,12 +210,7 @@ impl CudaKernels {
     /// Opens device `ordinal` and loads the kernels (compiled once per process). Without
     /// a driver, NVRTC or the device, an error says which is missing.
     pub fn new(ordinal: usize) -> Result<Self, CudaError> {
-        if !driver_present() {
-            return Err(CudaError::MissingLibrary {
-                library: "the NVIDIA driver (libcuda)",
-                hint: "this machine has no NVIDIA driver; use --backend wgpu or cpu",
-            });
-        }
+        require_driver()?;
         let modules = compiled_modules()?;
         let count = CudaContext::device_count().map_err(driver("device count"))?;
         if ordinal >= usize::try_from(count).unwrap_or(0) {
@@ -217,10 +219,7 @@ impl CudaKernels {
                 message: format!("the driver reports {count} device(s)"),
             });
         }
-        let ctx = CudaContext::new(ordinal).map_err(|e| CudaError::NoDevice {
-            ordinal,
-            message: e.to_string(),
-        })?;
+        let ctx = context(ordinal)?;
         let name = ctx.name().map_err(driver("device name"))?;
         let stream = ctx.default_stream();
         let mut functions = HashMap::new();
@@ -442,11 +441,7 @@ impl CudaKernels {
         k_max: Option<usize>,
     ) -> Result<SelectionBuffers, CudaError> {
         let out = self.selection_buffers(tokens, experts)?;
-        let dims = SelectDims {
-            tokens: tokens as u32,
-            experts: experts as u32,
-            k: k_max.unwrap_or(0) as u32,
-        };
+        let dims = SelectDims::new(tokens, experts, k_max.unwrap_or(0));
         let mut b = self.stream.launch_builder(self.function("top_p"));
         b.arg(&*probs.slice)
             .arg(&*threshold.slice)
@@ -528,11 +523,7 @@ impl CudaKernels {
         k: usize,
     ) -> Result<SelectionBuffers, CudaError> {
         let out = self.selection_buffers(tokens, experts)?;
-        let dims = SelectDims {
-            tokens: tokens as u32,
-            experts: experts as u32,
-            k: k as u32,
-        };
+        let dims = SelectDims::new(tokens, experts, k);
         let mut b = self.stream.launch_builder(self.function("top_k"));
         b.arg(&*probs.slice)
             .arg(&*out.experts.slice)
@@ -555,7 +546,8 @@ impl CudaKernels {
         experts: usize,
         capacity: usize,
     ) -> Result<DispatchBuffers, CudaError> {
-        let chunks = tokens.div_ceil(PLAN_CHUNK);
+        let dims = PlanDims::new(tokens, experts);
+        let chunks = dims.num_chunks as usize;
         let table = self.zeros("chunk offsets", chunks * experts)?;
         let plan = DispatchBuffers {
             expert_counts: self.zeros("expert counts", experts)?,
@@ -563,12 +555,6 @@ impl CudaKernels {
             route_tokens: self.zeros("route tokens", capacity)?,
             route_weights: self.zeros("route weights", capacity)?,
             token_routes: self.zeros("token routes", tokens * experts)?,
-        };
-        let dims = PlanDims {
-            tokens: tokens as u32,
-            experts: experts as u32,
-            chunk: PLAN_CHUNK as u32,
-            num_chunks: chunks as u32,
         };
         let mut b = self.stream.launch_builder(self.function("plan_count"));
         b.arg(&*experts_sel.slice)
@@ -692,13 +678,7 @@ impl CudaKernels {
             block_dim: (threads, 1, 1),
             shared_mem_bytes: 0,
         };
-        let dims = GroupedDims {
-            rows: rows as u32,
-            inner: inner as u32,
-            cols: cols as u32,
-            experts: experts as u32,
-            transposed: u32::from(transposed),
-        };
+        let dims = GroupedDims::new([rows, inner, cols, experts], transposed);
         let mut b = self.stream.launch_builder(self.function(kernel));
         b.arg(&*offsets.slice)
             .arg(&*x.slice)
@@ -741,13 +721,7 @@ impl CudaKernels {
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        let dims = GroupedDims {
-            rows: rows as u32,
-            inner: inner as u32,
-            cols: cols as u32,
-            experts: experts as u32,
-            transposed: 0,
-        };
+        let dims = GroupedDims::new([rows, inner, cols, experts], false);
         let kernel = "grouped_weight_grad_f32";
         let mut b = self.stream.launch_builder(self.function(kernel));
         b.arg(&*offsets.slice)

@@ -24,6 +24,19 @@ pub struct GroupedDims {
     pub transposed: u32,
 }
 
+impl GroupedDims {
+    /// `[rows, inner, cols, experts]`, `w` read transposed or not.
+    pub fn new([rows, inner, cols, experts]: [usize; 4], transposed: bool) -> Self {
+        Self {
+            rows: rows as u32,
+            inner: inner as u32,
+            cols: cols as u32,
+            experts: experts as u32,
+            transposed: u32::from(transposed),
+        }
+    }
+}
+
 /// `SelectDims`: a selection's shape and count.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
@@ -34,6 +47,17 @@ pub struct SelectDims {
     pub experts: u32,
     /// Top-k's `k`, or Top-p's cap on experts per token (0: none).
     pub k: u32,
+}
+
+impl SelectDims {
+    /// `tokens` x `experts`, taking `k` (Top-k's `k`, or Top-p's cap, 0 for none).
+    pub fn new(tokens: usize, experts: usize, k: usize) -> Self {
+        Self {
+            tokens: tokens as u32,
+            experts: experts as u32,
+            k: k as u32,
+        }
+    }
 }
 
 /// Tokens per chunk of the dispatch plan, as its launchers split the tokens.
@@ -51,6 +75,18 @@ pub struct PlanDims {
     pub chunk: u32,
     /// Chunks (`ceil(N / chunk)`).
     pub num_chunks: u32,
+}
+
+impl PlanDims {
+    /// The plan of `tokens` x `experts`, in chunks of [`PLAN_CHUNK`] tokens.
+    pub fn new(tokens: usize, experts: usize) -> Self {
+        Self {
+            tokens: tokens as u32,
+            experts: experts as u32,
+            chunk: PLAN_CHUNK as u32,
+            num_chunks: tokens.div_ceil(PLAN_CHUNK) as u32,
+        }
+    }
 }
 
 /// `params`' bytes in 8-byte words, zero padded: the form cubecl's launch arguments carry

@@ -7,14 +7,23 @@
 use dtopp_cuda::source::MODULES;
 use dtopp_cuda::{compiled_modules, nvrtc_present};
 
+/// Whether NVRTC can be loaded; if not, says the test is skipped, or fails where
+/// DTOPP_REQUIRE_NVRTC=1 (CI).
+fn nvrtc_or_skip() -> bool {
+    if nvrtc_present() {
+        return true;
+    }
+    assert!(
+        std::env::var("DTOPP_REQUIRE_NVRTC").as_deref() != Ok("1"),
+        "NVRTC is required (DTOPP_REQUIRE_NVRTC=1) but libnvrtc could not be loaded"
+    );
+    eprintln!("SKIPPED: libnvrtc could not be loaded (LD_LIBRARY_PATH)");
+    false
+}
+
 #[test]
 fn every_kernel_compiles_with_nvrtc() {
-    if !nvrtc_present() {
-        assert!(
-            std::env::var("DTOPP_REQUIRE_NVRTC").as_deref() != Ok("1"),
-            "NVRTC is required (DTOPP_REQUIRE_NVRTC=1) but libnvrtc could not be loaded"
-        );
-        eprintln!("SKIPPED NVRTC compile test: libnvrtc could not be loaded (LD_LIBRARY_PATH)");
+    if !nvrtc_or_skip() {
         return;
     }
     let modules = compiled_modules().unwrap_or_else(|e| panic!("{e}"));
@@ -43,8 +52,7 @@ fn without_a_driver_the_backend_says_what_is_missing() {
 /// promote (indexed by a run-time value) would show up as a `.local` stack in the PTX.
 #[test]
 fn fused_routing_kernels_keep_rows_in_registers() {
-    if !nvrtc_present() {
-        eprintln!("SKIPPED: libnvrtc could not be loaded (LD_LIBRARY_PATH)");
+    if !nvrtc_or_skip() {
         return;
     }
     let modules = compiled_modules().unwrap_or_else(|e| panic!("{e}"));
@@ -70,12 +78,7 @@ fn fused_routing_kernels_keep_rows_in_registers() {
 /// it could not index statically.
 #[test]
 fn grouped_matmul_kernels_use_no_local_memory() {
-    if !nvrtc_present() {
-        assert!(
-            std::env::var("DTOPP_REQUIRE_NVRTC").as_deref() != Ok("1"),
-            "NVRTC is required (DTOPP_REQUIRE_NVRTC=1) but libnvrtc could not be loaded"
-        );
-        eprintln!("SKIPPED: libnvrtc could not be loaded (LD_LIBRARY_PATH)");
+    if !nvrtc_or_skip() {
         return;
     }
     let modules = compiled_modules().unwrap_or_else(|e| panic!("{e}"));
@@ -111,12 +114,7 @@ fn grouped_matmul_kernels_use_no_local_memory() {
 #[test]
 fn kernels_on_burn_buffers_compile_as_cubecl_compiles_them() {
     use dtopp_cuda::{GroupedDims, PlanDims, SelectDims};
-    if !nvrtc_present() {
-        assert!(
-            std::env::var("DTOPP_REQUIRE_NVRTC").as_deref() != Ok("1"),
-            "NVRTC is required (DTOPP_REQUIRE_NVRTC=1) but libnvrtc could not be loaded"
-        );
-        eprintln!("SKIPPED: libnvrtc could not be loaded (LD_LIBRARY_PATH)");
+    if !nvrtc_or_skip() {
         return;
     }
     // (file, text, [(entry, buffers)], bytes of the scalar struct)

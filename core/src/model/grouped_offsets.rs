@@ -10,6 +10,7 @@
 //! and slice (free on the CPU, where tensors live in host memory). The autodiff op is
 //! the host-offset one's (`grouped_matmul.rs`), holding the offsets where they are.
 
+use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 
 use super::device_routing::read_ints;
@@ -26,6 +27,48 @@ pub fn grouped_on_device<B: GroupedMatmulBackend>(
     precision: Precision,
 ) -> Tensor<B, 2> {
     B::grouped_matmul_on_device(xs, w, offsets.clone(), false, precision)
+}
+
+/// `[rows, inner, cols, experts]` of a grouped product on the device
+/// ([`GroupedMatmulBackend::grouped_matmul_on_device`]), checked: `w` is `[E, inner, cols]`,
+/// or `[E, cols, inner]` read transposed, and there are `E + 1` offsets.
+pub(crate) fn product_dims<B: Backend>(
+    xs: &Tensor<B, 2>,
+    w: &Tensor<B, 3>,
+    offsets: &Tensor<B, 1, Int>,
+    transposed: bool,
+) -> [usize; 4] {
+    let [rows, inner] = xs.dims();
+    let [experts, a, b] = w.dims();
+    let cols = if transposed { a } else { b };
+    assert_eq!(
+        if transposed { b } else { a },
+        inner,
+        "grouped product: rows of width {inner} against experts' matrices {:?}{}",
+        w.dims(),
+        if transposed { " transposed" } else { "" }
+    );
+    assert_eq!(
+        offsets.dims()[0],
+        experts + 1,
+        "grouped product: E + 1 offsets"
+    );
+    [rows, inner, cols, experts]
+}
+
+/// The output of a grouped product with nothing to multiply, for the kernels to skip:
+/// an empty one, or zeros where the rows have no width or there is no expert.
+pub(crate) fn trivial_product<B: Backend>(
+    [rows, inner, cols, experts]: [usize; 4],
+    device: &B::Device,
+) -> Option<Tensor<B, 2>> {
+    if rows * cols == 0 {
+        Some(Tensor::empty([rows, cols], device))
+    } else if inner == 0 || experts == 0 {
+        Some(Tensor::zeros([rows, cols], device))
+    } else {
+        None
+    }
 }
 
 /// The host's copy of device offsets, for the backends that slice (a read-back),

@@ -55,19 +55,12 @@ impl LayerBounds {
                 tokens,
                 experts,
             ))),
-            ExpertLayout::Grouped => {
-                let k_bound = match selector {
-                    Selector::TopK(k) => k,
-                    Selector::TopP { k_max, .. } => k_max.unwrap_or(experts),
-                }
-                .clamp(1, experts.max(1));
-                Some(LayerBounds::Grouped(RowBound::after(
-                    needs.routes,
-                    needs.max_k,
-                    tokens,
-                    k_bound,
-                )))
-            }
+            ExpertLayout::Grouped => Some(LayerBounds::Grouped(RowBound::after(
+                needs.routes,
+                needs.max_k,
+                tokens,
+                selector.k_bound(experts),
+            ))),
         }
     }
 

@@ -20,6 +20,18 @@ pub enum Selector {
     },
 }
 
+impl Selector {
+    /// The most experts a token can take among `experts`: Top-k's `k`, or Top-p's cap,
+    /// else E; at least 1 (the device plans size their route arrays by `N` times it).
+    pub fn k_bound(self, experts: usize) -> usize {
+        match self {
+            Selector::TopK(k) => k,
+            Selector::TopP { k_max, .. } => k_max.unwrap_or(experts),
+        }
+        .clamp(1, experts.max(1))
+    }
+}
+
 /// How the routed rows are laid out for the experts' products. The layouts make the
 /// same selection and the same outputs (`tests/tests/bounded_layouts.rs`); they differ in
 /// what the host must know, and so in how often it waits for the device.

@@ -9,7 +9,7 @@ use burn::backend::cuda::CudaDevice;
 use burn::tensor::{DType, Int, Tensor};
 use burn_cubecl::cubecl::cuda::CudaRuntime;
 use burn_cubecl::tensor::CubeTensor;
-use dtopp_cuda::{PLAN_CHUNK, PlanDims, SelectDims};
+use dtopp_cuda::{PlanDims, SelectDims};
 
 use super::cuda_launch::{CudaModule, float, int, int_tensor, kernels_on, launch, output, usable};
 use super::device_plan::DevicePlan;
@@ -52,13 +52,10 @@ impl RoutingBackend for Cuda {
             return route_on_device(probs, logits, selector, threshold);
         }
         let [n, e] = probs.dims();
-        let selector = within(selector, e);
-        let k_bound = match selector {
-            Selector::TopK(k) => k,
-            Selector::TopP { k_max, .. } => k_max.unwrap_or(e),
-        };
+        let k_bound = selector.k_bound(e);
         let sel = Selected::new(probs, selector, threshold)?;
-        let chunks = n.div_ceil(PLAN_CHUNK);
+        let dims = PlanDims::new(n, e);
+        let chunks = dims.num_chunks as usize;
         let like = &sel.experts;
         let table = output(like, [chunks * e], DType::U32);
         let expert_counts = output(like, [e], DType::I32);
@@ -66,12 +63,6 @@ impl RoutingBackend for Cuda {
         let route_tokens = output(like, [(n * k_bound).max(1)], DType::I32);
         let route_weights = output(like, [(n * k_bound).max(1)], DType::F32);
         let token_routes = output(like, [n, e], DType::I32);
-        let dims = PlanDims {
-            tokens: n as u32,
-            experts: e as u32,
-            chunk: PLAN_CHUNK as u32,
-            num_chunks: chunks as u32,
-        };
         let chunk_grid = [chunks.div_ceil(PLAN_THREADS) as u32, 1, 1];
         launch(
             DISPATCH.kernel("plan_count", PLAN_THREADS as u32),
@@ -118,8 +109,7 @@ impl RoutingBackend for Cuda {
         if !kernels_on() {
             return select_ranked(probs, selector, threshold);
         }
-        let e = probs.dims()[1];
-        let sel = Selected::new(probs, within(selector, e), threshold)?;
+        let sel = Selected::new(probs, selector, threshold)?;
         Ok(mask_and_rank(
             int_tensor(sel.experts),
             int_tensor(sel.counts),
@@ -140,7 +130,8 @@ struct Selected {
 }
 
 impl Selected {
-    /// Top-p (at `threshold` on the device, else the selector's) or Top-k of `probs`.
+    /// Top-p (at `threshold` on the device, else the selector's) or Top-k of `probs`,
+    /// counts capped at E.
     fn new(
         probs: Tensor<Cuda, 2>,
         selector: Selector,
@@ -150,6 +141,7 @@ impl Selected {
         usable(&device)?;
         let [n, e] = probs.dims();
         RouteShape::new(n, e)?;
+        let selector = within(selector, e);
         let probs = float(probs);
         let out = Self {
             experts: output(&probs, [n, e], DType::I32),
@@ -162,11 +154,7 @@ impl Selected {
             Selector::TopP { k_max, .. } => (k_max.unwrap_or(0), "top_p"),
             Selector::TopK(k) => (k, "top_k"),
         };
-        let dims = SelectDims {
-            tokens: n as u32,
-            experts: e as u32,
-            k: k as u32,
-        };
+        let dims = SelectDims::new(n, e, k);
         let outputs = [&out.experts, &out.weights, &out.counts, &out.status];
         match selector {
             Selector::TopP { threshold: p, .. } => {

@@ -15,7 +15,9 @@ use super::cuda_launch::{
     CudaModule, float, float_tensor, int, kernels_on, launch, or_panic, output,
 };
 use crate::model::grouped_matmul::GroupedMatmulBackend;
-use crate::model::grouped_offsets::{through_host, weight_grad_through_host};
+use crate::model::grouped_offsets::{
+    product_dims, through_host, trivial_product, weight_grad_through_host,
+};
 use crate::model::precision::Precision;
 
 /// Rows and columns of a block's output tile (`TILE` in grouped_matmul.cu).
@@ -41,27 +43,11 @@ impl GroupedMatmulBackend for Cuda {
             return through_host(xs, w, offsets, transposed, precision);
         }
         let device = xs.device();
-        let [rows, inner] = xs.dims();
-        let [experts, a, b] = w.dims();
-        let cols = if transposed { a } else { b };
-        assert_eq!(
-            if transposed { b } else { a },
-            inner,
-            "grouped product: rows of width {inner} against experts' matrices {:?}{}",
-            w.dims(),
-            if transposed { " transposed" } else { "" }
-        );
-        assert_eq!(
-            offsets.dims()[0],
-            experts + 1,
-            "grouped product: E + 1 offsets"
-        );
-        if rows * cols == 0 {
-            return Tensor::empty([rows, cols], &device);
+        let dims = product_dims(&xs, &w, &offsets, transposed);
+        if let Some(out) = trivial_product(dims, &device) {
+            return out;
         }
-        if inner == 0 || experts == 0 {
-            return Tensor::zeros([rows, cols], &device);
-        }
+        let [rows, inner, cols, experts] = dims;
         or_panic("grouped_matmul", &device);
         // Row tiles: a bound on the experts' tiles (each wastes less than one); the spare
         // blocks zero the rows past the routes.
@@ -77,13 +63,7 @@ impl GroupedMatmulBackend for Cuda {
         };
         let (xs, w, offsets) = (float(xs), float(w), int(offsets));
         let out = output(&xs, [rows, cols], DType::F32);
-        let dims = GroupedDims {
-            rows: rows as u32,
-            inner: inner as u32,
-            cols: cols as u32,
-            experts: experts as u32,
-            transposed: u32::from(transposed),
-        };
+        let dims = GroupedDims::new([rows, inner, cols, experts], transposed);
         launch(
             MODULE.kernel(entry, threads),
             [cols.div_ceil(TILE) as u32, row_tiles as u32, 1],
@@ -116,13 +96,7 @@ impl GroupedMatmulBackend for Cuda {
         );
         let (xs, grad, offsets) = (float(xs), float(grad), int(offsets));
         let out = output(&xs, dims, DType::F32);
-        let params = GroupedDims {
-            rows: rows as u32,
-            inner: inner as u32,
-            cols: cols as u32,
-            experts: experts as u32,
-            transposed: 0,
-        };
+        let params = GroupedDims::new([rows, inner, cols, experts], false);
         launch(
             MODULE.kernel("grouped_weight_grad_f32", 256),
             [

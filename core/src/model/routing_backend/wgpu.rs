@@ -117,10 +117,7 @@ impl RoutingBackend for Wgpu {
         let [n, e] = probs.dims();
         RouteShape::new(n, e)?;
         let selector = within(selector, e);
-        let k_bound = match selector {
-            Selector::TopK(k) => k,
-            Selector::TopP { k_max, .. } => k_max.unwrap_or(e),
-        };
+        let k_bound = selector.k_bound(e);
 
         let sel = Launched::selection(&kernels, probs, selector, threshold, n, e)?;
         let (experts, counts, status) =

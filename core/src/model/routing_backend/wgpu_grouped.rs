@@ -12,7 +12,9 @@ use burn::tensor::{Int, Tensor};
 
 use super::wgpu::{float, int, kernels, launch, or_panic};
 use crate::model::grouped_matmul::GroupedMatmulBackend;
-use crate::model::grouped_offsets::{through_host, weight_grad_through_host};
+use crate::model::grouped_offsets::{
+    product_dims, through_host, trivial_product, weight_grad_through_host,
+};
 use crate::model::precision::Precision;
 
 impl GroupedMatmulBackend for Wgpu {
@@ -31,41 +33,18 @@ impl GroupedMatmulBackend for Wgpu {
             return through_host(xs, w, offsets, transposed, precision);
         }
         let device = xs.device();
-        let [rows, inner] = xs.dims();
-        let [experts, a, b] = w.dims();
-        let cols = if transposed { a } else { b };
-        assert_eq!(
-            if transposed { b } else { a },
-            inner,
-            "grouped product: rows of width {inner} against experts' matrices {:?}{}",
-            w.dims(),
-            if transposed { " transposed" } else { "" }
-        );
-        assert_eq!(
-            offsets.dims()[0],
-            experts + 1,
-            "grouped product: E + 1 offsets"
-        );
-        let out = Tensor::<Self, 2>::empty([rows, cols], &device);
-        if rows * cols == 0 {
+        let dims = product_dims(&xs, &w, &offsets, transposed);
+        if let Some(out) = trivial_product(dims, &device) {
             return out;
         }
-        if inner == 0 || experts == 0 {
-            return Tensor::zeros([rows, cols], &device);
-        }
+        let [rows, _, cols, _] = dims;
+        let out = Tensor::<Self, 2>::empty([rows, cols], &device);
         let kernels = or_panic("grouped_matmul", kernels(&device));
         let tensors = [float(xs), float(w), int(offsets), float(out.clone())];
         or_panic(
             "grouped_matmul",
             launch(&tensors, |t| {
-                kernels.grouped_matmul_into(
-                    t[0],
-                    t[1],
-                    t[2],
-                    [rows, inner, cols, experts],
-                    transposed,
-                    t[3],
-                )
+                kernels.grouped_matmul_into(t[0], t[1], t[2], dims, transposed, t[3])
             }),
         );
         out
