@@ -19,7 +19,7 @@ use cudarc::nvrtc::{CompileOptions, Ptx, compile_ptx_with_opts};
 
 use crate::GemmPrecision;
 use crate::error::CudaError;
-use crate::params::{GroupedDims, PlanDims, SelectDims};
+use crate::params::{ControllerParams, DRN_EPS, DrnDims, GroupedDims, PlanDims, SelectDims};
 use crate::source::MODULES;
 
 /// Warps per block of the warp-per-token kernels (`WARPS` in drn.cu / select.cu).
@@ -35,11 +35,14 @@ const GEMM_TILE: usize = 64;
 /// Largest element count the kernels index with 32-bit integers.
 const MAX_ELEMENTS: u64 = u32::MAX as u64;
 
-// SAFETY: `#[repr(C)]` structs of `u32`, declared field for field as the kernels'
-// `GroupedDims`, `SelectDims` and `PlanDims`; cudarc passes them by value.
+// SAFETY: `#[repr(C)]` structs of 4-byte fields, declared field for field as the kernels
+// `GroupedDims`, `SelectDims`, `PlanDims`, `DrnDims` and `ControllerParams`; cudarc passes
+// them by value.
 unsafe impl DeviceRepr for GroupedDims {}
 unsafe impl DeviceRepr for SelectDims {}
 unsafe impl DeviceRepr for PlanDims {}
+unsafe impl DeviceRepr for DrnDims {}
+unsafe impl DeviceRepr for ControllerParams {}
 
 /// A device buffer of 4-byte values (f32, i32 or u32 by use), cheap to clone.
 #[derive(Clone, Debug)]
@@ -363,18 +366,15 @@ impl CudaKernels {
     ) -> Result<(DeviceBuffer, DeviceBuffer), CudaError> {
         let probs = self.zeros("probs", tokens * experts)?;
         let status = self.status()?;
-        let (n, e) = (tokens as u32, experts as u32);
-        let (theta_v, use_drn, eps) = (theta.unwrap_or(1.0), i32::from(theta.is_some()), 1e-6f32);
+        let theta_buf = self.upload("theta", &[theta.unwrap_or(1.0)])?;
+        let dims = DrnDims::new(tokens, experts, theta.is_some(), DRN_EPS);
         let mut b = self.stream.launch_builder(self.function("drn_forward"));
         b.arg(&*logits.slice)
+            .arg(&*theta_buf.slice)
             .arg(&*probs.slice)
             .arg(&*status.slice)
-            .arg(&n)
-            .arg(&e)
-            .arg(&theta_v)
-            .arg(&use_drn)
-            .arg(&eps);
-        // SAFETY: drn_forward(const float*, float*, unsigned*, unsigned, unsigned, float, int, float).
+            .arg(&dims);
+        // SAFETY: drn_forward(const float* x2, float*, unsigned*, DrnDims).
         unsafe { b.launch(Self::warp_grid(tokens)) }.map_err(driver("drn_forward"))?;
         Ok((probs, status))
     }
@@ -394,26 +394,22 @@ impl CudaKernels {
         let partials = self.zeros("theta partials", tokens)?;
         let grad_theta = self.zeros("grad theta", 1)?;
         let status = self.status()?;
-        let (n, e) = (tokens as u32, experts as u32);
-        let (theta_v, use_drn, eps) = (theta.unwrap_or(1.0), i32::from(theta.is_some()), 1e-6f32);
+        let theta_buf = self.upload("theta", &[theta.unwrap_or(1.0)])?;
+        let dims = DrnDims::new(tokens, experts, theta.is_some(), DRN_EPS);
         let mut b = self.stream.launch_builder(self.function("drn_backward"));
         b.arg(&*logits.slice)
+            .arg(&*theta_buf.slice)
             .arg(&*probs.slice)
             .arg(&*grad_probs.slice)
             .arg(&*grad_logits.slice)
             .arg(&*partials.slice)
             .arg(&*status.slice)
-            .arg(&n)
-            .arg(&e)
-            .arg(&theta_v)
-            .arg(&use_drn)
-            .arg(&eps);
-        // SAFETY: drn_backward(const float* x3, float* x2, unsigned*, unsigned, unsigned,
-        // float, int, float).
+            .arg(&dims);
+        // SAFETY: drn_backward(const float* x4, float* x2, unsigned*, DrnDims).
         unsafe { b.launch(Self::warp_grid(tokens)) }.map_err(driver("drn_backward"))?;
         let mut b = self.stream.launch_builder(self.function("drn_theta_sum"));
-        b.arg(&*partials.slice).arg(&*grad_theta.slice).arg(&n);
-        // SAFETY: drn_theta_sum(const float*, float*, unsigned), one block of 256 threads.
+        b.arg(&*partials.slice).arg(&*grad_theta.slice).arg(&dims);
+        // SAFETY: drn_theta_sum(const float*, float*, DrnDims), one block of 256 threads.
         unsafe { b.launch(Self::one_block()) }.map_err(driver("drn_theta_sum"))?;
         Ok((grad_logits, grad_theta, status))
     }
@@ -487,7 +483,7 @@ impl CudaKernels {
             selection: self.selection_buffers(tokens, experts)?,
         };
         let (n, e, limit) = (tokens as u32, experts as u32, limit as u32);
-        let (theta_v, use_drn, eps) = (theta.unwrap_or(1.0), i32::from(theta.is_some()), 1e-6f32);
+        let (theta_v, use_drn, eps) = (theta.unwrap_or(1.0), i32::from(theta.is_some()), DRN_EPS);
         let use_p = i32::from(threshold.is_some());
         // Top-k never reads the threshold; any valid device pointer fills the slot.
         let threshold = threshold.unwrap_or(logits);
@@ -747,21 +743,22 @@ impl CudaKernels {
         (kp, ki): (f32, f32),
         (p_min, p_max): (f32, f32),
     ) -> Result<(), CudaError> {
-        let (l, e) = (len as u32, experts as u32);
+        let law = ControllerParams {
+            len: len as u32,
+            experts: experts as u32,
+            target,
+            kp,
+            ki,
+            p_min,
+            p_max,
+            per: len as f32,
+        };
         let mut b = self
             .stream
             .launch_builder(self.function("controller_update"));
-        b.arg(&*counts.slice)
-            .arg(&*state.slice)
-            .arg(&l)
-            .arg(&e)
-            .arg(&target)
-            .arg(&kp)
-            .arg(&ki)
-            .arg(&p_min)
-            .arg(&p_max);
-        // SAFETY: controller_update(const int*, float*, unsigned, unsigned, float x5),
-        // one block of 256 threads (its shared array is 256 long).
+        b.arg(&*counts.slice).arg(&*state.slice).arg(&law);
+        // SAFETY: controller_update(const int*, float*, ControllerParams), one block of
+        // 256 threads (its shared array is 256 long): one controller.
         unsafe { b.launch(Self::one_block()) }.map_err(driver("controller_update"))?;
         Ok(())
     }

@@ -25,7 +25,7 @@ pub use device::{
     compiled_modules, compute_capability, device_memory, driver_present, nvrtc_present,
 };
 pub use error::CudaError;
-pub use params::{GroupedDims, PlanDims, SelectDims};
+pub use params::{ControllerParams, DrnDims, GroupedDims, PlanDims, RowDims, SelectDims};
 
 /// The precision of the grouped products' multiplications (inputs and outputs are f32).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -13,6 +13,8 @@ pub const ROUTE: &str = include_str!("kernels/route.cu");
 pub const DISPATCH: &str = include_str!("kernels/dispatch.cu");
 /// Gather and combine.
 pub const GATHER_COMBINE: &str = include_str!("kernels/gather_combine.cu");
+/// The row moves of training's MoE layers (gathers and slot sums, as rows.wgsl).
+pub const ROWS: &str = include_str!("kernels/rows.cu");
 /// The device-resident PI controller.
 pub const CONTROLLER: &str = include_str!("kernels/controller.cu");
 /// The experts' grouped products, offsets read on the device (f32, and bf16/f16 on the
@@ -23,7 +25,7 @@ pub const GROUPED_MATMUL: &str = include_str!("kernels/grouped_matmul.cu");
 const INCLUDE_COMMON: &str = "#include \"common.cuh\"";
 
 /// Every module: file name, source, and the kernels it defines.
-pub const MODULES: [(&str, &str, &[&str]); 7] = [
+pub const MODULES: [(&str, &str, &[&str]); 8] = [
     (
         "drn.cu",
         DRN,
@@ -46,6 +48,11 @@ pub const MODULES: [(&str, &str, &[&str]); 7] = [
         &["plan_count", "plan_scan", "plan_scatter"],
     ),
     ("gather_combine.cu", GATHER_COMBINE, &["gather", "combine"]),
+    (
+        "rows.cu",
+        ROWS,
+        &["gather_rows", "sum_rows", "sum_rows_weighted", "row_dots"],
+    ),
     ("controller.cu", CONTROLLER, &["controller_update"]),
     (
         "grouped_matmul.cu",

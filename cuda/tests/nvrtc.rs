@@ -113,7 +113,7 @@ fn grouped_matmul_kernels_use_no_local_memory() {
 /// as the host's copy in `dtopp_cuda::params`.
 #[test]
 fn kernels_on_burn_buffers_compile_as_cubecl_compiles_them() {
-    use dtopp_cuda::{GroupedDims, PlanDims, SelectDims};
+    use dtopp_cuda::{ControllerParams, DrnDims, GroupedDims, PlanDims, RowDims, SelectDims};
     if !nvrtc_or_skip() {
         return;
     }
@@ -124,7 +124,7 @@ fn kernels_on_burn_buffers_compile_as_cubecl_compiles_them() {
         &'static [(&'static str, usize)],
         usize,
     );
-    let launched: [Launched; 3] = [
+    let launched: [Launched; 6] = [
         (
             "grouped_matmul.cu",
             dtopp_cuda::source::GROUPED_MATMUL,
@@ -147,6 +147,33 @@ fn kernels_on_burn_buffers_compile_as_cubecl_compiles_them() {
             dtopp_cuda::source::DISPATCH,
             &[("plan_count", 3), ("plan_scan", 3), ("plan_scatter", 7)],
             size_of::<PlanDims>(),
+        ),
+        (
+            "drn.cu",
+            dtopp_cuda::source::DRN,
+            &[
+                ("drn_forward", 4),
+                ("drn_backward", 7),
+                ("drn_theta_sum", 2),
+            ],
+            size_of::<DrnDims>(),
+        ),
+        (
+            "rows.cu",
+            dtopp_cuda::source::ROWS,
+            &[
+                ("gather_rows", 3),
+                ("sum_rows", 3),
+                ("sum_rows_weighted", 4),
+                ("row_dots", 3),
+            ],
+            size_of::<RowDims>(),
+        ),
+        (
+            "controller.cu",
+            dtopp_cuda::source::CONTROLLER,
+            &[("controller_update", 2)],
+            size_of::<ControllerParams>(),
         ),
     ];
     // Ampere (the oldest the kernels accept) and Hopper, as cubecl names them.

@@ -1,5 +1,5 @@
-//! The PI law as a backend op (`ControllerBackend`): burn-wgpu's `controller.wgsl` on
-//! burn's buffers against the burn-op default on ndarray (which equals the CPU reference
+//! The PI law as a backend op (`ControllerBackend`): burn-wgpu's `controller.wgsl` and
+//! burn-cuda's `controller.cu` on burn's buffers against the burn-op default on ndarray (which equals the CPU reference
 //! bit for bit, `core/src/train/device_control.rs`), for the global scope (one controller
 //! over every layer) and the per-layer one (a workgroup per controller), with gains that
 //! saturate the clamp and with Ki = 0.
@@ -29,6 +29,22 @@ fn the_controller_kernel_on_burn_wgpu_follows_the_burn_op_law() {
     let Some(wgpu) = dtopp_tests::wgpu_model_device() else {
         return;
     };
+    follows_the_burn_op_law::<Wgpu>(&wgpu, "wgpu");
+}
+
+/// `controller.cu` on burn-cuda's buffers, the same way (skipped, saying why, without a
+/// GPU).
+#[cfg(feature = "cuda")]
+#[test]
+fn the_controller_kernel_on_burn_cuda_follows_the_burn_op_law() {
+    if dtopp_tests::cuda_or_skip().is_none() {
+        return;
+    }
+    follows_the_burn_op_law::<burn::backend::Cuda>(&Default::default(), "cuda");
+}
+
+/// 25 updates of each scope and gain setting on `B` against the burn-op law on ndarray.
+fn follows_the_burn_op_law<B: ControllerBackend>(device: &B::Device, backend: &str) {
     let (layers, experts, tokens) = (5usize, 7usize, 300usize);
     let mut compared = 0;
     for scope in [ThresholdScope::Global, ThresholdScope::PerLayer] {
@@ -41,7 +57,7 @@ fn the_controller_kernel_on_burn_wgpu_follows_the_burn_op_law() {
             };
             let control = ThresholdControl::new(&config, scope, layers, &starts).unwrap();
             let mut want = DeviceControl::<NdArray>::upload(&control, &Default::default());
-            let mut got = DeviceControl::<Wgpu>::upload(&control, &wgpu);
+            let mut got = DeviceControl::<B>::upload(&control, device);
             let mut rng = SplitMix64::new(11);
             for step in 0..25 {
                 // Per layer, between 1 and E experts for each of the tokens.
@@ -53,13 +69,13 @@ fn the_controller_kernel_on_burn_wgpu_follows_the_burn_op_law() {
                     })
                     .collect();
                 want.update(sums::<NdArray>(&k_sum, &Default::default()), tokens);
-                got.update(sums::<Wgpu>(&k_sum, &wgpu), tokens);
+                got.update(sums::<B>(&k_sum, device), tokens);
                 let (g, w) = (state(&got), state(&want));
                 assert_eq!(g.len(), w.len());
                 for (i, (a, b)) in g.iter().zip(&w).enumerate() {
                     assert!(
                         (a - b).abs() <= 1e-6 * (1.0 + b.abs()),
-                        "{scope:?} T={target} Ki={ki} step {step}: state[{i}] wgpu {a} burn ops {b}"
+                        "{scope:?} T={target} Ki={ki} step {step}: state[{i}] {backend} {a} burn ops {b}"
                     );
                 }
                 compared += 1;
@@ -68,5 +84,5 @@ fn the_controller_kernel_on_burn_wgpu_follows_the_burn_op_law() {
             assert_eq!(p.len(), layers, "one threshold per layer");
         }
     }
-    println!("{compared} controller updates on wgpu equal the burn-op law");
+    println!("{compared} controller updates on {backend} equal the burn-op law");
 }

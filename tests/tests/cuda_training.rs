@@ -98,8 +98,10 @@ fn cuda_training_follows_the_cpu_run_or_names_what_is_missing() {
         if name == "cuda" {
             assert!(
                 log.contains("dtopp CUDA kernels")
-                    && log.contains("grouped products reading the offsets on the device"),
-                "the default CUDA run routes with dtopp's kernels on burn's buffers: {log}"
+                    && log.contains("grouped products reading the offsets on the device")
+                    && log.contains("dtopp drn.cu kernels on burn-cuda's buffers")
+                    && log.contains("dtopp rows.cu kernels on burn-cuda's buffers"),
+                "the default CUDA run routes, normalizes and moves rows with dtopp's kernels on burn's buffers: {log}"
             );
         }
         if name == "cuda-kernels-off" {

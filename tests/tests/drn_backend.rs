@@ -1,5 +1,5 @@
-//! DRN as a backend op (`DrnBackend`): burn-wgpu's `drn.wgsl` kernels on burn's buffers,
-//! forward and backward, against the burn-op default on ndarray (forward, the explicit
+//! DRN as a backend op (`DrnBackend`): burn-wgpu's `drn.wgsl` and burn-cuda's `drn.cu`
+//! kernels on burn's buffers, forward and backward, against the burn-op default on ndarray (forward, the explicit
 //! backward, and autodiff through the forward ops) and against finite differences, on
 //! awkward shapes: one token, one expert, E not a power of two, every logit tied, more
 //! tokens than lavapipe runs loop iterations.
@@ -89,6 +89,24 @@ fn drn_kernels_on_burn_wgpu_match_the_burn_ops_and_finite_differences() {
     let Some(wgpu) = dtopp_tests::wgpu_model_device() else {
         return;
     };
+    drn_kernels_match::<Wgpu>(&wgpu);
+}
+
+/// The same checks of `drn.cu` on burn-cuda's buffers (skipped, saying why, without a
+/// GPU; a failure under DTOPP_REQUIRE_GPU=1).
+#[cfg(feature = "cuda")]
+#[test]
+fn drn_kernels_on_burn_cuda_match_the_burn_ops_and_finite_differences() {
+    if dtopp_tests::cuda_or_skip().is_none() {
+        return;
+    }
+    drn_kernels_match::<burn::backend::Cuda>(&Default::default());
+}
+
+/// `B`'s own DRN (forward, backward, and autodiff through it) against the burn-op forms on
+/// ndarray and against finite differences, on every shape.
+fn drn_kernels_match<B: DrnBackend>(dev: &B::Device) {
+    assert!(B::OWN_DRN, "{} has its own DRN", B::name(dev));
     let cpu = Default::default();
     for (i, shape) in SHAPES.into_iter().enumerate() {
         let c = case(i, shape);
@@ -100,9 +118,9 @@ fn drn_kernels_on_burn_wgpu_match_the_burn_ops_and_finite_differences() {
             floats::<NdArray, 2>(&c.z, [n, e], &cpu),
             floats::<NdArray, 1>(&[c.theta], [1], &cpu),
         );
-        let got_p = Wgpu::drn(
-            floats::<Wgpu, 2>(&c.z, [n, e], &wgpu),
-            floats::<Wgpu, 1>(&[c.theta], [1], &wgpu),
+        let got_p = B::drn(
+            floats::<B, 2>(&c.z, [n, e], dev),
+            floats::<B, 1>(&[c.theta], [1], dev),
         );
         let want_p = host(want_p);
         assert_close(&format!("{what}: P"), &host(got_p), &want_p, 1e-6, 1e-4);
@@ -112,11 +130,11 @@ fn drn_kernels_on_burn_wgpu_match_the_burn_ops_and_finite_differences() {
             floats::<NdArray, 2>(&want_p, [n, e], &cpu),
             floats::<NdArray, 2>(&c.w, [n, e], &cpu),
         );
-        let (got_dz, got_dtheta) = Wgpu::drn_backward(
-            floats::<Wgpu, 2>(&c.z, [n, e], &wgpu),
-            floats::<Wgpu, 1>(&[c.theta], [1], &wgpu),
-            floats::<Wgpu, 2>(&want_p, [n, e], &wgpu),
-            floats::<Wgpu, 2>(&c.w, [n, e], &wgpu),
+        let (got_dz, got_dtheta) = B::drn_backward(
+            floats::<B, 2>(&c.z, [n, e], dev),
+            floats::<B, 1>(&[c.theta], [1], dev),
+            floats::<B, 2>(&want_p, [n, e], dev),
+            floats::<B, 2>(&c.w, [n, e], dev),
         );
         let (want_dz, want_dtheta) = (host(want_dz), host(want_dtheta));
         assert_close(&format!("{what}: dz"), &host(got_dz), &want_dz, 1e-5, 1e-3);
@@ -130,9 +148,9 @@ fn drn_kernels_on_burn_wgpu_match_the_burn_ops_and_finite_differences() {
             1e-3,
         );
 
-        // Through autodiff: the tracked op on wgpu against burn differentiating the
+        // Through autodiff: the tracked op on B against burn differentiating the
         // forward ops on ndarray.
-        let (got_l, got_gz, got_gt) = loss_and_grads::<Autodiff<Wgpu>>(&c, &wgpu);
+        let (got_l, got_gz, got_gt) = loss_and_grads::<Autodiff<B>>(&c, dev);
         let (want_l, want_gz, want_gt) = loss_and_grads::<Autodiff<NdArray>>(&c, &cpu);
         assert_close(&format!("{what}: loss"), &[got_l], &[want_l], 1e-4, 1e-4);
         assert_close(

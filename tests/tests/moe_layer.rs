@@ -1,4 +1,5 @@
-//! The MoE layer on burn-wgpu against burn ndarray, forward and gradients, with more
+//! The MoE layer on burn-wgpu (and burn-cuda, where a GPU is present) against burn
+//! ndarray, forward and gradients, with more
 //! routes than lavapipe runs loop iterations (65535): dispatch and combine must not lose
 //! rows on any adapter, which burn's own scatter ops do there (`core/src/train/
 //! loop_limit.rs`). Top-k in the exact layout, Top-p in the padded one. And the row
@@ -104,6 +105,23 @@ fn moe_layer_past_the_loop_limit_on_wgpu_matches_ndarray() {
     println!("wgpu adapter: {}", ops.adapter_name());
     // burn's device set up for dtopp's WGSL routing on its buffers.
     dtopp_tests::wgpu_model_device();
+    layer_matches_ndarray::<Wgpu>(&Default::default(), "wgpu");
+}
+
+/// The same on burn-cuda: dtopp's CUDA kernels route, normalize and move the rows
+/// (skipped, saying why, without a GPU).
+#[cfg(feature = "cuda")]
+#[test]
+fn moe_layer_on_cuda_matches_ndarray() {
+    if dtopp_tests::cuda_or_skip().is_none() {
+        return;
+    }
+    layer_matches_ndarray::<burn::backend::Cuda>(&Default::default(), "cuda");
+}
+
+/// The layer's loss, route count and every gradient on `B` against ndarray: Top-4 in the
+/// exact layout and Top-p 0.95 in the padded one.
+fn layer_matches_ndarray<B: dtopp::model::RoutingBackend>(device: &B::Device, backend: &str) {
     let v = values();
     let top_p = Selector::TopP {
         threshold: 0.95,
@@ -120,31 +138,28 @@ fn moe_layer_past_the_loop_limit_on_wgpu_matches_ndarray() {
         (top_p, Some(padded), "padded"),
     ];
     for (selector, bounds, name) in runs {
-        {
-            let (want, want_grads, want_routes) =
-                run::<NdArray>(&Default::default(), &v, selector, bounds);
-            let (got, got_grads, got_routes) =
-                run::<Wgpu>(&Default::default(), &v, selector, bounds);
-            println!("{selector:?} {name}: {got_routes} routes; loss wgpu {got} ndarray {want}");
-            assert!(want_routes > 65_535, "{want_routes} routes: past the limit");
-            assert_eq!(got_routes, want_routes, "{selector:?} {name}: routes");
-            let tol = |w: f32| 1e-3 + 1e-3 * w.abs();
+        let (want, want_grads, want_routes) =
+            run::<NdArray>(&Default::default(), &v, selector, bounds);
+        let (got, got_grads, got_routes) = run::<B>(device, &v, selector, bounds);
+        println!("{selector:?} {name}: {got_routes} routes; loss {backend} {got} ndarray {want}");
+        assert!(want_routes > 65_535, "{want_routes} routes: past the limit");
+        assert_eq!(got_routes, want_routes, "{selector:?} {name}: routes");
+        let tol = |w: f32| 1e-3 + 1e-3 * w.abs();
+        assert!(
+            (got - want).abs() <= tol(want),
+            "{selector:?} {name}: loss {got} vs {want}"
+        );
+        for (which, (g, w)) in got_grads.iter().zip(&want_grads).enumerate() {
+            let worst = g
+                .iter()
+                .zip(w)
+                .map(|(a, b)| (a - b).abs() / (1e-3 + 1e-3 * b.abs()))
+                .fold(0f32, f32::max);
             assert!(
-                (got - want).abs() <= tol(want),
-                "{selector:?} {name}: loss {got} vs {want}"
+                worst <= 1.0,
+                "{selector:?} {name}: d/d{} differs on {backend} ({worst} x tolerance)",
+                names[which]
             );
-            for (which, (g, w)) in got_grads.iter().zip(&want_grads).enumerate() {
-                let worst = g
-                    .iter()
-                    .zip(w)
-                    .map(|(a, b)| (a - b).abs() / (1e-3 + 1e-3 * b.abs()))
-                    .fold(0f32, f32::max);
-                assert!(
-                    worst <= 1.0,
-                    "{selector:?} {name}: d/d{} differs ({worst} x tolerance)",
-                    names[which]
-                );
-            }
         }
     }
 }
@@ -247,17 +262,41 @@ fn row_moves_on_wgpu_match_ndarray_and_finite_differences() {
                 );
             }
         }
-        if dtopp_tests::wgpu_model_device().is_none() {
-            continue;
+        if dtopp_tests::wgpu_model_device().is_some() {
+            rows_match::<Wgpu>(shape, seed, (loss, &grads));
         }
-        let (got, got_grads) = row_moves::<Wgpu>(shape, seed, None);
-        let close = |a: f32, b: f32| (a - b).abs() <= 1e-4 * (1.0 + b.abs());
-        assert!(close(got, loss), "{shape:?}: loss {got} vs {loss}");
-        for (which, (g, w)) in got_grads.iter().zip(&grads).enumerate() {
-            assert_eq!(g.len(), w.len(), "{shape:?}: gradient {which}");
-            for (i, (a, b)) in g.iter().zip(w).enumerate() {
-                assert!(close(*a, *b), "{shape:?}: gradient {which}[{i}] {a} vs {b}");
-            }
+    }
+}
+
+/// `rows.cu` on burn-cuda's buffers against ndarray, as above (skipped, saying why,
+/// without a GPU).
+#[cfg(feature = "cuda")]
+#[test]
+fn row_moves_on_cuda_match_ndarray() {
+    if dtopp_tests::cuda_or_skip().is_none() {
+        return;
+    }
+    for (k, &shape) in ROW_SHAPES.iter().enumerate() {
+        let seed = 40 + k as u64;
+        let (loss, grads) = row_moves::<NdArray>(shape, seed, None);
+        rows_match::<burn::backend::Cuda>(shape, seed, (loss, &grads));
+    }
+}
+
+/// `B`'s row moves against ndarray's loss and gradients (1e-4 relative: f32 sums in
+/// different orders).
+fn rows_match<B: dtopp::model::RowMovesBackend>(
+    shape: (usize, usize, usize),
+    seed: u64,
+    (loss, grads): (f32, &[Vec<f32>; 2]),
+) {
+    let (got, got_grads) = row_moves::<B>(shape, seed, None);
+    let close = |a: f32, b: f32| (a - b).abs() <= 1e-4 * (1.0 + b.abs());
+    assert!(close(got, loss), "{shape:?}: loss {got} vs {loss}");
+    for (which, (g, w)) in got_grads.iter().zip(grads).enumerate() {
+        assert_eq!(g.len(), w.len(), "{shape:?}: gradient {which}");
+        for (i, (a, b)) in g.iter().zip(w).enumerate() {
+            assert!(close(*a, *b), "{shape:?}: gradient {which}[{i}] {a} vs {b}");
         }
     }
 }

@@ -3,15 +3,17 @@
 //!
 //! - **Default methods**: burn tensor ops, forward ([`drn_probs`]) and backward
 //!   ([`drn_backward_ops`], the derivation the kernels implement). Under autodiff a
-//!   backend without its own DRN ([`DrnBackend::OWN_DRN`] false: ndarray, cuda) has its
+//!   backend without its own DRN ([`DrnBackend::OWN_DRN`] false: ndarray) has its
 //!   forward ops differentiated by burn, as before.
 //! - **wgpu**: dtopp's `drn.wgsl` kernels on burn's buffers, forward and backward
 //!   (`routing_backend::wgpu_drn`), theta read on the device.
+//! - **cuda**: dtopp's `drn.cu` kernels on burn-cuda's buffers, the same way
+//!   (`routing_backend::cuda_drn`).
 //! - **`Autodiff<I>`** over a backend with its own DRN: one tracked op whose backward is
 //!   the inner backend's `drn_backward`.
 //!
-//! The tests check the burn-op forms against `crate::cpu::drn_backward`, and the wgpu
-//! kernels against both and against finite differences (`tests/tests/drn_backend.rs`).
+//! The tests check the burn-op forms against `crate::cpu::drn_backward`, and the wgpu and
+//! CUDA kernels against both and against finite differences (`tests/tests/drn_backend.rs`).
 
 use burn::backend::Autodiff;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -152,9 +154,6 @@ impl<I: DrnBackend, C: CheckpointStrategy> DrnBackend for Autodiff<I, C> {
 }
 
 impl DrnBackend for burn::backend::NdArray {}
-
-#[cfg(feature = "cuda")]
-impl DrnBackend for burn::backend::Cuda {}
 
 /// Without dtopp's WGSL kernels in the build, burn-wgpu normalizes with the default.
 #[cfg(not(feature = "wgpu"))]

@@ -10,11 +10,11 @@
 //! routes walks its S slots in order: no scatter, no atomics, a fixed order.
 //!
 //! - **Default methods**: burn tensor ops. A backend that moves rows by gathers
-//!   ([`RowMovesBackend::BY_GATHERS`]: cuda) sums slots with chunked gathers; the others
+//!   ([`RowMovesBackend::BY_GATHERS`]) sums slots with chunked gathers; the others
 //!   (ndarray) use `select_assign`, a plain loop on a CPU and cheaper there than S
 //!   gathers.
-//! - **wgpu**: dtopp's `rows.wgsl` kernels on burn's buffers
-//!   (`routing_backend::wgpu_rows`).
+//! - **wgpu** and **cuda**: dtopp's `rows.wgsl` and `rows.cu` kernels on burn's buffers
+//!   (`routing_backend::wgpu_rows`, `routing_backend::cuda_rows`).
 //! - **`Autodiff<I>`**: one tracked form for every inner backend, whose backward passes
 //!   are the inner backend's own ops: dispatch's gradient is a slot sum through the
 //!   inverse, combine's a gather and a per-route dot product.
@@ -118,10 +118,6 @@ pub trait RowMovesBackend: Backend {
 }
 
 impl RowMovesBackend for burn::backend::NdArray {}
-#[cfg(feature = "cuda")]
-impl RowMovesBackend for burn::backend::Cuda {
-    const BY_GATHERS: bool = true;
-}
 /// Without dtopp's WGSL kernels in the build, burn-wgpu still moves rows by gathers, in
 /// burn's tensor ops.
 #[cfg(not(feature = "wgpu"))]

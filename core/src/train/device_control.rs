@@ -28,50 +28,58 @@ pub trait ControllerBackend: Backend {
         tokens: usize,
         config: &ControllerConfig,
     ) -> Tensor<Self, 2> {
-        let [c, _] = state.dims();
-        let layers = k_sum.dims()[0];
-        let active = if c == 1 {
-            k_sum.sum().float().div_scalar((layers * tokens) as f32)
-        } else {
-            k_sum.float().div_scalar(tokens as f32)
-        }
-        .reshape([c, 1]);
-        let column = |i: usize| state.clone().slice([0..c, i..i + 1]);
-        let (p0, integral, step) = (column(1), column(2), column(4));
-        let (kp, ki) = (config.kp as f32, config.ki as f32);
-        let (p_min, p_max) = (config.p_min as f32, config.p_max as f32);
-        let error = active
-            .neg()
-            .add_scalar(config.target as f32)
-            .div_scalar(config.num_experts as f32);
-        let integral = if ki > 0.0 {
-            // The integral stays where its own term alone leaves p within the clamp.
-            let low = p0
-                .clone()
-                .neg()
-                .add_scalar(p_min)
-                .div_scalar(ki)
-                .clamp_max(0.0);
-            let high = p0
-                .clone()
-                .neg()
-                .add_scalar(p_max)
-                .div_scalar(ki)
-                .clamp_min(0.0);
-            (integral + error.clone()).max_pair(low).min_pair(high)
-        } else {
-            integral.zeros_like()
-        };
-        let p = (p0.clone() + error.clone().mul_scalar(kp) + integral.clone().mul_scalar(ki))
-            .clamp(p_min, p_max);
-        Tensor::cat(vec![p, p0, integral, error, step.add_scalar(1.0)], 1)
+        controllers_update_ops(state, k_sum, tokens, config)
     }
 }
 
-impl ControllerBackend for burn::backend::NdArray {}
+/// [`ControllerBackend::controllers_update`] in burn tensor ops: the default, and the
+/// fallback of the backends with their own kernel.
+pub fn controllers_update_ops<B: Backend>(
+    state: Tensor<B, 2>,
+    k_sum: Tensor<B, 1, Int>,
+    tokens: usize,
+    config: &ControllerConfig,
+) -> Tensor<B, 2> {
+    let [c, _] = state.dims();
+    let layers = k_sum.dims()[0];
+    let active = if c == 1 {
+        k_sum.sum().float().div_scalar((layers * tokens) as f32)
+    } else {
+        k_sum.float().div_scalar(tokens as f32)
+    }
+    .reshape([c, 1]);
+    let column = |i: usize| state.clone().slice([0..c, i..i + 1]);
+    let (p0, integral, step) = (column(1), column(2), column(4));
+    let (kp, ki) = (config.kp as f32, config.ki as f32);
+    let (p_min, p_max) = (config.p_min as f32, config.p_max as f32);
+    let error = active
+        .neg()
+        .add_scalar(config.target as f32)
+        .div_scalar(config.num_experts as f32);
+    let integral = if ki > 0.0 {
+        // The integral stays where its own term alone leaves p within the clamp.
+        let low = p0
+            .clone()
+            .neg()
+            .add_scalar(p_min)
+            .div_scalar(ki)
+            .clamp_max(0.0);
+        let high = p0
+            .clone()
+            .neg()
+            .add_scalar(p_max)
+            .div_scalar(ki)
+            .clamp_min(0.0);
+        (integral + error.clone()).max_pair(low).min_pair(high)
+    } else {
+        integral.zeros_like()
+    };
+    let p = (p0.clone() + error.clone().mul_scalar(kp) + integral.clone().mul_scalar(ki))
+        .clamp(p_min, p_max);
+    Tensor::cat(vec![p, p0, integral, error, step.add_scalar(1.0)], 1)
+}
 
-#[cfg(feature = "cuda")]
-impl ControllerBackend for burn::backend::Cuda {}
+impl ControllerBackend for burn::backend::NdArray {}
 
 /// Without dtopp's WGSL kernels in the build, burn-wgpu updates with the default.
 #[cfg(not(feature = "wgpu"))]

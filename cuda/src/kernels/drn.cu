@@ -6,6 +6,11 @@
 // drn_backward: given dL/dP, writes dL/dz and one partial dL/dtheta per token;
 // drn_theta_sum adds the partials in a fixed order (deterministic, no float atomics).
 //
+// Scalars come as one struct passed by value (DrnDims; dtopp_cuda::params), theta from a
+// one-element buffer: training's theta is a parameter on the device, so no layer waits
+// for the host to read it. The same entry points run through cudarc (`dtopp route`) and
+// through burn-cuda's cubecl client on burn's own buffers (training).
+//
 // Mapping: a warp walks a row with lane stride 32, so each load instruction of the warp
 // reads 32 consecutive floats (coalesced); reductions are warp shuffles, no shared memory
 // and no block barriers. Blocks hold WARPS warps (256 threads). Memory traffic per token:
@@ -16,6 +21,14 @@
 // folding of NaN comparisons cannot remove it.
 
 #include "common.cuh"
+
+struct DrnDims {
+    unsigned tokens;
+    unsigned experts;
+    // 0: plain softmax (theta not read).
+    int use_drn;
+    float eps;
+};
 
 // Mean and sigma of a row (0 and 1 without DRN); flags non-finite logits.
 __device__ __forceinline__ float2 row_stats(const float* __restrict__ z, unsigned base,
@@ -38,13 +51,16 @@ __device__ __forceinline__ float2 row_stats(const float* __restrict__ z, unsigne
 }
 
 extern "C" __global__ void drn_forward(const float* __restrict__ logits,
+                                       const float* __restrict__ theta_buf,
                                        float* __restrict__ probs,
-                                       unsigned* __restrict__ status,
-                                       unsigned tokens, unsigned experts,
-                                       float theta, int use_drn, float eps) {
+                                       unsigned* __restrict__ status, const DrnDims d) {
     unsigned t = blockIdx.x * WARPS + threadIdx.x / 32;
     unsigned lane = threadIdx.x % 32;
-    if (t >= tokens) return;
+    if (t >= d.tokens) return;
+    unsigned experts = d.experts;
+    int use_drn = d.use_drn;
+    float eps = d.eps;
+    float theta = use_drn ? theta_buf[0] : 1.0f;
     unsigned base = t * experts;
     float2 st = row_stats(logits, base, experts, lane, use_drn, eps, status);
     float scale = use_drn ? theta / st.y : 1.0f;
@@ -63,16 +79,19 @@ extern "C" __global__ void drn_forward(const float* __restrict__ logits,
 }
 
 extern "C" __global__ void drn_backward(const float* __restrict__ logits,
+                                        const float* __restrict__ theta_buf,
                                         const float* __restrict__ probs,
                                         const float* __restrict__ grad_probs,
                                         float* __restrict__ grad_logits,
                                         float* __restrict__ theta_partials,
-                                        unsigned* __restrict__ status,
-                                        unsigned tokens, unsigned experts,
-                                        float theta, int use_drn, float eps) {
+                                        unsigned* __restrict__ status, const DrnDims d) {
     unsigned t = blockIdx.x * WARPS + threadIdx.x / 32;
     unsigned lane = threadIdx.x % 32;
-    if (t >= tokens) return;
+    if (t >= d.tokens) return;
+    unsigned experts = d.experts;
+    int use_drn = d.use_drn;
+    float eps = d.eps;
+    float theta = use_drn ? theta_buf[0] : 1.0f;
     unsigned base = t * experts;
     float2 st = row_stats(logits, base, experts, lane, use_drn, eps, status);
     // dzhat_j = P_j (dP_j - sum_k P_k dP_k)
@@ -109,11 +128,12 @@ extern "C" __global__ void drn_backward(const float* __restrict__ logits,
 }
 
 // One block of 256 threads: grad_theta[0] = sum of the partials (strided, then a tree).
-extern "C" __global__ void drn_theta_sum(const float* __restrict__ theta_partials,
-                                         float* __restrict__ grad_theta, unsigned tokens) {
+extern "C" __global__ void __launch_bounds__(256)
+    drn_theta_sum(const float* __restrict__ theta_partials, float* __restrict__ grad_theta,
+                  const DrnDims d) {
     __shared__ float red[256];
     float s = 0.0f;
-    for (unsigned t = threadIdx.x; t < tokens; t += blockDim.x) s += theta_partials[t];
+    for (unsigned t = threadIdx.x; t < d.tokens; t += blockDim.x) s += theta_partials[t];
     red[threadIdx.x] = s;
     __syncthreads();
     for (unsigned h = blockDim.x / 2; h > 0; h >>= 1) {

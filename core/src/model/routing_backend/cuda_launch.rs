@@ -353,6 +353,11 @@ mod tests {
     }
 
     #[test]
+    fn drn_kernels_use_the_spec_epsilon() {
+        assert_eq!(dtopp_cuda::params::DRN_EPS, crate::ops::DRN_EPS);
+    }
+
+    #[test]
     fn the_kernel_switch_takes_on_and_off() {
         assert_eq!(parse_switch("off"), Some(false));
         assert_eq!(parse_switch(" OFF "), Some(false));

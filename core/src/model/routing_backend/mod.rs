@@ -8,8 +8,9 @@
 //! - **wgpu** ([`wgpu`]) runs dtopp's own `.wgsl` kernels (`dtopp-shaders`, the text
 //!   `dtopp route` and the browser run) on burn's own buffers, on burn's own device and
 //!   queue: no second device, no host copy of the probabilities.
-//! - **CUDA** ([`cuda`], [`cuda_grouped`]) runs dtopp's own `.cu` kernels (`dtopp-cuda`)
-//!   through burn-cuda's own client, on its buffers and its stream ([`cuda_launch`]).
+//! - **CUDA** ([`cuda`], [`cuda_grouped`], [`cuda_drn`], [`cuda_rows`], [`cuda_control`])
+//!   runs dtopp's own `.cu` kernels (`dtopp-cuda`) through burn-cuda's own client, on its
+//!   buffers and its stream ([`cuda_launch`]).
 //! - **`Autodiff<B>`** routes on `B`: selection is not differentiable (the spec), so the
 //!   results carry no graph; gradients reach the router through the combine weights.
 //!
@@ -24,9 +25,15 @@
 #[cfg(feature = "cuda")]
 mod cuda;
 #[cfg(feature = "cuda")]
+mod cuda_control;
+#[cfg(feature = "cuda")]
+mod cuda_drn;
+#[cfg(feature = "cuda")]
 mod cuda_grouped;
 #[cfg(feature = "cuda")]
 mod cuda_launch;
+#[cfg(feature = "cuda")]
+mod cuda_rows;
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
 mod device_plan;
 mod ndarray;
