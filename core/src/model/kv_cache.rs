@@ -8,6 +8,7 @@ use burn::tensor::{Int, Tensor};
 
 use super::lm::{LayerRoutingArgs, LmOutput, MoeLanguageModel, RoutingPlan};
 use super::precision::Precision;
+use super::rms_norm::rms_norm;
 use super::routing_backend::RoutingBackend;
 use crate::error::{Error, Result};
 
@@ -84,7 +85,7 @@ impl<B: RoutingBackend> MoeLanguageModel<B> {
             x = x.clone()
                 + block
                     .attn
-                    .forward_cached(block.attn_norm.forward(x), kv, start, precision);
+                    .forward_cached(rms_norm(&block.attn_norm, x), kv, start, precision);
             let layer_routing = LayerRoutingArgs {
                 use_drn: routing.use_drn,
                 selector: routing.selectors.get(moe.len()).copied(),
@@ -96,7 +97,7 @@ impl<B: RoutingBackend> MoeLanguageModel<B> {
             x = x + y;
         }
         cache.len = start + s;
-        let x = self.final_norm.forward(x).reshape([b * s, d]);
+        let x = rms_norm(&self.final_norm, x).reshape([b * s, d]);
         let logits = precision.matmul(x, self.head.val());
         Ok(LmOutput { logits, moe })
     }

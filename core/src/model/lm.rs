@@ -15,6 +15,7 @@ use super::layer_bounds::LayerBounds;
 use super::moe::MoeForward;
 use super::moe_layer::MoeLayer;
 use super::precision::Precision;
+use super::rms_norm::rms_norm;
 use super::routing::Selector;
 use super::routing_backend::RoutingBackend;
 use super::token_embedding::{embed_host_tokens, embed_tokens};
@@ -51,7 +52,7 @@ impl<B: RoutingBackend> Block<B> {
         precision: Precision,
     ) -> Result<(Tensor<B, 3>, Option<MoeForward<B>>)> {
         let [b, s, d] = x.dims();
-        let h = self.ffn_norm.forward(x).reshape([b * s, d]);
+        let h = rms_norm(&self.ffn_norm, x).reshape([b * s, d]);
         let (y, out) = match (&self.moe, &self.dense) {
             (Some(layer), _) => {
                 let selector = routing.selector.expect("one selector per MoE layer");
@@ -224,7 +225,7 @@ impl<B: RoutingBackend> MoeLanguageModel<B> {
         .reshape([b, s, d]);
         let mut moe = Vec::with_capacity(moe_layers);
         for block in &self.blocks {
-            x = x.clone() + block.attn.forward(block.attn_norm.forward(x), precision);
+            x = x.clone() + block.attn.forward(rms_norm(&block.attn_norm, x), precision);
             let l = moe.len();
             let layer_routing = LayerRoutingArgs {
                 use_drn: routing.use_drn,
@@ -236,7 +237,7 @@ impl<B: RoutingBackend> MoeLanguageModel<B> {
             moe.extend(out);
             x = x + y;
         }
-        let x = self.final_norm.forward(x).reshape([b * s, d]);
+        let x = rms_norm(&self.final_norm, x).reshape([b * s, d]);
         let logits = precision.matmul(x, self.head.val());
         Ok(LmOutput { logits, moe })
     }

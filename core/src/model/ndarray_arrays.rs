@@ -28,3 +28,17 @@ pub(crate) fn from_vec(shape: &[usize], values: Vec<f32>) -> ArcArray<f32, IxDyn
         .expect("one value per element of the shape")
         .into_shared()
 }
+
+/// `a` in row-major order: itself when it already is (no copy), else a row-major copy.
+pub(crate) fn contiguous(a: ArcArray<f32, IxDyn>) -> ArcArray<f32, IxDyn> {
+    if a.is_standard_layout() {
+        a
+    } else {
+        a.as_standard_layout().into_owned().into_shared()
+    }
+}
+
+pub(crate) fn slice(a: &ArcArray<f32, IxDyn>) -> &[f32] {
+    a.as_slice()
+        .expect("contiguous() returned a row-major array")
+}

@@ -3,10 +3,9 @@
 
 use burn::backend::NdArray;
 use burn::tensor::{DType, Tensor};
-use ndarray::{ArcArray, IxDyn};
 use rayon::prelude::*;
 
-use super::ndarray_arrays::{array, from_vec, tensor};
+use super::ndarray_arrays::{array, contiguous, from_vec, slice, tensor};
 use super::swiglu::{SwigluBackend, swiglu_backward_ops};
 use crate::cpu_fast::exp_nonpositive;
 
@@ -91,18 +90,4 @@ fn each_block(out: &mut [f32], f: impl Fn(usize, &mut [f32]) + Send + Sync) {
     } else {
         f(0, out);
     }
-}
-
-/// `a` in row-major order: itself when it already is (no copy), else a row-major copy.
-fn contiguous(a: ArcArray<f32, IxDyn>) -> ArcArray<f32, IxDyn> {
-    if a.is_standard_layout() {
-        a
-    } else {
-        a.as_standard_layout().into_owned().into_shared()
-    }
-}
-
-fn slice(a: &ArcArray<f32, IxDyn>) -> &[f32] {
-    a.as_slice()
-        .expect("contiguous() returned a row-major array")
 }

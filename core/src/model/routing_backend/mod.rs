@@ -18,7 +18,7 @@
 //! the lower index, Top-p's rank-ordered prefix sum, routes ordered by expert then token.
 //!
 //! DRN ([`super::drn::DrnBackend`]), the SwiGLU gate ([`super::SwigluBackend`]), causal attention
-//! ([`super::AttentionBackend`]), RoPE ([`super::RopeBackend`]), the row moves ([`super::RowMovesBackend`]) and the
+//! ([`super::AttentionBackend`]), RoPE ([`super::RopeBackend`]), RMSNorm ([`super::RmsNormBackend`]), the row moves ([`super::RowMovesBackend`]) and the
 //! PI law ([`crate::train::ControllerBackend`]) are its supertraits, each with the same
 //! pattern.
 
@@ -58,6 +58,7 @@ use super::device_memory::DeviceMemoryBackend;
 use super::device_routing::{route_on_device, select_ranked};
 use super::drn::DrnBackend;
 use super::grouped_matmul::GroupedMatmulBackend;
+use super::rms_norm::RmsNormBackend;
 use super::rope::RopeBackend;
 use super::route::{ExpertRows, Route};
 use super::routed_rows::{RowMovesBackend, gathers};
@@ -74,6 +75,7 @@ pub trait RoutingBackend:
     + AttentionBackend
     + RopeBackend
     + RowMovesBackend
+    + RmsNormBackend
     + DrnBackend
     + ControllerBackend
     + DeviceMemoryBackend
