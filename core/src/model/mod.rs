@@ -36,6 +36,8 @@ mod routing_backend;
 mod swiglu;
 mod swiglu_ndarray;
 mod token_embedding;
+mod token_losses;
+mod token_losses_ndarray;
 
 pub use attention::CausalSelfAttention;
 pub use attention_op::{AttentionBackend, causal_attention};
@@ -66,3 +68,4 @@ pub use routing_backend::wgpu as wgpu_routing;
 pub use routing_backend::{RoutingBackend, TrainingBackend};
 pub use swiglu::{SwigluBackend, swiglu};
 pub use token_embedding::{embed_host_tokens, embed_tokens};
+pub use token_losses::TokenLossesBackend;

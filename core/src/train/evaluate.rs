@@ -2,7 +2,6 @@
 //! of the validation snippet. Used by the trainer at its evaluation steps and by
 //! `dtopp eval` on a trained run.
 
-use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 
@@ -105,15 +104,14 @@ pub fn evaluate<B: RoutingBackend>(
         if let Some(classes) = &batch.classes {
             // Per-position losses, read back only where the corpus labels classes.
             let n = batch.batch * batch.seq_len;
-            let picked =
-                log_softmax(output.logits.clone(), 1).gather(1, targets.clone().reshape([n, 1]));
-            let losses = host_f32(picked.reshape([n]))?;
+            let losses = host_f32(B::token_losses(output.logits.clone(), targets.clone()))?;
+            debug_assert_eq!(losses.len(), n);
             for (i, &class) in classes.iter().enumerate() {
                 let entry = by_class
                     .entry(class)
                     .or_insert_with(|| (0, 0.0, vec![0; counts.len()]));
                 entry.0 += 1;
-                entry.1 -= f64::from(losses[i]);
+                entry.1 += f64::from(losses[i]);
                 for (sum, layer) in entry.2.iter_mut().zip(&counts) {
                     *sum += layer[i] as u64;
                 }

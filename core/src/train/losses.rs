@@ -2,19 +2,19 @@
 //! layer and averaged over layers, a Switch-style load-balancing loss, a router-entropy
 //! loss and (off by default) the router z-loss.
 
-use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 
 use super::config::LossConfig;
-use crate::model::MoeForward;
 use crate::model::long_reductions::{column_means, mean_of_all};
+use crate::model::{MoeForward, TokenLossesBackend};
 
 /// Mean next-token cross-entropy of logits `[N, V]` against targets `[N]`.
-pub fn cross_entropy<B: Backend>(logits: Tensor<B, 2>, targets: Tensor<B, 1, Int>) -> Tensor<B, 1> {
-    let n = targets.dims()[0];
-    let picked = log_softmax(logits, 1).gather(1, targets.reshape([n, 1]));
-    mean_of_all(picked).neg()
+pub fn cross_entropy<B: TokenLossesBackend>(
+    logits: Tensor<B, 2>,
+    targets: Tensor<B, 1, Int>,
+) -> Tensor<B, 1> {
+    mean_of_all(B::token_losses(logits, targets))
 }
 
 /// Switch-style balance: `E * sum_j f_j * Pbar_j`, with `f_j` the fraction of routes
@@ -75,7 +75,7 @@ pub struct LossParts<B: Backend> {
 /// Cross-entropy plus the weighted auxiliary losses of every MoE layer; `expert_load`
 /// holds each layer's routes per expert (of this micro-batch, or of the global batch in
 /// a data-parallel run).
-pub fn total_loss<B: Backend>(
+pub fn total_loss<B: TokenLossesBackend>(
     logits: Tensor<B, 2>,
     targets: Tensor<B, 1, Int>,
     moe: &[MoeForward<B>],
@@ -91,7 +91,7 @@ pub fn total_loss<B: Backend>(
 }
 
 /// [`total_loss`] with `expert_load` `[L, E]` on the device.
-pub fn total_loss_on_device<B: Backend>(
+pub fn total_loss_on_device<B: TokenLossesBackend>(
     logits: Tensor<B, 2>,
     targets: Tensor<B, 1, Int>,
     moe: &[MoeForward<B>],
@@ -110,7 +110,7 @@ pub fn total_loss_on_device<B: Backend>(
     combine_losses(logits, targets, moe, balances, config)
 }
 
-fn combine_losses<B: Backend>(
+fn combine_losses<B: TokenLossesBackend>(
     logits: Tensor<B, 2>,
     targets: Tensor<B, 1, Int>,
     moe: &[MoeForward<B>],

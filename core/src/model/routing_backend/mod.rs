@@ -18,7 +18,7 @@
 //! the lower index, Top-p's rank-ordered prefix sum, routes ordered by expert then token.
 //!
 //! DRN ([`super::drn::DrnBackend`]), the SwiGLU gate ([`super::SwigluBackend`]), causal attention
-//! ([`super::AttentionBackend`]), RoPE ([`super::RopeBackend`]), RMSNorm ([`super::RmsNormBackend`]), the row moves ([`super::RowMovesBackend`]) and the
+//! ([`super::AttentionBackend`]), RoPE ([`super::RopeBackend`]), RMSNorm ([`super::RmsNormBackend`]), the token losses ([`super::TokenLossesBackend`]), the row moves ([`super::RowMovesBackend`]) and the
 //! PI law ([`crate::train::ControllerBackend`]) are its supertraits, each with the same
 //! pattern.
 
@@ -64,6 +64,7 @@ use super::route::{ExpertRows, Route};
 use super::routed_rows::{RowMovesBackend, gathers};
 use super::routing::Selector;
 use super::swiglu::SwigluBackend;
+use super::token_losses::TokenLossesBackend;
 use crate::error::Result;
 use crate::ops::{HostDispatchPlan, HostSelection};
 use crate::train::{AdamWUpdateBackend, ControllerBackend};
@@ -76,6 +77,7 @@ pub trait RoutingBackend:
     + RopeBackend
     + RowMovesBackend
     + RmsNormBackend
+    + TokenLossesBackend
     + DrnBackend
     + ControllerBackend
     + DeviceMemoryBackend
