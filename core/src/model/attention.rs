@@ -8,6 +8,7 @@ use burn::tensor::backend::Backend;
 
 use super::attention_op::{AttentionBackend, causal_attention};
 use super::config::ModelConfig;
+use super::dense_matmul::DenseMatmulBackend;
 use super::init::normal_param;
 use super::precision::Precision;
 use super::rope::RopeBackend;
@@ -42,7 +43,7 @@ impl<B: Backend> CausalSelfAttention<B> {
     }
 }
 
-impl<B: AttentionBackend + RopeBackend> CausalSelfAttention<B> {
+impl<B: AttentionBackend + RopeBackend + DenseMatmulBackend> CausalSelfAttention<B> {
     /// `x` `[B, S, D]` → `[B, S, D]`, causal. The projections run in `precision`; scores
     /// and softmax in f32.
     pub fn forward(&self, x: Tensor<B, 3>, precision: Precision) -> Tensor<B, 3> {
@@ -86,7 +87,7 @@ impl<B: AttentionBackend + RopeBackend> CausalSelfAttention<B> {
         // Projections as one [B S, D] matmul: a broadcast batched matmul would repack the
         // weight for every sequence.
         let qkv = precision
-            .matmul(x.reshape([b * s, d]), self.qkv.val())
+            .dense(x.reshape([b * s, d]), self.qkv.val())
             .reshape([b, s, 3 * d]);
         let split = |i: usize| {
             qkv.clone()
@@ -112,7 +113,7 @@ impl<B: AttentionBackend + RopeBackend> CausalSelfAttention<B> {
         let [b, h, s, hd] = q.dims();
         let context = causal_attention(q, k, v, start).reshape([b * s, h * hd]);
         precision
-            .matmul(context, self.out.val())
+            .dense(context, self.out.val())
             .reshape([b, s, h * hd])
     }
 }

@@ -5,6 +5,7 @@ use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 
 use super::config::ModelConfig;
+use super::dense_matmul::DenseMatmulBackend;
 use super::init::normal_param;
 use super::precision::Precision;
 use super::swiglu::{SwigluBackend, swiglu};
@@ -34,13 +35,13 @@ impl<B: Backend> DenseFfn<B> {
     }
 }
 
-impl<B: SwigluBackend> DenseFfn<B> {
+impl<B: SwigluBackend + DenseMatmulBackend> DenseFfn<B> {
     /// `[N, D]` → `[N, D]`, the products in `precision`.
     pub fn forward(&self, x: Tensor<B, 2>, precision: Precision) -> Tensor<B, 2> {
         let hidden = swiglu(
-            precision.matmul(x.clone(), self.gate.val()),
-            precision.matmul(x, self.up.val()),
+            precision.dense(x.clone(), self.gate.val()),
+            precision.dense(x, self.up.val()),
         );
-        precision.matmul(hidden, self.down.val())
+        precision.dense(hidden, self.down.val())
     }
 }

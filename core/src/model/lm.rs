@@ -238,7 +238,7 @@ impl<B: RoutingBackend> MoeLanguageModel<B> {
             x = x + y;
         }
         let x = rms_norm(&self.final_norm, x).reshape([b * s, d]);
-        let logits = precision.matmul(x, self.head.val());
+        let logits = precision.dense(x, self.head.val());
         Ok(LmOutput { logits, moe })
     }
 }

@@ -56,6 +56,20 @@ impl Precision {
         }
     }
 
+    /// `x @ w` (`[N, K] x [K, M]`, a dense layer's weight) in this precision, returned
+    /// in f32: the backend's own dense product in f32
+    /// ([`super::DenseMatmulBackend`]), else [`Precision::matmul`].
+    pub fn dense<B: super::DenseMatmulBackend>(
+        self,
+        x: Tensor<B, 2>,
+        w: Tensor<B, 2>,
+    ) -> Tensor<B, 2> {
+        match self.dtype() {
+            None => B::dense_matmul(x, w),
+            Some(_) => self.matmul(x, w),
+        }
+    }
+
     /// Runs a cast matrix product forward and backward on `device`, so a backend that
     /// lacks the dtype is refused by name before a run starts instead of failing inside
     /// its first step (burn panics there, e.g. wgpu on bf16).

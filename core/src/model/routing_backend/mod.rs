@@ -18,7 +18,8 @@
 //! the lower index, Top-p's rank-ordered prefix sum, routes ordered by expert then token.
 //!
 //! DRN ([`super::drn::DrnBackend`]), the SwiGLU gate ([`super::SwigluBackend`]), causal attention
-//! ([`super::AttentionBackend`]), RoPE ([`super::RopeBackend`]), RMSNorm ([`super::RmsNormBackend`]), the token losses ([`super::TokenLossesBackend`]), the row moves ([`super::RowMovesBackend`]) and the
+//! ([`super::AttentionBackend`]), RoPE ([`super::RopeBackend`]), RMSNorm ([`super::RmsNormBackend`]), the token losses ([`super::TokenLossesBackend`]), the dense products
+//! ([`super::DenseMatmulBackend`]), the row moves ([`super::RowMovesBackend`]) and the
 //! PI law ([`crate::train::ControllerBackend`]) are its supertraits, each with the same
 //! pattern.
 
@@ -54,6 +55,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
 
 use super::attention_op::AttentionBackend;
+use super::dense_matmul::DenseMatmulBackend;
 use super::device_memory::DeviceMemoryBackend;
 use super::device_routing::{route_on_device, select_ranked};
 use super::drn::DrnBackend;
@@ -78,6 +80,7 @@ pub trait RoutingBackend:
     + RowMovesBackend
     + RmsNormBackend
     + TokenLossesBackend
+    + DenseMatmulBackend
     + DrnBackend
     + ControllerBackend
     + DeviceMemoryBackend
