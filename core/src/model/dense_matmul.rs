@@ -155,8 +155,9 @@ mod tests {
     fn product_and_gradients_equal_burns_matmul() {
         let device = Default::default();
         // One value; odd sizes; a product large enough to split over the cores (forward,
-        // dX and dW each past the threshold), with rows not a multiple of the split.
-        for [n, k, m] in [[1, 1, 1], [5, 7, 3], [301, 257, 129]] {
+        // dX and dW each twice the per-thread threshold, 2^25 multiply-adds), with rows
+        // not a multiple of the split.
+        for [n, k, m] in [[1, 1, 1], [5, 7, 3], [1031, 257, 257]] {
             let x = Tensor::<NdArray, 2>::random([n, k], Distribution::Normal(0.0, 1.0), &device);
             let w = Tensor::<NdArray, 2>::random([k, m], Distribution::Normal(0.0, 1.0), &device);
             let (got, want) = (run(&x, &w, true), run(&x, &w, false));

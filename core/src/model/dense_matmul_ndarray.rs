@@ -9,8 +9,13 @@ use ndarray::{Array2, ArrayView2, ArrayViewMut2, Axis, Ix2};
 use rayon::prelude::*;
 
 use super::dense_matmul::DenseMatmulBackend;
-use super::grouped_matmul::PARALLEL_MIN_MACS;
 use super::ndarray_arrays::{array, tensor};
+
+/// The multiply-adds a product must have per thread before its rows are split over the
+/// threads. Measured with `dtopp bench train` on 2 cores (docs/benchmarks.md): at 2^22
+/// the tiny preset's projections (2^22-2^24, `K` = 64) ran 10-15% slower split than on
+/// one core, while bench/cpu-mid.toml's (2^26-2^28) gained 15% at 2^25 against one core.
+const MIN_MACS_PER_THREAD: usize = 1 << 25;
 
 impl DenseMatmulBackend for NdArray {
     const OWN_DENSE_MATMUL: bool = true;
@@ -53,14 +58,14 @@ fn rank2(a: &ndarray::ArcArray<f32, ndarray::IxDyn>) -> ArrayView2<'_, f32> {
 }
 
 /// `a b`, the rows of `a` (and of the output) split over the threads where each block
-/// averages [`PARALLEL_MIN_MACS`] multiply-adds (smaller products lose more to the
-/// pool's hand-off than they gain).
+/// has [`MIN_MACS_PER_THREAD`] multiply-adds (smaller products lose more to the pool's
+/// hand-off and the repacked weight than they gain).
 fn product(a: ArrayView2<f32>, b: ArrayView2<f32>) -> Array2<f32> {
     let (n, k, m) = (a.nrows(), a.ncols(), b.ncols());
     let mut out = Array2::<f32>::zeros((n, m));
     let macs = n.saturating_mul(k).saturating_mul(m);
     let parts = rayon::current_num_threads()
-        .min(macs / PARALLEL_MIN_MACS)
+        .min(macs / MIN_MACS_PER_THREAD)
         .min(n)
         .max(1);
     let one = |(a, mut out): (ArrayView2<f32>, ArrayViewMut2<f32>)| {

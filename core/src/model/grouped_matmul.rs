@@ -120,7 +120,7 @@ pub(super) fn sliced_products<B: GroupedMatmulBackend>(
 /// The multiply-adds an expert's product must average before the products run side by
 /// side. Measured with `dtopp bench train` on 2 cores: the tiny preset's products (about
 /// 2^20 each) ran 6% slower side by side, bench/cpu-mid.toml's (2^23) 3% faster.
-pub(super) const PARALLEL_MIN_MACS: usize = 1 << 22;
+const PARALLEL_MIN_MACS: usize = 1 << 22;
 
 /// `product(e, start, end)` for every expert `e` and its rows `start..end`, in expert
 /// order; side by side where [`GroupedMatmulBackend::PARALLEL_EXPERTS`] and the products
