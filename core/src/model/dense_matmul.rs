@@ -10,16 +10,11 @@
 //! `matmul` under burn's autodiff ([`DenseMatmulBackend::OWN_DENSE_MATMUL`] false).
 
 use burn::backend::Autodiff;
-use burn::backend::autodiff::NodeId;
-use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
-use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
-use burn::tensor::ops::FloatTensor;
-use burn::tensor::{Tensor, TensorPrimitive};
 
-use super::routed_rows::float;
+use super::tracked_pair::{PairBackward, tracked_pair};
 
 /// A backend with the dense `[N, K] x [K, M]` product as one op.
 pub trait DenseMatmulBackend: Backend {
@@ -50,31 +45,18 @@ impl DenseMatmulBackend for burn::backend::Wgpu {}
 #[cfg(feature = "cuda")]
 impl DenseMatmulBackend for burn::backend::Cuda {}
 
-#[derive(Debug)]
-struct DenseMatmul;
+/// The product's backward, [`DenseMatmulBackend::dense_matmul_backward`].
+#[derive(Clone, Debug)]
+struct DenseMatmulGrad;
 
-impl<B: DenseMatmulBackend> Backward<B, 2> for DenseMatmul {
-    /// The checkpointed x and w.
-    type State = (NodeId, NodeId);
-
+impl<B: DenseMatmulBackend> PairBackward<B, 2> for DenseMatmulGrad {
     fn backward(
-        self,
-        ops: Ops<Self::State, 2>,
-        grads: &mut Gradients,
-        checkpointer: &mut Checkpointer,
-    ) {
-        let [node_x, node_w] = ops.parents;
-        let grad = float::<B, 2>(grads.consume::<B>(&ops.node));
-        let (x_id, w_id) = ops.state;
-        let x = float::<B, 2>(checkpointer.retrieve_node_output(x_id));
-        let w = float::<B, 2>(checkpointer.retrieve_node_output(w_id));
-        let (d_x, d_w) = B::dense_matmul_backward(x, w, grad);
-        if let Some(node) = node_x {
-            grads.register::<B>(node.id, d_x.into_primitive().tensor());
-        }
-        if let Some(node) = node_w {
-            grads.register::<B>(node.id, d_w.into_primitive().tensor());
-        }
+        &self,
+        x: Tensor<B, 2>,
+        w: Tensor<B, 2>,
+        grad: Tensor<B, 2>,
+    ) -> (Tensor<B, 2>, Tensor<B, 2>) {
+        B::dense_matmul_backward(x, w, grad)
     }
 }
 
@@ -85,35 +67,18 @@ impl<B: DenseMatmulBackend, C: CheckpointStrategy> DenseMatmulBackend for Autodi
         if !B::OWN_DENSE_MATMUL {
             return x.matmul(w);
         }
-        let x = x.into_primitive().tensor();
-        let w = w.into_primitive().tensor();
-        let forward = |x: FloatTensor<B>, w: FloatTensor<B>| {
-            B::dense_matmul(float(x), float(w))
-                .into_primitive()
-                .tensor()
-        };
-        let out = match DenseMatmul
-            .prepare::<C>([x.node.clone(), w.node.clone()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(mut prep) => {
-                let x_id = prep.checkpoint(&x);
-                let w_id = prep.checkpoint(&w);
-                prep.finish((x_id, w_id), forward(x.primitive, w.primitive))
-            }
-            OpsKind::UnTracked(prep) => prep.finish(forward(x.primitive, w.primitive)),
-        };
-        Tensor::from_primitive(TensorPrimitive::Float(out))
+        tracked_pair(x, w, DenseMatmulGrad, B::dense_matmul)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use burn::backend::{Autodiff, NdArray};
-    use burn::tensor::{Distribution, Tensor, TensorData};
+    use burn::tensor::{Tensor, TensorData};
 
     use super::DenseMatmulBackend;
+
+    use crate::model::init::drawn;
 
     type B = Autodiff<NdArray>;
 
@@ -158,8 +123,8 @@ mod tests {
         // dX and dW each twice the per-thread threshold, 2^25 multiply-adds), with rows
         // not a multiple of the split.
         for [n, k, m] in [[1, 1, 1], [5, 7, 3], [1031, 257, 257]] {
-            let x = Tensor::<NdArray, 2>::random([n, k], Distribution::Normal(0.0, 1.0), &device);
-            let w = Tensor::<NdArray, 2>::random([k, m], Distribution::Normal(0.0, 1.0), &device);
+            let x = drawn::<NdArray, 2>([n, k], (0.0, 1.0), 1, &device);
+            let w = drawn::<NdArray, 2>([k, m], (0.0, 1.0), 2, &device);
             let (got, want) = (run(&x, &w, true), run(&x, &w, false));
             for (i, what) in ["product", "dX", "dW"].iter().enumerate() {
                 assert_close(
@@ -175,10 +140,8 @@ mod tests {
     fn strided_operands_read_as_their_values() {
         let device = Default::default();
         // A transposed x and w: views with column strides.
-        let x = Tensor::<NdArray, 2>::random([70, 300], Distribution::Normal(0.0, 1.0), &device)
-            .transpose();
-        let w = Tensor::<NdArray, 2>::random([90, 70], Distribution::Normal(0.0, 1.0), &device)
-            .transpose();
+        let x = drawn::<NdArray, 2>([70, 300], (0.0, 1.0), 3, &device).transpose();
+        let w = drawn::<NdArray, 2>([90, 70], (0.0, 1.0), 4, &device).transpose();
         let (got, want) = (run(&x, &w, true), run(&x, &w, false));
         for (i, what) in ["product", "dX", "dW"].iter().enumerate() {
             assert_close(&got[i], &want[i], &format!("{what} of transposed operands"));

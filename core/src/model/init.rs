@@ -29,3 +29,18 @@ pub fn constant_param<B: Backend, const D: usize>(
 ) -> Param<Tensor<B, D>> {
     Param::from_tensor(Tensor::full(shape, value, device))
 }
+
+/// A tensor of `shape` drawn from `N(mean, std^2)` with seed `seed`: test data that is the
+/// same on every run (burn's `Tensor::random` seeds one generator for the whole process,
+/// which tests running side by side share).
+#[cfg(test)]
+pub(crate) fn drawn<B: Backend, const D: usize>(
+    shape: [usize; D],
+    (mean, std): (f64, f64),
+    seed: u64,
+    device: &B::Device,
+) -> Tensor<B, D> {
+    normal_param(&mut SplitMix64::new(seed), shape, std, device)
+        .val()
+        .add_scalar(mean)
+}

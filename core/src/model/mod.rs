@@ -40,6 +40,7 @@ mod swiglu_ndarray;
 mod token_embedding;
 mod token_losses;
 mod token_losses_ndarray;
+mod tracked_pair;
 
 pub use attention::CausalSelfAttention;
 pub use attention_op::{AttentionBackend, causal_attention};

@@ -13,17 +13,12 @@
 //! `dGamma = sum over rows of dY n`, `dX = r (g - n mean(g n))`.
 
 use burn::backend::Autodiff;
-use burn::backend::autodiff::NodeId;
-use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
-use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::nn::RmsNorm;
+use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
-use burn::tensor::ops::FloatTensor;
-use burn::tensor::{Tensor, TensorPrimitive};
 
-use super::routed_rows::float;
+use super::tracked_pair::{PairBackward, tracked_pair};
 
 /// A backend with RMSNorm as one op on rows `[R, D]`.
 pub trait RmsNormBackend: Backend {
@@ -96,31 +91,18 @@ pub fn rms_norm<B: RmsNormBackend, const D: usize>(
     B::rms_norm(x.reshape([rows, width]), norm.gamma.val(), norm.epsilon).reshape(dims)
 }
 
-#[derive(Debug)]
-struct RmsNormOp;
+/// The norm's backward at epsilon `.0`, [`RmsNormBackend::rms_norm_backward`].
+#[derive(Clone, Debug)]
+struct RmsNormGrad(f64);
 
-impl<B: RmsNormBackend> Backward<B, 2> for RmsNormOp {
-    /// The checkpointed x and gamma, and epsilon.
-    type State = (NodeId, NodeId, f64);
-
+impl<B: RmsNormBackend> PairBackward<B, 1> for RmsNormGrad {
     fn backward(
-        self,
-        ops: Ops<Self::State, 2>,
-        grads: &mut Gradients,
-        checkpointer: &mut Checkpointer,
-    ) {
-        let [node_x, node_gamma] = ops.parents;
-        let grad = float::<B, 2>(grads.consume::<B>(&ops.node));
-        let (x_id, gamma_id, eps) = ops.state;
-        let x = float::<B, 2>(checkpointer.retrieve_node_output(x_id));
-        let gamma = float::<B, 1>(checkpointer.retrieve_node_output(gamma_id));
-        let (d_x, d_gamma) = B::rms_norm_backward(x, gamma, grad, eps);
-        if let Some(node) = node_x {
-            grads.register::<B>(node.id, d_x.into_primitive().tensor());
-        }
-        if let Some(node) = node_gamma {
-            grads.register::<B>(node.id, d_gamma.into_primitive().tensor());
-        }
+        &self,
+        x: Tensor<B, 2>,
+        gamma: Tensor<B, 1>,
+        grad: Tensor<B, 2>,
+    ) -> (Tensor<B, 2>, Tensor<B, 1>) {
+        B::rms_norm_backward(x, gamma, grad, self.0)
     }
 }
 
@@ -131,26 +113,9 @@ impl<B: RmsNormBackend, C: CheckpointStrategy> RmsNormBackend for Autodiff<B, C>
         if !B::OWN_RMS_NORM {
             return rms_norm_ops(x, gamma, eps);
         }
-        let x = x.into_primitive().tensor();
-        let gamma = gamma.into_primitive().tensor();
-        let forward = |x: FloatTensor<B>, gamma: FloatTensor<B>| {
-            B::rms_norm(float(x), float(gamma), eps)
-                .into_primitive()
-                .tensor()
-        };
-        let out = match RmsNormOp
-            .prepare::<C>([x.node.clone(), gamma.node.clone()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(mut prep) => {
-                let x_id = prep.checkpoint(&x);
-                let gamma_id = prep.checkpoint(&gamma);
-                prep.finish((x_id, gamma_id, eps), forward(x.primitive, gamma.primitive))
-            }
-            OpsKind::UnTracked(prep) => prep.finish(forward(x.primitive, gamma.primitive)),
-        };
-        Tensor::from_primitive(TensorPrimitive::Float(out))
+        tracked_pair(x, gamma, RmsNormGrad(eps), |x, gamma| {
+            B::rms_norm(x, gamma, eps)
+        })
     }
 }
 
@@ -158,17 +123,20 @@ impl<B: RmsNormBackend, C: CheckpointStrategy> RmsNormBackend for Autodiff<B, C>
 mod tests {
     use burn::backend::{Autodiff, NdArray};
     use burn::nn::{RmsNorm, RmsNormConfig};
-    use burn::tensor::{Distribution, Tensor, TensorData};
+    use burn::tensor::{Tensor, TensorData};
 
     use super::{RmsNormBackend, rms_norm, rms_norm_backward_ops};
+
+    use crate::model::init::drawn;
 
     type B = Autodiff<NdArray>;
 
     /// A norm of width `d` with gamma drawn around 1 (so every column differs).
     fn norm(d: usize) -> RmsNorm<B> {
         let mut norm = RmsNormConfig::new(d).init::<B>(&Default::default());
+        // A leaf of the graph: drawn on the inner backend.
         let gamma =
-            Tensor::<B, 1>::random([d], Distribution::Normal(1.0, 0.5), &Default::default());
+            Tensor::<B, 1>::from_inner(drawn([d], (1.0, 0.5), d as u64, &Default::default()));
         norm.gamma = burn::module::Param::from_tensor(gamma);
         norm
     }
@@ -205,7 +173,8 @@ mod tests {
         ]
     }
 
-    fn assert_close(got: &[f32], want: &[f32], what: &str) {
+    /// Within `rtol` of burn's value, relative to `1 + |value|`; NaN where burn's is.
+    fn assert_within(got: &[f32], want: &[f32], rtol: f32, what: &str) {
         assert_eq!(got.len(), want.len(), "{what}");
         for (i, (a, b)) in got.iter().zip(want).enumerate() {
             if b.is_nan() {
@@ -213,10 +182,25 @@ mod tests {
                 continue;
             }
             assert!(
-                (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                (a - b).abs() <= rtol * (1.0 + b.abs()),
                 "{what}[{i}]: {a} vs burn's ops {b}"
             );
         }
+    }
+
+    /// Output and dX within 1e-5; dGamma, a sum over the rows in another order whose
+    /// terms (`dY n`, up to about 10 here) cancel to well under 1, within 1e-4.
+    fn assert_close3(got: &[Vec<f32>; 3], want: &[Vec<f32>; 3], what: &str) {
+        for (k, (name, rtol)) in [("output", 1e-5), ("dX", 1e-5), ("dGamma", 1e-4)]
+            .into_iter()
+            .enumerate()
+        {
+            assert_within(&got[k], &want[k], rtol, &format!("{name} {what}"));
+        }
+    }
+
+    fn assert_close(got: &[f32], want: &[f32], what: &str) {
+        assert_within(got, want, 1e-5, what);
     }
 
     #[test]
@@ -225,11 +209,9 @@ mod tests {
         // One value; an odd width; rows past one block, split over the cores.
         for [n, d] in [[1, 1], [5, 7], [300, 257]] {
             let norm = norm(d);
-            let x = Tensor::<NdArray, 2>::random([n, d], Distribution::Normal(0.0, 3.0), &device);
+            let x = drawn::<NdArray, 2>([n, d], (0.0, 3.0), 1, &device);
             let (got, want) = (run(&norm, &x, true), run(&norm, &x, false));
-            for (k, what) in ["output", "dX", "dGamma"].iter().enumerate() {
-                assert_close(&got[k], &want[k], &format!("{what} at [{n}, {d}]"));
-            }
+            assert_close3(&got, &want, &format!("at [{n}, {d}]"));
         }
     }
 
@@ -238,12 +220,9 @@ mod tests {
         let device = Default::default();
         let norm = norm(6);
         // [2, 3, 6] read through a transpose of [2, 6, 3]: a strided view.
-        let x = Tensor::<NdArray, 3>::random([2, 6, 3], Distribution::Normal(0.0, 1.0), &device)
-            .swap_dims(1, 2);
+        let x = drawn::<NdArray, 3>([2, 6, 3], (0.0, 1.0), 2, &device).swap_dims(1, 2);
         let (got, want) = (run(&norm, &x, true), run(&norm, &x, false));
-        for (k, what) in ["output", "dX", "dGamma"].iter().enumerate() {
-            assert_close(&got[k], &want[k], &format!("{what}, strided rank 3"));
-        }
+        assert_close3(&got, &want, "of a strided rank 3 input");
         // A row of zeros (rms = sqrt(eps)) and a row holding a NaN.
         let mut values = vec![0.0f32; 6];
         values.extend([1.0, -2.0, f32::NAN, 0.5, 3.0, -1.0]);
@@ -256,15 +235,15 @@ mod tests {
     #[test]
     fn the_default_backward_agrees_with_the_cpu_override() {
         let device = Default::default();
-        let x = Tensor::<NdArray, 2>::random([33, 19], Distribution::Normal(0.0, 2.0), &device);
-        let gamma = Tensor::<NdArray, 1>::random([19], Distribution::Normal(1.0, 0.5), &device);
-        let grad = Tensor::<NdArray, 2>::random([33, 19], Distribution::Normal(0.0, 1.0), &device);
+        let x = drawn::<NdArray, 2>([33, 19], (0.0, 2.0), 3, &device);
+        let gamma = drawn::<NdArray, 1>([19], (1.0, 0.5), 4, &device);
+        let grad = drawn::<NdArray, 2>([33, 19], (0.0, 1.0), 5, &device);
         let (want_x, want_gamma) =
             rms_norm_backward_ops(x.clone(), gamma.clone(), grad.clone(), 1e-5);
         let (d_x, d_gamma) = NdArray::rms_norm_backward(x, gamma, grad, 1e-5);
         let flat2 = |t: Tensor<NdArray, 2>| t.into_data().to_vec::<f32>().unwrap();
         let flat1 = |t: Tensor<NdArray, 1>| t.into_data().to_vec::<f32>().unwrap();
         assert_close(&flat2(d_x), &flat2(want_x), "dX");
-        assert_close(&flat1(d_gamma), &flat1(want_gamma), "dGamma");
+        assert_within(&flat1(d_gamma), &flat1(want_gamma), 1e-4, "dGamma");
     }
 }

@@ -11,17 +11,12 @@
 //! With `s = sigmoid(g)`: `y = g s u`, `dU = dY g s`, `dG = dY u s (1 + g (1 - s))`.
 
 use burn::backend::Autodiff;
-use burn::backend::autodiff::NodeId;
-use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
-use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::tensor::Tensor;
 use burn::tensor::activation::{sigmoid, silu};
 use burn::tensor::backend::Backend;
-use burn::tensor::ops::FloatTensor;
-use burn::tensor::{Tensor, TensorPrimitive};
 
-use super::routed_rows::float;
+use super::tracked_pair::{PairBackward, tracked_pair};
 
 /// A backend with the SwiGLU gate as one op.
 pub trait SwigluBackend: Backend {
@@ -70,54 +65,24 @@ pub fn swiglu<B: SwigluBackend, const D: usize>(
     B::swiglu(gate.reshape([rows, width]), up.reshape([rows, width])).reshape(dims)
 }
 
-#[derive(Debug)]
-struct Swiglu;
+/// The gate's backward, [`SwigluBackend::swiglu_backward`].
+#[derive(Clone, Debug)]
+struct SwigluGrad;
 
-impl<B: SwigluBackend> Backward<B, 2> for Swiglu {
-    /// The checkpointed gate and up.
-    type State = (NodeId, NodeId);
-
+impl<B: SwigluBackend> PairBackward<B, 2> for SwigluGrad {
     fn backward(
-        self,
-        ops: Ops<Self::State, 2>,
-        grads: &mut Gradients,
-        checkpointer: &mut Checkpointer,
-    ) {
-        let [node_gate, node_up] = ops.parents;
-        let grad = float::<B, 2>(grads.consume::<B>(&ops.node));
-        let (gate_id, up_id) = ops.state;
-        let gate = float::<B, 2>(checkpointer.retrieve_node_output(gate_id));
-        let up = float::<B, 2>(checkpointer.retrieve_node_output(up_id));
-        let (d_gate, d_up) = B::swiglu_backward(gate, up, grad);
-        if let Some(node) = node_gate {
-            grads.register::<B>(node.id, d_gate.into_primitive().tensor());
-        }
-        if let Some(node) = node_up {
-            grads.register::<B>(node.id, d_up.into_primitive().tensor());
-        }
+        &self,
+        gate: Tensor<B, 2>,
+        up: Tensor<B, 2>,
+        grad: Tensor<B, 2>,
+    ) -> (Tensor<B, 2>, Tensor<B, 2>) {
+        B::swiglu_backward(gate, up, grad)
     }
 }
 
 impl<B: SwigluBackend, C: CheckpointStrategy> SwigluBackend for Autodiff<B, C> {
     fn swiglu(gate: Tensor<Self, 2>, up: Tensor<Self, 2>) -> Tensor<Self, 2> {
-        let gate = gate.into_primitive().tensor();
-        let up = up.into_primitive().tensor();
-        let forward = |gate: FloatTensor<B>, up: FloatTensor<B>| {
-            B::swiglu(float(gate), float(up)).into_primitive().tensor()
-        };
-        let out = match Swiglu
-            .prepare::<C>([gate.node.clone(), up.node.clone()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(mut prep) => {
-                let gate_id = prep.checkpoint(&gate);
-                let up_id = prep.checkpoint(&up);
-                prep.finish((gate_id, up_id), forward(gate.primitive, up.primitive))
-            }
-            OpsKind::UnTracked(prep) => prep.finish(forward(gate.primitive, up.primitive)),
-        };
-        Tensor::from_primitive(TensorPrimitive::Float(out))
+        tracked_pair(gate, up, SwigluGrad, B::swiglu)
     }
 }
 

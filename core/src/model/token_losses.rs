@@ -42,9 +42,7 @@ pub trait TokenLossesBackend: Backend {
         targets: Tensor<Self, 1, Int>,
         grad: Tensor<Self, 1>,
     ) -> Tensor<Self, 2> {
-        let [n, v] = logits.dims();
-        let onehot = targets.one_hot::<2>(v).float();
-        (softmax(logits, 1) - onehot) * grad.reshape([n, 1])
+        token_losses_backward_ops(logits, targets, grad)
     }
 }
 
@@ -58,6 +56,17 @@ pub(super) fn token_losses_ops<B: Backend>(
         .gather(1, targets.reshape([n, 1]))
         .reshape([n])
         .neg()
+}
+
+/// [`TokenLossesBackend::token_losses_backward`] in burn's tensor ops.
+pub(super) fn token_losses_backward_ops<B: Backend>(
+    logits: Tensor<B, 2>,
+    targets: Tensor<B, 1, Int>,
+    grad: Tensor<B, 1>,
+) -> Tensor<B, 2> {
+    let [n, v] = logits.dims();
+    let onehot = targets.one_hot::<2>(v).float();
+    (softmax(logits, 1) - onehot) * grad.reshape([n, 1])
 }
 
 impl TokenLossesBackend for burn::backend::Wgpu {}
@@ -121,9 +130,11 @@ impl<B: TokenLossesBackend, C: CheckpointStrategy> TokenLossesBackend for Autodi
 #[cfg(test)]
 mod tests {
     use burn::backend::{Autodiff, NdArray};
-    use burn::tensor::{Distribution, Int, Tensor, TensorData};
+    use burn::tensor::{Int, Tensor, TensorData};
 
-    use super::{TokenLossesBackend, token_losses_ops};
+    use super::{TokenLossesBackend, token_losses_backward_ops, token_losses_ops};
+
+    use crate::model::init::drawn;
 
     type B = Autodiff<NdArray>;
 
@@ -171,8 +182,7 @@ mod tests {
         let device = Default::default();
         // One class; an odd vocabulary; rows past one block, split over the cores.
         for [n, v] in [[1, 1], [5, 7], [300, 257]] {
-            let logits =
-                Tensor::<NdArray, 2>::random([n, v], Distribution::Normal(0.0, 4.0), &device);
+            let logits = drawn::<NdArray, 2>([n, v], (0.0, 4.0), 1, &device);
             let t: Vec<i64> = (0..n).map(|i| ((i * 31 + 7) % v) as i64).collect();
             let (got, want) = (run(&logits, &t, true), run(&logits, &t, false));
             assert_close(&got[0], &want[0], &format!("losses at [{n}, {v}]"));
@@ -205,8 +215,7 @@ mod tests {
         assert_close(&got[0], &want[0], "losses");
         assert_close(&got[1][..8], &want[1][..8], "dLogits of the finite rows");
         assert!(got[0][2].is_nan(), "a NaN logit gives a NaN loss");
-        let strided = Tensor::<NdArray, 2>::random([6, 4], Distribution::Normal(0.0, 2.0), &device)
-            .transpose();
+        let strided = drawn::<NdArray, 2>([6, 4], (0.0, 2.0), 2, &device).transpose();
         let t = [0, 5, 2, 3];
         let (got, want) = (run(&strided, &t, true), run(&strided, &t, false));
         assert_close(&got[0], &want[0], "losses of a transposed view");
@@ -216,15 +225,11 @@ mod tests {
     #[test]
     fn the_default_backward_agrees_with_the_cpu_override() {
         let device = Default::default();
-        let logits =
-            Tensor::<NdArray, 2>::random([33, 19], Distribution::Normal(0.0, 2.0), &device);
-        let grad = Tensor::<NdArray, 1>::random([33], Distribution::Normal(0.0, 1.0), &device);
+        let logits = drawn::<NdArray, 2>([33, 19], (0.0, 2.0), 3, &device);
+        let grad = drawn::<NdArray, 1>([33], (0.0, 1.0), 4, &device);
         let t: Vec<i64> = (0..33).map(|i| (i * 7 % 19) as i64).collect();
-        // The trait's default body on ndarray, by way of a backend that keeps it: burn's
-        // ops written out here.
-        let onehot = targets::<NdArray>(&t).one_hot::<2>(19).float();
-        let want = (burn::tensor::activation::softmax(logits.clone(), 1) - onehot)
-            * grad.clone().reshape([33, 1]);
+        // The trait's default body, burn's ops on the same backend.
+        let want = token_losses_backward_ops(logits.clone(), targets(&t), grad.clone());
         let got = NdArray::token_losses_backward(logits, targets(&t), grad);
         let flat = |t: Tensor<NdArray, 2>| t.into_data().to_vec::<f32>().unwrap();
         assert_close(&flat(got), &flat(want), "dLogits");

@@ -6,7 +6,7 @@ use burn::tensor::{DType, Int, Tensor};
 use rayon::prelude::*;
 
 use super::ndarray_arrays::{array, contiguous, from_vec, slice, tensor};
-use super::token_losses::{TokenLossesBackend, token_losses_ops};
+use super::token_losses::{TokenLossesBackend, token_losses_backward_ops, token_losses_ops};
 use crate::cpu_fast::exp_nonpositive;
 
 /// Logits per block of rows. Below two blocks a pass stays on the calling thread (the
@@ -48,8 +48,7 @@ impl TokenLossesBackend for NdArray {
     ) -> Tensor<Self, 2> {
         let [n, v] = logits.dims();
         if logits.dtype() != DType::F32 || grad.dtype() != DType::F32 || n * v == 0 {
-            let onehot = targets.one_hot::<2>(v).float();
-            return (burn::tensor::activation::softmax(logits, 1) - onehot) * grad.reshape([n, 1]);
+            return token_losses_backward_ops(logits, targets, grad);
         }
         let targets = target_indices(targets, v);
         let (logits, grad) = (contiguous(array(logits)), contiguous(array(grad)));

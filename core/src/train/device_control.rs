@@ -32,6 +32,18 @@ pub trait ControllerBackend: Backend {
     }
 }
 
+/// What each of `controllers` reads of `layers` per-layer sums over `tokens` tokens, for
+/// the kernels that update one controller per workgroup: the sums it adds and the tokens
+/// they cover. One controller reads every layer's sum; otherwise controller l reads
+/// layer l's.
+pub fn controller_reads(controllers: usize, layers: usize, tokens: usize) -> (usize, f32) {
+    if controllers == 1 {
+        (layers, (layers * tokens) as f32)
+    } else {
+        (1, tokens as f32)
+    }
+}
+
 /// [`ControllerBackend::controllers_update`] in burn tensor ops: the default, and the
 /// fallback of the backends with their own kernel.
 pub fn controllers_update_ops<B: Backend>(

@@ -43,7 +43,9 @@ pub use config::{
     SHARDS_PREFIX, TrainConfig,
 };
 pub use data_parallel::{resume_data_parallel, resume_node, train_data_parallel, train_node};
-pub use device_control::{ControllerBackend, DeviceControl, controllers_update_ops};
+pub use device_control::{
+    ControllerBackend, DeviceControl, controller_reads, controllers_update_ops,
+};
 pub(crate) use evaluate::host_f32;
 pub use evaluate::{Evaluation, evaluate, printable_byte};
 pub use export::{ExportReport, export_safetensors, parameter_names};

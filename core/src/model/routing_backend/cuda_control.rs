@@ -9,7 +9,7 @@ use dtopp_cuda::ControllerParams;
 
 use super::cuda_launch::{CudaModule, float, float_tensor, int, kernels_on, launch, or_panic};
 use crate::controller::ControllerConfig;
-use crate::train::{ControllerBackend, controllers_update_ops};
+use crate::train::{ControllerBackend, controller_reads, controllers_update_ops};
 
 /// Threads of each controller's block (the kernel's shared array is this long).
 const THREADS: u32 = 256;
@@ -29,13 +29,7 @@ impl ControllerBackend for Cuda {
         let device = state.device();
         or_panic("controller_update", &device);
         let [c, _] = state.dims();
-        let layers = k_sum.dims()[0];
-        // One controller reads every layer's sum; otherwise controller l reads layer l's.
-        let (len, per) = if c == 1 {
-            (layers, (layers * tokens) as f32)
-        } else {
-            (1, tokens as f32)
-        };
+        let (len, per) = controller_reads(c, k_sum.dims()[0], tokens);
         let law = ControllerParams {
             len: len as u32,
             experts: config.num_experts as u32,

@@ -8,7 +8,7 @@ use dtopp_shaders::ControllerLaw;
 
 use super::wgpu::{float, int, kernels, launch, or_panic};
 use crate::controller::ControllerConfig;
-use crate::train::ControllerBackend;
+use crate::train::{ControllerBackend, controller_reads};
 
 impl ControllerBackend for Wgpu {
     fn controllers_update(
@@ -19,13 +19,7 @@ impl ControllerBackend for Wgpu {
     ) -> Tensor<Self, 2> {
         let device = state.device();
         let [c, _] = state.dims();
-        let layers = k_sum.dims()[0];
-        // One controller reads every layer's sum; otherwise controller l reads layer l's.
-        let (len, per) = if c == 1 {
-            (layers, (layers * tokens) as f32)
-        } else {
-            (1, tokens as f32)
-        };
+        let (len, per) = controller_reads(c, k_sum.dims()[0], tokens);
         let law = ControllerLaw {
             experts: config.num_experts,
             target: config.target as f32,
