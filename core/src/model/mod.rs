@@ -37,6 +37,8 @@ mod routing;
 mod routing_backend;
 mod swiglu;
 mod swiglu_ndarray;
+#[cfg(test)]
+mod test_support;
 mod token_embedding;
 mod token_losses;
 mod token_losses_ndarray;

@@ -129,7 +129,7 @@ pub fn moe_forward<B: RoutingBackend>(
     RouteShape::new(n, e)?;
 
     // Router and normalization (differentiable).
-    let logits = Precision::F32.dense(x.clone(), w.router.clone());
+    let logits = B::dense_matmul(x.clone(), w.router.clone());
     let probs = if use_drn {
         B::drn(logits.clone(), w.theta.clone())
     } else {

@@ -5,6 +5,7 @@ use burn::backend::NdArray;
 use burn::backend::ndarray::NdArrayTensor;
 use burn::tensor::{Tensor, TensorPrimitive};
 use ndarray::{ArcArray, ArrayD, IxDyn};
+use rayon::prelude::*;
 
 /// The f32 array under a tensor (shared with it, not copied).
 ///
@@ -41,4 +42,20 @@ pub(crate) fn contiguous(a: ArcArray<f32, IxDyn>) -> ArcArray<f32, IxDyn> {
 pub(crate) fn slice(a: &ArcArray<f32, IxDyn>) -> &[f32] {
     a.as_slice()
         .expect("contiguous() returned a row-major array")
+}
+
+/// `pass((c, chunk))` on the consecutive chunks of `len` values of `out` (the last may be
+/// shorter), chunk `c` starting at `c * len`: over the cores where `parallel`, else in
+/// order on the calling thread.
+pub(crate) fn each_chunk(
+    out: &mut [f32],
+    len: usize,
+    parallel: bool,
+    pass: impl Fn((usize, &mut [f32])) + Send + Sync,
+) {
+    if parallel {
+        out.par_chunks_mut(len).enumerate().for_each(pass);
+    } else {
+        out.chunks_mut(len).enumerate().for_each(pass);
+    }
 }

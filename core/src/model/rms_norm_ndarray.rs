@@ -5,7 +5,7 @@ use burn::backend::NdArray;
 use burn::tensor::{DType, Tensor};
 use rayon::prelude::*;
 
-use super::ndarray_arrays::{array, contiguous, from_vec, slice, tensor};
+use super::ndarray_arrays::{array, contiguous, each_chunk, from_vec, slice, tensor};
 use super::rms_norm::{RmsNormBackend, rms_norm_backward_ops, rms_norm_ops};
 
 /// Values per block of rows. Below two blocks a pass stays on the calling thread (the
@@ -35,7 +35,8 @@ impl RmsNormBackend for NdArray {
                 }
             }
         };
-        each_block(&mut out, d, pass);
+        let parallel = out.len() > BLOCK;
+        each_chunk(&mut out, rows_per_block(d) * d, parallel, pass);
         tensor(from_vec(&[rows, d], out))
     }
 
@@ -110,15 +111,4 @@ fn mean_square(row: &[f32]) -> f32 {
 /// Whole rows per block: about [`BLOCK`] values, at least one row (`d` > 0).
 fn rows_per_block(d: usize) -> usize {
     (BLOCK / d).max(1)
-}
-
-/// `pass` on consecutive blocks of whole rows of `out`, over the cores when there are
-/// two or more.
-fn each_block(out: &mut [f32], d: usize, pass: impl Fn((usize, &mut [f32])) + Send + Sync) {
-    let len = rows_per_block(d) * d;
-    if out.len() > BLOCK {
-        out.par_chunks_mut(len).enumerate().for_each(pass);
-    } else {
-        out.chunks_mut(len).enumerate().for_each(pass);
-    }
 }

@@ -93,6 +93,7 @@ mod tests {
     use burn::tensor::{Distribution, Tensor, TensorData};
 
     use super::{SwigluBackend, swiglu_backward_ops};
+    use crate::model::test_support::assert_close_to_burn;
 
     type B = Autodiff<NdArray>;
 
@@ -121,17 +122,7 @@ mod tests {
     }
 
     fn assert_close(got: &[f32], want: &[f32], what: &str) {
-        assert_eq!(got.len(), want.len(), "{what}");
-        for (i, (a, b)) in got.iter().zip(want).enumerate() {
-            if b.is_nan() {
-                assert!(a.is_nan(), "{what}[{i}]: {a}, burn's ops give NaN");
-                continue;
-            }
-            assert!(
-                (a - b).abs() <= 2e-6 * (1.0 + b.abs()) || a == b,
-                "{what}[{i}]: {a} vs burn's ops {b}"
-            );
-        }
+        assert_close_to_burn(got, want, 2e-6, what);
     }
 
     #[test]

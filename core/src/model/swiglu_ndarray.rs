@@ -5,7 +5,7 @@ use burn::backend::NdArray;
 use burn::tensor::{DType, Tensor};
 use rayon::prelude::*;
 
-use super::ndarray_arrays::{array, contiguous, from_vec, slice, tensor};
+use super::ndarray_arrays::{array, contiguous, each_chunk, from_vec, slice, tensor};
 use super::swiglu::{SwigluBackend, swiglu_backward_ops};
 use crate::cpu_fast::exp_nonpositive;
 
@@ -23,7 +23,9 @@ impl SwigluBackend for NdArray {
         let shape = gate.shape().to_vec();
         let mut out = vec![0.0f32; gate.len()];
         let (g, u) = (slice(&gate), slice(&up));
-        each_block(&mut out, |start, block| {
+        let parallel = out.len() > BLOCK;
+        each_chunk(&mut out, BLOCK, parallel, |(b, block)| {
+            let start = b * BLOCK;
             for (i, y) in block.iter_mut().enumerate() {
                 let (g, u) = (g[start + i], u[start + i]);
                 *y = g * sigmoid(g) * u;
@@ -78,16 +80,4 @@ fn sigmoid(x: f32) -> f32 {
     let e = exp_nonpositive(-x.abs());
     let r = 1.0 / (1.0 + e);
     if x >= 0.0 { r } else { e * r }
-}
-
-/// `f(start, block)` on consecutive blocks of `out`, over the cores when there are two
-/// or more.
-fn each_block(out: &mut [f32], f: impl Fn(usize, &mut [f32]) + Send + Sync) {
-    if out.len() > BLOCK {
-        out.par_chunks_mut(BLOCK)
-            .enumerate()
-            .for_each(|(b, block)| f(b * BLOCK, block));
-    } else {
-        f(0, out);
-    }
 }

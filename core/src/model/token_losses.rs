@@ -133,6 +133,7 @@ mod tests {
     use burn::tensor::{Int, Tensor, TensorData};
 
     use super::{TokenLossesBackend, token_losses_backward_ops, token_losses_ops};
+    use crate::model::test_support::assert_close_to_burn;
 
     use crate::model::init::drawn;
 
@@ -164,17 +165,7 @@ mod tests {
     }
 
     fn assert_close(got: &[f32], want: &[f32], what: &str) {
-        assert_eq!(got.len(), want.len(), "{what}");
-        for (i, (a, b)) in got.iter().zip(want).enumerate() {
-            if b.is_nan() {
-                assert!(a.is_nan(), "{what}[{i}]: {a}, burn's ops give NaN");
-                continue;
-            }
-            assert!(
-                (a - b).abs() <= 2e-6 * (1.0 + b.abs()) || a == b,
-                "{what}[{i}]: {a} vs burn's ops {b}"
-            );
-        }
+        assert_close_to_burn(got, want, 2e-6, what);
     }
 
     #[test]

@@ -3,9 +3,8 @@
 
 use burn::backend::NdArray;
 use burn::tensor::{DType, Int, Tensor};
-use rayon::prelude::*;
 
-use super::ndarray_arrays::{array, contiguous, from_vec, slice, tensor};
+use super::ndarray_arrays::{array, contiguous, each_chunk, from_vec, slice, tensor};
 use super::token_losses::{TokenLossesBackend, token_losses_backward_ops, token_losses_ops};
 use crate::cpu_fast::exp_nonpositive;
 
@@ -33,11 +32,7 @@ impl TokenLossesBackend for NdArray {
                 *loss = log_sum_exp(row) - row[targets[t]];
             }
         };
-        if n * v > BLOCK {
-            losses.par_chunks_mut(rows).enumerate().for_each(pass);
-        } else {
-            losses.chunks_mut(rows).enumerate().for_each(pass);
-        }
+        each_chunk(&mut losses, rows, n * v > BLOCK, pass);
         tensor(from_vec(&[n], losses))
     }
 
@@ -66,11 +61,7 @@ impl TokenLossesBackend for NdArray {
                 out[targets[t]] -= g[t];
             }
         };
-        if n * v > BLOCK {
-            d_logits.par_chunks_mut(rows * v).enumerate().for_each(pass);
-        } else {
-            d_logits.chunks_mut(rows * v).enumerate().for_each(pass);
-        }
+        each_chunk(&mut d_logits, rows * v, n * v > BLOCK, pass);
         tensor(from_vec(&[n, v], d_logits))
     }
 }

@@ -13,7 +13,7 @@ use dtopp_cuda::{PlanDims, SelectDims};
 
 use super::cuda_launch::{CudaModule, float, int, int_tensor, kernels_on, launch, output, usable};
 use super::device_plan::DevicePlan;
-use super::{RoutingBackend, mask_and_rank, within};
+use super::{RoutingBackend, clean_status, mask_and_rank, within};
 use crate::error::Result;
 use crate::model::device_routing::{route_on_device, select_ranked};
 use crate::model::route::Route;
@@ -147,7 +147,7 @@ impl Selected {
             experts: output(&probs, [n, e], DType::I32),
             weights: output(&probs, [n, e], DType::F32),
             counts: output(&probs, [n], DType::I32),
-            status: int(Tensor::<Cuda, 1, Int>::full([1], -1, &device)),
+            status: int(clean_status::<Cuda>(&device)),
         };
         let grid = [n.div_ceil(WARPS).max(1) as u32, 1, 1];
         let (k, entry) = match selector {

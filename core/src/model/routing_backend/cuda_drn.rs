@@ -4,9 +4,10 @@
 //! the host. The same entry points run in `dtopp route --backend cuda`.
 
 use burn::backend::Cuda;
-use burn::tensor::{DType, Int, Tensor};
+use burn::tensor::{DType, Tensor};
 use dtopp_cuda::DrnDims;
 
+use super::clean_status;
 use super::cuda_launch::{
     CudaModule, float, float_tensor, int, kernels_on, launch, or_panic, output,
 };
@@ -19,13 +20,6 @@ const WARPS: usize = 8;
 const SUM_THREADS: u32 = 256;
 
 const DRN: CudaModule = CudaModule::new("drn.cu", dtopp_cuda::source::DRN);
-
-/// The status word the kernels lower to the first non-finite input's index: all bits
-/// set. The router's logits were already checked by the layer's routing, so it is not
-/// read back here.
-fn clean_status(device: &burn::backend::cuda::CudaDevice) -> Tensor<Cuda, 1, Int> {
-    Tensor::full([1], -1, device)
-}
 
 impl DrnBackend for Cuda {
     const OWN_DRN: bool = true;
@@ -48,7 +42,7 @@ impl DrnBackend for Cuda {
             return Tensor::zeros([n, e], &device);
         }
         or_panic("drn_forward", &device);
-        let status = int(clean_status(&device));
+        let status = int(clean_status::<Cuda>(&device));
         let logits = float(logits);
         let probs = output(&logits, [n, e], DType::F32);
         launch(
@@ -75,7 +69,7 @@ impl DrnBackend for Cuda {
             return (Tensor::zeros([n, e], &device), Tensor::zeros([1], &device));
         }
         or_panic("drn_backward", &device);
-        let status = int(clean_status(&device));
+        let status = int(clean_status::<Cuda>(&device));
         let logits = float(logits);
         let grad_logits = output(&logits, [n, e], DType::F32);
         let partials = output(&logits, [n], DType::F32);

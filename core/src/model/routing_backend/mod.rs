@@ -71,6 +71,13 @@ use crate::error::Result;
 use crate::ops::{HostDispatchPlan, HostSelection};
 use crate::train::{AdamWUpdateBackend, ControllerBackend};
 
+/// A new `[1]` status word for the selection and DRN kernels, which lower it to the
+/// first non-finite input's index: all bits set (-1), nothing found yet. The DRN kernels'
+/// is not read back: the layer's routing already checked the same logits.
+fn clean_status<B: Backend>(device: &B::Device) -> Tensor<B, 1, Int> {
+    Tensor::full([1], -1, device)
+}
+
 /// A burn backend that routes MoE layers: every backend the model trains on.
 pub trait RoutingBackend:
     GroupedMatmulBackend

@@ -23,7 +23,7 @@ use burn::tensor::{Int, Tensor};
 use dtopp_shaders::{Bound, GpuContext, PlanOut, RoutingKernels, SelectionOut};
 
 use super::device_plan::DevicePlan;
-use super::{RoutingBackend, mask_and_rank, within};
+use super::{RoutingBackend, clean_status, mask_and_rank, within};
 use crate::error::{Error, Result};
 use crate::model::route::Route;
 use crate::model::routing::Selector;
@@ -204,7 +204,7 @@ impl Launched {
             experts: Tensor::empty([n, e], &device),
             weights: Tensor::empty([n, e], &device),
             counts: Tensor::empty([n], &device),
-            status: Tensor::full([1], -1, &device),
+            status: clean_status::<Wgpu>(&device),
         };
         let threshold = match selector {
             Selector::TopP { threshold: p, .. } => {

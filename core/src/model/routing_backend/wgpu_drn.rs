@@ -3,18 +3,12 @@
 //! layer waits for the host. The same text runs in `dtopp route` and the benchmarks.
 
 use burn::backend::Wgpu;
-use burn::tensor::{Int, Tensor};
+use burn::tensor::Tensor;
 use dtopp_shaders::{DrnBackwardIn, DrnBackwardOut};
 
+use super::clean_status;
 use super::wgpu::{float, int, kernels, launch, or_panic};
 use crate::model::drn::DrnBackend;
-
-/// The status word the kernels lower to the first non-finite input's index: all bits
-/// set. The router's logits were already checked by the layer's routing, so it is not
-/// read back here.
-fn clean_status(device: &burn::backend::wgpu::WgpuDevice) -> Tensor<Wgpu, 1, Int> {
-    Tensor::full([1], -1, device)
-}
 
 impl DrnBackend for Wgpu {
     const OWN_DRN: bool = true;
@@ -35,7 +29,7 @@ impl DrnBackend for Wgpu {
             float(logits),
             float(theta),
             float(probs.clone()),
-            int(clean_status(&device)),
+            int(clean_status::<Wgpu>(&device)),
         ];
         or_panic(
             "drn_forward",
@@ -69,7 +63,7 @@ impl DrnBackend for Wgpu {
             float(grad_logits.clone()),
             float(partials),
             float(grad_theta.clone()),
-            int(clean_status(&device)),
+            int(clean_status::<Wgpu>(&device)),
         ];
         or_panic(
             "drn_backward",
